@@ -1,0 +1,1 @@
+"""Evaluation of dense and pruned models: perplexity, speed, and the before/after report."""

@@ -1,0 +1,41 @@
+"""Perplexity on a running text (METHOD.md section 4).
+
+The text is joined and tokenized once, cut into non-overlapping windows of ``seqlen`` tokens (the
+first ``windows`` of them, or all), and perplexity = exp(total NLL / predicted tokens), each window
+predicting its tokens 2..seqlen from the ones before.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+def window_count(n_tokens: int, seqlen: int, windows: int | None) -> int:
+    """Number of windows evaluated: all complete ones, capped at ``windows``."""
+    available = n_tokens // seqlen
+    return available if windows is None else min(windows, available)
+
+
+@torch.inference_mode()
+def perplexity(model, tokens: torch.Tensor, seqlen: int, windows: int | None, label: str = "", progress: bool = True) -> dict:
+    """Perplexity of ``model`` on ``tokens`` [n_tokens] (LongTensor).
+
+    Returns ``{"perplexity", "seqlen", "windows", "predicted_tokens", "mean_nll"}`` (NLL in nats per token).
+    """
+    count = window_count(len(tokens), seqlen, windows)
+    if count == 0:
+        raise ValueError(f"the evaluation text has {len(tokens)} tokens, fewer than one window of {seqlen}")
+    device = next(model.parameters()).device
+    total_nll, predicted = 0.0, 0
+    for k in tqdm(range(count), desc=f"perplexity {label}".strip(), unit="window", disable=not progress):
+        ids = tokens[k * seqlen : (k + 1) * seqlen].to(device).unsqueeze(0)
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        total_nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        predicted += seqlen - 1
+    mean_nll = total_nll / predicted
+    return {"perplexity": math.exp(mean_nll), "seqlen": seqlen, "windows": count,
+            "predicted_tokens": predicted, "mean_nll": mean_nll}

@@ -1,0 +1,87 @@
+"""``report.json`` (every measured number, keys documented in README) and ``report.md`` (the same, for people)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _ratio(pruned: float | None, dense: float | None) -> str:
+    return f"{pruned / dense:.3f}x" if pruned is not None and dense else "n/a"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def render_markdown(report: dict) -> str:
+    """The human-readable report: headline dense vs pruned, per-layer widths, stage times, provenance."""
+    params, ppl, speed = report["parameters"], report.get("perplexity"), report.get("speed")
+    lines = [
+        f"# Pruning report: {report['model']['source']}",
+        "",
+        f"Target: remove {report['recipe']['pruning']['target']:.1%} of total parameters "
+        f"({report['recipe']['scoring']['method']} scores, {report['recipe']['allocation']['strategy']} allocation, "
+        f"{report['recipe']['pruning']['attention_unit']} attention units). "
+        f"Removed: **{params['removed_fraction']:.2%}** of total parameters.",
+        "",
+        "| metric | dense | pruned | pruned / dense |",
+        "|---|---:|---:|---:|",
+        f"| total parameters | {params['dense']['total']:,} | {params['pruned']['total']:,} | {_ratio(params['pruned']['total'], params['dense']['total'])} |",
+        f"| decoder-block parameters | {params['dense']['decoder_blocks']:,} | {params['pruned']['decoder_blocks']:,} | {_ratio(params['pruned']['decoder_blocks'], params['dense']['decoder_blocks'])} |",
+    ]
+    if ppl:
+        lines.append(
+            f"| {ppl['dataset']} perplexity ({ppl['seqlen']}-token windows x {ppl['windows']}) | "
+            f"{ppl['dense']:.2f} | {ppl['pruned']:.2f} | {_ratio(ppl['pruned'], ppl['dense'])} |"
+        )
+    if speed:
+        d, p = speed["dense"], speed["pruned"]
+        lines += [
+            f"| prefill latency, median ms ({speed['batch_size']} x {speed['prompt_tokens']} tokens) | "
+            f"{d['prefill_ms_median']:.1f} | {p['prefill_ms_median']:.1f} | {_ratio(p['prefill_ms_median'], d['prefill_ms_median'])} |",
+            f"| decode tokens/s, median ({speed['new_tokens']} new tokens) | "
+            f"{d['decode_tokens_per_s_median']:.1f} | {p['decode_tokens_per_s_median']:.1f} | "
+            f"{_ratio(p['decode_tokens_per_s_median'], d['decode_tokens_per_s_median'])} |",
+            f"| peak memory (weights + working) | {_mib(d['peak_memory_bytes'])} | {_mib(p['peak_memory_bytes'])} | "
+            f"{_ratio(p['peak_memory_bytes'], d['peak_memory_bytes'])} |",
+        ]
+    lines += [""]
+    if speed:
+        lines += [
+            f"Speed: {speed['device']}, {speed['dtype']}, dense and pruned interleaved in one process, "
+            f"{speed['warmup']} warm-up and {speed['repeats']} timed repeats (median; spread in report.json).",
+            "",
+        ]
+    lines += ["## Per-layer widths", "",
+              "| layer | query heads | KV groups | FFN channels | requested sparsity | activated weights |",
+              "|---:|---:|---:|---:|---:|---:|"]
+    for layer in report["layers"]:
+        d, p = layer["dense"], layer["pruned"]
+        activated = f"{layer['activated_weights']:,.0f}" if layer.get("activated_weights") is not None else "-"
+        lines.append(
+            f"| {layer['index']} | {d['query_heads']} → {p['query_heads']} | {d['kv_groups']} → {p['kv_groups']} | "
+            f"{d['ffn_channels']} → {p['ffn_channels']} | {layer['requested_sparsity']:.3f} | {activated} |"
+        )
+    stats = report.get("statistics")
+    lines += ["", "## Provenance", ""]
+    if stats:
+        lines.append(
+            f"- Activation statistics: {stats['samples']} samples x {stats['seqlen']} tokens of {stats['source']} "
+            f"(seed {stats['seed']}, D = {stats['objective']}), "
+            + ("**reused** from " if stats["reused"] else "computed and cached at ")
+            + f"`{stats['cache_path']}`."
+        )
+    for note in report.get("notes", []):
+        lines.append(f"- {note}")
+    lines.append(f"- Checkpoint: `{report['checkpoint']['path']}` "
+                 + ("(per-layer widths: loads with `trust_remote_code=True`)." if report["checkpoint"]["remote_code"]
+                    else "(stock configuration, no remote code)."))
+    lines += ["", "## Stage wall times", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in report["stage_seconds"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, directory: Path) -> None:
+    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (directory / "report.md").write_text(render_markdown(report))

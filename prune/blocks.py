@@ -1,0 +1,128 @@
+"""Explicit description of a LLaMA-family decoder block: its structural units and what they cost.
+
+Every stage that needs to know which rows and columns belong to a KV group, a query head or an
+FFN channel asks this module, so the layout is written down once.
+
+Layout (METHOD.md section 2), per decoder layer, with ``head_dim`` = d and ``g`` query heads per KV group:
+- query head ``h``: rows ``h*d : (h+1)*d`` of ``q_proj`` and the same columns of ``o_proj``;
+  it reads KV head ``h // g`` (the order ``repeat_kv`` uses).
+- KV group ``j``: rows ``j*d : (j+1)*d`` of ``k_proj`` and ``v_proj`` plus its query heads ``j*g .. j*g+g-1``.
+- FFN channel ``c``: row ``c`` of ``gate_proj`` and ``up_proj``, column ``c`` of ``down_proj``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+LINEAR_NAMES = ATTENTION_LINEARS + MLP_LINEARS
+
+
+@dataclass(frozen=True)
+class LayerWidths:
+    """Widths of one decoder layer: query heads, KV heads (= KV groups) and FFN channels."""
+
+    query_heads: int
+    kv_heads: int
+    ffn_channels: int
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.query_heads // self.kv_heads
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """Shape facts of a decoder-only model that the pruning stages need.
+
+    ``attention_bias``: q/k/v carry biases (Qwen2); o_proj never does in the supported families.
+    """
+
+    model_type: str
+    hidden_size: int
+    head_dim: int
+    num_layers: int
+    attention_bias: bool
+    mlp_bias: bool
+    layers: tuple[LayerWidths, ...]
+
+    def kv_group_params(self, layer: int) -> int:
+        """Parameters removed with one KV group of ``layer`` (its k/v rows and its query heads)."""
+        g = self.layers[layer].heads_per_group
+        per_head_rows = self.hidden_size * self.head_dim + (self.head_dim if self.attention_bias else 0)
+        return (2 + g) * per_head_rows + g * self.head_dim * self.hidden_size
+
+    def query_head_params(self) -> int:
+        """Parameters removed with one query head (its q rows and o columns; k/v stay)."""
+        q_rows = self.hidden_size * self.head_dim + (self.head_dim if self.attention_bias else 0)
+        return q_rows + self.head_dim * self.hidden_size
+
+    def ffn_channel_params(self) -> int:
+        """Parameters removed with one FFN channel (gate row, up row, down column)."""
+        return 3 * self.hidden_size + (2 if self.mlp_bias else 0)
+
+    def linear_weight_count(self, widths: LayerWidths) -> int:
+        """Weights (no biases) of the 7 linear layers of one decoder block with the given widths."""
+        d, h = self.head_dim, self.hidden_size
+        return (2 * widths.query_heads + 2 * widths.kv_heads) * d * h + 3 * widths.ffn_channels * h
+
+    def layer_params(self, widths: LayerWidths) -> int:
+        """Parameters of the 7 linear layers of one decoder block with the given widths, biases included."""
+        biases = (widths.query_heads + 2 * widths.kv_heads) * self.head_dim if self.attention_bias else 0
+        if self.mlp_bias:
+            biases += 2 * widths.ffn_channels + self.hidden_size
+        return self.linear_weight_count(widths) + biases
+
+
+def block_shape(config) -> BlockShape:
+    """Read a transformers config (stock or pruned) into a :class:`BlockShape`.
+
+    Raises ValueError for a model family whose decoder block this toolkit does not describe.
+    """
+    model_type = config.model_type.removeprefix("pruned_")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model type {config.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    n = config.num_hidden_layers
+    heads = getattr(config, "layer_num_attention_heads", None) or [config.num_attention_heads] * n
+    kv = getattr(config, "layer_num_key_value_heads", None) or [config.num_key_value_heads or config.num_attention_heads] * n
+    ffn = getattr(config, "layer_intermediate_size", None) or [config.intermediate_size] * n
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return BlockShape(
+        model_type=model_type,
+        hidden_size=config.hidden_size,
+        head_dim=head_dim,
+        num_layers=n,
+        attention_bias=model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
+        mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        layers=tuple(LayerWidths(int(q), int(k), int(f)) for q, k, f in zip(heads, kv, ffn)),
+    )
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a ``*ForCausalLM`` model of a supported family."""
+    return model.model.layers
+
+
+def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """The 7 linear layers of one decoder block, by name (q_proj ... down_proj)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return {name: getattr(attn, name) for name in ATTENTION_LINEARS} | {name: getattr(mlp, name) for name in MLP_LINEARS}
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Total parameters (tied weights counted once) and parameters inside the decoder blocks."""
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied Parameter once
+    decoder = sum(p.numel() for p in decoder_layers(model).parameters())
+    return {"total": total, "decoder_blocks": decoder}
+
+
+def query_head_rows(head: int, head_dim: int) -> torch.Tensor:
+    """Row indices of one head in q_proj / k_proj / v_proj (and column indices in o_proj)."""
+    return torch.arange(head * head_dim, (head + 1) * head_dim)

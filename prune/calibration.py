@@ -1,0 +1,121 @@
+"""Text sources for calibration and evaluation, and seeded calibration samples.
+
+Named sources read a local file from the data directory $PRUNE_DATA_DIR (laid out like
+``shared/data``) when it is there, and otherwise the Hugging Face ``datasets`` copy:
+
+- ``c4``: first shard of C4 ``en`` train (documents);
+- ``wikitext2``: WikiText-2 raw, test split (one running text). Calibrating on it means calibrating
+  on the text perplexity is measured on; the report flags that.
+
+Any ``.jsonl`` file (one ``{"text": ...}`` document per line) or ``.txt`` file (one running text) works too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class DataSourceError(RuntimeError):
+    """A named data source is neither local nor loadable; the message names it."""
+
+
+LOCAL_FILES = {
+    "c4": "c4/c4-train.00000-of-01024.first1000.jsonl",
+    "wikitext2": "wikitext2/wiki.test.raw",
+}
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """``kind``: ``jsonl`` (documents), ``txt`` (one running text) or ``hub`` (``datasets``); ``location``: path or name."""
+
+    name: str
+    kind: str
+    location: str
+
+    @property
+    def is_documents(self) -> bool:
+        return self.kind == "jsonl" or (self.kind == "hub" and self.location == "c4")
+
+
+def resolve_text_source(name: str, key: str) -> TextSource:
+    """Resolve a recipe's data source; ``key`` names the recipe key in error messages."""
+    if name in LOCAL_FILES:
+        data_dir = os.environ.get("PRUNE_DATA_DIR")
+        if data_dir and (Path(data_dir) / LOCAL_FILES[name]).is_file():
+            path = Path(data_dir) / LOCAL_FILES[name]
+            return TextSource(name, "jsonl" if path.suffix == ".jsonl" else "txt", str(path))
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            raise DataSourceError(
+                f"{key}: {name!r} is not in $PRUNE_DATA_DIR ({data_dir or 'unset'}) and the 'datasets' package "
+                "is not installed (pip install 'prune[online]')"
+            ) from None
+        return TextSource(name, "hub", name)
+    path = Path(name).expanduser()
+    if path.suffix not in (".txt", ".jsonl", ".raw"):
+        raise DataSourceError(f"{key}: {name!r} is neither c4, wikitext2 nor a .txt/.jsonl file")
+    if not path.is_file():
+        raise DataSourceError(f"{key}: file not found: {path}")
+    return TextSource(name, "jsonl" if path.suffix == ".jsonl" else "txt", str(path))
+
+
+def read_documents(source: TextSource) -> list[str]:
+    """The source's texts: one per document for document corpora, a single running text otherwise."""
+    if source.kind == "jsonl":
+        with open(source.location, encoding="utf-8") as f:
+            return [json.loads(line)["text"] for line in f if line.strip()]
+    if source.kind == "txt":
+        return [Path(source.location).read_text(encoding="utf-8")]
+    import datasets
+
+    if source.location == "c4":
+        rows = datasets.load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
+        return list(rows["text"])
+    rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+    return ["".join(rows["text"])]
+
+
+def evaluation_tokens(tokenizer, source: TextSource) -> torch.Tensor:
+    """All of the source's text joined and tokenized once: LongTensor [n_tokens]."""
+    text = "\n\n".join(read_documents(source))
+    return torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
+
+
+def calibration_samples(tokenizer, source: TextSource, samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``samples`` random windows of ``seqlen`` tokens: LongTensor [samples, seqlen], reproducible for a seed.
+
+    Document corpora: a random document longer than ``seqlen`` tokens, then a random window of it
+    (the GPTQ/Wanda protocol). Running text: a random window of the whole tokenized text.
+    """
+    rng = random.Random(seed)
+    documents = read_documents(source)
+    windows = []
+    if source.is_documents:
+        attempts = 0
+        while len(windows) < samples:
+            attempts += 1
+            if attempts > 200 * samples:
+                raise DataSourceError(
+                    f"calibration.source: too few documents of more than {seqlen} tokens in {source.name} "
+                    f"(found {len(windows)} of {samples}); lower calibration.seqlen"
+                )
+            ids = tokenizer(documents[rng.randrange(len(documents))]).input_ids
+            if len(ids) > seqlen:
+                start = rng.randrange(len(ids) - seqlen)
+                windows.append(ids[start : start + seqlen])
+    else:
+        ids = tokenizer(documents[0]).input_ids
+        if len(ids) <= seqlen:
+            raise DataSourceError(f"calibration.source: {source.name} has only {len(ids)} tokens, need more than {seqlen}")
+        for _ in range(samples):
+            start = rng.randrange(len(ids) - seqlen)
+            windows.append(ids[start : start + seqlen])
+    return torch.tensor(windows, dtype=torch.long)

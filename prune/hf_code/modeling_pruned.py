@@ -1,0 +1,72 @@
+"""Causal LMs whose decoder layers have individual widths (query heads, KV heads, FFN channels).
+
+The model is the stock transformers model of its family; after construction, the linear layers of
+every decoder layer are replaced by ones of that layer's width and the attention module is told its
+number of query heads per KV head. Everything else (RoPE, KV cache, generation) is stock.
+"""
+
+from torch import nn
+from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+
+from .configuration_pruned import PrunedLlamaConfig, PrunedMistralConfig, PrunedQwen2Config
+
+
+def _resized_linear(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    """A new, uninitialised linear layer like ``linear`` (bias, device, dtype) with other sizes."""
+    return nn.Linear(
+        in_features,
+        out_features,
+        bias=linear.bias is not None,
+        device=linear.weight.device,
+        dtype=linear.weight.dtype,
+    )
+
+
+def set_layer_widths(layer: nn.Module, query_heads: int, kv_heads: int, ffn_channels: int) -> None:
+    """Give one decoder layer new widths: replaces its 7 linears by uninitialised ones of the new shapes.
+
+    ``query_heads`` must be a multiple of ``kv_heads``; head_dim and hidden size stay as they are.
+    """
+    if query_heads % kv_heads:
+        raise ValueError(f"{query_heads} query heads cannot be split over {kv_heads} KV heads")
+    attn, mlp = layer.self_attn, layer.mlp
+    head_dim, hidden = attn.head_dim, attn.q_proj.in_features
+    attn.q_proj = _resized_linear(attn.q_proj, hidden, query_heads * head_dim)
+    attn.k_proj = _resized_linear(attn.k_proj, hidden, kv_heads * head_dim)
+    attn.v_proj = _resized_linear(attn.v_proj, hidden, kv_heads * head_dim)
+    attn.o_proj = _resized_linear(attn.o_proj, query_heads * head_dim, hidden)
+    attn.num_key_value_groups = query_heads // kv_heads
+    mlp.gate_proj = _resized_linear(mlp.gate_proj, hidden, ffn_channels)
+    mlp.up_proj = _resized_linear(mlp.up_proj, hidden, ffn_channels)
+    mlp.down_proj = _resized_linear(mlp.down_proj, ffn_channels, hidden)
+    mlp.intermediate_size = ffn_channels
+
+
+def _apply_layer_widths(model: nn.Module, config) -> None:
+    widths = zip(config.layer_num_attention_heads, config.layer_num_key_value_heads, config.layer_intermediate_size)
+    for layer, (query_heads, kv_heads, ffn_channels) in zip(model.model.layers, widths):
+        set_layer_widths(layer, query_heads, kv_heads, ffn_channels)
+
+
+class PrunedLlamaForCausalLM(LlamaForCausalLM):
+    config_class = PrunedLlamaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _apply_layer_widths(self, config)
+
+
+class PrunedMistralForCausalLM(MistralForCausalLM):
+    config_class = PrunedMistralConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _apply_layer_widths(self, config)
+
+
+class PrunedQwen2ForCausalLM(Qwen2ForCausalLM):
+    config_class = PrunedQwen2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        _apply_layer_widths(self, config)

@@ -1,0 +1,42 @@
+"""Peak memory of a stretch of work: CUDA allocator peak, or the process's resident-set high-water mark on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start a new peak measurement (CPU: resets VmHWM through /proc/self/clear_refs, Linux only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the peak then covers the whole process lifetime
+
+
+def peak_bytes(device: torch.device) -> int:
+    """Peak since :func:`reset_peak`: CUDA ``max_memory_allocated``, CPU process RSS high-water mark (bytes)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def current_bytes(device: torch.device) -> int:
+    """Memory in use now: CUDA ``memory_allocated``, CPU process RSS (bytes)."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0

@@ -1,0 +1,166 @@
+"""Physical removal of query heads, KV groups and FFN channels.
+
+A :class:`LayerPlan` per decoder layer names the units to keep. :func:`prune_model` slices the
+weights accordingly and builds a new model whose linear layers have exactly the kept shapes: the
+stock transformers class when every layer ends with the same widths, otherwise the per-layer class
+in ``prune/hf_code`` (the same code a saved checkpoint carries), so the in-memory model and the
+reloaded checkpoint are one implementation.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, LlamaForCausalLM, MistralForCausalLM, PreTrainedModel, Qwen2ForCausalLM
+
+from prune.blocks import BlockShape, LayerWidths, block_shape, decoder_layers
+from prune.hf_code import configuration_pruned, modeling_pruned
+
+STOCK_CLASSES = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}
+PRUNED_CLASSES = {
+    "llama": (configuration_pruned.PrunedLlamaConfig, modeling_pruned.PrunedLlamaForCausalLM),
+    "mistral": (configuration_pruned.PrunedMistralConfig, modeling_pruned.PrunedMistralForCausalLM),
+    "qwen2": (configuration_pruned.PrunedQwen2Config, modeling_pruned.PrunedQwen2ForCausalLM),
+}
+PER_LAYER_KEYS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Units of one decoder layer that survive pruning (indices into that layer's current units, sorted)."""
+
+    kept_query_heads: tuple[int, ...]
+    kept_kv_heads: tuple[int, ...]
+    kept_ffn_channels: tuple[int, ...]
+
+    @property
+    def widths(self) -> LayerWidths:
+        return LayerWidths(len(self.kept_query_heads), len(self.kept_kv_heads), len(self.kept_ffn_channels))
+
+
+def keep_everything(shape: BlockShape) -> list[LayerPlan]:
+    """The plan that removes nothing."""
+    return [
+        LayerPlan(tuple(range(w.query_heads)), tuple(range(w.kv_heads)), tuple(range(w.ffn_channels)))
+        for w in shape.layers
+    ]
+
+
+def check_plan(shape: BlockShape, plans: list[LayerPlan]) -> None:
+    """Raise ValueError unless the plans keep a valid grouped-query layout in every layer.
+
+    Valid: indices sorted and in range, at least one unit of each kind, every kept query head reads a
+    kept KV head, and every kept KV head keeps the same number (>= 1) of query heads.
+    """
+    if len(plans) != shape.num_layers:
+        raise ValueError(f"{len(plans)} layer plans for {shape.num_layers} layers")
+    for i, (plan, widths) in enumerate(zip(plans, shape.layers)):
+        for name, kept, n in (
+            ("query heads", plan.kept_query_heads, widths.query_heads),
+            ("KV heads", plan.kept_kv_heads, widths.kv_heads),
+            ("FFN channels", plan.kept_ffn_channels, widths.ffn_channels),
+        ):
+            if not kept or list(kept) != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= n:
+                raise ValueError(f"layer {i}: kept {name} must be sorted, unique, non-empty indices below {n}")
+        g = widths.heads_per_group
+        per_group = {j: 0 for j in plan.kept_kv_heads}
+        for h in plan.kept_query_heads:
+            if h // g not in per_group:
+                raise ValueError(f"layer {i}: query head {h} reads KV head {h // g}, which is removed")
+            per_group[h // g] += 1
+        if len(set(per_group.values())) != 1 or 0 in per_group.values():
+            raise ValueError(f"layer {i}: every kept KV head must keep the same number of query heads, got {per_group}")
+
+
+def _head_rows(heads: tuple[int, ...], head_dim: int) -> torch.Tensor:
+    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+
+
+def _sliced_linear_tensors(layer: nn.Module, plan: LayerPlan, head_dim: int) -> dict[str, torch.Tensor]:
+    """State-dict entries (relative to the layer) of the kept rows / columns of its 7 linears."""
+    device = layer.self_attn.q_proj.weight.device
+    q_rows = _head_rows(plan.kept_query_heads, head_dim).to(device)
+    kv_rows = _head_rows(plan.kept_kv_heads, head_dim).to(device)
+    ffn = torch.tensor(plan.kept_ffn_channels, device=device)
+    # (module, index along dim 0 = output rows, index along dim 1 = input columns)
+    selections = {
+        "self_attn.q_proj": (q_rows, None),
+        "self_attn.k_proj": (kv_rows, None),
+        "self_attn.v_proj": (kv_rows, None),
+        "self_attn.o_proj": (None, q_rows),
+        "mlp.gate_proj": (ffn, None),
+        "mlp.up_proj": (ffn, None),
+        "mlp.down_proj": (None, ffn),
+    }
+    tensors = {}
+    for name, (rows, cols) in selections.items():
+        linear = layer.get_submodule(name)
+        weight = linear.weight.detach()
+        if rows is not None:
+            weight = weight.index_select(0, rows)
+        if cols is not None:
+            weight = weight.index_select(1, cols)
+        tensors[f"{name}.weight"] = weight.contiguous()
+        if linear.bias is not None:
+            bias = linear.bias.detach()
+            tensors[f"{name}.bias"] = (bias.index_select(0, rows) if rows is not None else bias).contiguous()
+    return tensors
+
+
+def pruned_config(config, widths: list[LayerWidths]):
+    """Configuration for a model with the given per-layer widths.
+
+    Uniform widths give the family's stock configuration (no remote code needed) when the stock
+    configuration accepts them (transformers requires hidden_size % num_attention_heads == 0);
+    otherwise the per-layer configuration of ``prune/hf_code`` with ``layer_*`` lists.
+    """
+    shape = block_shape(config)
+    values = config.to_dict()
+    for key in (*PER_LAYER_KEYS, "quantization_config", "auto_map", "architectures", "model_type", "transformers_version"):
+        values.pop(key, None)
+    values["head_dim"] = shape.head_dim
+    if len(set(widths)) == 1 and shape.hidden_size % widths[0].query_heads == 0:
+        w = widths[0]
+        values |= {"num_attention_heads": w.query_heads, "num_key_value_heads": w.kv_heads, "intermediate_size": w.ffn_channels}
+        return AutoConfig.for_model(shape.model_type, **values)
+    values |= {
+        "layer_num_attention_heads": [w.query_heads for w in widths],
+        "layer_num_key_value_heads": [w.kv_heads for w in widths],
+        "layer_intermediate_size": [w.ffn_channels for w in widths],
+    }
+    config_class, _ = PRUNED_CLASSES[shape.model_type]
+    return config_class(**values)
+
+
+def model_class_for(config) -> type[PreTrainedModel]:
+    """The causal-LM class that builds a model from ``config`` (stock or per-layer)."""
+    family = config.model_type.removeprefix("pruned_")
+    return PRUNED_CLASSES[family][1] if config.model_type.startswith("pruned_") else STOCK_CLASSES[family]
+
+
+def prune_model(model: PreTrainedModel, plans: list[LayerPlan]) -> PreTrainedModel:
+    """A new model holding only the kept units of ``model`` (which is left untouched).
+
+    Weights are sliced on the model's device and keep its dtype. Embeddings, norms, lm_head and the
+    rotary embedding are shared with ``model`` (no copy).
+    """
+    shape = block_shape(model.config)
+    check_plan(shape, plans)
+    config = pruned_config(model.config, [plan.widths for plan in plans])
+    config._attn_implementation = model.config._attn_implementation
+    state = {name: tensor.detach() for name, tensor in model.state_dict().items() if not name.startswith("model.layers.")}
+    for i, (layer, plan) in enumerate(zip(decoder_layers(model), plans)):
+        prefix = f"model.layers.{i}."
+        state |= {prefix + k: v for k, v in layer.state_dict().items() if "_proj." not in k}
+        state |= {prefix + k: v for k, v in _sliced_linear_tensors(layer, plan, shape.head_dim).items()}
+    with torch.device("meta"):
+        pruned = model_class_for(config)(config)
+    pruned.load_state_dict(state, assign=True, strict=True)
+    pruned.model.rotary_emb = model.model.rotary_emb  # non-persistent buffers are not in the state dict
+    if config.tie_word_embeddings:
+        pruned.lm_head.weight = pruned.model.embed_tokens.weight
+    pruned.generation_config = copy.deepcopy(model.generation_config)
+    return pruned.eval()

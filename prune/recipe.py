@@ -1,0 +1,228 @@
+"""Recipes: YAML files turned into validated dataclasses.
+
+Every problem with a recipe raises :class:`RecipeError` naming the key (``pruning.target``) or the
+path at fault; nothing is written anywhere before the recipe has been validated completely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be run; the message names the key or file at fault."""
+
+
+@dataclass
+class ModelSection:
+    source: str = "smollm2-135m"
+    """Hub id, local checkpoint directory, ``.gguf`` file, or the alias ``smollm2-135m``."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """``auto``: bfloat16 on CUDA, float32 on CPU."""
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
+
+
+@dataclass
+class CalibrationSection:
+    source: str = "c4"
+    """``c4``, ``wikitext2``, or a ``.txt`` / ``.jsonl`` (``{"text": ...}`` per line) file."""
+    samples: int = 64
+    seqlen: int = 512
+    """Tokens per calibration sample."""
+    seed: int = 0
+
+
+@dataclass
+class ScoringSection:
+    method: Literal["activation", "wanda-sp", "magnitude"] = "activation"
+    objective: Literal["max_logit", "nll"] = "max_logit"
+    """D in A = |w * dD/dw|: largest next-token logit at the last position (the paper), or sequence NLL."""
+    aggregate: Literal["sum", "mean", "max"] = "sum"
+    """How a unit's per-weight scores combine into the unit's score."""
+
+
+@dataclass
+class AllocationSection:
+    strategy: Literal["uniform", "activation-density"] = "activation-density"
+    alpha: float = 2.0
+    beta: float = 0.2
+    gamma: float = 1.0
+    """Activation threshold: absolute A value, or a multiple of the mean A (``gamma_mode: relative``)."""
+    gamma_mode: Literal["absolute", "relative"] = "relative"
+
+
+@dataclass
+class PruningSection:
+    target: float = 0.3
+    """Fraction of the dense model's total parameters to remove (embeddings counted once)."""
+    attention_unit: Literal["kv_group", "query_head"] = "query_head"
+    """``kv_group``: remove whole KV groups; ``query_head``: remove the same number of query heads from every group."""
+    round_to: int = 8
+    """Kept FFN channels per layer are a multiple of this."""
+    min_ffn_channels: int = 64
+    """Every layer keeps at least this many FFN channels (and always >= 1 KV group and >= 1 head per group)."""
+
+
+@dataclass
+class PerplexitySection:
+    dataset: str = "wikitext2"
+    """``wikitext2``, ``c4``, or a ``.txt`` / ``.jsonl`` file."""
+    seqlen: int = 2048
+    windows: int | None = 16
+    """Number of leading non-overlapping windows; null = all."""
+
+
+@dataclass
+class SpeedSection:
+    enabled: bool = True
+    prompt_tokens: int = 128
+    batch_size: int = 1
+    new_tokens: int = 64
+    warmup: int = 1
+    repeats: int = 5
+
+
+@dataclass
+class EvaluationSection:
+    perplexity: PerplexitySection = field(default_factory=PerplexitySection)
+    speed: SpeedSection = field(default_factory=SpeedSection)
+
+
+@dataclass
+class Recipe:
+    output: str = "runs/default"
+    """Output directory; an existing one is refused unless --overwrite is given."""
+    cache_dir: str | None = None
+    """Where activation statistics and converted GGUF models are cached; null = $PRUNE_CACHE_DIR or ~/.cache/prune."""
+    model: ModelSection = field(default_factory=ModelSection)
+    calibration: CalibrationSection = field(default_factory=CalibrationSection)
+    scoring: ScoringSection = field(default_factory=ScoringSection)
+    allocation: AllocationSection = field(default_factory=AllocationSection)
+    pruning: PruningSection = field(default_factory=PruningSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    return {type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _convert(value: Any, hint, key: str) -> Any:
+    """Check ``value`` against the type hint ``hint``; return it (ints accepted as floats)."""
+    if dataclasses.is_dataclass(hint):
+        return _from_dict(hint, value, key)
+    if isinstance(hint, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _convert(value, option, key)
+            except RecipeError:
+                continue
+    elif typing.get_origin(hint) is Literal:
+        if value in typing.get_args(hint):
+            return value
+    elif hint is type(None):
+        if value is None:
+            return None
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, hint):
+        return value
+    raise RecipeError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+
+
+def _from_dict(cls, data: Any, prefix: str):
+    where = prefix or "recipe"
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            raise RecipeError(f"{prefix + '.' if prefix else ''}{key}: unknown key{hint}")
+    values = {name: _convert(data[name], hints[name], f"{prefix + '.' if prefix else ''}{name}") for name in names if name in data}
+    return cls(**values)
+
+
+def _check_ranges(recipe: Recipe) -> None:
+    checks = [
+        ("pruning.target", 0 <= recipe.pruning.target < 1, "must be in [0, 1)"),
+        ("pruning.round_to", recipe.pruning.round_to >= 1, "must be >= 1"),
+        ("pruning.min_ffn_channels", recipe.pruning.min_ffn_channels >= 1, "must be >= 1"),
+        ("calibration.samples", recipe.calibration.samples > 0, "must be > 0"),
+        ("calibration.seqlen", recipe.calibration.seqlen > 1, "must be > 1"),
+        ("allocation.beta", 0 <= recipe.allocation.beta <= 1, "must be in [0, 1]"),
+        ("allocation.gamma", recipe.allocation.gamma > 0, "must be > 0"),
+        ("evaluation.perplexity.seqlen", recipe.evaluation.perplexity.seqlen > 1, "must be > 1"),
+        ("evaluation.perplexity.windows", recipe.evaluation.perplexity.windows is None or recipe.evaluation.perplexity.windows > 0, "must be > 0 or null"),
+        ("evaluation.speed.prompt_tokens", recipe.evaluation.speed.prompt_tokens > 0, "must be > 0"),
+        ("evaluation.speed.batch_size", recipe.evaluation.speed.batch_size > 0, "must be > 0"),
+        ("evaluation.speed.new_tokens", recipe.evaluation.speed.new_tokens > 0, "must be > 0"),
+        ("evaluation.speed.warmup", recipe.evaluation.speed.warmup >= 0, "must be >= 0"),
+        ("evaluation.speed.repeats", recipe.evaluation.speed.repeats > 0, "must be > 0"),
+        ("model.device", recipe.model.device in ("auto", "cpu", "cuda") or recipe.model.device.startswith("cuda:"), "must be auto, cpu, cuda or cuda:N"),
+        ("output", bool(recipe.output.strip()), "must not be empty"),
+    ]
+    for key, ok, message in checks:
+        if not ok:
+            raise RecipeError(f"{key}: {message}, got {_lookup(recipe, key)!r}")
+
+
+def _lookup(recipe: Recipe, key: str) -> Any:
+    value: Any = recipe
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``--set a.b.c=value`` to the raw recipe mapping (value parsed as YAML)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, for example pruning.target=0.2")
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {key}: {'.'.join(parents[: i + 1])} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe. Raises RecipeError naming the key or file at fault."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"{path}: recipe file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise RecipeError(f"{path}: not valid YAML ({error})") from None
+    for assignment in overrides:
+        apply_override(data, assignment)
+    recipe = _from_dict(Recipe, data, "")
+    _check_ranges(recipe)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)

@@ -1,0 +1,265 @@
+"""Command line: ``python -m prune.run RECIPE.yaml [--set key=value ...] [--dry-run] [--overwrite]``.
+
+Thin orchestrator over the stages: recipe -> model -> calibration data -> activation statistics ->
+scores -> allocation -> pruned model -> checkpoint -> evaluation -> report. Everything is validated
+before anything is written; the run writes into ``<output>.partial`` and renames it to ``<output>``
+only when every stage has succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from eval.perplexity import perplexity
+from eval.report import write_report
+from eval.speed import measure_speed
+from prune.allocation import Allocation, ImpossibleTargetError, allocate, removable_parameters
+from prune.blocks import BlockShape, block_shape, count_parameters
+from prune.calibration import DataSourceError, TextSource, calibration_samples, evaluation_tokens, resolve_text_source
+from prune.checkpoint import needs_remote_code, save_checkpoint
+from prune.memory import peak_bytes, reset_peak
+from prune.models import ModelSource, ModelSourceError, cache_dir, load_config, load_model, resolve_model_source
+from prune.pruner import model_class_for, prune_model
+from prune.recipe import Recipe, RecipeError, load_recipe, recipe_to_dict
+from prune.scoring import score_units
+from prune.statistics import ActivationStatistics, cache_key, collect_statistics
+
+USER_ERRORS = (RecipeError, ModelSourceError, DataSourceError, ImpossibleTargetError)
+
+
+@dataclass
+class Prepared:
+    """A validated recipe with everything resolved that can be resolved without loading weights."""
+
+    recipe: Recipe
+    output: Path
+    cache: Path
+    model_source: ModelSource
+    shape: BlockShape
+    dense_parameters: dict[str, int]
+    params_to_remove: int
+    calibration_source: TextSource | None
+    evaluation_source: TextSource
+
+    @property
+    def needs_statistics(self) -> bool:
+        return self.recipe.scoring.method in ("activation", "wanda-sp") or self.recipe.allocation.strategy == "activation-density"
+
+
+def prepare(recipe: Recipe, overwrite: bool = False, fetch: bool = True) -> Prepared:
+    """Validate a recipe against the files, the model's configuration and the output directory.
+
+    Writes nothing (a missing ``smollm2-135m`` file is fetched into the cache when ``fetch``).
+    Raises one of USER_ERRORS with a message naming the key or path at fault.
+    """
+    output = Path(recipe.output).expanduser()
+    if output.exists() and not overwrite:
+        raise RecipeError(f"output: {output} already exists; choose another (--set output=...) or pass --overwrite")
+    cache = cache_dir(recipe.cache_dir)
+    model_source = resolve_model_source(recipe.model.source, cache, fetch=fetch)
+    config = load_config(model_source)
+    evaluation_source = resolve_text_source(recipe.evaluation.perplexity.dataset, "evaluation.perplexity.dataset")
+    calibration_source = resolve_text_source(recipe.calibration.source, "calibration.source")
+    try:
+        shape = block_shape(config)
+    except ValueError as error:
+        raise RecipeError(f"model.source: {error}") from None
+    with torch.device("meta"):
+        dense_parameters = count_parameters(model_class_for(config)(config))
+    params_to_remove = round(recipe.pruning.target * dense_parameters["total"])
+    p = recipe.pruning
+    most = removable_parameters(shape, p.attention_unit, p.round_to, p.min_ffn_channels)
+    if params_to_remove > most:
+        raise ImpossibleTargetError(
+            f"pruning.target: {p.target} asks to remove {params_to_remove:,} parameters but at most {most:,} "
+            f"({most / dense_parameters['total']:.1%}) can go while every layer keeps 1 KV group, 1 query head "
+            f"per group and {p.min_ffn_channels} FFN channels"
+        )
+    return Prepared(recipe, output, cache, model_source, shape, dense_parameters, params_to_remove,
+                    calibration_source, evaluation_source)
+
+
+def dry_run_text(prepared: Prepared) -> str:
+    """The resolved recipe and the parameter budget it implies."""
+    dense = prepared.dense_parameters
+    kept = dense["total"] - prepared.params_to_remove
+    decoder_linears = sum(prepared.shape.linear_weight_count(w) for w in prepared.shape.layers)
+    budget = {
+        "model": f"{prepared.model_source.kind}: {prepared.model_source.location}",
+        "dense_total_parameters": dense["total"],
+        "dense_decoder_block_parameters": dense["decoder_blocks"],
+        "parameters_to_remove": prepared.params_to_remove,
+        "parameters_kept": kept,
+        "kept_fraction": round(kept / dense["total"], 6),
+        "implied_decoder_linear_sparsity": round(prepared.params_to_remove / decoder_linears, 6),
+    }
+    return (yaml.safe_dump({"recipe": recipe_to_dict(prepared.recipe)}, sort_keys=False)
+            + yaml.safe_dump({"budget": budget}, sort_keys=False))
+
+
+@contextmanager
+def timed(stage_seconds: dict, name: str):
+    print(f"[{name}]", file=sys.stderr)
+    start = time.perf_counter()
+    yield
+    stage_seconds[name] = time.perf_counter() - start
+
+
+def _file_fingerprint(source: TextSource) -> str:
+    if source.kind == "hub":
+        return f"hub:{source.location}"
+    stat = Path(source.location).stat()
+    return f"{Path(source.location).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def obtain_statistics(prepared: Prepared, model, tokenizer) -> tuple[ActivationStatistics, dict]:
+    """Load the statistics from the cache, or compute and cache them; returns them and their provenance."""
+    recipe = prepared.recipe
+    calibration = recipe_to_dict(recipe)["calibration"]
+    key = cache_key(prepared.model_source.fingerprint(), str(next(model.parameters()).dtype), calibration,
+                    _file_fingerprint(prepared.calibration_source), recipe.scoring.objective)
+    path = prepared.cache / "stats" / f"{key}.safetensors"
+    info = {"source": recipe.calibration.source, "samples": recipe.calibration.samples,
+            "seqlen": recipe.calibration.seqlen, "seed": recipe.calibration.seed,
+            "objective": recipe.scoring.objective, "cache_path": str(path), "reused": path.is_file()}
+    if path.is_file():
+        return ActivationStatistics.load(path), info
+    samples = calibration_samples(tokenizer, prepared.calibration_source, recipe.calibration.samples,
+                                  recipe.calibration.seqlen, recipe.calibration.seed)
+    device = next(model.parameters()).device
+    reset_peak(device)
+    statistics = collect_statistics(model, samples, recipe.scoring.objective)
+    info["peak_memory_bytes"] = peak_bytes(device)
+    info["model_weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    statistics.save(path)
+    return statistics, info
+
+
+def layer_table(shape: BlockShape, pruned_shape: BlockShape, allocation: Allocation) -> list[dict]:
+    rows = []
+    for i, (dense, pruned) in enumerate(zip(shape.layers, pruned_shape.layers)):
+        rows.append({
+            "index": i,
+            "dense": {"query_heads": dense.query_heads, "kv_groups": dense.kv_heads, "ffn_channels": dense.ffn_channels},
+            "pruned": {"query_heads": pruned.query_heads, "kv_groups": pruned.kv_heads, "ffn_channels": pruned.ffn_channels},
+            "requested_sparsity": allocation.layer_sparsity[i],
+            "activated_weights": allocation.activated_weights[i] if allocation.activated_weights else None,
+        })
+    return rows
+
+
+def execute(prepared: Prepared) -> Path:
+    """Run every stage; returns the output directory."""
+    recipe, shape = prepared.recipe, prepared.shape
+    output = prepared.output
+    partial = output.with_name(output.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    stage_seconds: dict[str, float] = {}
+    notes = []
+    try:
+        with timed(stage_seconds, "load model"):
+            model, tokenizer = load_model(prepared.model_source, recipe.model.dtype, recipe.model.device, prepared.cache)
+        statistics, statistics_info = None, None
+        if prepared.needs_statistics:
+            with timed(stage_seconds, "activation statistics"):
+                statistics, statistics_info = obtain_statistics(prepared, model, tokenizer)
+                statistics.save(partial / "activation_stats.safetensors")
+            if recipe.calibration.source == "wikitext2" and recipe.evaluation.perplexity.dataset == "wikitext2":
+                notes.append("Calibration text and perplexity text are both WikiText-2 (test split): the perplexity is optimistic.")
+        with timed(stage_seconds, "scoring"):
+            scores = score_units(model, shape, recipe.scoring.method, recipe.scoring.aggregate, statistics)
+        with timed(stage_seconds, "allocation"):
+            a = recipe.allocation
+            allocation = allocate(shape, scores, prepared.params_to_remove, a.strategy, recipe.pruning.attention_unit,
+                                  recipe.pruning.round_to, recipe.pruning.min_ffn_channels, statistics,
+                                  a.alpha, a.beta, a.gamma, a.gamma_mode)
+        with timed(stage_seconds, "pruning"):
+            pruned = prune_model(model, allocation.plans)
+        with timed(stage_seconds, "checkpoint"):
+            save_checkpoint(pruned, tokenizer, partial / "model")
+        report_perplexity = None
+        with timed(stage_seconds, "perplexity"):
+            ppl_recipe = recipe.evaluation.perplexity
+            tokens = evaluation_tokens(tokenizer, prepared.evaluation_source)
+            dense_ppl = perplexity(model, tokens, ppl_recipe.seqlen, ppl_recipe.windows, "dense")
+            pruned_ppl = perplexity(pruned, tokens, ppl_recipe.seqlen, ppl_recipe.windows, "pruned")
+            report_perplexity = {"dataset": ppl_recipe.dataset, "seqlen": ppl_recipe.seqlen,
+                                 "windows": dense_ppl["windows"], "predicted_tokens": dense_ppl["predicted_tokens"],
+                                 "dense": dense_ppl["perplexity"], "pruned": pruned_ppl["perplexity"]}
+        report_speed = None
+        speed = recipe.evaluation.speed
+        if speed.enabled:
+            with timed(stage_seconds, "speed"):
+                results = measure_speed({"dense": model, "pruned": pruned}, speed.prompt_tokens, speed.batch_size,
+                                        speed.new_tokens, speed.warmup, speed.repeats)
+                device = next(model.parameters()).device
+                report_speed = {
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+                    "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                    "prompt_tokens": speed.prompt_tokens, "batch_size": speed.batch_size,
+                    "new_tokens": speed.new_tokens, "warmup": speed.warmup, "repeats": speed.repeats,
+                    "dense": results["dense"].as_dict(), "pruned": results["pruned"].as_dict(),
+                }
+        pruned_parameters = count_parameters(pruned)
+        dense_parameters = prepared.dense_parameters
+        report = {
+            "recipe": recipe_to_dict(recipe),
+            "model": {"source": recipe.model.source, "kind": prepared.model_source.kind,
+                      "location": prepared.model_source.location, "model_type": shape.model_type},
+            "parameters": {
+                "dense": dense_parameters, "pruned": pruned_parameters, "target_removed": prepared.params_to_remove,
+                "removed": dense_parameters["total"] - pruned_parameters["total"],
+                "removed_fraction": 1 - pruned_parameters["total"] / dense_parameters["total"],
+            },
+            "layers": layer_table(shape, block_shape(pruned.config), allocation),
+            "allocation": {"strategy": recipe.allocation.strategy, "activation_threshold": allocation.threshold},
+            "statistics": statistics_info,
+            "perplexity": report_perplexity,
+            "speed": report_speed,
+            "checkpoint": {"path": str(output / "model"), "remote_code": needs_remote_code(pruned.config)},
+            "stage_seconds": stage_seconds,
+            "notes": notes,
+        }
+        write_report(report, partial)
+        if output.exists():
+            shutil.rmtree(output)
+        partial.rename(output)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m prune.run", description="Prune a model as a recipe says.")
+    parser.add_argument("recipe", help="YAML recipe (see README, 'Recipe reference')")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. --set pruning.target=0.2 (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved recipe and its parameter budget, then stop")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    args = parser.parse_args(argv)
+    try:
+        prepared = prepare(load_recipe(args.recipe, args.set), overwrite=args.overwrite)
+        if args.dry_run:
+            print(dry_run_text(prepared), end="")
+            return 0
+        output = execute(prepared)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"done: {output}/report.md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

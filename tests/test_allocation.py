@@ -1,0 +1,103 @@
+"""Layer sparsities, the budget solver and unit choice."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from prune.allocation import (ImpossibleTargetError, activated_count, allocate, density_sparsities, layer_plan,
+                              removable_parameters, solve_budget)
+from prune.blocks import block_shape
+from prune.scoring import LayerScores
+from prune.statistics import HIST_MIN, HIST_WIDTH, log10_histogram
+
+SMOLLM2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
+SMOLLM2_TOTAL = 134_515_008  # embeddings (tied) + 30 blocks + norms
+
+
+def _random_scores(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [LayerScores(torch.rand(w.query_heads, generator=g, dtype=torch.float64),
+                        torch.rand(w.kv_heads, generator=g, dtype=torch.float64),
+                        torch.rand(w.ffn_channels, generator=g, dtype=torch.float64)) for w in shape.layers]
+
+
+@pytest.mark.parametrize("unit", ["query_head", "kv_group"])
+@pytest.mark.parametrize("target", [0.05, 0.2, 0.3, 0.5])
+@pytest.mark.parametrize("strategy", ["uniform", "density"])
+def test_budget_lands_just_above_target(unit, target, strategy):
+    shape = block_shape(SMOLLM2)
+    to_remove = round(target * SMOLLM2_TOTAL)
+    sparsity = to_remove / sum(shape.linear_weight_count(w) for w in shape.layers)
+    rng = np.random.default_rng(1)
+    layer_sparsity = ([sparsity] * 30 if strategy == "uniform"
+                      else density_sparsities(list(rng.uniform(1e5, 3e6, 30)), sparsity, 2.0, 0.2))
+    steps, kept = solve_budget(shape, layer_sparsity, to_remove, unit, 8, 64)
+    plans = [layer_plan(shape, i, s, steps[i], unit, kept[i]) for i, s in enumerate(_random_scores(shape))]
+    removed = sum(shape.layer_params(w) - shape.layer_params(p.widths) for w, p in zip(shape.layers, plans))
+    assert to_remove <= removed < to_remove + 8 * shape.ffn_channel_params()
+    assert abs(removed - to_remove) / SMOLLM2_TOTAL < 0.005
+    for plan in plans:
+        assert len(plan.kept_ffn_channels) % 8 == 0 and len(plan.kept_ffn_channels) >= 64
+        assert len(plan.kept_kv_heads) >= 1 and len(plan.kept_query_heads) % len(plan.kept_kv_heads) == 0
+
+
+def test_impossible_target_is_refused():
+    shape = block_shape(SMOLLM2)
+    most = removable_parameters(shape, "query_head", 8, 64)
+    with pytest.raises(ImpossibleTargetError, match="pruning.target"):
+        solve_budget(shape, [0.9] * 30, most + 1, "query_head", 8, 64)
+    steps, kept = solve_budget(shape, [0.9] * 30, most, "query_head", 8, 64)
+    assert steps == [2] * 30 and kept == [64] * 30
+
+
+def test_density_sparsities_follow_the_paper_formula():
+    n = [5e5, 2e6, 1.8e6, 1.2e6, 9e5, 7e5]
+    s, alpha, beta = 0.4, 2.0, 0.2
+    z = (np.array(n) - np.mean(n)) / np.std(n)
+    n_prime = 1 / (1 + np.exp(-(z + alpha / np.arange(1, 7))))
+    expected = s + beta * s * (1 - n_prime * 6 / n_prime.sum())
+    got = density_sparsities(n, s, alpha, beta)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert abs(np.mean(got) - s) < 1e-12
+    assert all(abs(x - s) <= beta * s + 1e-12 for x in got)
+    # denser layers are pruned less
+    assert got[1] < got[4]
+
+
+def test_activated_count_matches_brute_force_at_bin_edges():
+    values = torch.from_numpy(np.random.default_rng(0).lognormal(-12, 2, size=100_000)).float()
+    histogram = log10_histogram(values)
+    assert histogram.sum() == len(values)
+    for k in (1300, 1450, 1500):
+        threshold = 10 ** (HIST_MIN + k * HIST_WIDTH)
+        logs = values.double().log10()
+        brute = int(((logs - HIST_MIN) / HIST_WIDTH >= k).sum())  # same bin edges, no rounding of the threshold
+        assert activated_count(histogram, threshold) == brute
+    assert activated_count(histogram, 1e-30) == len(values)
+    assert activated_count(histogram, 1e6) == 0
+
+
+def test_lowest_scoring_units_are_removed():
+    shape = block_shape(SMOLLM2)
+    scores = LayerScores(query_heads=torch.tensor([5, 1, 9, 2, 8, 7, 3, 6, 4], dtype=torch.float64),
+                         kv_groups=torch.tensor([3, 1, 2], dtype=torch.float64),
+                         ffn_channels=torch.arange(1536, 0, -1, dtype=torch.float64))
+    plan = layer_plan(shape, 0, scores, 1, "query_head", 1024)
+    assert plan.kept_query_heads == (0, 2, 4, 5, 7, 8)  # per group of 3, the lowest goes: heads 1, 3, 6
+    assert plan.kept_ffn_channels == tuple(range(1024))  # the last channels have the lowest scores
+    plan = layer_plan(shape, 0, scores, 2, "kv_group", 1536)
+    assert plan.kept_kv_heads == (0,) and plan.kept_query_heads == (0, 1, 2)
+
+
+def test_allocate_uniform_total_matches_plans():
+    shape = block_shape(SMOLLM2)
+    to_remove = round(0.3 * SMOLLM2_TOTAL)
+    allocation = allocate(shape, _random_scores(shape), to_remove, "uniform", "query_head", 8, 64)
+    kept_total = SMOLLM2_TOTAL - allocation.removed_parameters
+    assert kept_total <= 0.70 * SMOLLM2_TOTAL
+    assert math.isclose(kept_total / SMOLLM2_TOTAL, 0.70, abs_tol=0.005)
+    assert allocation.layer_sparsity == [allocation.layer_sparsity[0]] * 30

@@ -1,0 +1,69 @@
+"""Saved checkpoints reload without the toolkit and give the same logits."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from conftest import random_tokens, tiny_model
+from prune.checkpoint import save_checkpoint
+from prune.pruner import LayerPlan, prune_model
+
+
+class NoTokenizer:
+    def save_pretrained(self, directory):
+        pass
+
+
+RELOAD = """
+import sys
+sys.modules["prune"] = None  # the toolkit must not be importable here
+import torch
+from transformers import AutoModelForCausalLM
+directory = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code={remote}, dtype=torch.float32)
+x = torch.load(directory + "/x.pt")
+torch.save({{"logits": model(x).logits, "generated": model.generate(x, max_new_tokens=8, do_sample=False),
+            "class": type(model).__name__}}, directory + "/reloaded.pt")
+"""
+
+
+def _reload_in_fresh_process(directory, remote: bool) -> dict:
+    subprocess.run([sys.executable, "-c", RELOAD.format(remote=remote), str(directory)], check=True, cwd="/")
+    return torch.load(directory / "reloaded.pt")
+
+
+def test_per_layer_checkpoint_reloads_in_fresh_process(tmp_path):
+    model = tiny_model("llama")
+    pruned = prune_model(model, [LayerPlan((0, 1, 2), (0,), tuple(range(0, 64, 2))),
+                                 LayerPlan((0, 2, 3, 5), (0, 1), tuple(range(48))),
+                                 LayerPlan((0, 1, 2, 3, 4, 5), (0, 1), tuple(range(16)))])
+    save_checkpoint(pruned, NoTokenizer(), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["layer_num_attention_heads"] == [3, 4, 6]
+    assert config["layer_num_key_value_heads"] == [1, 2, 2]
+    assert config["layer_intermediate_size"] == [32, 48, 16]
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_pruned.PrunedLlamaForCausalLM"
+    x = random_tokens(2, 9)
+    torch.save(x, tmp_path / "x.pt")
+    reloaded = _reload_in_fresh_process(tmp_path, remote=True)
+    assert reloaded["class"] == "PrunedLlamaForCausalLM"
+    torch.testing.assert_close(reloaded["logits"], pruned(x).logits, atol=1e-5, rtol=0)
+    assert torch.equal(reloaded["generated"], pruned.generate(x, max_new_tokens=8, do_sample=False))
+
+
+def test_uniform_checkpoint_needs_no_remote_code(tmp_path):
+    model = tiny_model("qwen2")
+    plan = LayerPlan((0, 2, 3, 5), (0, 1), tuple(range(32)))
+    pruned = prune_model(model, [plan] * 3)
+    save_checkpoint(pruned, NoTokenizer(), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and "auto_map" not in config
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (4, 2, 32)
+    assert not (tmp_path / "modeling_pruned.py").exists()
+    x = random_tokens(1, 6)
+    torch.save(x, tmp_path / "x.pt")
+    reloaded = _reload_in_fresh_process(tmp_path, remote=False)
+    assert reloaded["class"] == "Qwen2ForCausalLM"
+    torch.testing.assert_close(reloaded["logits"], pruned(x).logits, atol=1e-5, rtol=0)

@@ -1,0 +1,117 @@
+"""Physical removal: equivalences that must hold exactly, GQA invariants, cached generation."""
+
+import pytest
+import torch
+
+from conftest import random_tokens, tiny_model
+from prune.allocation import allocate
+from prune.blocks import block_shape, count_parameters, decoder_layers
+from prune.pruner import LayerPlan, check_plan, keep_everything, prune_model
+from prune.scoring import score_units
+
+FAMILIES = ["llama", "mistral", "qwen2"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_target_zero_changes_no_logit(family):
+    model = tiny_model(family)
+    shape = block_shape(model.config)
+    scores = score_units(model, shape, "magnitude", "sum", None)
+    allocation = allocate(shape, scores, 0, "uniform", "query_head", 8, 8)
+    assert allocation.removed_parameters == 0
+    pruned = prune_model(model, allocation.plans)
+    x = random_tokens(2, 12)
+    assert torch.equal(model(x).logits, pruned(x).logits)
+    assert count_parameters(pruned) == count_parameters(model)
+
+
+def _zero_units(model, layer, query_heads=(), kv_group=None, ffn_channels=()):
+    """Zero the output-side weights of units so that they contribute nothing to the residual stream."""
+    shape = block_shape(model.config)
+    d, g = shape.head_dim, shape.layers[layer].heads_per_group
+    block = decoder_layers(model)[layer]
+    heads = list(query_heads) + ([] if kv_group is None else list(range(kv_group * g, (kv_group + 1) * g)))
+    with torch.no_grad():
+        for h in heads:
+            block.self_attn.o_proj.weight[:, h * d:(h + 1) * d] = 0
+        for c in ffn_channels:
+            block.mlp.down_proj.weight[:, c] = 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_removing_zeroed_units_changes_no_logit(family):
+    model = tiny_model(family)  # 6 query heads, 2 KV heads (3 per group), 64 FFN channels, 3 layers
+    _zero_units(model, 0, kv_group=1, ffn_channels=range(0, 64, 2))
+    _zero_units(model, 1, query_heads=(0, 4), ffn_channels=(5, 6, 7))
+    _zero_units(model, 2, kv_group=0)
+    plans = [
+        LayerPlan((0, 1, 2), (0,), tuple(range(1, 64, 2))),
+        LayerPlan((1, 2, 3, 5), (0, 1), tuple(c for c in range(64) if c not in (5, 6, 7))),
+        LayerPlan((3, 4, 5), (1,), tuple(range(64))),
+    ]
+    pruned = prune_model(model, plans)
+    x = random_tokens(2, 12)
+    torch.testing.assert_close(pruned(x).logits, model(x).logits, atol=1e-5, rtol=0)
+    # and removing units that are NOT zero does change the logits (the check above can fail)
+    other = prune_model(model, [LayerPlan((3, 4, 5), (1,), tuple(range(1, 64, 2)))] + plans[1:])
+    assert (other(x).logits - model(x).logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("unit", ["kv_group", "query_head"])
+def test_gqa_invariants_after_pruning(family, unit):
+    model = tiny_model(family, layers=4, heads=8, kv_heads=2, hidden=128, ffn=96)
+    shape = block_shape(model.config)
+    scores = score_units(model, shape, "magnitude", "sum", None)
+    total = count_parameters(model)["total"]
+    pruned = prune_model(model, allocate(shape, scores, int(0.4 * total), "uniform", unit, 8, 8).plans)
+    pruned_shape = block_shape(pruned.config)
+    assert pruned_shape.head_dim == shape.head_dim
+    for layer, widths in zip(decoder_layers(pruned), pruned_shape.layers):
+        attn, d = layer.self_attn, shape.head_dim
+        assert widths.query_heads % widths.kv_heads == 0
+        assert attn.num_key_value_groups == widths.query_heads // widths.kv_heads
+        assert attn.q_proj.weight.shape == (widths.query_heads * d, shape.hidden_size)
+        assert attn.k_proj.weight.shape == attn.v_proj.weight.shape == (widths.kv_heads * d, shape.hidden_size)
+        assert attn.o_proj.weight.shape == (shape.hidden_size, widths.query_heads * d)
+        assert layer.mlp.down_proj.weight.shape == (shape.hidden_size, widths.ffn_channels)
+        assert widths.ffn_channels % 8 == 0
+        if unit == "kv_group":
+            assert widths.heads_per_group == 4
+        else:
+            assert widths.kv_heads == 2
+    assert count_parameters(pruned)["total"] < total
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_and_uncached_generation_agree_after_pruning(family):
+    model = tiny_model(family)
+    plans = [LayerPlan((0, 2, 4, 5), (0, 1), tuple(range(0, 64, 3))),
+             LayerPlan((0, 1, 2), (0,), tuple(range(40))),
+             LayerPlan((0, 1, 2, 3, 4, 5), (0, 1), tuple(range(8)))]
+    pruned = prune_model(model, plans)
+    assert type(pruned).__name__.startswith("Pruned")
+    x = random_tokens(1, 7)
+    cached = pruned.generate(x, max_new_tokens=10, do_sample=False, use_cache=True)
+    uncached = pruned.generate(x, max_new_tokens=10, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    # incremental logits equal full-sequence logits
+    full = pruned(cached).logits
+    out = pruned(cached[:, :7], use_cache=True)
+    steps = [out.logits[:, -1]]
+    for t in range(7, cached.shape[1] - 1):
+        out = pruned(cached[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+        steps.append(out.logits[:, -1])
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 6:-1], atol=1e-4, rtol=1e-4)
+
+
+def test_check_plan_rejects_broken_layouts():
+    shape = block_shape(tiny_model().config)
+    good = keep_everything(shape)
+    check_plan(shape, good)
+    unequal_groups = [LayerPlan((0, 1, 3), (0, 1), tuple(range(64)))] + good[1:]
+    orphan_head = [LayerPlan((0, 3), (0,), tuple(range(64)))] + good[1:]
+    empty_ffn = [LayerPlan((0, 1, 2, 3, 4, 5), (0, 1), ())] + good[1:]
+    for plans in (unequal_groups, orphan_head, empty_ffn, good[:2]):
+        with pytest.raises(ValueError):
+            check_plan(shape, plans)

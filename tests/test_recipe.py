@@ -1,0 +1,96 @@
+"""Recipe validation: one clear error naming the key or path, exit code 2, nothing written."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from prune.recipe import RecipeError, load_recipe
+
+
+def _write(tmp_path, data) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "prune.run", *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"pruning": {"taget": 0.3}}, "pruning.taget"),
+    ({"pruning": {"target": 1.0}}, "pruning.target"),
+    ({"pruning": {"target": "lots"}}, "pruning.target"),
+    ({"calibration": {"samples": 0}}, "calibration.samples"),
+    ({"calibration": {"samples": 2.5}}, "calibration.samples"),
+    ({"scoring": {"method": "magic"}}, "scoring.method"),
+    ({"evaluation": {"speed": {"enabled": "yes"}}}, "evaluation.speed.enabled"),
+    ({"modle": {}}, "modle"),
+])
+def test_bad_values_name_the_key(tmp_path, data, key):
+    with pytest.raises(RecipeError) as error:
+        load_recipe(_write(tmp_path, data))
+    assert str(error.value).startswith(key + ":")
+
+
+def test_typo_suggests_the_right_key(tmp_path):
+    with pytest.raises(RecipeError, match="did you mean 'pruning.target'"):
+        load_recipe(_write(tmp_path, {"pruning": {"taget": 0.3}}))
+
+
+def test_overrides_are_applied_and_validated(tmp_path):
+    recipe = load_recipe(_write(tmp_path, {"pruning": {"target": 0.3}}),
+                         ["pruning.target=0.2", "output=somewhere", "evaluation.perplexity.windows=null"])
+    assert recipe.pruning.target == 0.2 and recipe.output == "somewhere"
+    assert recipe.evaluation.perplexity.windows is None
+    with pytest.raises(RecipeError, match="^pruning.target"):
+        load_recipe(None, ["pruning.target=2"])
+    with pytest.raises(RecipeError, match="KEY=VALUE"):
+        load_recipe(None, ["pruning.target"])
+
+
+def test_cli_bad_recipe_exits_nonzero_and_writes_nothing(tmp_path):
+    output = tmp_path / "out"
+    recipe = _write(tmp_path, {"output": str(output), "calibration": {"sampels": 3}})
+    result = _cli(str(recipe))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: calibration.sampels: unknown key; did you mean 'calibration.samples'?"]
+    assert not output.exists() and not output.with_name("out.partial").exists()
+
+
+def test_cli_missing_files_are_named(tmp_path):
+    output = tmp_path / "out"
+    result = _cli(str(_write(tmp_path, {"output": str(output), "calibration": {"source": str(tmp_path / "nope.jsonl")}})))
+    assert result.returncode == 2 and "calibration.source: file not found" in result.stderr
+    result = _cli(str(_write(tmp_path, {"output": str(output), "model": {"source": str(tmp_path / "m.gguf")}})),
+                  env={"PRUNE_DATA_DIR": str(tmp_path)})
+    assert result.returncode == 2 and "model.source: GGUF file not found" in result.stderr
+    result = _cli(str(tmp_path / "missing.yaml"))
+    assert result.returncode == 2 and "missing.yaml: recipe file not found" in result.stderr
+    assert not output.exists()
+
+
+def test_cli_refuses_existing_output(tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    result = _cli(str(_write(tmp_path, {"output": str(output)})))
+    assert result.returncode == 2 and "already exists" in result.stderr
+    assert (output / "keep.txt").read_text() == "mine"
+
+
+def test_llama_recipe_validates_and_offline_dry_run_is_one_line(tmp_path):
+    recipe = load_recipe(REPO / "recipes" / "llama_30pct.yaml")
+    assert recipe.model.source == "meta-llama/Llama-2-7b-hf" and recipe.model.dtype == "bfloat16"
+    assert recipe.model.device == "cuda" and recipe.pruning.target == 0.3
+    result = _cli("recipes/llama_30pct.yaml", "--dry-run", "--set", f"output={tmp_path / 'o'}",
+                  env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model.source: cannot load") and "Hugging Face Hub" in lines[0]

@@ -1,0 +1,92 @@
+"""Integration on the real SmolLM2-135M: the command line end to end, reload, independent perplexity."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, shared_dir
+
+pytestmark = [
+    pytest.mark.smollm2,
+    pytest.mark.skipif(shared_dir("PRUNE_MODELS_DIR") is None or shared_dir("PRUNE_DATA_DIR") is None,
+                       reason="PRUNE_MODELS_DIR / PRUNE_DATA_DIR not set"),
+]
+
+QUICK = ["calibration.samples=6", "calibration.seqlen=64", "evaluation.perplexity.windows=2",
+         "evaluation.speed.repeats=1", "evaluation.speed.new_tokens=8", "evaluation.speed.prompt_tokens=32"]
+
+INDEPENDENT_CHECK = """
+import sys, json, math
+sys.modules["prune"] = None
+sys.modules["eval"] = None
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model_dir, text_path, seqlen, windows = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32).eval()
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+ids = tokenizer(open(text_path, encoding="utf-8").read(), return_tensors="pt").input_ids[0]
+nll, count = 0.0, 0
+with torch.no_grad():
+    for k in range(windows):
+        w = ids[k * seqlen:(k + 1) * seqlen][None]
+        nll += F.cross_entropy(model(w).logits[0, :-1], w[0, 1:], reduction="sum").item()
+        count += seqlen - 1
+    prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
+    uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+print(json.dumps({"perplexity": math.exp(nll / count), "class": type(model).__name__,
+                  "cache_agrees": bool(torch.equal(cached, uncached)),
+                  "parameters": sum(p.numel() for p in model.parameters())}))
+"""
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _run(output, cache, *overrides):
+    result = subprocess.run(
+        [sys.executable, "-m", "prune.run", "recipes/smollm2_30pct.yaml", "--set", f"output={output}",
+         "--set", f"cache_dir={cache}", *[arg for o in (*QUICK, *overrides) for arg in ("--set", o)]],
+        cwd=REPO, capture_output=True, text=True, env=os.environ.copy(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((output / "report.json").read_text())
+
+
+def test_default_recipe_end_to_end(tmp_path, cache):
+    output = tmp_path / "s30"
+    report = _run(output, cache)
+    dense, pruned = report["parameters"]["dense"], report["parameters"]["pruned"]
+    assert dense["total"] == 134_515_008
+    assert 0.695 <= pruned["total"] / dense["total"] <= 0.70
+    assert report["checkpoint"]["remote_code"] is True
+    assert report["statistics"]["reused"] is False
+    assert sorted(os.listdir(output)) == ["activation_stats.safetensors", "model", "report.json", "report.md"]
+    assert {"model.safetensors", "config.json", "modeling_pruned.py", "tokenizer.json"} <= set(os.listdir(output / "model"))
+    layers = report["layers"]
+    assert len(layers) == 30 and all(row["pruned"]["query_heads"] % row["pruned"]["kv_groups"] == 0 for row in layers)
+    assert report["speed"]["pruned"]["decode_tokens_per_s_median"] > 0
+    assert report["perplexity"]["pruned"] > report["perplexity"]["dense"] > 1
+
+    check = subprocess.run(
+        [sys.executable, "-c", INDEPENDENT_CHECK, str(output / "model"),
+         os.path.join(os.environ["PRUNE_DATA_DIR"], "wikitext2", "wiki.test.raw"), "2048", "2"],
+        cwd="/", capture_output=True, text=True,
+    )
+    assert check.returncode == 0, check.stderr[-3000:]
+    independent = json.loads(check.stdout.strip().splitlines()[-1])
+    assert independent["class"] == "PrunedLlamaForCausalLM" and independent["cache_agrees"]
+    assert independent["parameters"] == pruned["total"]
+    assert abs(independent["perplexity"] / report["perplexity"]["pruned"] - 1) < 0.01
+
+    # same model and calibration, another target: the statistics are reused, not recomputed
+    second = _run(tmp_path / "s20", cache, "pruning.target=0.2", "allocation.strategy=uniform")
+    assert second["statistics"]["reused"] is True
+    assert second["statistics"]["cache_path"] == report["statistics"]["cache_path"]
+    assert 0.795 <= second["parameters"]["pruned"]["total"] / dense["total"] <= 0.80

@@ -1,0 +1,83 @@
+"""The statistics pass against brute-force autograd on a tiny model."""
+
+import pytest
+import torch
+
+from conftest import random_tokens, tiny_model
+from prune.allocation import activated_count
+from prune.blocks import LINEAR_NAMES, decoder_layers, layer_linears
+from prune.statistics import HIST_MIN, HIST_WIDTH, ActivationStatistics, collect_statistics, objective_value
+
+
+def _brute_force_mean_activation(model, samples, objective):
+    """mean_s |w * dD(s)/dw| for every decoder linear weight, one autograd.grad call per sample."""
+    weights = {(i, n): l.weight for i, layer in enumerate(decoder_layers(model)) for n, l in layer_linears(layer).items()}
+    total = {k: torch.zeros_like(w) for k, w in weights.items()}
+    for sample in samples:
+        grads = torch.autograd.grad(objective_value(model, sample[None], objective), list(weights.values()))
+        for (k, w), g in zip(weights.items(), grads):
+            total[k] += (w.detach() * g).abs()
+    return {k: v / len(samples) for k, v in total.items()}
+
+
+@pytest.mark.parametrize("objective", ["max_logit", "nll"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_reduced_activation_matches_brute_force(objective, family):
+    model = tiny_model(family)
+    samples = random_tokens(3, 10)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stats = collect_statistics(model, samples, objective, progress=False)
+    brute = _brute_force_mean_activation(model, samples, objective)
+    for (i, name), mean in brute.items():
+        torch.testing.assert_close(stats.get(i, f"{name}.row_sum"), mean.sum(1), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(stats.get(i, f"{name}.col_sum"), mean.sum(0), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(stats.get(i, f"{name}.row_max"), mean.amax(1), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(stats.get(i, f"{name}.col_max"), mean.amax(0), rtol=1e-4, atol=1e-7)
+    # the weights, their requires_grad flags and .grad are left as they were
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and p.requires_grad and p.grad is None
+    assert stats.samples == 3 and stats.tokens == 30 and stats.objective == objective
+
+
+def test_histogram_counts_match_brute_force():
+    model = tiny_model()
+    samples = random_tokens(2, 8)
+    stats = collect_statistics(model, samples, "max_logit", progress=False)
+    brute = _brute_force_mean_activation(model, samples, "max_logit")
+    for layer in range(3):
+        values = torch.cat([brute[(layer, n)].flatten() for n in LINEAR_NAMES]).double()
+        assert stats.get(layer, "log10_hist").sum() == values.numel()
+        median_bin = int(((values.median().log10() - HIST_MIN) / HIST_WIDTH).floor())
+        for k in (median_bin - 50, median_bin, median_bin + 30):
+            threshold = 10 ** (HIST_MIN + k * HIST_WIDTH)
+            exact = int((values > threshold).sum())
+            # exact up to weights whose log10 sits within float32 rounding of the bin edge
+            assert abs(activated_count(stats.get(layer, "log10_hist"), threshold) - exact) <= 2
+
+
+def test_input_statistics_match_hidden_states():
+    model = tiny_model()
+    samples = random_tokens(2, 8)
+    stats = collect_statistics(model, samples, "nll", progress=False)
+    expected_sum = torch.zeros(96, dtype=torch.float64)
+    expected_sumsq = torch.zeros(96, dtype=torch.float64)
+    with torch.no_grad():
+        for sample in samples:
+            hidden = model(sample[None], output_hidden_states=True).hidden_states[1]  # input of layer 1
+            x = decoder_layers(model)[1].input_layernorm(hidden)[0].double()
+            expected_sum += x.sum(0)
+            expected_sumsq += (x * x).sum(0)
+    torch.testing.assert_close(stats.get(1, "attn_in.x_sum").double(), expected_sum, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.get(1, "attn_in.x_sumsq").double(), expected_sumsq, rtol=1e-5, atol=1e-5)
+    assert stats.get(1, "down_in.x_sumsq").shape == (64,)
+    assert stats.get(1, "o_in.x_sum").shape == (96,)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    stats = collect_statistics(tiny_model(), random_tokens(2, 6), "max_logit", progress=False)
+    stats.save(tmp_path / "s.safetensors")
+    loaded = ActivationStatistics.load(tmp_path / "s.safetensors")
+    assert (loaded.samples, loaded.tokens, loaded.objective) == (2, 12, "max_logit")
+    assert loaded.tensors.keys() == stats.tensors.keys()
+    for k, v in stats.tensors.items():
+        assert torch.equal(loaded.tensors[k], v)
