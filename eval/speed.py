@@ -9,6 +9,7 @@ is preceded by a synchronisation.
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +44,11 @@ def synchronized_clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def cache_keyword(model) -> str:
+    """Name of the KV-cache argument and output field: ``cache`` in recent transformers, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def prefill_and_decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     """One greedy generation with the KV cache; returns (prefill seconds, decode seconds)."""
@@ -51,10 +57,11 @@ def prefill_and_decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[fl
     out = model(input_ids=prompt, use_cache=True)
     next_token = out.logits[:, -1].argmax(-1, keepdim=True)
     prefilled = synchronized_clock(device)
-    cache = out.past_key_values
+    keyword = cache_keyword(model)
+    cache = getattr(out, keyword)
     for _ in range(new_tokens):
-        out = model(input_ids=next_token, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=next_token, use_cache=True, **{keyword: cache})
+        cache = getattr(out, keyword)
         next_token = out.logits[:, -1].argmax(-1, keepdim=True)
     done = synchronized_clock(device)
     return prefilled - start, done - prefilled

@@ -84,7 +84,7 @@ def block_shape(config) -> BlockShape:
 
     Raises ValueError for a model family whose decoder block this toolkit does not describe.
     """
-    model_type = config.model_type.removeprefix("pruned_")
+    model_type = config.model_type
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"model type {config.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"

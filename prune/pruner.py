@@ -17,13 +17,13 @@ from torch import nn
 from transformers import AutoConfig, LlamaForCausalLM, MistralForCausalLM, PreTrainedModel, Qwen2ForCausalLM
 
 from prune.blocks import BlockShape, LayerWidths, block_shape, decoder_layers
-from prune.hf_code import configuration_pruned, modeling_pruned
+from prune.hf_code import modeling_pruned
 
 STOCK_CLASSES = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}
 PRUNED_CLASSES = {
-    "llama": (configuration_pruned.PrunedLlamaConfig, modeling_pruned.PrunedLlamaForCausalLM),
-    "mistral": (configuration_pruned.PrunedMistralConfig, modeling_pruned.PrunedMistralForCausalLM),
-    "qwen2": (configuration_pruned.PrunedQwen2Config, modeling_pruned.PrunedQwen2ForCausalLM),
+    "llama": modeling_pruned.PrunedLlamaForCausalLM,
+    "mistral": modeling_pruned.PrunedMistralForCausalLM,
+    "qwen2": modeling_pruned.PrunedQwen2ForCausalLM,
 }
 PER_LAYER_KEYS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size")
 
@@ -115,7 +115,8 @@ def pruned_config(config, widths: list[LayerWidths]):
 
     Uniform widths give the family's stock configuration (no remote code needed) when the stock
     configuration accepts them (transformers requires hidden_size % num_attention_heads == 0);
-    otherwise the per-layer configuration of ``prune/hf_code`` with ``layer_*`` lists.
+    otherwise the stock configuration keeps the dense widths and gains the ``layer_*`` lists that
+    ``prune/hf_code/modeling_pruned.py`` reads.
     """
     shape = block_shape(config)
     values = config.to_dict()
@@ -131,14 +132,17 @@ def pruned_config(config, widths: list[LayerWidths]):
         "layer_num_key_value_heads": [w.kv_heads for w in widths],
         "layer_intermediate_size": [w.ffn_channels for w in widths],
     }
-    config_class, _ = PRUNED_CLASSES[shape.model_type]
-    return config_class(**values)
+    return AutoConfig.for_model(shape.model_type, **values)
+
+
+def has_layer_widths(config) -> bool:
+    """True when the configuration carries per-layer widths (the model needs ``modeling_pruned``)."""
+    return getattr(config, "layer_num_attention_heads", None) is not None
 
 
 def model_class_for(config) -> type[PreTrainedModel]:
     """The causal-LM class that builds a model from ``config`` (stock or per-layer)."""
-    family = config.model_type.removeprefix("pruned_")
-    return PRUNED_CLASSES[family][1] if config.model_type.startswith("pruned_") else STOCK_CLASSES[family]
+    return (PRUNED_CLASSES if has_layer_widths(config) else STOCK_CLASSES)[config.model_type]
 
 
 def prune_model(model: PreTrainedModel, plans: list[LayerPlan]) -> PreTrainedModel:

@@ -25,10 +25,10 @@ from eval.speed import measure_speed
 from prune.allocation import Allocation, ImpossibleTargetError, allocate, removable_parameters
 from prune.blocks import BlockShape, block_shape, count_parameters
 from prune.calibration import DataSourceError, TextSource, calibration_samples, evaluation_tokens, resolve_text_source
-from prune.checkpoint import needs_remote_code, save_checkpoint
+from prune.checkpoint import save_checkpoint
 from prune.memory import peak_bytes, reset_peak
 from prune.models import ModelSource, ModelSourceError, cache_dir, load_config, load_model, resolve_model_source
-from prune.pruner import model_class_for, prune_model
+from prune.pruner import has_layer_widths, model_class_for, prune_model
 from prune.recipe import Recipe, RecipeError, load_recipe, recipe_to_dict
 from prune.scoring import score_units
 from prune.statistics import ActivationStatistics, cache_key, collect_statistics
@@ -226,7 +226,7 @@ def execute(prepared: Prepared) -> Path:
             "statistics": statistics_info,
             "perplexity": report_perplexity,
             "speed": report_speed,
-            "checkpoint": {"path": str(output / "model"), "remote_code": needs_remote_code(pruned.config)},
+            "checkpoint": {"path": str(output / "model"), "remote_code": has_layer_widths(pruned.config)},
             "stage_seconds": stage_seconds,
             "notes": notes,
         }

@@ -44,7 +44,8 @@ def test_per_layer_checkpoint_reloads_in_fresh_process(tmp_path):
     assert config["layer_num_attention_heads"] == [3, 4, 6]
     assert config["layer_num_key_value_heads"] == [1, 2, 2]
     assert config["layer_intermediate_size"] == [32, 48, 16]
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_pruned.PrunedLlamaForCausalLM"
+    assert config["model_type"] == "llama"
+    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_pruned.PrunedLlamaForCausalLM"}
     x = random_tokens(2, 9)
     torch.save(x, tmp_path / "x.pt")
     reloaded = _reload_in_fresh_process(tmp_path, remote=True)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import random_tokens, tiny_model
+from eval.speed import cache_keyword
 from prune.allocation import allocate
 from prune.blocks import block_shape, count_parameters, decoder_layers
 from prune.pruner import LayerPlan, check_plan, keep_everything, prune_model
@@ -98,9 +99,10 @@ def test_cached_and_uncached_generation_agree_after_pruning(family):
     # incremental logits equal full-sequence logits
     full = pruned(cached).logits
     out = pruned(cached[:, :7], use_cache=True)
+    keyword = cache_keyword(pruned)
     steps = [out.logits[:, -1]]
     for t in range(7, cached.shape[1] - 1):
-        out = pruned(cached[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+        out = pruned(cached[:, t:t + 1], use_cache=True, **{keyword: getattr(out, keyword)})
         steps.append(out.logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 6:-1], atol=1e-4, rtol=1e-4)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, tiny_model
 from prune.recipe import RecipeError, load_recipe
 
 
@@ -66,14 +66,39 @@ def test_cli_bad_recipe_exits_nonzero_and_writes_nothing(tmp_path):
 
 def test_cli_missing_files_are_named(tmp_path):
     output = tmp_path / "out"
-    result = _cli(str(_write(tmp_path, {"output": str(output), "calibration": {"source": str(tmp_path / "nope.jsonl")}})))
+    tiny_model().save_pretrained(tmp_path / "tiny")
+    text = tmp_path / "text.txt"
+    text.write_text("some text " * 100)
+    local = {"output": str(output), "model": {"source": str(tmp_path / "tiny")},
+             "evaluation": {"perplexity": {"dataset": str(text)}}}
+    result = _cli(str(_write(tmp_path, local | {"calibration": {"source": str(tmp_path / "nope.jsonl")}})))
     assert result.returncode == 2 and "calibration.source: file not found" in result.stderr
-    result = _cli(str(_write(tmp_path, {"output": str(output), "model": {"source": str(tmp_path / "m.gguf")}})),
-                  env={"PRUNE_DATA_DIR": str(tmp_path)})
+    result = _cli(str(_write(tmp_path, local | {"model": {"source": str(tmp_path / "m.gguf")}})))
     assert result.returncode == 2 and "model.source: GGUF file not found" in result.stderr
+    result = _cli(str(_write(tmp_path, local | {"model": {"source": str(tmp_path / "no_such_dir")}})))
+    assert result.returncode == 2 and "model.source: no such file or directory" in result.stderr
     result = _cli(str(tmp_path / "missing.yaml"))
     assert result.returncode == 2 and "missing.yaml: recipe file not found" in result.stderr
     assert not output.exists()
+
+
+def test_cli_dry_run_prints_the_budget(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "tiny")
+    text = tmp_path / "text.txt"
+    text.write_text("some text " * 100)
+    recipe = {"output": str(tmp_path / "out"), "model": {"source": str(tmp_path / "tiny")},
+              "calibration": {"source": str(text)}, "evaluation": {"perplexity": {"dataset": str(text)}},
+              "pruning": {"min_ffn_channels": 8}}
+    result = _cli(str(_write(tmp_path, recipe)), "--dry-run", "--set", "pruning.target=0.25")
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    total = sum(p.numel() for p in tiny_model().parameters())
+    assert printed["recipe"]["pruning"]["target"] == 0.25
+    assert printed["budget"]["dense_total_parameters"] == total
+    assert printed["budget"]["parameters_to_remove"] == round(0.25 * total)
+    assert not (tmp_path / "out").exists()
+    result = _cli(str(_write(tmp_path, recipe)), "--dry-run", "--set", "pruning.target=0.9")
+    assert result.returncode == 2 and result.stderr.startswith("error: pruning.target: 0.9 asks to remove")
 
 
 def test_cli_refuses_existing_output(tmp_path):

@@ -77,9 +77,10 @@ def test_default_recipe_end_to_end(tmp_path, cache):
     check = subprocess.run(
         [sys.executable, "-c", INDEPENDENT_CHECK, str(output / "model"),
          os.path.join(os.environ["PRUNE_DATA_DIR"], "wikitext2", "wiki.test.raw"), "2048", "2"],
-        cwd="/", capture_output=True, text=True,
+        cwd="/", capture_output=True, text=True, stdin=subprocess.DEVNULL,
     )
     assert check.returncode == 0, check.stderr[-3000:]
+    assert "trust_remote_code" not in check.stdout + check.stderr  # the tokenizer loads without a prompt
     independent = json.loads(check.stdout.strip().splitlines()[-1])
     assert independent["class"] == "PrunedLlamaForCausalLM" and independent["cache_agrees"]
     assert independent["parameters"] == pruned["total"]

@@ -1,5 +1,6 @@
-"""Configuration and modeling code written into every checkpoint whose layers have different widths.
+"""Modeling code written into every checkpoint whose layers have different widths.
 
-These two files are copied verbatim next to ``config.json`` and loaded by transformers' ``auto_map``
-mechanism (``trust_remote_code=True``). They import only torch and transformers, never this toolkit.
+``modeling_pruned.py`` is copied verbatim next to ``config.json`` and loaded by transformers'
+``auto_map`` mechanism (``trust_remote_code=True``). It imports only torch and transformers, never
+this toolkit.
 """

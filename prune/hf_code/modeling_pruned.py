@@ -1,14 +1,15 @@
 """Causal LMs whose decoder layers have individual widths (query heads, KV heads, FFN channels).
 
-The model is the stock transformers model of its family; after construction, the linear layers of
-every decoder layer are replaced by ones of that layer's width and the attention module is told its
-number of query heads per KV head. Everything else (RoPE, KV cache, generation) is stock.
+The configuration is the family's stock one plus three lists of length ``num_hidden_layers``:
+``layer_num_attention_heads``, ``layer_num_key_value_heads`` and ``layer_intermediate_size`` (the
+stock fields keep the dense model's values; ``head_dim`` is explicit). The model is the stock
+transformers model of its family; after construction, the linear layers of every decoder layer are
+replaced by ones of that layer's width and the attention module is told its number of query heads
+per KV head. Everything else (RoPE, KV cache, generation) is stock.
 """
 
 from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
-
-from .configuration_pruned import PrunedLlamaConfig, PrunedMistralConfig, PrunedQwen2Config
 
 
 def _resized_linear(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
@@ -49,24 +50,18 @@ def _apply_layer_widths(model: nn.Module, config) -> None:
 
 
 class PrunedLlamaForCausalLM(LlamaForCausalLM):
-    config_class = PrunedLlamaConfig
-
     def __init__(self, config):
         super().__init__(config)
         _apply_layer_widths(self, config)
 
 
 class PrunedMistralForCausalLM(MistralForCausalLM):
-    config_class = PrunedMistralConfig
-
     def __init__(self, config):
         super().__init__(config)
         _apply_layer_widths(self, config)
 
 
 class PrunedQwen2ForCausalLM(Qwen2ForCausalLM):
-    config_class = PrunedQwen2Config
-
     def __init__(self, config):
         super().__init__(config)
         _apply_layer_widths(self, config)
