@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from prune.paths import file_identity
+
 
 class DataSourceError(RuntimeError):
     """A named data source is neither local nor loadable; the message names it."""
@@ -38,6 +40,10 @@ class TextSource:
     name: str
     kind: str
     location: str
+
+    def fingerprint(self) -> str:
+        """Identity of the text: path, size and modification time of a local file; the name of a hub data set."""
+        return f"hub:{self.location}" if self.kind == "hub" else file_identity(Path(self.location))
 
     @property
     def is_documents(self) -> bool:

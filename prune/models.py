@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from prune.paths import file_identity
+
 
 class ModelSourceError(RuntimeError):
     """The model named in a recipe cannot be found or fetched; the message says why in one line."""
@@ -51,18 +53,8 @@ class ModelSource:
     location: str
 
     def fingerprint(self) -> str:
-        """Identity of the weights: path plus size and modification time for local files, the id for hub models."""
-        if self.kind == "hub":
-            return f"hub:{self.location}"
-        path = Path(self.location)
-        files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
-        stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-        return f"{self.kind}:{path.resolve()}:{stats}"
-
-
-def cache_dir(configured: str | None = None) -> Path:
-    """Toolkit cache: the recipe's ``cache_dir``, else $PRUNE_CACHE_DIR, else ~/.cache/prune."""
-    return Path(configured or os.environ.get("PRUNE_CACHE_DIR") or Path.home() / ".cache" / "prune").expanduser()
+        """Identity of the weights: path, size and modification time for local files; the id for hub models."""
+        return f"hub:{self.location}" if self.kind == "hub" else f"{self.kind}:{file_identity(Path(self.location))}"
 
 
 def _fetch_alias(alias: GgufAlias, destination: Path) -> Path:

@@ -27,7 +27,8 @@ from prune.blocks import BlockShape, block_shape, count_parameters
 from prune.calibration import DataSourceError, TextSource, calibration_samples, evaluation_tokens, resolve_text_source
 from prune.checkpoint import save_checkpoint
 from prune.memory import peak_bytes, reset_peak
-from prune.models import ModelSource, ModelSourceError, cache_dir, load_config, load_model, resolve_model_source
+from prune.models import ModelSource, ModelSourceError, load_config, load_model, resolve_model_source
+from prune.paths import cache_dir
 from prune.pruner import has_layer_widths, model_class_for, prune_model
 from prune.recipe import Recipe, RecipeError, load_recipe, recipe_to_dict
 from prune.scoring import score_units
@@ -114,19 +115,12 @@ def timed(stage_seconds: dict, name: str):
     stage_seconds[name] = time.perf_counter() - start
 
 
-def _file_fingerprint(source: TextSource) -> str:
-    if source.kind == "hub":
-        return f"hub:{source.location}"
-    stat = Path(source.location).stat()
-    return f"{Path(source.location).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-
-
 def obtain_statistics(prepared: Prepared, model, tokenizer) -> tuple[ActivationStatistics, dict]:
     """Load the statistics from the cache, or compute and cache them; returns them and their provenance."""
     recipe = prepared.recipe
     calibration = recipe_to_dict(recipe)["calibration"]
     key = cache_key(prepared.model_source.fingerprint(), str(next(model.parameters()).dtype), calibration,
-                    _file_fingerprint(prepared.calibration_source), recipe.scoring.objective)
+                    prepared.calibration_source.fingerprint(), recipe.scoring.objective)
     path = prepared.cache / "stats" / f"{key}.safetensors"
     info = {"source": recipe.calibration.source, "samples": recipe.calibration.samples,
             "seqlen": recipe.calibration.seqlen, "seed": recipe.calibration.seed,

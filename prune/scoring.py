@@ -17,11 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from prune.blocks import LINEAR_NAMES, BlockShape, decoder_layers, layer_linears
-from prune.statistics import INPUT_SITES, ActivationStatistics
-
-SITE_OF_LINEAR = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
-                  "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
-assert set(SITE_OF_LINEAR.values()) == set(INPUT_SITES)
+from prune.statistics import INPUT_SITE_OF_LINEAR, ActivationStatistics
 
 
 @dataclass
@@ -87,7 +83,7 @@ def weight_scores(model, method: str, statistics: ActivationStatistics | None, l
     if method == "wanda-sp":
         result = {}
         for name, linear in linears.items():
-            input_norm = statistics.get(layer, f"{SITE_OF_LINEAR[name]}.x_sumsq").sqrt().to(linear.weight.device)
+            input_norm = statistics.get(layer, f"{INPUT_SITE_OF_LINEAR[name]}.x_sumsq").sqrt().to(linear.weight.device)
             result[name] = _weight_reductions(linear.weight.detach().float().abs() * input_norm.float())
         return result
     raise ValueError(f"unknown scoring method {method!r}")

@@ -40,7 +40,10 @@ STATS_VERSION = 1
 HIST_MIN = -20.0
 HIST_WIDTH = 0.01
 HIST_BINS = 2500  # log10(A) from -20 to +5 in 0.01-decade bins; values outside are clamped into the end bins
+INPUT_SITE_OF_LINEAR = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
+                        "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
 INPUT_SITES = {"attn_in": "q_proj", "o_in": "o_proj", "mlp_in": "gate_proj", "down_in": "down_proj"}
+"""Each input site and the one linear whose forward pre-hook records it."""
 
 
 @dataclass

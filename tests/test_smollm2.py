@@ -18,31 +18,6 @@ pytestmark = [
 QUICK = ["calibration.samples=6", "calibration.seqlen=64", "evaluation.perplexity.windows=2",
          "evaluation.speed.repeats=1", "evaluation.speed.new_tokens=8", "evaluation.speed.prompt_tokens=32"]
 
-INDEPENDENT_CHECK = """
-import sys, json, math
-sys.modules["prune"] = None
-sys.modules["eval"] = None
-import torch
-import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model_dir, text_path, seqlen, windows = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32).eval()
-tokenizer = AutoTokenizer.from_pretrained(model_dir)
-ids = tokenizer(open(text_path, encoding="utf-8").read(), return_tensors="pt").input_ids[0]
-nll, count = 0.0, 0
-with torch.no_grad():
-    for k in range(windows):
-        w = ids[k * seqlen:(k + 1) * seqlen][None]
-        nll += F.cross_entropy(model(w).logits[0, :-1], w[0, 1:], reduction="sum").item()
-        count += seqlen - 1
-    prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
-    cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
-    uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
-print(json.dumps({"perplexity": math.exp(nll / count), "class": type(model).__name__,
-                  "cache_agrees": bool(torch.equal(cached, uncached)),
-                  "parameters": sum(p.numel() for p in model.parameters())}))
-"""
-
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
@@ -75,7 +50,7 @@ def test_default_recipe_end_to_end(tmp_path, cache):
     assert report["perplexity"]["pruned"] > report["perplexity"]["dense"] > 1
 
     check = subprocess.run(
-        [sys.executable, "-c", INDEPENDENT_CHECK, str(output / "model"),
+        [sys.executable, str(REPO / "benchmarks" / "independent_perplexity.py"), str(output / "model"),
          os.path.join(os.environ["PRUNE_DATA_DIR"], "wikitext2", "wiki.test.raw"), "2048", "2"],
         cwd="/", capture_output=True, text=True, stdin=subprocess.DEVNULL,
     )

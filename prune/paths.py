@@ -1,0 +1,18 @@
+"""The toolkit's cache directory and the identity of files whose contents key that cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir(configured: str | None = None) -> Path:
+    """Toolkit cache: the recipe's ``cache_dir``, else $PRUNE_CACHE_DIR, else ~/.cache/prune."""
+    return Path(configured or os.environ.get("PRUNE_CACHE_DIR") or Path.home() / ".cache" / "prune").expanduser()
+
+
+def file_identity(path: Path) -> str:
+    """Absolute path, size and modification time of a file, or of the weight files of a directory."""
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return f"{path.resolve()}:{stats}"
