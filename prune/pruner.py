@@ -75,15 +75,19 @@ def check_plan(shape: BlockShape, plans: list[LayerPlan]) -> None:
             raise ValueError(f"layer {i}: every kept KV head must keep the same number of query heads, got {per_group}")
 
 
-def _head_rows(heads: tuple[int, ...], head_dim: int) -> torch.Tensor:
+def head_rows(heads: tuple[int, ...], head_dim: int) -> torch.Tensor:
+    """Row indices in q/k/v_proj (column indices in o_proj) of the given heads, in order."""
     return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
 
 
-def _sliced_linear_tensors(layer: nn.Module, plan: LayerPlan, head_dim: int) -> dict[str, torch.Tensor]:
-    """State-dict entries (relative to the layer) of the kept rows / columns of its 7 linears."""
+def _sliced_linear_tensors(layer: nn.Module, plan: LayerPlan, head_dim: int, output_bias: bool) -> dict[str, torch.Tensor]:
+    """State-dict entries (relative to the layer) of the kept rows / columns of its 7 linears.
+
+    ``output_bias``: o_proj and down_proj get a bias entry (zeros where the dense layer has none).
+    """
     device = layer.self_attn.q_proj.weight.device
-    q_rows = _head_rows(plan.kept_query_heads, head_dim).to(device)
-    kv_rows = _head_rows(plan.kept_kv_heads, head_dim).to(device)
+    q_rows = head_rows(plan.kept_query_heads, head_dim).to(device)
+    kv_rows = head_rows(plan.kept_kv_heads, head_dim).to(device)
     ffn = torch.tensor(plan.kept_ffn_channels, device=device)
     # (module, index along dim 0 = output rows, index along dim 1 = input columns)
     selections = {
@@ -107,23 +111,26 @@ def _sliced_linear_tensors(layer: nn.Module, plan: LayerPlan, head_dim: int) -> 
         if linear.bias is not None:
             bias = linear.bias.detach()
             tensors[f"{name}.bias"] = (bias.index_select(0, rows) if rows is not None else bias).contiguous()
+        elif output_bias and cols is not None:
+            tensors[f"{name}.bias"] = weight.new_zeros(weight.shape[0])
     return tensors
 
 
-def pruned_config(config, widths: list[LayerWidths]):
+def pruned_config(config, widths: list[LayerWidths], output_bias: bool = False):
     """Configuration for a model with the given per-layer widths.
 
     Uniform widths give the family's stock configuration (no remote code needed) when the stock
     configuration accepts them (transformers requires hidden_size % num_attention_heads == 0);
     otherwise the stock configuration keeps the dense widths and gains the ``layer_*`` lists that
-    ``prune/hf_code/modeling_pruned.py`` reads.
+    ``prune/hf_code/modeling_pruned.py`` reads. ``output_bias`` (o_proj / down_proj biases) always
+    takes the per-layer form.
     """
     shape = block_shape(config)
     values = config.to_dict()
-    for key in (*PER_LAYER_KEYS, "quantization_config", "auto_map", "architectures", "model_type", "transformers_version"):
+    for key in (*PER_LAYER_KEYS, "output_projection_bias", "quantization_config", "auto_map", "architectures", "model_type", "transformers_version"):
         values.pop(key, None)
     values["head_dim"] = shape.head_dim
-    if len(set(widths)) == 1 and shape.hidden_size % widths[0].query_heads == 0:
+    if len(set(widths)) == 1 and shape.hidden_size % widths[0].query_heads == 0 and not output_bias:
         w = widths[0]
         values |= {"num_attention_heads": w.query_heads, "num_key_value_heads": w.kv_heads, "intermediate_size": w.ffn_channels}
         return AutoConfig.for_model(shape.model_type, **values)
@@ -132,6 +139,8 @@ def pruned_config(config, widths: list[LayerWidths]):
         "layer_num_key_value_heads": [w.kv_heads for w in widths],
         "layer_intermediate_size": [w.ffn_channels for w in widths],
     }
+    if output_bias:
+        values["output_projection_bias"] = True
     return AutoConfig.for_model(shape.model_type, **values)
 
 
@@ -145,21 +154,22 @@ def model_class_for(config) -> type[PreTrainedModel]:
     return (PRUNED_CLASSES if has_layer_widths(config) else STOCK_CLASSES)[config.model_type]
 
 
-def prune_model(model: PreTrainedModel, plans: list[LayerPlan]) -> PreTrainedModel:
+def prune_model(model: PreTrainedModel, plans: list[LayerPlan], output_bias: bool = False) -> PreTrainedModel:
     """A new model holding only the kept units of ``model`` (which is left untouched).
 
     Weights are sliced on the model's device and keep its dtype. Embeddings, norms, lm_head and the
-    rotary embedding are shared with ``model`` (no copy).
+    rotary embedding are shared with ``model`` (no copy). ``output_bias``: o_proj and down_proj get a
+    bias, zero until a reconstruction fills it.
     """
     shape = block_shape(model.config)
     check_plan(shape, plans)
-    config = pruned_config(model.config, [plan.widths for plan in plans])
+    config = pruned_config(model.config, [plan.widths for plan in plans], output_bias)
     config._attn_implementation = model.config._attn_implementation
     state = {name: tensor.detach() for name, tensor in model.state_dict().items() if not name.startswith("model.layers.")}
     for i, (layer, plan) in enumerate(zip(decoder_layers(model), plans)):
         prefix = f"model.layers.{i}."
         state |= {prefix + k: v for k, v in layer.state_dict().items() if "_proj." not in k}
-        state |= {prefix + k: v for k, v in _sliced_linear_tensors(layer, plan, shape.head_dim).items()}
+        state |= {prefix + k: v for k, v in _sliced_linear_tensors(layer, plan, shape.head_dim, output_bias).items()}
     with torch.device("meta"):
         pruned = model_class_for(config)(config)
     pruned.load_state_dict(state, assign=True, strict=True)

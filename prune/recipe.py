@@ -70,6 +70,10 @@ class PruningSection:
     """Kept FFN channels per layer are a multiple of this."""
     min_ffn_channels: int = 64
     """Every layer keeps at least this many FFN channels (and always >= 1 KV group and >= 1 head per group)."""
+    reconstruct: Literal["none", "bias", "lstsq"] = "none"
+    """Recover o_proj / down_proj outputs from calibration statistics: FLAP bias compensation, or a least-squares refit."""
+    damping: float = 0.01
+    """lstsq: ridge term, relative to the mean diagonal of the kept inputs' second moment."""
 
 
 @dataclass
@@ -166,6 +170,7 @@ def _check_ranges(recipe: Recipe) -> None:
         ("pruning.target", 0 <= recipe.pruning.target < 1, "must be in [0, 1)"),
         ("pruning.round_to", recipe.pruning.round_to >= 1, "must be >= 1"),
         ("pruning.min_ffn_channels", recipe.pruning.min_ffn_channels >= 1, "must be >= 1"),
+        ("pruning.damping", recipe.pruning.damping >= 0, "must be >= 0"),
         ("calibration.samples", recipe.calibration.samples > 0, "must be > 0"),
         ("calibration.seqlen", recipe.calibration.seqlen > 1, "must be > 1"),
         ("allocation.beta", 0 <= recipe.allocation.beta <= 1, "must be in [0, 1]"),

@@ -31,6 +31,7 @@ from prune.models import ModelSource, ModelSourceError, load_config, load_model,
 from prune.paths import cache_dir
 from prune.pruner import has_layer_widths, model_class_for, prune_model
 from prune.recipe import Recipe, RecipeError, load_recipe, recipe_to_dict
+from prune.reconstruct import reconstruct_outputs
 from prune.scoring import score_units
 from prune.statistics import ActivationStatistics, cache_key, collect_statistics
 
@@ -53,7 +54,18 @@ class Prepared:
 
     @property
     def needs_statistics(self) -> bool:
-        return self.recipe.scoring.method in ("activation", "wanda-sp") or self.recipe.allocation.strategy == "activation-density"
+        recipe = self.recipe
+        return (recipe.scoring.method in ("activation", "wanda-sp") or recipe.allocation.strategy == "activation-density"
+                or recipe.pruning.reconstruct != "none")
+
+    @property
+    def added_bias_parameters(self) -> int:
+        return added_bias_parameters(self.recipe, self.shape)
+
+
+def added_bias_parameters(recipe: Recipe, shape: BlockShape) -> int:
+    """Biases that reconstruction adds to o_proj and down_proj; the budget solver removes that much more."""
+    return 0 if recipe.pruning.reconstruct == "none" else 2 * shape.hidden_size * shape.num_layers
 
 
 def prepare(recipe: Recipe, overwrite: bool = False, fetch: bool = True) -> Prepared:
@@ -79,7 +91,7 @@ def prepare(recipe: Recipe, overwrite: bool = False, fetch: bool = True) -> Prep
     params_to_remove = round(recipe.pruning.target * dense_parameters["total"])
     p = recipe.pruning
     most = removable_parameters(shape, p.attention_unit, p.round_to, p.min_ffn_channels)
-    if params_to_remove > most:
+    if params_to_remove + added_bias_parameters(recipe, shape) > most:
         raise ImpossibleTargetError(
             f"pruning.target: {p.target} asks to remove {params_to_remove:,} parameters but at most {most:,} "
             f"({most / dense_parameters['total']:.1%}) can go while every layer keeps 1 KV group, 1 query head "
@@ -122,16 +134,20 @@ def obtain_statistics(prepared: Prepared, model, tokenizer) -> tuple[ActivationS
     key = cache_key(prepared.model_source.fingerprint(), str(next(model.parameters()).dtype), calibration,
                     prepared.calibration_source.fingerprint(), recipe.scoring.objective)
     path = prepared.cache / "stats" / f"{key}.safetensors"
+    covariances = recipe.pruning.reconstruct == "lstsq"
     info = {"source": recipe.calibration.source, "samples": recipe.calibration.samples,
             "seqlen": recipe.calibration.seqlen, "seed": recipe.calibration.seed,
-            "objective": recipe.scoring.objective, "cache_path": str(path), "reused": path.is_file()}
+            "objective": recipe.scoring.objective, "cache_path": str(path), "reused": False}
     if path.is_file():
-        return ActivationStatistics.load(path), info
+        cached = ActivationStatistics.load(path)
+        if cached.has_covariances or not covariances:
+            info["reused"] = True
+            return cached, info
     samples = calibration_samples(tokenizer, prepared.calibration_source, recipe.calibration.samples,
                                   recipe.calibration.seqlen, recipe.calibration.seed)
     device = next(model.parameters()).device
     reset_peak(device)
-    statistics = collect_statistics(model, samples, recipe.scoring.objective)
+    statistics = collect_statistics(model, samples, recipe.scoring.objective, covariances)
     info["peak_memory_bytes"] = peak_bytes(device)
     info["model_weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
     statistics.save(path)
@@ -174,11 +190,16 @@ def execute(prepared: Prepared) -> Path:
             scores = score_units(model, shape, recipe.scoring.method, recipe.scoring.aggregate, statistics)
         with timed(stage_seconds, "allocation"):
             a = recipe.allocation
-            allocation = allocate(shape, scores, prepared.params_to_remove, a.strategy, recipe.pruning.attention_unit,
+            allocation = allocate(shape, scores, prepared.params_to_remove + prepared.added_bias_parameters,
+                                  a.strategy, recipe.pruning.attention_unit,
                                   recipe.pruning.round_to, recipe.pruning.min_ffn_channels, statistics,
                                   a.alpha, a.beta, a.gamma, a.gamma_mode)
         with timed(stage_seconds, "pruning"):
-            pruned = prune_model(model, allocation.plans)
+            reconstruct = recipe.pruning.reconstruct
+            pruned = prune_model(model, allocation.plans, output_bias=reconstruct != "none")
+        if reconstruct != "none":
+            with timed(stage_seconds, f"reconstruction ({reconstruct})"):
+                reconstruct_outputs(pruned, model, shape, allocation.plans, statistics, reconstruct, recipe.pruning.damping)
         with timed(stage_seconds, "checkpoint"):
             save_checkpoint(pruned, tokenizer, partial / "model")
         report_perplexity = None

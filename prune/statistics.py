@@ -44,6 +44,7 @@ INPUT_SITE_OF_LINEAR = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "att
                         "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
 INPUT_SITES = {"attn_in": "q_proj", "o_in": "o_proj", "mlp_in": "gate_proj", "down_in": "down_proj"}
 """Each input site and the one linear whose forward pre-hook records it."""
+COVARIANCE_SITES = ("o_in", "down_in")
 
 
 @dataclass
@@ -58,6 +59,10 @@ class ActivationStatistics:
 
     def get(self, layer: int, name: str) -> torch.Tensor:
         return self.tensors[f"layers.{layer}.{name}"]
+
+    @property
+    def has_covariances(self) -> bool:
+        return f"layers.0.{COVARIANCE_SITES[0]}.xxt" in self.tensors
 
     def save(self, path: Path) -> None:
         """Write atomically as safetensors (metadata: samples, tokens, objective, version)."""
@@ -112,7 +117,8 @@ def log10_histogram(values: torch.Tensor) -> torch.Tensor:
     return torch.bincount(bins.flatten(), minlength=HIST_BINS).double().cpu()
 
 
-def collect_statistics(model, samples: torch.Tensor, objective: str, progress: bool = True) -> ActivationStatistics:
+def collect_statistics(model, samples: torch.Tensor, objective: str, covariances: bool = False,
+                       progress: bool = True) -> ActivationStatistics:
     """Run the statistics pass over ``samples`` [N, T] (one sample per backward pass).
 
     The model's ``requires_grad`` flags are restored afterwards; its weights are not modified.
@@ -130,10 +136,15 @@ def collect_statistics(model, samples: torch.Tensor, objective: str, progress: b
 
         return hook
 
-    def accumulate_input(prefix):
+    def accumulate_input(prefix, with_covariance):
         def hook(module, args):
-            x = args[0].detach().double().flatten(0, -2)
-            for name, value in (("x_sum", x.sum(0)), ("x_sumsq", (x * x).sum(0))):
+            x = args[0].detach().flatten(0, -2)
+            x64 = x.double()
+            values = [("x_sum", x64.sum(0)), ("x_sumsq", (x64 * x64).sum(0))]
+            if with_covariance:
+                x32 = x.float()
+                values.append(("xxt", x32.T @ x32))
+            for name, value in values:
                 key = f"{prefix}.{name}"
                 input_sums[key] = input_sums[key] + value if key in input_sums else value
 
@@ -150,7 +161,8 @@ def collect_statistics(model, samples: torch.Tensor, objective: str, progress: b
         for i, layer in enumerate(layers):
             linears = layer_linears(layer)
             for site, linear_name in INPUT_SITES.items():
-                handles.append(linears[linear_name].register_forward_pre_hook(accumulate_input(f"layers.{i}.{site}")))
+                hook = accumulate_input(f"layers.{i}.{site}", covariances and site in COVARIANCE_SITES)
+                handles.append(linears[linear_name].register_forward_pre_hook(hook))
         with torch.enable_grad():
             for sample in tqdm(samples, desc=f"activation statistics (D={objective})", unit="sample", disable=not progress):
                 objective_value(model, sample.unsqueeze(0).to(device), objective).backward()

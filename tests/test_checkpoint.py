@@ -68,3 +68,21 @@ def test_uniform_checkpoint_needs_no_remote_code(tmp_path):
     reloaded = _reload_in_fresh_process(tmp_path, remote=False)
     assert reloaded["class"] == "Qwen2ForCausalLM"
     torch.testing.assert_close(reloaded["logits"], pruned(x).logits, atol=1e-5, rtol=0)
+
+
+def test_output_biases_survive_the_round_trip(tmp_path):
+    model = tiny_model("mistral")
+    plan = LayerPlan((0, 1, 2, 3, 4, 5), (0, 1), tuple(range(64)))
+    pruned = prune_model(model, [plan] * 3, output_bias=True)
+    with torch.no_grad():
+        for layer in pruned.model.layers:
+            layer.self_attn.o_proj.bias.normal_()
+            layer.mlp.down_proj.bias.normal_()
+    save_checkpoint(pruned, NoTokenizer(), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["output_projection_bias"] is True and config["layer_intermediate_size"] == [64] * 3
+    x = random_tokens(1, 6)
+    torch.save(x, tmp_path / "x.pt")
+    reloaded = _reload_in_fresh_process(tmp_path, remote=True)
+    torch.testing.assert_close(reloaded["logits"], pruned(x).logits, atol=1e-5, rtol=0)
+    assert (reloaded["logits"] - model(x).logits).abs().max() > 1e-2  # the biases mattered

@@ -5,28 +5,32 @@ The configuration is the family's stock one plus three lists of length ``num_hid
 stock fields keep the dense model's values; ``head_dim`` is explicit). The model is the stock
 transformers model of its family; after construction, the linear layers of every decoder layer are
 replaced by ones of that layer's width and the attention module is told its number of query heads
-per KV head. Everything else (RoPE, KV cache, generation) is stock.
+per KV head. With ``output_projection_bias: true`` (set when the pruner reconstructed the layer
+outputs), ``o_proj`` and ``down_proj`` carry a bias. Everything else (RoPE, KV cache, generation)
+is stock.
 """
 
 from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
 
-def _resized_linear(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-    """A new, uninitialised linear layer like ``linear`` (bias, device, dtype) with other sizes."""
+def _resized_linear(linear: nn.Linear, in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
+    """A new, uninitialised linear layer like ``linear`` (device, dtype, bias if it has one) with other sizes."""
     return nn.Linear(
         in_features,
         out_features,
-        bias=linear.bias is not None,
+        bias=bias or linear.bias is not None,
         device=linear.weight.device,
         dtype=linear.weight.dtype,
     )
 
 
-def set_layer_widths(layer: nn.Module, query_heads: int, kv_heads: int, ffn_channels: int) -> None:
+def set_layer_widths(layer: nn.Module, query_heads: int, kv_heads: int, ffn_channels: int,
+                     output_bias: bool = False) -> None:
     """Give one decoder layer new widths: replaces its 7 linears by uninitialised ones of the new shapes.
 
     ``query_heads`` must be a multiple of ``kv_heads``; head_dim and hidden size stay as they are.
+    ``output_bias``: o_proj and down_proj get a bias.
     """
     if query_heads % kv_heads:
         raise ValueError(f"{query_heads} query heads cannot be split over {kv_heads} KV heads")
@@ -35,18 +39,19 @@ def set_layer_widths(layer: nn.Module, query_heads: int, kv_heads: int, ffn_chan
     attn.q_proj = _resized_linear(attn.q_proj, hidden, query_heads * head_dim)
     attn.k_proj = _resized_linear(attn.k_proj, hidden, kv_heads * head_dim)
     attn.v_proj = _resized_linear(attn.v_proj, hidden, kv_heads * head_dim)
-    attn.o_proj = _resized_linear(attn.o_proj, query_heads * head_dim, hidden)
+    attn.o_proj = _resized_linear(attn.o_proj, query_heads * head_dim, hidden, output_bias)
     attn.num_key_value_groups = query_heads // kv_heads
     mlp.gate_proj = _resized_linear(mlp.gate_proj, hidden, ffn_channels)
     mlp.up_proj = _resized_linear(mlp.up_proj, hidden, ffn_channels)
-    mlp.down_proj = _resized_linear(mlp.down_proj, ffn_channels, hidden)
+    mlp.down_proj = _resized_linear(mlp.down_proj, ffn_channels, hidden, output_bias)
     mlp.intermediate_size = ffn_channels
 
 
 def _apply_layer_widths(model: nn.Module, config) -> None:
     widths = zip(config.layer_num_attention_heads, config.layer_num_key_value_heads, config.layer_intermediate_size)
+    output_bias = getattr(config, "output_projection_bias", False)
     for layer, (query_heads, kv_heads, ffn_channels) in zip(model.model.layers, widths):
-        set_layer_widths(layer, query_heads, kv_heads, ffn_channels)
+        set_layer_widths(layer, query_heads, kv_heads, ffn_channels, output_bias)
 
 
 class PrunedLlamaForCausalLM(LlamaForCausalLM):

@@ -1,0 +1,88 @@
+"""Recovering a pruned layer's output without training, from calibration statistics.
+
+Removing query heads or FFN channels removes input columns of ``o_proj`` / ``down_proj``. For such
+a linear ``W`` [out, F] with kept input columns ``K`` and removed ``R``, and the dense model's
+calibration inputs ``X`` [F, tokens]:
+
+- ``bias`` (FLAP's bias compensation): keep ``W[:, K]`` and add ``W[:, R] · mean(X_R)`` as a bias, so
+  the output keeps its mean;
+- ``lstsq``: refit the kept columns and a bias so that the output matches the dense one in the least
+  squares sense over the calibration tokens. With ``x̃ = [x; 1]`` and ``S = E[x̃ x̃ᵀ]`` (from the
+  accumulated ``X Xᵀ``, ``Σ x`` and the token count):
+
+      [W'_K, b'] = [W, b] · S[:, K̃] · (S[K̃, K̃] + λ·mean(diag S[K, K])·I)⁻¹      K̃ = K ∪ {bias}
+
+  the structured, closed-form counterpart of what SparseGPT/OBS do for single weights. ``λ`` is the
+  relative damping (``pruning.damping``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prune.blocks import BlockShape, decoder_layers
+from prune.pruner import LayerPlan, head_rows
+from prune.statistics import ActivationStatistics
+
+RECONSTRUCTED_LINEARS = {"self_attn.o_proj": "o_in", "mlp.down_proj": "down_in"}
+
+
+def compensated_bias(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor,
+                     input_mean: torch.Tensor) -> torch.Tensor:
+    """Bias [out] that restores the mean output after dropping the input columns not in ``kept``."""
+    removed = torch.ones(weight.shape[1], dtype=torch.bool)
+    removed[kept] = False
+    restored = weight.double()[:, removed] @ input_mean.double()[removed]
+    return restored if bias is None else bias.double() + restored
+
+
+def least_squares_refit(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, xxt: torch.Tensor,
+                        x_sum: torch.Tensor, tokens: int, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights [out, |K|] and bias [out] (float64) of the refit described in the module docstring.
+
+    ``xxt`` [F, F] = Σ x xᵀ and ``x_sum`` [F] = Σ x over ``tokens`` calibration tokens of the dense input.
+    """
+    features = weight.shape[1]
+    second = torch.empty(features + 1, features + 1, dtype=torch.float64)
+    second[:features, :features] = xxt.double()
+    second[:features, features] = second[features, :features] = x_sum.double()
+    second[features, features] = tokens
+    second /= tokens
+    columns = torch.cat([kept.cpu(), torch.tensor([features])])
+    gram = second[columns][:, columns]
+    diagonal = torch.arange(len(kept))
+    gram[diagonal, diagonal] += damping * float(gram[diagonal, diagonal].mean())
+    full = torch.cat([weight.double().cpu(), (bias.double().cpu() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64))[:, None]], 1)
+    target = full @ second[:, columns]  # [out, |K|+1]
+    solution = torch.linalg.solve(gram, target.T).T
+    return solution[:, :-1], solution[:, -1]
+
+
+def reconstruct_outputs(pruned, dense, shape: BlockShape, plans: list[LayerPlan], statistics: ActivationStatistics,
+                        method: str, damping: float) -> None:
+    """Overwrite the pruned model's o_proj / down_proj weights and biases by ``method`` (``bias`` or ``lstsq``).
+
+    ``pruned`` must have been built with output biases; ``dense`` is the model the statistics came from.
+    """
+    for i, (dense_layer, pruned_layer, plan) in enumerate(zip(decoder_layers(dense), decoder_layers(pruned), plans)):
+        kept_inputs = {"self_attn.o_proj": head_rows(plan.kept_query_heads, shape.head_dim),
+                       "mlp.down_proj": torch.tensor(plan.kept_ffn_channels)}
+        for name, site in RECONSTRUCTED_LINEARS.items():
+            source, target = dense_layer.get_submodule(name), pruned_layer.get_submodule(name)
+            kept = kept_inputs[name]
+            x_sum = statistics.get(i, f"{site}.x_sum")
+            if method == "bias":
+                weight = source.weight.detach().cpu()[:, kept]
+                bias = compensated_bias(source.weight.detach().cpu(), _bias(source), kept, x_sum.double() / statistics.tokens)
+            elif method == "lstsq":
+                weight, bias = least_squares_refit(source.weight.detach(), _bias(source), kept,
+                                                   statistics.get(i, f"{site}.xxt"), x_sum, statistics.tokens, damping)
+            else:
+                raise ValueError(f"unknown reconstruction {method!r}")
+            with torch.no_grad():
+                target.weight.copy_(weight.to(target.weight.dtype))
+                target.bias.copy_(bias.to(target.bias.dtype))
+
+
+def _bias(linear) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach().cpu()

@@ -1,0 +1,75 @@
+"""Reconstruction of o_proj / down_proj outputs: exact cases and a measured improvement."""
+
+import torch
+
+from conftest import random_tokens, tiny_model
+from prune.blocks import block_shape, decoder_layers
+from prune.pruner import LayerPlan, prune_model
+from prune.reconstruct import compensated_bias, least_squares_refit, reconstruct_outputs
+from prune.statistics import collect_statistics
+
+
+def _moments(x):
+    """x [tokens, F] -> (Σ x xᵀ, Σ x, tokens)."""
+    x = x.double()
+    return x.T @ x, x.sum(0), x.shape[0]
+
+
+def test_refit_keeping_everything_returns_the_weights():
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(200, 12, generator=g), torch.randn(5, 12, generator=g), torch.randn(5, generator=g)
+    weight, bias = least_squares_refit(w, b, torch.arange(12), *_moments(x), damping=0.0)
+    torch.testing.assert_close(weight, w.double(), atol=1e-9, rtol=0)
+    torch.testing.assert_close(bias, b.double(), atol=1e-9, rtol=0)
+
+
+def test_refit_is_exact_when_removed_inputs_depend_linearly_on_kept_ones():
+    g = torch.Generator().manual_seed(1)
+    kept_inputs = torch.randn(300, 8, generator=g, dtype=torch.float64)
+    mix = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    x = torch.cat([kept_inputs, kept_inputs @ mix + 0.5], 1)  # removed columns = linear map of kept + constant
+    w = torch.randn(6, 12, generator=g)
+    weight, bias = least_squares_refit(w, None, torch.arange(8), *_moments(x), damping=0.0)
+    torch.testing.assert_close(x[:, :8].double() @ weight.T + bias, x.double() @ w.double().T, atol=1e-8, rtol=0)
+    # and it is the least-squares optimum: no other kept-column weights do better
+    error = ((x[:, :8].double() @ weight.T + bias - x.double() @ w.double().T) ** 2).sum()
+    plain = ((x[:, :8].double() @ w[:, :8].double().T - x.double() @ w.double().T) ** 2).sum()
+    assert error < 1e-10 < plain
+
+
+def test_bias_compensation_is_exact_for_constant_inputs():
+    g = torch.Generator().manual_seed(2)
+    x = torch.cat([torch.randn(50, 6, generator=g), torch.full((50, 3), 0.7)], 1)
+    w = torch.randn(4, 9, generator=g)
+    bias = compensated_bias(w, None, torch.arange(6), x.double().mean(0))
+    torch.testing.assert_close(x[:, :6].double() @ w[:, :6].double().T + bias, x.double() @ w.double().T, atol=1e-10, rtol=0)
+
+
+def test_reconstruction_brings_layer_outputs_closer_to_dense():
+    model = tiny_model()
+    shape = block_shape(model.config)
+    samples = random_tokens(8, 16)
+    statistics = collect_statistics(model, samples, "max_logit", covariances=True, progress=False)
+    plans = [LayerPlan((0, 2, 3, 5), (0, 1), tuple(range(0, 64, 2)))] * 3
+    models = {"none": prune_model(model, plans, output_bias=True)}
+    for method in ("bias", "lstsq"):
+        models[method] = prune_model(model, plans, output_bias=True)
+        reconstruct_outputs(models[method], model, shape, plans, statistics, method, damping=0.0)
+    # the down_proj output of layer 1 on the dense model's own calibration inputs (what the refit optimises)
+    captured = {}
+    handle = decoder_layers(model)[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.update(x=a[0]))
+    with torch.no_grad():
+        model(samples)
+    handle.remove()
+    x = captured["x"].flatten(0, 1)
+    kept = torch.tensor(plans[1].kept_ffn_channels)
+    errors = {}
+    with torch.no_grad():
+        dense_out = decoder_layers(model)[1].mlp.down_proj(x)
+        for method, pruned in models.items():
+            out = decoder_layers(pruned)[1].mlp.down_proj(x[:, kept])
+            errors[method] = float((out - dense_out).square().mean())
+            if method != "none":  # both fit a bias, which restores the mean output exactly
+                torch.testing.assert_close(out.mean(0), dense_out.mean(0), atol=1e-4, rtol=1e-4)
+    # least squares is optimal over kept-column maps with a bias, so it beats bias compensation
+    assert errors["lstsq"] < errors["bias"] < errors["none"]
