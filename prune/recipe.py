@@ -70,7 +70,7 @@ class PruningSection:
     """Kept FFN channels per layer are a multiple of this."""
     min_ffn_channels: int = 64
     """Every layer keeps at least this many FFN channels (and always >= 1 KV group and >= 1 head per group)."""
-    reconstruct: Literal["none", "bias", "lstsq"] = "none"
+    reconstruct: Literal["none", "bias", "lstsq"] = "lstsq"
     """Recover o_proj / down_proj outputs from calibration statistics: FLAP bias compensation, or a least-squares refit."""
     damping: float = 0.01
     """lstsq: ridge term, relative to the mean diagonal of the kept inputs' second moment."""

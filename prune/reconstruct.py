@@ -38,21 +38,22 @@ def compensated_bias(weight: torch.Tensor, bias: torch.Tensor | None, kept: torc
 
 def least_squares_refit(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, xxt: torch.Tensor,
                         x_sum: torch.Tensor, tokens: int, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights [out, |K|] and bias [out] (float64) of the refit described in the module docstring.
+    """Weights [out, |K|] and bias [out] (float64, on ``weight``'s device) of the refit in the module docstring.
 
     ``xxt`` [F, F] = Σ x xᵀ and ``x_sum`` [F] = Σ x over ``tokens`` calibration tokens of the dense input.
     """
-    features = weight.shape[1]
-    second = torch.empty(features + 1, features + 1, dtype=torch.float64)
-    second[:features, :features] = xxt.double()
-    second[:features, features] = second[features, :features] = x_sum.double()
+    features, device = weight.shape[1], weight.device
+    second = torch.empty(features + 1, features + 1, dtype=torch.float64, device=device)
+    second[:features, :features] = xxt.to(device, torch.float64)
+    second[:features, features] = second[features, :features] = x_sum.to(device, torch.float64)
     second[features, features] = tokens
     second /= tokens
-    columns = torch.cat([kept.cpu(), torch.tensor([features])])
+    columns = torch.cat([kept.to(device), torch.tensor([features], device=device)])
     gram = second[columns][:, columns]
-    diagonal = torch.arange(len(kept))
+    diagonal = torch.arange(len(kept), device=device)
     gram[diagonal, diagonal] += damping * float(gram[diagonal, diagonal].mean())
-    full = torch.cat([weight.double().cpu(), (bias.double().cpu() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64))[:, None]], 1)
+    old_bias = bias.to(device, torch.float64) if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64, device=device)
+    full = torch.cat([weight.double(), old_bias[:, None]], 1)
     target = full @ second[:, columns]  # [out, |K|+1]
     solution = torch.linalg.solve(gram, target.T).T
     return solution[:, :-1], solution[:, -1]
