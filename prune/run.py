@@ -68,17 +68,17 @@ def added_bias_parameters(recipe: Recipe, shape: BlockShape) -> int:
     return 0 if recipe.pruning.reconstruct == "none" else 2 * shape.hidden_size * shape.num_layers
 
 
-def prepare(recipe: Recipe, overwrite: bool = False, fetch: bool = True) -> Prepared:
+def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
     """Validate a recipe against the files, the model's configuration and the output directory.
 
-    Writes nothing (a missing ``smollm2-135m`` file is fetched into the cache when ``fetch``).
+    Writes nothing outside the cache (a missing ``smollm2-135m`` file is fetched into it).
     Raises one of USER_ERRORS with a message naming the key or path at fault.
     """
     output = Path(recipe.output).expanduser()
     if output.exists() and not overwrite:
         raise RecipeError(f"output: {output} already exists; choose another (--set output=...) or pass --overwrite")
     cache = cache_dir(recipe.cache_dir)
-    model_source = resolve_model_source(recipe.model.source, cache, fetch=fetch)
+    model_source = resolve_model_source(recipe.model.source, cache)
     config = load_config(model_source)
     evaluation_source = resolve_text_source(recipe.evaluation.perplexity.dataset, "evaluation.perplexity.dataset")
     calibration_source = resolve_text_source(recipe.calibration.source, "calibration.source")
