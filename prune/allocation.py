@@ -124,7 +124,7 @@ def solve_budget(shape: BlockShape, layer_sparsity: list[float], params_to_remov
     kept = []
     for i in layers:
         wanted = full[i] - (share[i] - steps[i] * attn[i][0]) / ffn_cost
-        kept.append(full[i] if wanted >= full[i] else max(min_kept[i], round(wanted / round_to) * round_to))
+        kept.append(full[i] if wanted >= full[i] else max(min_kept[i], min(full[i], round(wanted / round_to) * round_to)))
 
     def removed() -> int:
         return sum(steps[i] * attn[i][0] + (full[i] - kept[i]) * ffn_cost for i in layers)

@@ -101,3 +101,16 @@ def test_allocate_uniform_total_matches_plans():
     assert kept_total <= 0.70 * SMOLLM2_TOTAL
     assert math.isclose(kept_total / SMOLLM2_TOTAL, 0.70, abs_tol=0.005)
     assert allocation.layer_sparsity == [allocation.layer_sparsity[0]] * 30
+
+
+def test_widths_that_are_not_multiples_of_round_to():
+    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=102, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    shape = block_shape(config)
+    for to_remove in (1, 3 * 64, 20 * 3 * 64, 60 * 3 * 64):
+        steps, kept = solve_budget(shape, [to_remove / 4 / shape.linear_weight_count(shape.layers[0])] * 4,
+                                   to_remove, "query_head", 8, 16)
+        assert all(k == 102 or (k % 8 == 0 and 16 <= k < 102) for k in kept)
+        removed = sum(steps[i] * 2 * shape.query_head_params() + (102 - kept[i]) * shape.ffn_channel_params()
+                      for i in range(4))
+        assert to_remove <= removed < to_remove + 8 * shape.ffn_channel_params() + 2 * shape.query_head_params()
