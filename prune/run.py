@@ -58,10 +58,6 @@ class Prepared:
         return (recipe.scoring.method in ("activation", "wanda-sp") or recipe.allocation.strategy == "activation-density"
                 or recipe.pruning.reconstruct != "none")
 
-    @property
-    def added_bias_parameters(self) -> int:
-        return added_bias_parameters(self.recipe, self.shape)
-
 
 def added_bias_parameters(recipe: Recipe, shape: BlockShape) -> int:
     """Biases that reconstruction adds to o_proj and down_proj; the budget solver removes that much more."""
@@ -190,7 +186,7 @@ def execute(prepared: Prepared) -> Path:
             scores = score_units(model, shape, recipe.scoring.method, recipe.scoring.aggregate, statistics)
         with timed(stage_seconds, "allocation"):
             a = recipe.allocation
-            allocation = allocate(shape, scores, prepared.params_to_remove + prepared.added_bias_parameters,
+            allocation = allocate(shape, scores, prepared.params_to_remove + added_bias_parameters(recipe, shape),
                                   a.strategy, recipe.pruning.attention_unit,
                                   recipe.pruning.round_to, recipe.pruning.min_ffn_channels, statistics,
                                   a.alpha, a.beta, a.gamma, a.gamma_mode)

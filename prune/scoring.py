@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from prune.blocks import LINEAR_NAMES, BlockShape, decoder_layers, layer_linears
-from prune.statistics import INPUT_SITE_OF_LINEAR, ActivationStatistics
+from prune.statistics import INPUT_SITE_OF_LINEAR, ActivationStatistics, row_col_reductions
 
 
 @dataclass
@@ -27,13 +27,6 @@ class LayerScores:
     query_heads: torch.Tensor  # [n_query_heads]
     kv_groups: torch.Tensor  # [n_kv_heads]: k/v rows plus the group's query heads
     ffn_channels: torch.Tensor  # [ffn_channels]
-
-
-def _weight_reductions(score: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Row/column sums and maxima of a per-weight score matrix [out, in]."""
-    score = score.double()
-    return {"row_sum": score.sum(1).cpu(), "row_max": score.amax(1).cpu(),
-            "col_sum": score.sum(0).cpu(), "col_max": score.amax(0).cpu()}
 
 
 def _aggregate(sums: torch.Tensor, maxima: torch.Tensor, count: int, aggregate: str) -> torch.Tensor:
@@ -79,12 +72,12 @@ def weight_scores(model, method: str, statistics: ActivationStatistics | None, l
                 for name in LINEAR_NAMES}
     linears = layer_linears(decoder_layers(model)[layer])
     if method == "magnitude":
-        return {name: _weight_reductions(linear.weight.detach().float().square()) for name, linear in linears.items()}
+        return {name: row_col_reductions(linear.weight.detach().double().square()) for name, linear in linears.items()}
     if method == "wanda-sp":
         result = {}
         for name, linear in linears.items():
             input_norm = statistics.get(layer, f"{INPUT_SITE_OF_LINEAR[name]}.x_sumsq").sqrt().to(linear.weight.device)
-            result[name] = _weight_reductions(linear.weight.detach().float().abs() * input_norm.float())
+            result[name] = row_col_reductions(linear.weight.detach().double().abs() * input_norm.double())
         return result
     raise ValueError(f"unknown scoring method {method!r}")
 

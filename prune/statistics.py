@@ -42,8 +42,8 @@ HIST_WIDTH = 0.01
 HIST_BINS = 2500  # log10(A) from -20 to +5 in 0.01-decade bins; values outside are clamped into the end bins
 INPUT_SITE_OF_LINEAR = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
                         "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
-INPUT_SITES = {"attn_in": "q_proj", "o_in": "o_proj", "mlp_in": "gate_proj", "down_in": "down_proj"}
-"""Each input site and the one linear whose forward pre-hook records it."""
+INPUT_SITES = {site: linear for linear, site in reversed(INPUT_SITE_OF_LINEAR.items())}
+"""Each input site and the one linear whose forward pre-hook records it (the first that reads it)."""
 COVARIANCE_SITES = ("o_in", "down_in")
 
 
@@ -108,6 +108,12 @@ def objective_value(model, input_ids: torch.Tensor, objective: str) -> torch.Ten
     if objective == "nll":
         return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss * input_ids.shape[0]
     raise ValueError(f"unknown objective {objective!r}")
+
+
+def row_col_reductions(score: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Row sums / maxima [out] and column sums / maxima [in] of a per-weight score matrix [out, in], on CPU."""
+    return {"row_sum": score.sum(1).cpu(), "row_max": score.amax(1).cpu(),
+            "col_sum": score.sum(0).cpu(), "col_max": score.amax(0).cpu()}
 
 
 def log10_histogram(values: torch.Tensor) -> torch.Tensor:
@@ -179,11 +185,7 @@ def collect_statistics(model, samples: torch.Tensor, objective: str, covariances
         histogram = torch.zeros(HIST_BINS, dtype=torch.float64)
         for name in LINEAR_NAMES:
             mean = accumulators.pop((i, name)).div_(n)
-            prefix = f"layers.{i}.{name}"
-            tensors[f"{prefix}.row_sum"] = mean.sum(1).cpu()
-            tensors[f"{prefix}.row_max"] = mean.amax(1).cpu()
-            tensors[f"{prefix}.col_sum"] = mean.sum(0).cpu()
-            tensors[f"{prefix}.col_max"] = mean.amax(0).cpu()
+            tensors |= {f"layers.{i}.{name}.{k}": v for k, v in row_col_reductions(mean).items()}
             histogram += log10_histogram(mean)
         tensors[f"layers.{i}.log10_hist"] = histogram
     return ActivationStatistics(tensors, samples=n, tokens=samples.numel(), objective=objective)
