@@ -59,6 +59,9 @@ def render_markdown(report: dict) -> str:
     for layer in report["layers"]:
         d, p = layer["dense"], layer["pruned"]
         activated = f"{layer['activated_weights']:,.0f}" if layer.get("activated_weights") is not None else "-"
+        if p is None:
+            lines.append(f"| {layer['index']} | removed | removed | removed | 1.000 | {activated} |")
+            continue
         lines.append(
             f"| {layer['index']} | {d['query_heads']} → {p['query_heads']} | {d['kv_groups']} → {p['kv_groups']} | "
             f"{d['ffn_channels']} → {p['ffn_channels']} | {layer['requested_sparsity']:.3f} | {activated} |"
@@ -71,6 +74,8 @@ def render_markdown(report: dict) -> str:
             f"(seed {stats['seed']}, D = {stats['objective']}), "
             + ("**reused** from " if stats["reused"] else "computed and cached at ")
             + f"`{stats['cache_path']}`."
+            + (f" Peak memory of the pass: weights + {_mib(stats['pass_added_bytes'])} = "
+               f"{stats['peak_over_weights']:.2f}x the weight bytes." if stats.get("pass_added_bytes") is not None else "")
         )
     for note in report.get("notes", []):
         lines.append(f"- {note}")

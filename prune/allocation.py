@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from prune.blocks import LINEAR_NAMES, BlockShape
-from prune.pruner import LayerPlan
+from prune.pruner import LayerPlan, keep_everything
 from prune.scoring import LayerScores
 from prune.statistics import HIST_MIN, HIST_WIDTH, ActivationStatistics
 
@@ -43,8 +43,11 @@ class Allocation:
     """Absolute gamma used for N_i."""
     attention_steps: list[int]
     """Attention units removed per layer (KV groups, or query heads per group)."""
-    plans: list[LayerPlan]
+    plans: list[LayerPlan | None]
+    """Kept units per layer; ``None`` where the whole layer is removed."""
     removed_parameters: int
+    block_influence: list[float] | None = None
+    """1 - mean cos(h_in, h_out) per layer (layer removal only)."""
 
 
 def activation_threshold(statistics: ActivationStatistics, shape: BlockShape, gamma: float, mode: str) -> float:
@@ -77,31 +80,46 @@ def density_sparsities(activated: list[float], sparsity: float, alpha: float, be
     return s.tolist()
 
 
-def _attention_unit_cost(shape: BlockShape, layer: int, unit: str) -> tuple[int, int]:
+def _attention_unit_cost(shape: BlockShape, layer: int, unit: str, protected: frozenset[int]) -> tuple[int, int]:
     """(parameters per attention step, maximum steps) for one layer."""
     widths = shape.layers[layer]
     if unit == "kv_group":
-        return shape.kv_group_params(layer), widths.kv_heads - 1
-    return widths.kv_heads * shape.query_head_params(), widths.heads_per_group - 1
+        cost, steps = shape.kv_group_params(layer), widths.kv_heads - 1
+    else:
+        cost, steps = widths.kv_heads * shape.query_head_params(), widths.heads_per_group - 1
+    return cost, 0 if layer in protected else steps
 
 
-def _min_kept_ffn(shape: BlockShape, round_to: int, min_ffn_channels: int) -> list[int]:
-    return [min(w.ffn_channels, math.ceil(min_ffn_channels / round_to) * round_to) for w in shape.layers]
+def _min_kept_ffn(shape: BlockShape, round_to: int, min_ffn_channels: int, protected: frozenset[int]) -> list[int]:
+    return [w.ffn_channels if i in protected else min(w.ffn_channels, math.ceil(min_ffn_channels / round_to) * round_to)
+            for i, w in enumerate(shape.layers)]
 
 
-def removable_parameters(shape: BlockShape, attention_unit: str, round_to: int, min_ffn_channels: int) -> int:
-    """Most parameters that can go while every layer keeps its minimum units."""
+def removable_parameters(shape: BlockShape, attention_unit: str, round_to: int, min_ffn_channels: int,
+                         protected: frozenset[int] = frozenset()) -> int:
+    """Most parameters that can go while every layer keeps its minimum units (``protected`` layers keep all)."""
     ffn_cost = shape.ffn_channel_params()
-    min_kept = _min_kept_ffn(shape, round_to, min_ffn_channels)
+    min_kept = _min_kept_ffn(shape, round_to, min_ffn_channels, protected)
     total = 0
     for i, widths in enumerate(shape.layers):
-        step_cost, max_steps = _attention_unit_cost(shape, i, attention_unit)
+        step_cost, max_steps = _attention_unit_cost(shape, i, attention_unit, protected)
         total += step_cost * max_steps + ffn_cost * (widths.ffn_channels - min_kept[i])
     return total
 
 
+def _check_removable(shape: BlockShape, params_to_remove: int, attention_unit: str, round_to: int,
+                     min_ffn_channels: int, protected: frozenset[int]) -> None:
+    most = removable_parameters(shape, attention_unit, round_to, min_ffn_channels, protected)
+    if params_to_remove > most:
+        raise ImpossibleTargetError(
+            f"pruning.target: removing {params_to_remove:,} parameters is impossible; at most {most:,} can go "
+            f"while every layer keeps 1 KV group, 1 query head per group and {min_ffn_channels} FFN channels"
+            + (f" and {len(protected)} layers are protected" if protected else "")
+        )
+
+
 def solve_budget(shape: BlockShape, layer_sparsity: list[float], params_to_remove: int, attention_unit: str,
-                 round_to: int, min_ffn_channels: int) -> tuple[list[int], list[int]]:
+                 round_to: int, min_ffn_channels: int, protected: frozenset[int] = frozenset()) -> tuple[list[int], list[int]]:
     """Attention steps and kept FFN channels per layer; removal >= params_to_remove by less than one FFN step.
 
     Kept FFN channels are a multiple of ``round_to`` (or the layer's full width, untouched).
@@ -110,14 +128,9 @@ def solve_budget(shape: BlockShape, layer_sparsity: list[float], params_to_remov
     layers = range(shape.num_layers)
     ffn_cost = shape.ffn_channel_params()
     full = [w.ffn_channels for w in shape.layers]
-    min_kept = _min_kept_ffn(shape, round_to, min_ffn_channels)
-    attn = [_attention_unit_cost(shape, i, attention_unit) for i in layers]
-    most = removable_parameters(shape, attention_unit, round_to, min_ffn_channels)
-    if params_to_remove > most:
-        raise ImpossibleTargetError(
-            f"pruning.target: removing {params_to_remove:,} parameters is impossible; at most {most:,} can go "
-            f"while every layer keeps 1 KV group, 1 query head per group and {min_ffn_channels} FFN channels"
-        )
+    min_kept = _min_kept_ffn(shape, round_to, min_ffn_channels, protected)
+    attn = [_attention_unit_cost(shape, i, attention_unit, protected) for i in layers]
+    _check_removable(shape, params_to_remove, attention_unit, round_to, min_ffn_channels, protected)
     share = [layer_sparsity[i] * shape.linear_weight_count(shape.layers[i]) for i in layers]
     units = [w.kv_heads if attention_unit == "kv_group" else w.heads_per_group for w in shape.layers]
     steps = [min(attn[i][1], max(0, round(layer_sparsity[i] * units[i]))) for i in layers]
@@ -153,6 +166,111 @@ def solve_budget(shape: BlockShape, layer_sparsity: list[float], params_to_remov
     return steps, kept
 
 
+def standardized(scores: list[LayerScores], attention_unit: str) -> list[LayerScores]:
+    """Scores z-standardised per unit kind over all layers (FLAP): attention units together, FFN channels together."""
+    attention_name = "kv_groups" if attention_unit == "kv_group" else "query_heads"
+    result = [LayerScores(s.query_heads, s.kv_groups, s.ffn_channels) for s in scores]
+    for name in (attention_name, "ffn_channels"):
+        values = torch.cat([getattr(s, name) for s in scores]).double()
+        mean, std = values.mean(), values.std(unbiased=False)
+        for r in result:
+            setattr(r, name, (getattr(r, name).double() - mean) / (std if std > 0 else 1))
+    return result
+
+
+def _removal_steps(shape: BlockShape, layer: int, scores: LayerScores, attention_unit: str, round_to: int,
+                   min_kept_ffn: int, protected: frozenset[int]) -> list[tuple[float, int, str, int]]:
+    """(score, layer, kind, parameters) of each removal step of one layer, in removal order.
+
+    Attention steps remove the lowest-scored KV group, or the lowest-scored query head of every group;
+    FFN steps remove the lowest-scored channels down to the next multiple of ``round_to``. A step's
+    score is the mean score of its units, made non-decreasing along the layer so that no step is ranked
+    before the one it follows.
+    """
+    widths = shape.layers[layer]
+    step_cost, max_steps = _attention_unit_cost(shape, layer, attention_unit, protected)
+    if attention_unit == "kv_group":
+        attention_scores = sorted(scores.kv_groups.tolist())[:max_steps]
+    else:
+        per_group = scores.query_heads.view(widths.kv_heads, widths.heads_per_group).sort(dim=1).values
+        attention_scores = per_group.mean(0).tolist()[:max_steps]
+    attention = [(score, step_cost) for score in attention_scores]
+    channel_scores = sorted(scores.ffn_channels.tolist())
+    ffn, kept = [], widths.ffn_channels
+    while (kept - 1) // round_to * round_to >= min_kept_ffn:
+        narrower = (kept - 1) // round_to * round_to
+        block = channel_scores[widths.ffn_channels - kept:widths.ffn_channels - narrower]
+        ffn.append((sum(block) / len(block), len(block) * shape.ffn_channel_params()))
+        kept = narrower
+    steps = []
+    for kind, sequence in (("attention", attention), ("ffn", ffn)):
+        highest = -math.inf
+        for score, cost in sequence:
+            highest = max(highest, score)
+            steps.append((highest, layer, kind, cost))
+    return steps
+
+
+def ranked_budget(shape: BlockShape, scores: list[LayerScores], params_to_remove: int, attention_unit: str,
+                  round_to: int, min_ffn_channels: int, protected: frozenset[int] = frozenset()) -> tuple[list[int], list[int]]:
+    """Attention steps and kept FFN channels per layer from one ranking of every removal step of the model.
+
+    Scores are standardised (:func:`standardized`); steps go in increasing score (ties: lower layer
+    first) until ``params_to_remove`` is reached, then the FFN steps taken last are given back while
+    the removal stays at or above it.
+    """
+    _check_removable(shape, params_to_remove, attention_unit, round_to, min_ffn_channels, protected)
+    min_kept = _min_kept_ffn(shape, round_to, min_ffn_channels, protected)
+    z = standardized(scores, attention_unit)
+    candidates = [c for i in range(shape.num_layers)
+                  for c in _removal_steps(shape, i, z[i], attention_unit, round_to, min_kept[i], protected)]
+    order = sorted(range(len(candidates)), key=lambda k: (candidates[k][0], candidates[k][1], k))
+    taken, removed = [], 0
+    for k in order:
+        if removed >= params_to_remove:
+            break
+        taken.append(k)
+        removed += candidates[k][3]
+    last_ffn_step = {}
+    for k in taken:
+        if candidates[k][2] == "ffn":
+            last_ffn_step[candidates[k][1]] = k
+    for k in sorted(last_ffn_step.values(), key=lambda k: candidates[k][0], reverse=True):
+        if removed - candidates[k][3] >= params_to_remove:
+            taken.remove(k)
+            removed -= candidates[k][3]
+    steps = [0] * shape.num_layers
+    kept = [w.ffn_channels for w in shape.layers]
+    for k in taken:
+        _, layer, kind, cost = candidates[k]
+        if kind == "attention":
+            steps[layer] += 1
+        else:
+            kept[layer] -= cost // shape.ffn_channel_params()
+    return steps, kept
+
+
+def block_influence(statistics: ActivationStatistics, num_layers: int) -> list[float]:
+    """ShortGPT's Block Influence per layer: 1 - mean over calibration tokens of cos(h_in, h_out)."""
+    return [1 - float(statistics.get(i, "cos_sum")) / statistics.tokens for i in range(num_layers)]
+
+
+def remove_layers(shape: BlockShape, statistics: ActivationStatistics, params_to_remove: int) -> Allocation:
+    """ShortGPT: remove whole layers, lowest Block Influence first, until ``params_to_remove`` is reached."""
+    influence = block_influence(statistics, shape.num_layers)
+    removed_layers, removed = set(), 0
+    for i in sorted(range(shape.num_layers), key=lambda j: (influence[j], j)):
+        if removed >= params_to_remove:
+            break
+        removed_layers.add(i)
+        removed += shape.whole_layer_params(shape.layers[i])
+    if removed < params_to_remove or len(removed_layers) == shape.num_layers:
+        raise ImpossibleTargetError(f"pruning.target: removing {params_to_remove:,} parameters would remove every layer")
+    plans = [None if i in removed_layers else plan for i, plan in enumerate(keep_everything(shape))]
+    return Allocation([float(i in removed_layers) for i in range(shape.num_layers)], None, None,
+                      [0] * shape.num_layers, plans, removed, influence)
+
+
 def _lowest(scores: torch.Tensor, count: int) -> set[int]:
     """Indices of the ``count`` lowest scores (ties: lower index goes first; deterministic)."""
     order = sorted(range(len(scores)), key=lambda j: (float(scores[j]), j))
@@ -182,22 +300,33 @@ def layer_plan(shape: BlockShape, layer: int, scores: LayerScores, attention_ste
 
 def allocate(shape: BlockShape, scores: list[LayerScores], params_to_remove: int, strategy: str,
              attention_unit: str, round_to: int, min_ffn_channels: int, statistics: ActivationStatistics | None = None,
-             alpha: float = 2.0, beta: float = 0.2, gamma: float = 1.0, gamma_mode: str = "relative") -> Allocation:
-    """Run the allocation stage: layer sparsities, budget solver, unit choice."""
-    linear_weights = sum(shape.linear_weight_count(shape.layers[i]) for i in range(shape.num_layers))
-    sparsity = params_to_remove / linear_weights
+             alpha: float = 2.0, beta: float = 0.2, gamma: float = 1.0, gamma_mode: str = "relative",
+             protected: frozenset[int] = frozenset()) -> Allocation:
+    """Run the allocation stage: layer sparsities, budget solver, unit choice. ``protected`` layers stay whole."""
+    pruned_layers = [i for i in range(shape.num_layers) if i not in protected]
+    sparsity = params_to_remove / sum(shape.linear_weight_count(shape.layers[i]) for i in pruned_layers)
     activated, threshold = None, None
-    if strategy == "uniform":
-        layer_sparsity = [sparsity] * shape.num_layers
-    elif strategy == "activation-density":
-        if statistics is None:
-            raise ValueError("activation-density allocation needs activation statistics")
-        threshold = activation_threshold(statistics, shape, gamma, gamma_mode)
-        activated = [activated_count(statistics.get(i, "log10_hist"), threshold) for i in range(shape.num_layers)]
-        layer_sparsity = density_sparsities(activated, sparsity, alpha, beta)
+    if strategy == "global":
+        steps, ffn_kept = ranked_budget(shape, scores, params_to_remove, attention_unit, round_to, min_ffn_channels, protected)
     else:
-        raise ValueError(f"unknown allocation strategy {strategy!r}")
-    steps, ffn_kept = solve_budget(shape, layer_sparsity, params_to_remove, attention_unit, round_to, min_ffn_channels)
+        layer_sparsity = [0.0] * shape.num_layers
+        if strategy == "uniform":
+            for i in pruned_layers:
+                layer_sparsity[i] = sparsity
+        elif strategy == "activation-density":
+            if statistics is None:
+                raise ValueError("activation-density allocation needs activation statistics")
+            threshold = activation_threshold(statistics, shape, gamma, gamma_mode)
+            activated = [activated_count(statistics.get(i, "log10_hist"), threshold) for i in range(shape.num_layers)]
+            for i, s_i in zip(pruned_layers, density_sparsities([activated[i] for i in pruned_layers], sparsity, alpha, beta)):
+                layer_sparsity[i] = s_i
+        else:
+            raise ValueError(f"unknown allocation strategy {strategy!r}")
+        steps, ffn_kept = solve_budget(shape, layer_sparsity, params_to_remove, attention_unit, round_to, min_ffn_channels,
+                                       protected)
     plans = [layer_plan(shape, i, scores[i], steps[i], attention_unit, ffn_kept[i]) for i in range(shape.num_layers)]
     removed = sum(shape.layer_params(w) - shape.layer_params(p.widths) for w, p in zip(shape.layers, plans))
+    if strategy == "global":
+        layer_sparsity = [1 - shape.linear_weight_count(p.widths) / shape.linear_weight_count(w)
+                          for w, p in zip(shape.layers, plans)]
     return Allocation(layer_sparsity, activated, threshold, steps, plans, removed)

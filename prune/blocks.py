@@ -78,6 +78,10 @@ class BlockShape:
             biases += 2 * widths.ffn_channels + self.hidden_size
         return self.linear_weight_count(widths) + biases
 
+    def whole_layer_params(self, widths: LayerWidths) -> int:
+        """Parameters of a whole decoder block: its linears and its two RMSNorm weights."""
+        return self.layer_params(widths) + 2 * self.hidden_size
+
 
 def block_shape(config) -> BlockShape:
     """Read a transformers config (stock or pruned) into a :class:`BlockShape`.

@@ -49,15 +49,20 @@ def keep_everything(shape: BlockShape) -> list[LayerPlan]:
     ]
 
 
-def check_plan(shape: BlockShape, plans: list[LayerPlan]) -> None:
-    """Raise ValueError unless the plans keep a valid grouped-query layout in every layer.
+def check_plan(shape: BlockShape, plans: list[LayerPlan | None]) -> None:
+    """Raise ValueError unless the plans keep a valid grouped-query layout in every kept layer.
 
-    Valid: indices sorted and in range, at least one unit of each kind, every kept query head reads a
-    kept KV head, and every kept KV head keeps the same number (>= 1) of query heads.
+    ``None`` removes the whole layer; at least one layer must stay. Valid: indices sorted and in range,
+    at least one unit of each kind, every kept query head reads a kept KV head, and every kept KV head
+    keeps the same number (>= 1) of query heads.
     """
     if len(plans) != shape.num_layers:
         raise ValueError(f"{len(plans)} layer plans for {shape.num_layers} layers")
+    if all(plan is None for plan in plans):
+        raise ValueError("every layer is removed")
     for i, (plan, widths) in enumerate(zip(plans, shape.layers)):
+        if plan is None:
+            continue
         for name, kept, n in (
             ("query heads", plan.kept_query_heads, widths.query_heads),
             ("KV heads", plan.kept_kv_heads, widths.kv_heads),
@@ -116,8 +121,8 @@ def _sliced_linear_tensors(layer: nn.Module, plan: LayerPlan, head_dim: int, out
     return tensors
 
 
-def pruned_config(config, widths: list[LayerWidths], output_bias: bool = False):
-    """Configuration for a model with the given per-layer widths.
+def pruned_config(config, widths: list[LayerWidths | None], output_bias: bool = False):
+    """Configuration for a model with the given per-layer widths (``None``: the layer is removed).
 
     Uniform widths give the family's stock configuration (no remote code needed) when the stock
     configuration accepts them (transformers requires hidden_size % num_attention_heads == 0);
@@ -130,6 +135,11 @@ def pruned_config(config, widths: list[LayerWidths], output_bias: bool = False):
     for key in (*PER_LAYER_KEYS, "output_projection_bias", "quantization_config", "auto_map", "architectures", "model_type", "transformers_version"):
         values.pop(key, None)
     values["head_dim"] = shape.head_dim
+    kept_layers = [i for i, w in enumerate(widths) if w is not None]
+    widths = [widths[i] for i in kept_layers]
+    values["num_hidden_layers"] = len(kept_layers)
+    if values.get("layer_types"):
+        values["layer_types"] = [values["layer_types"][i] for i in kept_layers]
     if len(set(widths)) == 1 and shape.hidden_size % widths[0].query_heads == 0 and not output_bias:
         w = widths[0]
         values |= {"num_attention_heads": w.query_heads, "num_key_value_heads": w.kv_heads, "intermediate_size": w.ffn_channels}
@@ -154,8 +164,8 @@ def model_class_for(config) -> type[PreTrainedModel]:
     return (PRUNED_CLASSES if has_layer_widths(config) else STOCK_CLASSES)[config.model_type]
 
 
-def prune_model(model: PreTrainedModel, plans: list[LayerPlan], output_bias: bool = False) -> PreTrainedModel:
-    """A new model holding only the kept units of ``model`` (which is left untouched).
+def prune_model(model: PreTrainedModel, plans: list[LayerPlan | None], output_bias: bool = False) -> PreTrainedModel:
+    """A new model holding only the kept units of ``model`` (which is left untouched); ``None`` plans drop layers.
 
     Weights are sliced on the model's device and keep its dtype. Embeddings, norms, lm_head and the
     rotary embedding are shared with ``model`` (no copy). ``output_bias``: o_proj and down_proj get a
@@ -163,10 +173,11 @@ def prune_model(model: PreTrainedModel, plans: list[LayerPlan], output_bias: boo
     """
     shape = block_shape(model.config)
     check_plan(shape, plans)
-    config = pruned_config(model.config, [plan.widths for plan in plans], output_bias)
+    config = pruned_config(model.config, [None if plan is None else plan.widths for plan in plans], output_bias)
     config._attn_implementation = model.config._attn_implementation
     state = {name: tensor.detach() for name, tensor in model.state_dict().items() if not name.startswith("model.layers.")}
-    for i, (layer, plan) in enumerate(zip(decoder_layers(model), plans)):
+    kept_layers = [(layer, plan) for layer, plan in zip(decoder_layers(model), plans) if plan is not None]
+    for i, (layer, plan) in enumerate(kept_layers):
         prefix = f"model.layers.{i}."
         state |= {prefix + k: v for k, v in layer.state_dict().items() if "_proj." not in k}
         state |= {prefix + k: v for k, v in _sliced_linear_tensors(layer, plan, shape.head_dim, output_bias).items()}

@@ -43,7 +43,7 @@ class CalibrationSection:
 
 @dataclass
 class ScoringSection:
-    method: Literal["activation", "wanda-sp", "magnitude"] = "activation"
+    method: Literal["activation", "activation-obs", "obs", "wanda-sp", "magnitude", "flap", "taylor", "shortgpt"] = "activation-obs"
     objective: Literal["max_logit", "nll"] = "max_logit"
     """D in A = |w * dD/dw|: largest next-token logit at the last position (the paper), or sequence NLL."""
     aggregate: Literal["sum", "mean", "max"] = "sum"
@@ -52,12 +52,14 @@ class ScoringSection:
 
 @dataclass
 class AllocationSection:
-    strategy: Literal["uniform", "activation-density"] = "activation-density"
+    strategy: Literal["uniform", "activation-density", "global"] = "activation-density"
     alpha: float = 2.0
-    beta: float = 0.2
+    beta: float = 1.0
     gamma: float = 1.0
     """Activation threshold: absolute A value, or a multiple of the mean A (``gamma_mode: relative``)."""
     gamma_mode: Literal["absolute", "relative"] = "relative"
+    layer_range: list[int] | None = None
+    """[first, end]: only layers first .. end-1 are pruned, the others stay whole (null: every layer)."""
 
 
 @dataclass
@@ -72,7 +74,7 @@ class PruningSection:
     """Every layer keeps at least this many FFN channels (and always >= 1 KV group and >= 1 head per group)."""
     reconstruct: Literal["none", "bias", "lstsq"] = "lstsq"
     """Recover o_proj / down_proj outputs from calibration statistics: FLAP bias compensation, or a least-squares refit."""
-    damping: float = 0.01
+    damping: float = 0.0001
     """lstsq: ridge term, relative to the mean diagonal of the kept inputs' second moment."""
 
 
@@ -120,6 +122,8 @@ def _type_name(hint) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if isinstance(hint, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
     return {type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
@@ -136,6 +140,9 @@ def _convert(value: Any, hint, key: str) -> Any:
     elif typing.get_origin(hint) is Literal:
         if value in typing.get_args(hint):
             return value
+    elif typing.get_origin(hint) is list:
+        if isinstance(value, list):
+            return [_convert(item, typing.get_args(hint)[0], f"{key}[{i}]") for i, item in enumerate(value)]
     elif hint is type(None):
         if value is None:
             return None
@@ -171,10 +178,17 @@ def _check_ranges(recipe: Recipe) -> None:
         ("pruning.round_to", recipe.pruning.round_to >= 1, "must be >= 1"),
         ("pruning.min_ffn_channels", recipe.pruning.min_ffn_channels >= 1, "must be >= 1"),
         ("pruning.damping", recipe.pruning.damping >= 0, "must be >= 0"),
+        ("pruning.reconstruct", recipe.scoring.method != "shortgpt" or recipe.pruning.reconstruct == "none",
+         "must be none with scoring.method shortgpt (whole layers are removed)"),
+        ("scoring.objective", recipe.scoring.method != "taylor" or recipe.scoring.objective == "nll",
+         "must be nll with scoring.method taylor (LLM-Pruner's loss)"),
         ("calibration.samples", recipe.calibration.samples > 0, "must be > 0"),
         ("calibration.seqlen", recipe.calibration.seqlen > 1, "must be > 1"),
         ("allocation.beta", 0 <= recipe.allocation.beta <= 1, "must be in [0, 1]"),
         ("allocation.gamma", recipe.allocation.gamma > 0, "must be > 0"),
+        ("allocation.layer_range", recipe.allocation.layer_range is None or (
+            len(recipe.allocation.layer_range) == 2 and 0 <= recipe.allocation.layer_range[0] < recipe.allocation.layer_range[1]),
+         "must be null or [first, end] with 0 <= first < end"),
         ("evaluation.perplexity.seqlen", recipe.evaluation.perplexity.seqlen > 1, "must be > 1"),
         ("evaluation.perplexity.windows", recipe.evaluation.perplexity.windows is None or recipe.evaluation.perplexity.windows > 0, "must be > 0 or null"),
         ("evaluation.speed.prompt_tokens", recipe.evaluation.speed.prompt_tokens > 0, "must be > 0"),

@@ -36,6 +36,23 @@ def compensated_bias(weight: torch.Tensor, bias: torch.Tensor | None, kept: torc
     return restored if bias is None else bias.double() + restored
 
 
+def second_moment(xxt: torch.Tensor, x_sum: torch.Tensor, tokens: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """S = E[x̃ x̃ᵀ] [F+1, F+1] (float64) of the bias-augmented input x̃ = [x; 1] from Σ x xᵀ, Σ x and the token count."""
+    features = len(x_sum)
+    second = torch.empty(features + 1, features + 1, dtype=torch.float64, device=device)
+    second[:features, :features] = xxt.to(device, torch.float64)
+    second[:features, features] = second[features, :features] = x_sum.to(device, torch.float64)
+    second[features, features] = tokens
+    return second / tokens
+
+
+def damp(second: torch.Tensor, features: torch.Tensor, damping: float) -> torch.Tensor:
+    """A copy of ``second`` with ``damping`` times the mean of its diagonal at ``features`` added there."""
+    damped = second.clone()
+    damped[features, features] += damping * float(second[features, features].mean())
+    return damped
+
+
 def least_squares_refit(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, xxt: torch.Tensor,
                         x_sum: torch.Tensor, tokens: int, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights [out, |K|] and bias [out] (float64, on ``weight``'s device) of the refit in the module docstring.
@@ -43,20 +60,34 @@ def least_squares_refit(weight: torch.Tensor, bias: torch.Tensor | None, kept: t
     ``xxt`` [F, F] = Σ x xᵀ and ``x_sum`` [F] = Σ x over ``tokens`` calibration tokens of the dense input.
     """
     features, device = weight.shape[1], weight.device
-    second = torch.empty(features + 1, features + 1, dtype=torch.float64, device=device)
-    second[:features, :features] = xxt.to(device, torch.float64)
-    second[:features, features] = second[features, :features] = x_sum.to(device, torch.float64)
-    second[features, features] = tokens
-    second /= tokens
+    second = second_moment(xxt, x_sum, tokens, device)
     columns = torch.cat([kept.to(device), torch.tensor([features], device=device)])
-    gram = second[columns][:, columns]
-    diagonal = torch.arange(len(kept), device=device)
-    gram[diagonal, diagonal] += damping * float(gram[diagonal, diagonal].mean())
+    gram = damp(second[columns][:, columns], torch.arange(len(kept), device=device), damping)
     old_bias = bias.to(device, torch.float64) if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64, device=device)
     full = torch.cat([weight.double(), old_bias[:, None]], 1)
     target = full @ second[:, columns]  # [out, |K|+1]
     solution = torch.linalg.solve(gram, target.T).T
     return solution[:, :-1], solution[:, -1]
+
+
+def removal_errors(weight: torch.Tensor, second: torch.Tensor, groups: torch.Tensor, damping: float) -> torch.Tensor:
+    """Output error [n_groups] of removing each group of input columns alone, the others refit (float64, CPU).
+
+    ``weight`` [out, F]; ``second`` [F+1, F+1] from :func:`second_moment`; ``groups`` [n_groups, size]
+    column indices. With S the damped second moment (damping on the F input features), the least-squares
+    refit of the other columns and the bias leaves the mean squared output error per token (Optimal Brain
+    Surgeon, for a group R of columns)
+
+        E_R = trace(W_R (S⁻¹[R, R])⁻¹ W_Rᵀ)
+    """
+    features = weight.shape[1]
+    inverse = torch.linalg.inv(damp(second.cpu(), torch.arange(features), damping))
+    w = weight.detach().cpu().double()
+    errors = []
+    for rows in groups:
+        w_r = w[:, rows]
+        errors.append(torch.trace(w_r @ torch.linalg.solve(inverse[rows][:, rows], w_r.T)))
+    return torch.stack(errors)
 
 
 def reconstruct_outputs(pruned, dense, shape: BlockShape, plans: list[LayerPlan], statistics: ActivationStatistics,

@@ -18,21 +18,22 @@ from pathlib import Path
 
 import torch
 import yaml
+from transformers import PreTrainedModel
 
 from eval.perplexity import perplexity
 from eval.report import write_report
 from eval.speed import measure_speed
-from prune.allocation import Allocation, ImpossibleTargetError, allocate, removable_parameters
+from prune.allocation import Allocation, ImpossibleTargetError, allocate, remove_layers, removable_parameters
 from prune.blocks import BlockShape, block_shape, count_parameters
 from prune.calibration import DataSourceError, TextSource, calibration_samples, evaluation_tokens, resolve_text_source
 from prune.checkpoint import save_checkpoint
-from prune.memory import peak_bytes, reset_peak
+from prune.memory import current_bytes, peak_bytes, reset_peak
 from prune.models import ModelSource, ModelSourceError, load_config, load_model, resolve_model_source
 from prune.paths import cache_dir
 from prune.pruner import has_layer_widths, model_class_for, prune_model
 from prune.recipe import Recipe, RecipeError, load_recipe, recipe_to_dict
 from prune.reconstruct import reconstruct_outputs
-from prune.scoring import score_units
+from prune.scoring import NEEDS_COVARIANCES, score_units
 from prune.statistics import ActivationStatistics, cache_key, collect_statistics
 
 USER_ERRORS = (RecipeError, ModelSourceError, DataSourceError, ImpossibleTargetError)
@@ -55,13 +56,25 @@ class Prepared:
     @property
     def needs_statistics(self) -> bool:
         recipe = self.recipe
-        return (recipe.scoring.method in ("activation", "wanda-sp") or recipe.allocation.strategy == "activation-density"
+        return (recipe.scoring.method != "magnitude" or recipe.allocation.strategy == "activation-density"
                 or recipe.pruning.reconstruct != "none")
+
+    @property
+    def needs_covariances(self) -> bool:
+        return self.recipe.pruning.reconstruct == "lstsq" or self.recipe.scoring.method in NEEDS_COVARIANCES
 
 
 def added_bias_parameters(recipe: Recipe, shape: BlockShape) -> int:
     """Biases that reconstruction adds to o_proj and down_proj; the budget solver removes that much more."""
     return 0 if recipe.pruning.reconstruct == "none" else 2 * shape.hidden_size * shape.num_layers
+
+
+def protected_layers(recipe: Recipe, shape: BlockShape) -> frozenset[int]:
+    """Layers outside ``allocation.layer_range``: they are not pruned."""
+    if recipe.allocation.layer_range is None:
+        return frozenset()
+    first, end = recipe.allocation.layer_range
+    return frozenset(i for i in range(shape.num_layers) if not first <= i < end)
 
 
 def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
@@ -86,7 +99,13 @@ def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
         dense_parameters = count_parameters(model_class_for(config)(config))
     params_to_remove = round(recipe.pruning.target * dense_parameters["total"])
     p = recipe.pruning
-    most = removable_parameters(shape, p.attention_unit, p.round_to, p.min_ffn_channels)
+    layer_range = recipe.allocation.layer_range
+    if layer_range is not None and layer_range[1] > shape.num_layers:
+        raise RecipeError(f"allocation.layer_range: end {layer_range[1]} is beyond the model's {shape.num_layers} layers")
+    if recipe.scoring.method == "shortgpt":
+        most = sum(shape.whole_layer_params(w) for w in shape.layers[1:])
+    else:
+        most = removable_parameters(shape, p.attention_unit, p.round_to, p.min_ffn_channels, protected_layers(recipe, shape))
     if params_to_remove + added_bias_parameters(recipe, shape) > most:
         raise ImpossibleTargetError(
             f"pruning.target: {p.target} asks to remove {params_to_remove:,} parameters but at most {most:,} "
@@ -130,37 +149,73 @@ def obtain_statistics(prepared: Prepared, model, tokenizer) -> tuple[ActivationS
     key = cache_key(prepared.model_source.fingerprint(), str(next(model.parameters()).dtype), calibration,
                     prepared.calibration_source.fingerprint(), recipe.scoring.objective)
     path = prepared.cache / "stats" / f"{key}.safetensors"
-    covariances = recipe.pruning.reconstruct == "lstsq"
+    covariances, taylor = prepared.needs_covariances, recipe.scoring.method == "taylor"
     info = {"source": recipe.calibration.source, "samples": recipe.calibration.samples,
             "seqlen": recipe.calibration.seqlen, "seed": recipe.calibration.seed,
             "objective": recipe.scoring.objective, "cache_path": str(path), "reused": False}
     if path.is_file():
         cached = ActivationStatistics.load(path)
-        if cached.has_covariances or not covariances:
+        if (cached.has_covariances or not covariances) and (cached.has_taylor or not taylor):
             info["reused"] = True
             return cached, info
     samples = calibration_samples(tokenizer, prepared.calibration_source, recipe.calibration.samples,
                                   recipe.calibration.seqlen, recipe.calibration.seed)
     device = next(model.parameters()).device
+    before = current_bytes(device)
     reset_peak(device)
-    statistics = collect_statistics(model, samples, recipe.scoring.objective, covariances)
-    info["peak_memory_bytes"] = peak_bytes(device)
-    info["model_weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    statistics = collect_statistics(model, samples, recipe.scoring.objective, covariances, taylor)
+    peak = peak_bytes(device)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    info |= {"peak_memory_bytes": peak, "pass_added_bytes": peak - before, "model_weight_bytes": weights,
+             "peak_over_weights": (weights + peak - before) / weights}
     statistics.save(path)
     return statistics, info
 
 
-def layer_table(shape: BlockShape, pruned_shape: BlockShape, allocation: Allocation) -> list[dict]:
+def layer_table(shape: BlockShape, allocation: Allocation) -> list[dict]:
+    """Per dense layer: dense and pruned widths (``pruned`` is null for a removed layer) and allocation facts."""
     rows = []
-    for i, (dense, pruned) in enumerate(zip(shape.layers, pruned_shape.layers)):
+    for i, (dense, plan) in enumerate(zip(shape.layers, allocation.plans)):
+        pruned = None if plan is None else plan.widths
         rows.append({
             "index": i,
             "dense": {"query_heads": dense.query_heads, "kv_groups": dense.kv_heads, "ffn_channels": dense.ffn_channels},
-            "pruned": {"query_heads": pruned.query_heads, "kv_groups": pruned.kv_heads, "ffn_channels": pruned.ffn_channels},
+            "pruned": None if pruned is None else {"query_heads": pruned.query_heads, "kv_groups": pruned.kv_heads,
+                                                   "ffn_channels": pruned.ffn_channels},
             "requested_sparsity": allocation.layer_sparsity[i],
             "activated_weights": allocation.activated_weights[i] if allocation.activated_weights else None,
+            "block_influence": allocation.block_influence[i] if allocation.block_influence else None,
         })
     return rows
+
+
+def prune_as_recipe_says(prepared: Prepared, model, statistics: ActivationStatistics | None,
+                         stage_seconds: dict[str, float]) -> tuple[PreTrainedModel, Allocation]:
+    """Scoring, allocation, physical pruning and reconstruction; ``model`` is left untouched.
+
+    Adds each stage's wall time to ``stage_seconds``.
+    """
+    recipe, shape = prepared.recipe, prepared.shape
+    if recipe.scoring.method == "shortgpt":
+        with timed(stage_seconds, "allocation"):
+            allocation = remove_layers(shape, statistics, prepared.params_to_remove)
+    else:
+        with timed(stage_seconds, "scoring"):
+            scores = score_units(model, shape, recipe.scoring.method, recipe.scoring.aggregate, statistics,
+                                 recipe.pruning.damping)
+        with timed(stage_seconds, "allocation"):
+            a = recipe.allocation
+            allocation = allocate(shape, scores, prepared.params_to_remove + added_bias_parameters(recipe, shape),
+                                  a.strategy, recipe.pruning.attention_unit,
+                                  recipe.pruning.round_to, recipe.pruning.min_ffn_channels, statistics,
+                                  a.alpha, a.beta, a.gamma, a.gamma_mode, protected_layers(recipe, shape))
+    reconstruct = recipe.pruning.reconstruct
+    with timed(stage_seconds, "pruning"):
+        pruned = prune_model(model, allocation.plans, output_bias=reconstruct != "none")
+    if reconstruct != "none":
+        with timed(stage_seconds, f"reconstruction ({reconstruct})"):
+            reconstruct_outputs(pruned, model, shape, allocation.plans, statistics, reconstruct, recipe.pruning.damping)
+    return pruned, allocation
 
 
 def execute(prepared: Prepared) -> Path:
@@ -182,20 +237,7 @@ def execute(prepared: Prepared) -> Path:
                 statistics.save(partial / "activation_stats.safetensors")
             if recipe.calibration.source == "wikitext2" and recipe.evaluation.perplexity.dataset == "wikitext2":
                 notes.append("Calibration text and perplexity text are both WikiText-2 (test split): the perplexity is optimistic.")
-        with timed(stage_seconds, "scoring"):
-            scores = score_units(model, shape, recipe.scoring.method, recipe.scoring.aggregate, statistics)
-        with timed(stage_seconds, "allocation"):
-            a = recipe.allocation
-            allocation = allocate(shape, scores, prepared.params_to_remove + added_bias_parameters(recipe, shape),
-                                  a.strategy, recipe.pruning.attention_unit,
-                                  recipe.pruning.round_to, recipe.pruning.min_ffn_channels, statistics,
-                                  a.alpha, a.beta, a.gamma, a.gamma_mode)
-        with timed(stage_seconds, "pruning"):
-            reconstruct = recipe.pruning.reconstruct
-            pruned = prune_model(model, allocation.plans, output_bias=reconstruct != "none")
-        if reconstruct != "none":
-            with timed(stage_seconds, f"reconstruction ({reconstruct})"):
-                reconstruct_outputs(pruned, model, shape, allocation.plans, statistics, reconstruct, recipe.pruning.damping)
+        pruned, allocation = prune_as_recipe_says(prepared, model, statistics, stage_seconds)
         with timed(stage_seconds, "checkpoint"):
             save_checkpoint(pruned, tokenizer, partial / "model")
         report_perplexity = None
@@ -232,7 +274,7 @@ def execute(prepared: Prepared) -> Path:
                 "removed": dense_parameters["total"] - pruned_parameters["total"],
                 "removed_fraction": 1 - pruned_parameters["total"] / dense_parameters["total"],
             },
-            "layers": layer_table(shape, block_shape(pruned.config), allocation),
+            "layers": layer_table(shape, allocation),
             "allocation": {"strategy": recipe.allocation.strategy, "activation_threshold": allocation.threshold},
             "statistics": statistics_info,
             "perplexity": report_perplexity,

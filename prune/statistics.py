@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from prune.blocks import LINEAR_NAMES, decoder_layers, layer_linears
 
-STATS_VERSION = 1
+STATS_VERSION = 2
 HIST_MIN = -20.0
 HIST_WIDTH = 0.01
 HIST_BINS = 2500  # log10(A) from -20 to +5 in 0.01-decade bins; values outside are clamped into the end bins
@@ -63,6 +63,10 @@ class ActivationStatistics:
     @property
     def has_covariances(self) -> bool:
         return f"layers.0.{COVARIANCE_SITES[0]}.xxt" in self.tensors
+
+    @property
+    def has_taylor(self) -> bool:
+        return "layers.0.q_proj.taylor_row_sum" in self.tensors
 
     def save(self, path: Path) -> None:
         """Write atomically as safetensors (metadata: samples, tokens, objective, version)."""
@@ -124,8 +128,11 @@ def log10_histogram(values: torch.Tensor) -> torch.Tensor:
 
 
 def collect_statistics(model, samples: torch.Tensor, objective: str, covariances: bool = False,
-                       progress: bool = True) -> ActivationStatistics:
+                       taylor: bool = False, progress: bool = True) -> ActivationStatistics:
     """Run the statistics pass over ``samples`` [N, T] (one sample per backward pass).
+
+    ``covariances`` adds the ``xxt`` sums, ``taylor`` the Taylor reductions (one more float32 copy of the
+    linear weights during the pass).
 
     The model's ``requires_grad`` flags are restored afterwards; its weights are not modified.
     """
@@ -133,11 +140,15 @@ def collect_statistics(model, samples: torch.Tensor, objective: str, covariances
     layers = decoder_layers(model)
     weights = {(i, name): linear.weight for i, layer in enumerate(layers) for name, linear in layer_linears(layer).items()}
     accumulators = {key: torch.zeros_like(w, dtype=torch.float32) for key, w in weights.items()}
+    signed = {key: torch.zeros_like(w, dtype=torch.float32) for key, w in weights.items()} if taylor else {}
     input_sums: dict[str, torch.Tensor] = {}
 
     def accumulate_grad(key):
         def hook(param: torch.Tensor) -> None:
-            accumulators[key].add_((param.detach().float() * param.grad.float()).abs_())
+            product = param.detach().float() * param.grad.float()
+            if taylor:
+                signed[key].add_(product)
+            accumulators[key].add_(product.abs_())
             param.grad = None
 
         return hook
@@ -156,6 +167,14 @@ def collect_statistics(model, samples: torch.Tensor, objective: str, covariances
 
         return hook
 
+    def accumulate_cosine(key):
+        def hook(module, args, output):
+            h_in, h_out = args[0].detach().flatten(0, -2).double(), output.detach().flatten(0, -2).double()
+            value = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1).sum().reshape(1)
+            input_sums[key] = input_sums[key] + value if key in input_sums else value
+
+        return hook
+
     previous_flags = {p: p.requires_grad for p in model.parameters()}
     handles = []
     try:
@@ -165,6 +184,7 @@ def collect_statistics(model, samples: torch.Tensor, objective: str, covariances
             w.requires_grad_(True)
             handles.append(w.register_post_accumulate_grad_hook(accumulate_grad(key)))
         for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_hook(accumulate_cosine(f"layers.{i}.cos_sum")))
             linears = layer_linears(layer)
             for site, linear_name in INPUT_SITES.items():
                 hook = accumulate_input(f"layers.{i}.{site}", covariances and site in COVARIANCE_SITES)
@@ -186,6 +206,9 @@ def collect_statistics(model, samples: torch.Tensor, objective: str, covariances
         for name in LINEAR_NAMES:
             mean = accumulators.pop((i, name)).div_(n)
             tensors |= {f"layers.{i}.{name}.{k}": v for k, v in row_col_reductions(mean).items()}
+            if taylor:
+                tensors |= {f"layers.{i}.{name}.taylor_{k}": v
+                            for k, v in row_col_reductions(signed.pop((i, name)).div_(n).abs_()).items()}
             histogram += log10_histogram(mean)
         tensors[f"layers.{i}.log10_hist"] = histogram
     return ActivationStatistics(tensors, samples=n, tokens=samples.numel(), objective=objective)

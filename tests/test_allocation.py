@@ -114,3 +114,47 @@ def test_widths_that_are_not_multiples_of_round_to():
         removed = sum(steps[i] * 2 * shape.query_head_params() + (102 - kept[i]) * shape.ffn_channel_params()
                       for i in range(4))
         assert to_remove <= removed < to_remove + 8 * shape.ffn_channel_params() + 2 * shape.query_head_params()
+
+
+@pytest.mark.parametrize("unit", ["query_head", "kv_group"])
+@pytest.mark.parametrize("target", [0.1, 0.3, 0.5])
+def test_global_ranking_meets_the_budget_and_respects_minimums(unit, target):
+    shape = block_shape(SMOLLM2)
+    to_remove = round(target * SMOLLM2_TOTAL)
+    allocation = allocate(shape, _random_scores(shape, seed=3), to_remove, "global", unit, 8, 64)
+    largest_step = max(shape.kv_group_params(0), 3 * shape.query_head_params())
+    assert to_remove <= allocation.removed_parameters < to_remove + largest_step
+    for plan in allocation.plans:
+        assert len(plan.kept_ffn_channels) % 8 == 0 and len(plan.kept_ffn_channels) >= 64
+        assert len(plan.kept_query_heads) % len(plan.kept_kv_heads) == 0
+
+
+def test_global_ranking_takes_the_lowest_standardised_units_first():
+    shape = block_shape(SMOLLM2)
+    scores = _random_scores(shape, seed=4)
+    scores[7] = LayerScores(scores[7].query_heads, scores[7].kv_groups, scores[7].ffn_channels - 10.0)  # far below all
+    to_remove = 20 * 8 * shape.ffn_channel_params()
+    allocation = allocate(shape, scores, to_remove, "global", "query_head", 8, 64)
+    assert len(allocation.plans[7].kept_ffn_channels) == 1536 - 160
+    assert all(len(p.kept_ffn_channels) == 1536 and len(p.kept_query_heads) == 9
+               for i, p in enumerate(allocation.plans) if i != 7)
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "global", "activation-density"])
+def test_protected_layers_stay_whole(strategy):
+    shape = block_shape(SMOLLM2)
+    protected = frozenset({0, 1, 2, 3, 28, 29})
+    to_remove = round(0.2 * SMOLLM2_TOTAL)
+    hist = torch.stack([log10_histogram(torch.rand(1000, generator=torch.Generator().manual_seed(i)) * (i + 1))
+                        for i in range(30)])
+    stats = type("Stats", (), {"get": lambda self, i, name: hist[i] if name == "log10_hist" else torch.ones(1),
+                               "tokens": 1})()
+    allocation = allocate(shape, _random_scores(shape), to_remove, strategy, "query_head", 8, 64, stats,
+                          gamma=0.1, gamma_mode="absolute", protected=protected)
+    assert allocation.removed_parameters >= to_remove
+    for i, plan in enumerate(allocation.plans):
+        whole = plan.widths == shape.layers[i]
+        assert whole if i in protected else not whole
+    with pytest.raises(ImpossibleTargetError, match="6 layers are protected"):
+        allocate(shape, _random_scores(shape), removable_parameters(shape, "query_head", 8, 64, protected) + 1,
+                 strategy, "query_head", 8, 64, stats, gamma=0.1, gamma_mode="absolute", protected=protected)

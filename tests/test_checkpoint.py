@@ -86,3 +86,17 @@ def test_output_biases_survive_the_round_trip(tmp_path):
     reloaded = _reload_in_fresh_process(tmp_path, remote=True)
     torch.testing.assert_close(reloaded["logits"], pruned(x).logits, atol=1e-5, rtol=0)
     assert (reloaded["logits"] - model(x).logits).abs().max() > 1e-2  # the biases mattered
+
+
+def test_checkpoint_with_removed_layers_reloads_as_the_stock_class(tmp_path):
+    model = tiny_model("llama")
+    full = LayerPlan(tuple(range(6)), (0, 1), tuple(range(64)))
+    pruned = prune_model(model, [full, None, full])
+    save_checkpoint(pruned, NoTokenizer(), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and "auto_map" not in config
+    x = random_tokens(1, 6)
+    torch.save(x, tmp_path / "x.pt")
+    reloaded = _reload_in_fresh_process(tmp_path, remote=False)
+    assert reloaded["class"] == "LlamaForCausalLM"
+    torch.testing.assert_close(reloaded["logits"], pruned(x).logits, atol=1e-5, rtol=0)

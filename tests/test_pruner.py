@@ -1,5 +1,7 @@
 """Physical removal: equivalences that must hold exactly, GQA invariants, cached generation."""
 
+import copy
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from conftest import random_tokens, tiny_model
 from eval.speed import cache_keyword
 from prune.allocation import allocate
 from prune.blocks import block_shape, count_parameters, decoder_layers
-from prune.pruner import LayerPlan, check_plan, keep_everything, prune_model
+from prune.pruner import LayerPlan, check_plan, has_layer_widths, keep_everything, prune_model
 from prune.scoring import score_units
 
 FAMILIES = ["llama", "mistral", "qwen2"]
@@ -117,3 +119,20 @@ def test_check_plan_rejects_broken_layouts():
     for plans in (unequal_groups, orphan_head, empty_ffn, good[:2]):
         with pytest.raises(ValueError):
             check_plan(shape, plans)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_removing_a_layer_equals_skipping_it(family):
+    model = tiny_model(family)
+    plans = keep_everything(block_shape(model.config))
+    plans[1] = None
+    pruned = prune_model(model, plans)
+    skipping = copy.deepcopy(model)
+    del skipping.model.layers[1]
+    skipping.config.num_hidden_layers = 2
+    x = random_tokens(2, 12)
+    torch.testing.assert_close(pruned(x, use_cache=False).logits, skipping(x, use_cache=False).logits, atol=1e-6, rtol=0)
+    assert (pruned(x).logits - model(x).logits).abs().max() > 1e-3
+    assert pruned.config.num_hidden_layers == 2 and not has_layer_widths(pruned.config)
+    generated = pruned.generate(x[:1], max_new_tokens=5, do_sample=False)  # the KV cache indexes the kept layers
+    assert generated.shape == (1, 17)

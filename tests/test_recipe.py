@@ -32,6 +32,10 @@ def _cli(*args, env=None):
     ({"scoring": {"method": "magic"}}, "scoring.method"),
     ({"evaluation": {"speed": {"enabled": "yes"}}}, "evaluation.speed.enabled"),
     ({"modle": {}}, "modle"),
+    ({"scoring": {"method": "shortgpt"}, "pruning": {"reconstruct": "lstsq"}}, "pruning.reconstruct"),
+    ({"scoring": {"method": "taylor", "objective": "max_logit"}}, "scoring.objective"),
+    ({"allocation": {"layer_range": [4]}}, "allocation.layer_range"),
+    ({"allocation": {"layer_range": [4, "x"]}}, "allocation.layer_range"),
 ])
 def test_bad_values_name_the_key(tmp_path, data, key):
     with pytest.raises(RecipeError) as error:

@@ -4,6 +4,7 @@ import torch
 
 from conftest import random_tokens, tiny_model
 from prune.blocks import block_shape, decoder_layers
+from prune.reconstruct import second_moment
 from prune.scoring import score_units
 from prune.statistics import collect_statistics
 
@@ -68,3 +69,73 @@ def test_activation_aggregates_are_consistent():
         # a group's score includes its query heads
         assert torch.allclose(total[i].kv_groups - total[i].query_heads.view(2, 3).sum(1),
                               (stats.get(i, "k_proj.row_sum").double() + stats.get(i, "v_proj.row_sum").double()).view(2, -1).sum(1))
+
+
+def _refit_error(weight: torch.Tensor, second: torch.Tensor, removed: list[int], damping: float) -> float:
+    """Mean squared output error after refitting every other column and the bias under the damped second moment."""
+    features = weight.shape[1]
+    damped = second.clone()
+    damped[range(features), range(features)] += damping * float(second.diagonal()[:features].mean())
+    full = torch.cat([weight.double(), torch.zeros(weight.shape[0], 1, dtype=torch.float64)], 1)
+    kept = [c for c in range(features + 1) if c not in removed]
+    refit = torch.zeros_like(full)
+    refit[:, kept] = full @ damped[:, kept] @ torch.linalg.inv(damped[kept][:, kept])
+    difference = full - refit
+    return float(torch.trace(difference @ damped @ difference.T))
+
+
+def test_obs_scores_equal_the_error_of_an_explicit_refit():
+    model = tiny_model()
+    shape = block_shape(model.config)
+    stats = collect_statistics(model, random_tokens(3, 16), "max_logit", covariances=True, progress=False)
+    damping = 0.01
+    obs = score_units(model, shape, "obs", "sum", stats, damping)
+    d = shape.head_dim
+    for i, layer in enumerate(decoder_layers(model)):
+        def second(site):
+            return second_moment(stats.get(i, f"{site}.xxt"), stats.get(i, f"{site}.x_sum"), stats.tokens)
+
+        o_weight, down_weight = layer.self_attn.o_proj.weight.detach(), layer.mlp.down_proj.weight.detach()
+        heads = [list(range(h * d, (h + 1) * d)) for h in range(o_weight.shape[1] // d)]
+        expected_heads = [_refit_error(o_weight, second("o_in"), cols, damping) for cols in heads]
+        expected_groups = [_refit_error(o_weight, second("o_in"), heads[3 * j] + heads[3 * j + 1] + heads[3 * j + 2], damping)
+                           for j in range(len(heads) // 3)]
+        expected_channels = [_refit_error(down_weight, second("down_in"), [c], damping) for c in range(down_weight.shape[1])]
+        torch.testing.assert_close(obs[i].query_heads, torch.tensor(expected_heads, dtype=torch.float64), rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(obs[i].kv_groups, torch.tensor(expected_groups, dtype=torch.float64), rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(obs[i].ffn_channels, torch.tensor(expected_channels, dtype=torch.float64), rtol=1e-6, atol=1e-12)
+        assert float(obs[i].ffn_channels.min()) > 0
+
+
+def test_activation_obs_is_the_product_of_relative_scores():
+    model = tiny_model()
+    shape = block_shape(model.config)
+    stats = collect_statistics(model, random_tokens(3, 16), "max_logit", covariances=True, progress=False)
+    activation = score_units(model, shape, "activation", "mean", stats)
+    obs = score_units(model, shape, "obs", "mean", stats, 0.01)
+    combined = score_units(model, shape, "activation-obs", "mean", stats, 0.01)
+    for a, e, c in zip(activation, obs, combined):
+        for name in ("query_heads", "kv_groups", "ffn_channels"):
+            x, y = getattr(a, name), getattr(e, name)
+            torch.testing.assert_close(getattr(c, name), (x / x.mean()) * (y / y.mean()))
+
+
+def test_flap_scores_match_a_loop_over_columns():
+    model = tiny_model()
+    shape = block_shape(model.config)
+    stats = collect_statistics(model, random_tokens(2, 8), "max_logit", progress=False)
+    flap = score_units(model, shape, "flap", "sum", stats)
+    d, n = shape.head_dim, stats.tokens
+    for i, layer in enumerate(decoder_layers(model)):
+        def fluctuation(site, weight, column):
+            mean = float(stats.get(i, f"{site}.x_sum")[column]) / n
+            variance = float(stats.get(i, f"{site}.x_sumsq")[column]) / n - mean * mean
+            return variance * float(weight[:, column].double().square().sum())
+
+        o_weight, down_weight = layer.self_attn.o_proj.weight.detach(), layer.mlp.down_proj.weight.detach()
+        heads = [sum(fluctuation("o_in", o_weight, c) for c in range(h * d, (h + 1) * d)) for h in range(6)]
+        channels = [fluctuation("down_in", down_weight, c) for c in range(down_weight.shape[1])]
+        torch.testing.assert_close(flap[i].query_heads, torch.tensor(heads, dtype=torch.float64), rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(flap[i].kv_groups, torch.tensor([sum(heads[3 * j:3 * j + 3]) for j in range(2)],
+                                                                   dtype=torch.float64), rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(flap[i].ffn_channels, torch.tensor(channels, dtype=torch.float64), rtol=1e-4, atol=1e-9)

@@ -81,3 +81,35 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.tensors.keys() == stats.tensors.keys()
     for k, v in stats.tensors.items():
         assert torch.equal(loaded.tensors[k], v)
+
+
+def test_taylor_reductions_match_brute_force():
+    model = tiny_model()
+    samples = random_tokens(3, 10)
+    stats = collect_statistics(model, samples, "nll", taylor=True, progress=False)
+    weights = {(i, n): l.weight for i, layer in enumerate(decoder_layers(model)) for n, l in layer_linears(layer).items()}
+    summed = {k: torch.zeros_like(w) for k, w in weights.items()}
+    for sample in samples:
+        grads = torch.autograd.grad(objective_value(model, sample[None], "nll"), list(weights.values()))
+        for k, g in zip(weights, grads):
+            summed[k] += g
+    for (i, name), g in summed.items():
+        score = (weights[(i, name)].detach() * g / len(samples)).abs()
+        torch.testing.assert_close(stats.get(i, f"{name}.taylor_row_sum"), score.sum(1), rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(stats.get(i, f"{name}.taylor_col_max"), score.amax(0), rtol=1e-4, atol=1e-8)
+    assert stats.has_taylor and not collect_statistics(model, samples[:1], "nll", progress=False).has_taylor
+
+
+def test_block_influence_matches_hidden_state_cosines():
+    model = tiny_model()
+    samples = random_tokens(2, 8)
+    stats = collect_statistics(model, samples, "max_logit", progress=False)
+    expected = torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for sample in samples:
+            hidden = model(sample[None], output_hidden_states=True).hidden_states
+            for i in range(2):  # the last entry of hidden_states is after the final norm
+                expected[i] += torch.nn.functional.cosine_similarity(hidden[i][0].double(), hidden[i + 1][0].double(), dim=-1).sum()
+    for i in range(2):
+        torch.testing.assert_close(stats.get(i, "cos_sum").double(), expected[i:i + 1], rtol=1e-5, atol=1e-6)
+    assert float(stats.get(2, "cos_sum")) < 16

@@ -1,0 +1,102 @@
+"""Quality at equal size: every scorer / allocation / reconstruction in one harness on one model.
+
+    python benchmarks/quality.py [--recipe recipes/smollm2_30pct.yaml] [--targets 0.2 0.3 0.5]
+                                 [--only NAME ...] [--jsonl runs/quality.jsonl]
+
+Each row is the base recipe with the overrides in ``CONFIGURATIONS`` and ``pruning.target`` set; the
+model, the calibration data (the base recipe's), the statistics cache and the perplexity protocol are
+shared, and the dense perplexity is measured once. Prints a markdown table (for BENCHMARKS.md) and
+appends one JSON line per row to ``--jsonl`` as soon as the row is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eval.perplexity import perplexity  # noqa: E402
+from prune.blocks import count_parameters  # noqa: E402
+from prune.calibration import evaluation_tokens  # noqa: E402
+from prune.models import load_model  # noqa: E402
+from prune.recipe import load_recipe  # noqa: E402
+from prune.run import obtain_statistics, prepare, prune_as_recipe_says  # noqa: E402
+
+CONFIGURATIONS = {
+    # baselines (METHOD.md section 3)
+    "magnitude": {"scoring.method": "magnitude", "allocation.strategy": "uniform", "pruning.reconstruct": "none"},
+    "wanda-sp": {"scoring.method": "wanda-sp", "allocation.strategy": "uniform", "pruning.reconstruct": "none"},
+    "flap": {"scoring.method": "flap", "scoring.aggregate": "mean", "allocation.strategy": "global",
+             "pruning.reconstruct": "bias", "pruning.round_to": 1},
+    "taylor (LLM-Pruner)": {"scoring.method": "taylor", "scoring.objective": "nll", "allocation.strategy": "uniform",
+                            "allocation.layer_range": [4, 28], "pruning.reconstruct": "none"},
+    "shortgpt": {"scoring.method": "shortgpt", "pruning.reconstruct": "none"},
+    # the paper's metric and allocation, without and with this toolkit's reconstruction and unit choice
+    "activation": {"scoring.method": "activation", "allocation.strategy": "activation-density", "pruning.reconstruct": "none"},
+    "activation + lstsq": {"scoring.method": "activation", "allocation.strategy": "activation-density",
+                           "pruning.reconstruct": "lstsq"},
+    "default recipe": {},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="recipes/smollm2_30pct.yaml")
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.3, 0.5])
+    parser.add_argument("--only", nargs="+", choices=list(CONFIGURATIONS), help="run only these rows")
+    parser.add_argument("--jsonl", type=Path, default=Path("runs/quality.jsonl"))
+    args = parser.parse_args()
+    names = args.only or list(CONFIGURATIONS)
+    base = load_recipe(args.recipe)
+    base_prepared = prepare(base, overwrite=True)
+    model, tokenizer = load_model(base_prepared.model_source, base.model.dtype, base.model.device, base_prepared.cache)
+    ppl_recipe = base.evaluation.perplexity
+    tokens = evaluation_tokens(tokenizer, base_prepared.evaluation_source)
+    dense = perplexity(model, tokens, ppl_recipe.seqlen, ppl_recipe.windows, "dense")
+    dense_total = base_prepared.dense_parameters["total"]
+    args.jsonl.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for target in args.targets:
+        for name in names:
+            overrides = {**CONFIGURATIONS[name], "pruning.target": target}
+            recipe = load_recipe(args.recipe, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+            prepared = prepare(recipe, overwrite=True)
+            statistics, info = obtain_statistics(prepared, model, tokenizer) if prepared.needs_statistics else (None, None)
+            stage_seconds: dict[str, float] = {}
+            start = time.perf_counter()
+            pruned, _ = prune_as_recipe_says(prepared, model, statistics, stage_seconds)
+            seconds = time.perf_counter() - start
+            result = perplexity(pruned, tokens, ppl_recipe.seqlen, ppl_recipe.windows, f"{name} {target:.0%}")
+            kept = count_parameters(pruned)["total"]
+            row = {
+                "name": name, "target": target, "method": recipe.scoring.method, "objective": recipe.scoring.objective,
+                "allocation": recipe.allocation.strategy, "layer_range": recipe.allocation.layer_range,
+                "reconstruct": recipe.pruning.reconstruct, "parameters": kept, "removed_fraction": 1 - kept / dense_total,
+                "perplexity": result["perplexity"], "dense_perplexity": dense["perplexity"],
+                "seqlen": ppl_recipe.seqlen, "windows": result["windows"],
+                "prune_seconds": seconds, "statistics_reused": info["reused"] if info else None,
+                "statistics_peak_bytes": info.get("peak_memory_bytes") if info else None,
+                "model_weight_bytes": info.get("model_weight_bytes") if info else None,
+            }
+            rows.append(row)
+            with args.jsonl.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    print(f"\nDense: {dense_total:,} parameters, WikiText-2 perplexity {dense['perplexity']:.2f} "
+          f"({ppl_recipe.seqlen} x {dense['windows']} windows); calibration {base.calibration.source} "
+          f"{base.calibration.samples} x {base.calibration.seqlen} tokens, seed {base.calibration.seed}.\n")
+    print("| target | method | scoring | allocation | reconstruction | parameters after (removed) | WikiText-2 ppl | prune s |")
+    print("|---:|---|---|---|---|---:|---:|---:|")
+    for r in rows:
+        allocation = r["allocation"] + (f" layers {r['layer_range'][0]}-{r['layer_range'][1] - 1}" if r["layer_range"] else "")
+        if r["method"] == "shortgpt":
+            allocation = "whole layers"
+        print(f"| {r['target']:.0%} | {r['name']} | {r['method']} ({r['objective']}) | {allocation} | {r['reconstruct']} | "
+              f"{r['parameters']:,} ({r['removed_fraction']:.1%}) | {r['perplexity']:,.2f} | {r['prune_seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
