@@ -16,13 +16,16 @@ def _mib(n: int) -> str:
 
 def render_markdown(report: dict) -> str:
     """The human-readable report: headline dense vs pruned, per-layer widths, stage times, provenance."""
-    params, ppl, speed = report["parameters"], report.get("perplexity"), report.get("speed")
+    params, ppl, speed, recipe = report["parameters"], report.get("perplexity"), report.get("speed"), report["recipe"]
+    if recipe["scoring"]["method"] == "shortgpt":
+        how = "shortgpt: whole layers, lowest Block Influence first"
+    else:
+        how = (f"{recipe['scoring']['method']} scores, {recipe['allocation']['strategy']} allocation, "
+               f"{recipe['pruning']['attention_unit']} attention units, {recipe['pruning']['reconstruct']} reconstruction")
     lines = [
         f"# Pruning report: {report['model']['source']}",
         "",
-        f"Target: remove {report['recipe']['pruning']['target']:.1%} of total parameters "
-        f"({report['recipe']['scoring']['method']} scores, {report['recipe']['allocation']['strategy']} allocation, "
-        f"{report['recipe']['pruning']['attention_unit']} attention units). "
+        f"Target: remove {recipe['pruning']['target']:.1%} of total parameters ({how}). "
         f"Removed: **{params['removed_fraction']:.2%}** of total parameters.",
         "",
         "| metric | dense | pruned | pruned / dense |",
@@ -43,6 +46,9 @@ def render_markdown(report: dict) -> str:
             f"| decode tokens/s, median ({speed['new_tokens']} new tokens) | "
             f"{d['decode_tokens_per_s_median']:.1f} | {p['decode_tokens_per_s_median']:.1f} | "
             f"{_ratio(p['decode_tokens_per_s_median'], d['decode_tokens_per_s_median'])} |",
+            f"| linear multiply-adds per token (lm_head included) | {d['linear_macs_per_token']:,} | "
+            f"{p['linear_macs_per_token']:,} | {_ratio(p['linear_macs_per_token'], d['linear_macs_per_token'])} "
+            f"(speedup limit {d['linear_macs_per_token'] / p['linear_macs_per_token']:.2f}x) |",
             f"| peak memory (weights + working) | {_mib(d['peak_memory_bytes'])} | {_mib(p['peak_memory_bytes'])} | "
             f"{_ratio(p['peak_memory_bytes'], d['peak_memory_bytes'])} |",
         ]

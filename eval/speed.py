@@ -30,6 +30,8 @@ class SpeedResult:
     decode_tokens_per_s_min: float
     decode_tokens_per_s_max: float
     weight_bytes: int
+    linear_macs_per_token: int
+    """Multiply-adds of every linear layer (decoder linears and lm_head) for one token: its weight count."""
     peak_memory_bytes: int
     """Weight bytes plus the largest working memory (activations, KV cache) of one prefill + decode run."""
 
@@ -71,6 +73,15 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def linear_macs_per_token(model) -> int:
+    """Multiply-adds per token of all ``nn.Linear`` layers, lm_head included (a tied lm_head still computes).
+
+    Prefill compute and the weight bytes a decode step reads both scale with it, so dense / pruned of
+    this number is the speedup the removed units allow (attention over the context excluded).
+    """
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
 def measure_speed(models: dict, prompt_tokens: int, batch_size: int, new_tokens: int, warmup: int, repeats: int,
                   seed: int = 0, progress: bool = True) -> dict[str, SpeedResult]:
     """Time every model of ``models`` (name -> model, all on one device) interleaved; results by name."""
@@ -96,6 +107,7 @@ def measure_speed(models: dict, prompt_tokens: int, batch_size: int, new_tokens:
             prefill_ms_median=statistics.median(prefill_ms), prefill_ms_min=min(prefill_ms), prefill_ms_max=max(prefill_ms),
             decode_tokens_per_s_median=statistics.median(rates), decode_tokens_per_s_min=min(rates),
             decode_tokens_per_s_max=max(rates), weight_bytes=weight_bytes(models[name]),
+            linear_macs_per_token=linear_macs_per_token(models[name]),
             peak_memory_bytes=weight_bytes(models[name]) + working[name],
         )
     return results

@@ -53,3 +53,41 @@ def test_measure_speed_reports_every_model():
         assert result.decode_tokens_per_s_min <= result.decode_tokens_per_s_median <= result.decode_tokens_per_s_max
         assert result.peak_memory_bytes >= result.weight_bytes > 0
     assert results["b"].weight_bytes < results["a"].weight_bytes
+
+
+def test_report_of_a_layer_removal_run_names_the_removed_layers():
+    from eval.report import render_markdown
+    from prune.allocation import remove_layers
+    from prune.blocks import block_shape
+    from prune.recipe import Recipe, recipe_to_dict
+    from prune.run import layer_table
+    from prune.statistics import collect_statistics
+
+    model = tiny_model()
+    shape = block_shape(model.config)
+    stats = collect_statistics(model, random_tokens(2, 8), "max_logit", progress=False)
+    allocation = remove_layers(shape, stats, 1)
+    influence = allocation.block_influence
+    assert allocation.plans[influence.index(min(influence))] is None and sum(p is None for p in allocation.plans) == 1
+    rows = layer_table(shape, allocation)
+    recipe = Recipe()
+    recipe.scoring.method, recipe.pruning.reconstruct = "shortgpt", "none"
+    report = {"model": {"source": "tiny", "model_type": "llama"}, "recipe": recipe_to_dict(recipe),
+              "parameters": {"dense": {"total": 10, "decoder_blocks": 8}, "pruned": {"total": 9, "decoder_blocks": 7},
+                             "removed_fraction": 0.1},
+              "layers": rows, "perplexity": None, "speed": None, "statistics": None, "notes": [],
+              "checkpoint": {"path": "x", "remote_code": False}, "stage_seconds": {}}
+    text = render_markdown(report)
+    removed = influence.index(min(influence))
+    assert f"| {removed} | removed | removed | removed |" in text and "whole layers, lowest Block Influence first" in text
+
+
+def test_linear_macs_per_token_counts_every_linear_and_the_lm_head():
+    from eval.speed import linear_macs_per_token
+    from prune.pruner import LayerPlan, prune_model
+
+    model = tiny_model()  # 3 layers, hidden 96, 6 heads of 16, 2 KV heads, FFN 64, vocab 128, tied lm_head
+    per_layer = 96 * 96 + 2 * 32 * 96 + 96 * 96 + 3 * 64 * 96
+    assert linear_macs_per_token(model) == 3 * per_layer + 128 * 96
+    pruned = prune_model(model, [LayerPlan((0, 1, 3, 4), (0, 1), tuple(range(32)))] * 3)
+    assert linear_macs_per_token(pruned) == 3 * (64 * 96 + 2 * 32 * 96 + 96 * 64 + 3 * 32 * 96) + 128 * 96
