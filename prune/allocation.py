@@ -167,14 +167,18 @@ def solve_budget(shape: BlockShape, layer_sparsity: list[float], params_to_remov
 
 
 def standardized(scores: list[LayerScores], attention_unit: str) -> list[LayerScores]:
-    """Scores z-standardised per unit kind over all layers (FLAP): attention units together, FFN channels together."""
+    """Scores z-standardised per (layer, unit kind) (METHOD.md section 3, FLAP): each layer's attention units
+    and its FFN channels get mean 0 and standard deviation 1 (population), so units are ranked across layers
+    by how far they fall below the rest of their own layer and kind."""
     attention_name = "kv_groups" if attention_unit == "kv_group" else "query_heads"
-    result = [LayerScores(s.query_heads, s.kv_groups, s.ffn_channels) for s in scores]
-    for name in (attention_name, "ffn_channels"):
-        values = torch.cat([getattr(s, name) for s in scores]).double()
-        mean, std = values.mean(), values.std(unbiased=False)
-        for r in result:
-            setattr(r, name, (getattr(r, name).double() - mean) / (std if std > 0 else 1))
+    result = []
+    for s in scores:
+        r = LayerScores(s.query_heads, s.kv_groups, s.ffn_channels)
+        for name in (attention_name, "ffn_channels"):
+            values = getattr(s, name).double()
+            std = values.std(unbiased=False) if len(values) > 1 else values.new_zeros(())
+            setattr(r, name, (values - values.mean()) / (std if std > 0 else 1))
+        result.append(r)
     return result
 
 

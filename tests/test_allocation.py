@@ -129,13 +129,16 @@ def test_global_ranking_meets_the_budget_and_respects_minimums(unit, target):
         assert len(plan.kept_query_heads) % len(plan.kept_kv_heads) == 0
 
 
-def test_global_ranking_takes_the_lowest_standardised_units_first():
+def test_global_ranking_takes_the_units_furthest_below_their_layer_first():
     shape = block_shape(SMOLLM2)
     scores = _random_scores(shape, seed=4)
-    scores[7] = LayerScores(scores[7].query_heads, scores[7].kv_groups, scores[7].ffn_channels - 10.0)  # far below all
+    outliers = scores[7].ffn_channels.clone()
+    outliers[torch.arange(0, 1536, 9)[:160]] = -100.0  # 160 channels far below the rest of their layer
+    scores[7] = LayerScores(scores[7].query_heads, scores[7].kv_groups, outliers)
     to_remove = 20 * 8 * shape.ffn_channel_params()
     allocation = allocate(shape, scores, to_remove, "global", "query_head", 8, 64)
     assert len(allocation.plans[7].kept_ffn_channels) == 1536 - 160
+    assert not set(torch.arange(0, 1536, 9)[:160].tolist()) & set(allocation.plans[7].kept_ffn_channels)
     assert all(len(p.kept_ffn_channels) == 1536 and len(p.kept_query_heads) == 9
                for i, p in enumerate(allocation.plans) if i != 7)
 
