@@ -40,9 +40,6 @@ CONFIGURATIONS = {
     "activation + lstsq": {"scoring.method": "activation", "allocation.strategy": "activation-density",
                            "pruning.reconstruct": "lstsq"},
     "default recipe": {},
-    # a baseline's scores with this toolkit's reconstruction
-    "taylor + lstsq": {"scoring.method": "taylor", "scoring.objective": "nll", "allocation.strategy": "uniform",
-                       "allocation.layer_range": [4, 28], "pruning.reconstruct": "lstsq"},
 }
 
 
