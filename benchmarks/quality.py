@@ -2,11 +2,13 @@
 
     python benchmarks/quality.py [--recipe recipes/smollm2_30pct.yaml] [--targets 0.2 0.3 0.5]
                                  [--only NAME ...] [--jsonl runs/quality.jsonl]
+    python benchmarks/quality.py --table runs/quality.jsonl [more.jsonl ...]
 
 Each row is the base recipe with the overrides in ``CONFIGURATIONS`` and ``pruning.target`` set; the
 model, the calibration data (the base recipe's), the statistics cache and the perplexity protocol are
-shared, and the dense perplexity is measured once. Prints a markdown table (for BENCHMARKS.md) and
-appends one JSON line per row to ``--jsonl`` as soon as the row is done.
+shared, and the dense perplexity is measured once. Appends one JSON line per row to ``--jsonl`` as
+soon as the row is done, and prints the markdown table (for BENCHMARKS.md) at the end; ``--table``
+prints that table from JSON-lines files without running anything.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from prune.models import load_model  # noqa: E402
 from prune.recipe import load_recipe  # noqa: E402
 from prune.run import obtain_statistics, prepare, prune_as_recipe_says  # noqa: E402
 
+GRADIENT_METHODS = ("activation", "activation-obs", "taylor")
 CONFIGURATIONS = {
     # baselines (METHOD.md section 3)
     "magnitude": {"scoring.method": "magnitude", "allocation.strategy": "uniform", "pruning.reconstruct": "none"},
@@ -49,7 +52,11 @@ def main() -> None:
     parser.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.3, 0.5])
     parser.add_argument("--only", nargs="+", choices=list(CONFIGURATIONS), help="run only these rows")
     parser.add_argument("--jsonl", type=Path, default=Path("runs/quality.jsonl"))
+    parser.add_argument("--table", type=Path, nargs="+", help="only print the table of these JSON-lines files")
     args = parser.parse_args()
+    if args.table:
+        print_table([json.loads(line) for path in args.table for line in path.read_text().splitlines() if line.strip()])
+        return
     names = args.only or list(CONFIGURATIONS)
     base = load_recipe(args.recipe)
     base_prepared = prepare(base, overwrite=True)
@@ -85,16 +92,24 @@ def main() -> None:
             rows.append(row)
             with args.jsonl.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-    print(f"\nDense: {dense_total:,} parameters, WikiText-2 perplexity {dense['perplexity']:.2f} "
-          f"({ppl_recipe.seqlen} x {dense['windows']} windows); calibration {base.calibration.source} "
-          f"{base.calibration.samples} x {base.calibration.seqlen} tokens, seed {base.calibration.seed}.\n")
+    print(f"\nCalibration: {base.calibration.source}, {base.calibration.samples} x {base.calibration.seqlen} tokens, "
+          f"seed {base.calibration.seed}.")
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    """The benchmark rows as a markdown table, dense perplexity first."""
+    first = rows[0]
+    print(f"\nWikiText-2 perplexity, {first['seqlen']}-token windows x {first['windows']}; "
+          f"dense {first['dense_perplexity']:.2f}.\n")
     print("| target | method | scoring | allocation | reconstruction | parameters after (removed) | WikiText-2 ppl | prune s |")
     print("|---:|---|---|---|---|---:|---:|---:|")
     for r in rows:
         allocation = r["allocation"] + (f" layers {r['layer_range'][0]}-{r['layer_range'][1] - 1}" if r["layer_range"] else "")
         if r["method"] == "shortgpt":
             allocation = "whole layers"
-        print(f"| {r['target']:.0%} | {r['name']} | {r['method']} ({r['objective']}) | {allocation} | {r['reconstruct']} | "
+        scoring = f"{r['method']} (D = {r['objective']})" if r["method"] in GRADIENT_METHODS else r["method"]
+        print(f"| {r['target']:.0%} | {r['name']} | {scoring} | {allocation} | {r['reconstruct']} | "
               f"{r['parameters']:,} ({r['removed_fraction']:.1%}) | {r['perplexity']:,.2f} | {r['prune_seconds']:.0f} |")
 
 
