@@ -82,12 +82,9 @@ def removal_errors(weight: torch.Tensor, second: torch.Tensor, groups: torch.Ten
     """
     features = weight.shape[1]
     inverse = torch.linalg.inv(damp(second.cpu(), torch.arange(features), damping))
-    w = weight.detach().cpu().double()
-    errors = []
-    for rows in groups:
-        w_r = w[:, rows]
-        errors.append(torch.trace(w_r @ torch.linalg.solve(inverse[rows][:, rows], w_r.T)))
-    return torch.stack(errors)
+    w_groups = weight.detach().cpu().double()[:, groups].permute(1, 2, 0)  # [n_groups, size, out]
+    blocks = inverse[groups[:, :, None], groups[:, None, :]]  # [n_groups, size, size] = S⁻¹[R, R] per group
+    return (w_groups * torch.linalg.solve(blocks, w_groups)).sum(dim=(1, 2))
 
 
 def reconstruct_outputs(pruned, dense, shape: BlockShape, plans: list[LayerPlan], statistics: ActivationStatistics,

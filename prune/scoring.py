@@ -7,8 +7,7 @@ scores of its weights (``sum``, ``mean`` or ``max``). Scorers:
 - ``taylor``: LLM-Pruner's first-order Taylor score |w * sum_s dNLL(s)/dw| (statistics pass with
   ``taylor``; objective ``nll``);
 - ``wanda-sp``: |W_ij| * ||X_j||_2, X the input of that linear over the calibration tokens (FLAP's structured Wanda);
-- ``magnitude``: w^2, and the unit's score is the L2 norm of its weights (sqrt of the sum; ``aggregate`` ignored).
-
+- ``magnitude``: w^2, and the unit's score is the L2 norm of its weights (sqrt of the sum; ``aggregate`` ignored);
 - ``flap``: FLAP's fluctuation Var_tokens(X_j) * ||W[:, j]||^2 of each input column j of o_proj /
   down_proj (X from the statistics pass), aggregated over the unit's columns; FLAP itself pairs it with
   ``allocation.strategy: global`` and ``pruning.reconstruct: bias``.
@@ -146,22 +145,19 @@ def score_units(model, shape: BlockShape, method: str, aggregate: str,
     ``activation`` and ``wanda-sp`` need statistics; ``obs`` and ``activation-obs`` need statistics with
     covariances and use ``damping`` (relative, as ``pruning.damping``).
     """
-    scores = []
-    for layer in range(shape.num_layers):
-        if method in NEEDS_COVARIANCES:
-            errors = reconstruction_error_scores(model, shape, statistics, layer, damping)
-            if method == "obs":
-                scores.append(errors)
-                continue
-            activation = units_from_reductions(weight_scores(model, "activation", statistics, layer), shape, layer, aggregate)
-            scores.append(LayerScores(*(_relative(a) * _relative(e) for a, e in (
-                (activation.query_heads, errors.query_heads), (activation.kv_groups, errors.kv_groups),
-                (activation.ffn_channels, errors.ffn_channels)))))
-            continue
-        layer_scores = units_from_reductions(weight_scores(model, method, statistics, layer), shape, layer,
-                                             "sum" if method == "magnitude" else aggregate)
-        if method == "magnitude":
-            layer_scores = LayerScores(*(t.sqrt() for t in (layer_scores.query_heads, layer_scores.kv_groups,
-                                                            layer_scores.ffn_channels)))
-        scores.append(layer_scores)
-    return scores
+    return [_layer_scores(model, shape, method, aggregate, statistics, damping, layer) for layer in range(shape.num_layers)]
+
+
+def _layer_scores(model, shape: BlockShape, method: str, aggregate: str, statistics: ActivationStatistics | None,
+                  damping: float, layer: int) -> LayerScores:
+    if method == "obs":
+        return reconstruction_error_scores(model, shape, statistics, layer, damping)
+    if method == "activation-obs":
+        errors = reconstruction_error_scores(model, shape, statistics, layer, damping)
+        activation = units_from_reductions(weight_scores(model, "activation", statistics, layer), shape, layer, aggregate)
+        return LayerScores(*(_relative(getattr(activation, name)) * _relative(getattr(errors, name))
+                             for name in ("query_heads", "kv_groups", "ffn_channels")))
+    if method == "magnitude":
+        squares = units_from_reductions(weight_scores(model, method, statistics, layer), shape, layer, "sum")
+        return LayerScores(squares.query_heads.sqrt(), squares.kv_groups.sqrt(), squares.ffn_channels.sqrt())
+    return units_from_reductions(weight_scores(model, method, statistics, layer), shape, layer, aggregate)
