@@ -5,18 +5,30 @@ alike): a prefill of ``prompt_tokens`` random tokens for ``batch_size`` sequence
 ``new_tokens`` greedy decode steps that reuse the KV cache. Warm-up repeats are discarded; the
 report gives the median and the spread (min, max) of the timed repeats. On CUDA every clock read
 is preceded by a synchronisation.
+
+Shape-only mode (``python -m eval.speed``): speed depends on shapes, not on weights, so a
+random-weight model built from a configuration (a named shape such as ``llama-2-7b``, or any model
+source a recipe accepts) is timed dense and with the per-layer widths of a finished run transferred
+onto it. This measures 7B-class speedups without their weights. See README, "Speed".
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import inspect
+import json
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import AutoConfig
 
+from prune.blocks import BlockShape, LayerWidths, block_shape
 from prune.memory import current_bytes, peak_bytes, reset_peak
 
 
@@ -111,3 +123,173 @@ def measure_speed(models: dict, prompt_tokens: int, batch_size: int, new_tokens:
             peak_memory_bytes=weight_bytes(models[name]) + working[name],
         )
     return results
+
+
+KNOWN_SHAPES = {
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False),
+    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                        num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                        tie_word_embeddings=False),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False),
+}
+"""Published LLaMA shapes (from the models' config.json files), usable without their weights."""
+
+
+def shaped_config(name: str, cache: Path):
+    """A configuration by shape name (:data:`KNOWN_SHAPES`) or from any model source a recipe accepts."""
+    if name in KNOWN_SHAPES:
+        return AutoConfig.for_model("llama", **KNOWN_SHAPES[name])
+    from prune.models import load_config, resolve_model_source
+
+    return load_config(resolve_model_source(name, cache))
+
+
+def _round_to_multiple(value: float, multiple: int, smallest: int) -> int:
+    return max(smallest, multiple * round(value / multiple))
+
+
+def transferred_widths(layers: list[dict], target: BlockShape, round_to: int) -> list[LayerWidths | None]:
+    """The per-layer kept fractions of a finished run, applied to another model's shape.
+
+    ``layers``: the ``layers`` table of a run's report.json (per layer ``dense`` and ``pruned`` widths;
+    ``pruned`` null for a removed layer). Target layer ``i`` takes the fractions of the source layer at
+    the same relative depth. KV groups keep the source's fraction; query heads per group keep the
+    source's per-group fraction, except that a model with one query head per KV head (multi-head
+    attention) keeps the source's fraction of query heads as whole heads. FFN widths are rounded to a
+    multiple of ``round_to`` (at least ``round_to``); every layer keeps at least one head.
+    """
+    rows = len(layers)
+    widths: list[LayerWidths | None] = []
+    for i, dense in enumerate(target.layers):
+        source = layers[round(i * (rows - 1) / max(target.num_layers - 1, 1))]
+        kept, full = source["pruned"], source["dense"]
+        if kept is None:
+            widths.append(None)
+            continue
+        ffn = _round_to_multiple(kept["ffn_channels"] / full["ffn_channels"] * dense.ffn_channels, round_to, round_to)
+        ffn = min(ffn, dense.ffn_channels)
+        if dense.heads_per_group == 1:
+            heads = max(1, round(kept["query_heads"] / full["query_heads"] * dense.query_heads))
+            widths.append(LayerWidths(heads, heads, ffn))
+            continue
+        groups = max(1, round(kept["kv_groups"] / full["kv_groups"] * dense.kv_heads))
+        per_group_fraction = (kept["query_heads"] / kept["kv_groups"]) / (full["query_heads"] / full["kv_groups"])
+        per_group = max(1, round(per_group_fraction * dense.heads_per_group))
+        widths.append(LayerWidths(per_group * groups, groups, ffn))
+    return widths
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def random_model(config, widths: list[LayerWidths | None], dtype: torch.dtype, device: torch.device,
+                 output_bias: bool = False, seed: int = 0):
+    """A random-weight model of ``config``'s family with the given per-layer widths (None: layer removed).
+
+    Built directly on ``device`` in ``dtype`` by the same classes that load pruned checkpoints, so its
+    linear layers have exactly the shapes a pruned checkpoint with these widths has.
+    """
+    from prune.pruner import model_class_for, pruned_config
+
+    config = pruned_config(config, widths, output_bias)
+    torch.manual_seed(seed)
+    with torch.device(device), _default_dtype(dtype):
+        model = model_class_for(config)(config)
+    return model.eval()
+
+
+def speed_table(rows: list[dict]) -> str:
+    """Markdown table of :func:`main`'s results: one line per (batch size, model)."""
+    lines = ["| batch | model | parameters | linear MACs / token | prefill ms (median, min-max) | "
+             "decode tokens/s (median, min-max) | peak memory GiB | speedup prefill / decode | limit |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        dense = row["results"]["dense"]
+        for name, r in row["results"].items():
+            ratios = limit = "-"
+            if name != "dense":
+                ratios = (f"{dense['prefill_ms_median'] / r['prefill_ms_median']:.2f}x / "
+                          f"{r['decode_tokens_per_s_median'] / dense['decode_tokens_per_s_median']:.2f}x")
+                limit = f"{dense['linear_macs_per_token'] / r['linear_macs_per_token']:.2f}x"
+            lines.append(
+                f"| {row['batch_size']} | {name} | {row['parameters'][name]:,} | {r['linear_macs_per_token']:,} | "
+                f"{r['prefill_ms_median']:.1f} ({r['prefill_ms_min']:.1f}-{r['prefill_ms_max']:.1f}) | "
+                f"{r['decode_tokens_per_s_median']:.1f} ({r['decode_tokens_per_s_min']:.1f}-{r['decode_tokens_per_s_max']:.1f}) | "
+                f"{r['peak_memory_bytes'] / 2**30:.2f} | {ratios} | {limit} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from prune.models import resolve_device, resolve_dtype
+    from prune.paths import cache_dir
+
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.speed",
+        description="Shape-only speed benchmark: random-weight dense model vs the same model with a run's per-layer widths.")
+    parser.add_argument("--config", required=True,
+                        help=f"shape name ({', '.join(KNOWN_SHAPES)}) or a model source (local directory, .gguf, smollm2-135m, hub id)")
+    parser.add_argument("--allocation", required=True, type=Path,
+                        help="a finished run's output directory (or its report.json): its per-layer kept fractions are applied")
+    parser.add_argument("--round-to", type=int, default=None,
+                        help="FFN widths rounded to this multiple (default: the run's pruning.round_to)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--json", type=Path, help="also write the results (JSON) here")
+    args = parser.parse_args(argv)
+
+    report_path = args.allocation / "report.json" if args.allocation.is_dir() else args.allocation
+    if not report_path.is_file():
+        print(f"error: --allocation: no report.json at {report_path}", file=sys.stderr)
+        return 2
+    report = json.loads(report_path.read_text())
+    round_to = args.round_to or report["recipe"]["pruning"]["round_to"]
+    output_bias = report["recipe"]["pruning"]["reconstruct"] != "none"
+    config = shaped_config(args.config, cache_dir(None))
+    shape = block_shape(config)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    widths = transferred_widths(report["layers"], shape, round_to)
+    models = {"dense": random_model(config, list(shape.layers), dtype, device),
+              "pruned": random_model(config, widths, dtype, device, output_bias)}
+    parameters = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    rows = []
+    for batch_size in args.batch_sizes:
+        results = measure_speed(models, args.prompt_tokens, batch_size, args.new_tokens, args.warmup, args.repeats)
+        rows.append({"batch_size": batch_size, "parameters": parameters,
+                     "results": {name: result.as_dict() for name, result in results.items()}})
+    summary = {
+        "config": args.config, "allocation": str(report_path), "round_to": round_to, "device": device_name,
+        "dtype": str(dtype).removeprefix("torch."), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+        "warmup": args.warmup, "repeats": args.repeats, "torch": torch.__version__,
+        "pruned_widths": [None if w is None else asdict(w) for w in widths],
+        "removed_fraction": 1 - parameters["pruned"] / parameters["dense"], "rows": rows,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{args.config} shapes, {summary['dtype']} on {device_name}; widths from {report_path} "
+          f"(FFN rounded to {round_to}); {summary['removed_fraction']:.1%} of parameters removed; "
+          f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, {args.warmup} warm-up + {args.repeats} repeats")
+    print(speed_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from conftest import random_tokens, tiny_model
+from conftest import random_tokens, tiny_config, tiny_model
 from eval.perplexity import perplexity, window_count
 from eval.speed import measure_speed, prefill_and_decode
 
@@ -91,3 +91,82 @@ def test_linear_macs_per_token_counts_every_linear_and_the_lm_head():
     assert linear_macs_per_token(model) == 3 * per_layer + 128 * 96
     pruned = prune_model(model, [LayerPlan((0, 1, 3, 4), (0, 1), tuple(range(32)))] * 3)
     assert linear_macs_per_token(pruned) == 3 * (64 * 96 + 2 * 32 * 96 + 96 * 64 + 3 * 32 * 96) + 128 * 96
+
+
+def _layer_row(dense: tuple[int, int, int], pruned: tuple[int, int, int] | None) -> dict:
+    keys = ("query_heads", "kv_groups", "ffn_channels")
+    return {"dense": dict(zip(keys, dense)), "pruned": None if pruned is None else dict(zip(keys, pruned))}
+
+
+def test_transferred_widths_follow_relative_depth_and_attention_layout():
+    from eval.speed import transferred_widths
+    from prune.blocks import block_shape
+
+    # source: 3 layers of 9 heads / 3 KV groups / 1536 channels; middle layer removed
+    rows = [_layer_row((9, 3, 1536), (6, 3, 768)), _layer_row((9, 3, 1536), None), _layer_row((9, 3, 1536), (3, 1, 1536))]
+    mha = block_shape(tiny_config(layers=5, hidden=128, heads=8, kv_heads=8, ffn=1000))
+    widths = transferred_widths(rows, mha, round_to=64)
+    # depth 0, .25, .5, .75, 1 -> source layers 0, 0 (round(0.5) = 0), 1, 2 (round(1.5) = 2), 2
+    assert [None if w is None else (w.query_heads, w.kv_heads, w.ffn_channels) for w in widths] == [
+        (5, 5, 512), (5, 5, 512), None, (3, 3, 1000), (3, 3, 1000)]  # 2/3 of 8 heads -> 5; 1/3 -> 3; 1000 capped
+    gqa = block_shape(tiny_config(layers=3, hidden=192, heads=12, kv_heads=4, ffn=256))
+    widths = transferred_widths(rows, gqa, round_to=8)
+    assert (widths[0].query_heads, widths[0].kv_heads, widths[0].ffn_channels) == (8, 4, 128)  # 2 of 3 per group
+    assert (widths[2].query_heads, widths[2].kv_heads) == (3, 1)  # 1 of 3 groups, whole groups kept
+    assert widths[1] is None
+
+
+def test_shape_only_model_has_exactly_the_planned_shapes():
+    from eval.speed import random_model
+    from prune.blocks import LayerWidths, decoder_layers
+
+    config = tiny_config(layers=3, hidden=96, heads=6, kv_heads=2, ffn=64)
+    widths = [LayerWidths(4, 2, 40), None, LayerWidths(3, 1, 8)]
+    model = random_model(config, widths, torch.float32, torch.device("cpu"), output_bias=True)
+    layers = decoder_layers(model)
+    assert len(layers) == 2
+    for layer, w in zip(layers, [widths[0], widths[2]]):
+        attn, mlp = layer.self_attn, layer.mlp
+        assert attn.q_proj.weight.shape == (16 * w.query_heads, 96) and attn.k_proj.weight.shape == (16 * w.kv_heads, 96)
+        assert attn.v_proj.weight.shape == (16 * w.kv_heads, 96) and attn.o_proj.weight.shape == (96, 16 * w.query_heads)
+        assert mlp.gate_proj.weight.shape == (w.ffn_channels, 96) and mlp.down_proj.weight.shape == (96, w.ffn_channels)
+        assert attn.o_proj.bias is not None and mlp.down_proj.bias is not None
+    out = model(random_tokens(2, 7)).logits
+    assert out.shape == (2, 7, 128) and torch.isfinite(out).all()
+    dense = random_model(config, [LayerWidths(6, 2, 64)] * 3, torch.bfloat16, torch.device("cpu"))
+    assert type(dense).__name__ == "LlamaForCausalLM" and next(dense.parameters()).dtype == torch.bfloat16
+    assert torch.get_default_dtype() == torch.float32  # restored
+
+
+def test_clock_synchronises_cuda_before_reading(monkeypatch):
+    from eval import speed
+
+    calls = []
+    monkeypatch.setattr(speed.torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    speed.synchronized_clock(torch.device("cpu"))
+    assert calls == []
+    speed.synchronized_clock(torch.device("cuda", 0))
+    assert calls == [torch.device("cuda", 0)]
+
+
+def test_shape_only_command_times_dense_and_transferred_widths(tmp_path, capsys):
+    import json
+
+    from eval.speed import main
+
+    tiny_config(layers=2, hidden=96, heads=6, kv_heads=2, ffn=64).save_pretrained(tmp_path / "shape")
+    report = {"recipe": {"pruning": {"round_to": 8, "reconstruct": "lstsq"}},
+              "layers": [_layer_row((9, 3, 1536), (6, 3, 768)), _layer_row((9, 3, 1536), (9, 3, 1536))]}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    assert main(["--config", str(tmp_path / "shape"), "--allocation", str(tmp_path), "--batch-sizes", "1", "2",
+                 "--prompt-tokens", "6", "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+                 "--json", str(tmp_path / "speed.json")]) == 0
+    summary = json.loads((tmp_path / "speed.json").read_text())
+    assert summary["pruned_widths"] == [{"query_heads": 4, "kv_heads": 2, "ffn_channels": 32},
+                                        {"query_heads": 6, "kv_heads": 2, "ffn_channels": 64}]
+    assert [row["batch_size"] for row in summary["rows"]] == [1, 2]
+    pruned_macs = summary["rows"][0]["results"]["pruned"]["linear_macs_per_token"]
+    assert pruned_macs == (2 * 4 + 2 * 2) * 16 * 96 + 3 * 32 * 96 + (2 * 6 + 2 * 2) * 16 * 96 + 3 * 64 * 96 + 128 * 96
+    table = capsys.readouterr().out
+    assert table.count("| pruned |") == 2 and "limit" in table
+    assert main(["--config", str(tmp_path / "shape"), "--allocation", str(tmp_path / "missing")]) == 2
