@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from eval.figures import write_figures
+
 
 def _ratio(pruned: float | None, dense: float | None) -> str:
     return f"{pruned / dense:.3f}x" if pruned is not None and dense else "n/a"
@@ -12,6 +14,24 @@ def _ratio(pruned: float | None, dense: float | None) -> str:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
+
+
+def _limit(zeroshot: dict) -> str:
+    return f", first {zeroshot['limit']} items each" if zeroshot["limit"] else ""
+
+
+def _zeroshot_section(zeroshot: dict) -> list[str]:
+    source = (f"the toolkit's local task definitions over `{zeroshot['data_dir']}/zeroshot`" if zeroshot["source"] == "local"
+              else "lm-eval's registered tasks (Hugging Face Hub data)")
+    lines = ["## Zero-shot accuracy (%)", "",
+             f"lm-eval-harness, {source}{_limit(zeroshot)}, seed {zeroshot['seed']}. The mean is over "
+             f"{', '.join(zeroshot['mean_tasks'])} and uses `{zeroshot['mean_metric']}`.", "",
+             "| task | items | dense acc | pruned acc | dense acc_norm | pruned acc_norm |", "|---|---:|---:|---:|---:|---:|"]
+    for task, dense in zeroshot["dense"]["tasks"].items():
+        pruned = zeroshot["pruned"]["tasks"][task]
+        norm = (f"{100 * dense['acc_norm']:.1f} | {100 * pruned['acc_norm']:.1f}" if "acc_norm" in dense else "- | -")
+        lines.append(f"| {task} | {dense['items']} | {100 * dense['acc']:.1f} | {100 * pruned['acc']:.1f} | {norm} |")
+    return lines + [""]
 
 
 def render_markdown(report: dict) -> str:
@@ -38,6 +58,13 @@ def render_markdown(report: dict) -> str:
             f"| {ppl['dataset']} perplexity ({ppl['seqlen']}-token windows x {ppl['windows']}) | "
             f"{ppl['dense']:.2f} | {ppl['pruned']:.2f} | {_ratio(ppl['pruned'], ppl['dense'])} |"
         )
+    zeroshot = report.get("zeroshot")
+    if zeroshot and zeroshot["dense"]["mean"] is not None:
+        lines.append(
+            f"| zero-shot mean {zeroshot['mean_metric']} ({len(zeroshot['mean_tasks'])} tasks{_limit(zeroshot)}) | "
+            f"{100 * zeroshot['dense']['mean']:.2f} | {100 * zeroshot['pruned']['mean']:.2f} | "
+            f"{_ratio(zeroshot['pruned']['mean'], zeroshot['dense']['mean'])} |"
+        )
     if speed:
         d, p = speed["dense"], speed["pruned"]
         lines += [
@@ -59,7 +86,11 @@ def render_markdown(report: dict) -> str:
             f"{speed['warmup']} warm-up and {speed['repeats']} timed repeats (median; spread in report.json).",
             "",
         ]
-    lines += ["## Per-layer widths", "",
+    lines += ["![headline metrics, dense and pruned](headline.png)", ""]
+    if zeroshot:
+        lines += _zeroshot_section(zeroshot)
+    lines += ["## Per-layer widths", "", "![kept width per layer](widths.png)", "",
+              "![allocation per layer](allocation.png)", "",
               "| layer | query heads | KV groups | FFN channels | requested sparsity | activated weights |",
               "|---:|---:|---:|---:|---:|---:|"]
     for layer in report["layers"]:
@@ -83,6 +114,10 @@ def render_markdown(report: dict) -> str:
             + (f" Peak memory of the pass: weights + {_mib(stats['pass_added_bytes'])} = "
                f"{stats['peak_over_weights']:.2f}x the weight bytes." if stats.get("pass_added_bytes") is not None else "")
         )
+    for name in ("perplexity", "zeroshot"):
+        section = report.get(name)
+        if section and section.get("dense_reused_from"):
+            lines.append(f"- Dense {name} reused from `{section['dense_reused_from']}` (same model file, dtype, device and settings).")
     for note in report.get("notes", []):
         lines.append(f"- {note}")
     lines.append(f"- Checkpoint: `{report['checkpoint']['path']}` "
@@ -94,5 +129,7 @@ def render_markdown(report: dict) -> str:
 
 
 def write_report(report: dict, directory: Path) -> None:
+    """``report.json``, the figures (PNG) and ``report.md``, which embeds them, into ``directory``."""
     (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_figures(report, directory)
     (directory / "report.md").write_text(render_markdown(report))

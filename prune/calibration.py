@@ -13,14 +13,13 @@ Any ``.jsonl`` file (one ``{"text": ...}`` document per line) or ``.txt`` file (
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from prune.paths import file_identity
+from prune.paths import data_dir, file_identity
 
 
 class DataSourceError(RuntimeError):
@@ -53,15 +52,15 @@ class TextSource:
 def resolve_text_source(name: str, key: str) -> TextSource:
     """Resolve a recipe's data source; ``key`` names the recipe key in error messages."""
     if name in LOCAL_FILES:
-        data_dir = os.environ.get("PRUNE_DATA_DIR")
-        if data_dir and (Path(data_dir) / LOCAL_FILES[name]).is_file():
-            path = Path(data_dir) / LOCAL_FILES[name]
+        data = data_dir()
+        if data and (data / LOCAL_FILES[name]).is_file():
+            path = data / LOCAL_FILES[name]
             return TextSource(name, "jsonl" if path.suffix == ".jsonl" else "txt", str(path))
         try:
             import datasets  # noqa: F401
         except ImportError:
             raise DataSourceError(
-                f"{key}: {name!r} is not in $PRUNE_DATA_DIR ({data_dir or 'unset'}) and the 'datasets' package "
+                f"{key}: {name!r} is not in $PRUNE_DATA_DIR ({data or 'unset'}) and the 'datasets' package "
                 "is not installed (pip install 'prune[online]')"
             ) from None
         return TextSource(name, "hub", name)

@@ -180,7 +180,8 @@ def load_model(
     torch_device = resolve_device(device)
     location = str(_converted_gguf_dir(source, cache)) if source.kind == "gguf" else source.location
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=resolve_dtype(dtype, torch_device))
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=resolve_dtype(dtype, torch_device),
+                                                     trust_remote_code=source.kind == "directory")
         tokenizer = AutoTokenizer.from_pretrained(location)
     except OSError as error:
         raise ModelSourceError(_one_line_hub_error(source, error)) from None

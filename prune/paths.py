@@ -11,6 +11,12 @@ def cache_dir(configured: str | None = None) -> Path:
     return Path(configured or os.environ.get("PRUNE_CACHE_DIR") or Path.home() / ".cache" / "prune").expanduser()
 
 
+def data_dir() -> Path | None:
+    """The data directory $PRUNE_DATA_DIR (laid out like ``../shared/data``), or None when unset."""
+    value = os.environ.get("PRUNE_DATA_DIR")
+    return Path(value).expanduser() if value else None
+
+
 def file_identity(path: Path) -> str:
     """Absolute path, size and modification time of a file, or of the weight files of a directory."""
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))

@@ -97,9 +97,27 @@ class SpeedSection:
     repeats: int = 5
 
 
+ZEROSHOT_TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "social_iqa"]
+"""lm-eval task names with a shipped local definition (``eval/tasks``); the first seven feed the mean."""
+
+
+@dataclass
+class ZeroshotSection:
+    enabled: bool = True
+    tasks: list[str] = field(default_factory=lambda: list(ZEROSHOT_TASKS))
+    """lm-eval task names."""
+    source: Literal["auto", "local", "harness"] = "auto"
+    """``local``: the shipped task files over $PRUNE_DATA_DIR/zeroshot; ``harness``: lm-eval's own (Hub data); ``auto``: local when present."""
+    limit: int | None = 100
+    """Items per task (the first ones); null = all."""
+    batch_size: int = 16
+    seed: int = 0
+
+
 @dataclass
 class EvaluationSection:
     perplexity: PerplexitySection = field(default_factory=PerplexitySection)
+    zeroshot: ZeroshotSection = field(default_factory=ZeroshotSection)
     speed: SpeedSection = field(default_factory=SpeedSection)
 
 
@@ -191,6 +209,13 @@ def _check_ranges(recipe: Recipe) -> None:
          "must be null or [first, end] with 0 <= first < end"),
         ("evaluation.perplexity.seqlen", recipe.evaluation.perplexity.seqlen > 1, "must be > 1"),
         ("evaluation.perplexity.windows", recipe.evaluation.perplexity.windows is None or recipe.evaluation.perplexity.windows > 0, "must be > 0 or null"),
+        ("evaluation.zeroshot.tasks", recipe.evaluation.zeroshot.source == "harness" or all(
+            t in ZEROSHOT_TASKS for t in recipe.evaluation.zeroshot.tasks),
+         f"must be among the local tasks {ZEROSHOT_TASKS} (or set evaluation.zeroshot.source: harness)"),
+        ("evaluation.zeroshot.tasks", len(recipe.evaluation.zeroshot.tasks) > 0, "must name at least one task"),
+        ("evaluation.zeroshot.limit", recipe.evaluation.zeroshot.limit is None or recipe.evaluation.zeroshot.limit > 0,
+         "must be > 0 or null"),
+        ("evaluation.zeroshot.batch_size", recipe.evaluation.zeroshot.batch_size > 0, "must be > 0"),
         ("evaluation.speed.prompt_tokens", recipe.evaluation.speed.prompt_tokens > 0, "must be > 0"),
         ("evaluation.speed.batch_size", recipe.evaluation.speed.batch_size > 0, "must be > 0"),
         ("evaluation.speed.new_tokens", recipe.evaluation.speed.new_tokens > 0, "must be > 0"),

@@ -9,6 +9,8 @@ only when every stage has succeeded.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import shutil
 import sys
 import time
@@ -23,13 +25,14 @@ from transformers import PreTrainedModel
 from eval.perplexity import perplexity
 from eval.report import write_report
 from eval.speed import measure_speed
+from eval.zeroshot import local_data_file, resolve_source, zeroshot_accuracy
 from prune.allocation import Allocation, ImpossibleTargetError, allocate, remove_layers, removable_parameters
 from prune.blocks import BlockShape, block_shape, count_parameters
 from prune.calibration import DataSourceError, TextSource, calibration_samples, evaluation_tokens, resolve_text_source
 from prune.checkpoint import save_checkpoint
 from prune.memory import current_bytes, peak_bytes, reset_peak
 from prune.models import ModelSource, ModelSourceError, load_config, load_model, resolve_model_source
-from prune.paths import cache_dir
+from prune.paths import cache_dir, data_dir, file_identity
 from prune.pruner import has_layer_widths, model_class_for, prune_model
 from prune.recipe import Recipe, RecipeError, load_recipe, recipe_to_dict
 from prune.reconstruct import reconstruct_outputs
@@ -112,6 +115,13 @@ def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
             f"({most / dense_parameters['total']:.1%}) can go while every layer keeps 1 KV group, 1 query head "
             f"per group and {p.min_ffn_channels} FFN channels"
         )
+    zs = recipe.evaluation.zeroshot
+    if zs.enabled and resolve_source(zs.tasks, zs.source) == "local":
+        if data_dir() is None:
+            raise DataSourceError("evaluation.zeroshot.source: local needs the data directory ($PRUNE_DATA_DIR)")
+        for task in zs.tasks:
+            if not local_data_file(task, data_dir()).is_file():
+                raise DataSourceError(f"evaluation.zeroshot.tasks: {task}: data file not found: {local_data_file(task, data_dir())}")
     return Prepared(recipe, output, cache, model_source, shape, dense_parameters, params_to_remove,
                     calibration_source, evaluation_source)
 
@@ -170,6 +180,30 @@ def obtain_statistics(prepared: Prepared, model, tokenizer) -> tuple[ActivationS
              "peak_over_weights": (weights + peak - before) / weights}
     statistics.save(path)
     return statistics, info
+
+
+DENSE_EVALUATION_VERSION = 1
+"""Part of the key of cached dense-model evaluations; bump when evaluation code changes its numbers."""
+
+
+def cached_dense_evaluation(prepared: Prepared, model, name: str, settings: dict, compute) -> tuple[dict, str | None]:
+    """The dense model's result of one evaluation: from the cache when this model file, dtype, device and
+    ``settings`` were evaluated before, else ``compute()`` (then cached). Returns it and the cache path
+    it was reused from (None when computed).
+    """
+    parameter = next(model.parameters())
+    key = json.dumps({"version": DENSE_EVALUATION_VERSION, "model": prepared.model_source.fingerprint(),
+                      "dtype": str(parameter.dtype), "device": parameter.device.type, "name": name,
+                      "settings": settings}, sort_keys=True)
+    path = prepared.cache / "dense_evaluation" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        return json.loads(path.read_text()), str(path)
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(result))
+    partial.replace(path)
+    return result, None
 
 
 def layer_table(shape: BlockShape, allocation: Allocation) -> list[dict]:
@@ -244,11 +278,34 @@ def execute(prepared: Prepared) -> Path:
         with timed(stage_seconds, "perplexity"):
             ppl_recipe = recipe.evaluation.perplexity
             tokens = evaluation_tokens(tokenizer, prepared.evaluation_source)
-            dense_ppl = perplexity(model, tokens, ppl_recipe.seqlen, ppl_recipe.windows, "dense")
+            settings = {"text": prepared.evaluation_source.fingerprint(), "seqlen": ppl_recipe.seqlen,
+                        "windows": ppl_recipe.windows}
+            dense_ppl, reused = cached_dense_evaluation(
+                prepared, model, "perplexity", settings,
+                lambda: perplexity(model, tokens, ppl_recipe.seqlen, ppl_recipe.windows, "dense"))
             pruned_ppl = perplexity(pruned, tokens, ppl_recipe.seqlen, ppl_recipe.windows, "pruned")
             report_perplexity = {"dataset": ppl_recipe.dataset, "seqlen": ppl_recipe.seqlen,
                                  "windows": dense_ppl["windows"], "predicted_tokens": dense_ppl["predicted_tokens"],
-                                 "dense": dense_ppl["perplexity"], "pruned": pruned_ppl["perplexity"]}
+                                 "dense": dense_ppl["perplexity"], "pruned": pruned_ppl["perplexity"],
+                                 "dense_reused_from": reused}
+        report_zeroshot = None
+        zs = recipe.evaluation.zeroshot
+        if zs.enabled:
+            with timed(stage_seconds, "zero-shot"):
+                source = resolve_source(zs.tasks, zs.source)
+                files = [file_identity(local_data_file(t, data_dir())) for t in zs.tasks] if source == "local" else []
+                settings = {"tasks": zs.tasks, "source": source, "files": files, "limit": zs.limit,
+                            "batch_size": zs.batch_size, "seed": zs.seed}
+
+                def evaluate(m):
+                    return zeroshot_accuracy(m, tokenizer, zs.tasks, source, zs.limit, zs.batch_size, zs.seed)
+
+                dense_zs, reused = cached_dense_evaluation(prepared, model, "zeroshot", settings, lambda: evaluate(model))
+                pruned_zs = evaluate(pruned)
+                report_zeroshot = {key: dense_zs[key] for key in ("source", "data_dir", "limit", "seed", "mean_metric", "mean_tasks")}
+                report_zeroshot |= {"dense": {"tasks": dense_zs["tasks"], "mean": dense_zs["mean"]},
+                                    "pruned": {"tasks": pruned_zs["tasks"], "mean": pruned_zs["mean"]},
+                                    "dense_reused_from": reused}
         report_speed = None
         speed = recipe.evaluation.speed
         if speed.enabled:
@@ -278,6 +335,7 @@ def execute(prepared: Prepared) -> Path:
             "allocation": {"strategy": recipe.allocation.strategy, "activation_threshold": allocation.threshold},
             "statistics": statistics_info,
             "perplexity": report_perplexity,
+            "zeroshot": report_zeroshot,
             "speed": report_speed,
             "checkpoint": {"path": str(output / "model"), "remote_code": has_layer_widths(pruned.config)},
             "stage_seconds": stage_seconds,

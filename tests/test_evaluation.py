@@ -170,3 +170,34 @@ def test_shape_only_command_times_dense_and_transferred_widths(tmp_path, capsys)
     table = capsys.readouterr().out
     assert table.count("| pruned |") == 2 and "limit" in table
     assert main(["--config", str(tmp_path / "shape"), "--allocation", str(tmp_path / "missing")]) == 2
+
+
+def test_report_writes_linked_figures_and_the_zero_shot_table(tmp_path):
+    from eval.report import write_report
+    from prune.recipe import Recipe, recipe_to_dict
+
+    layers = [{"index": i, "dense": {"query_heads": 9, "kv_groups": 3, "ffn_channels": 1536},
+               "pruned": None if i == 1 else {"query_heads": 6, "kv_groups": 3, "ffn_channels": 1000 - 100 * i},
+               "requested_sparsity": 0.1 * i, "activated_weights": 1000.0 * (i + 1), "block_influence": None}
+              for i in range(3)]
+    tasks = {"dense": {"tasks": {"piqa": {"acc": 0.70, "acc_norm": 0.68, "items": 100}, "boolq": {"acc": 0.60, "items": 100}},
+                       "mean": 0.65},
+             "pruned": {"tasks": {"piqa": {"acc": 0.61, "acc_norm": 0.60, "items": 100}, "boolq": {"acc": 0.55, "items": 100}},
+                        "mean": 0.58}}
+    report = {"model": {"source": "tiny", "model_type": "llama"}, "recipe": recipe_to_dict(Recipe()),
+              "parameters": {"dense": {"total": 100, "decoder_blocks": 80}, "pruned": {"total": 70, "decoder_blocks": 50},
+                             "removed_fraction": 0.3},
+              "layers": layers, "perplexity": {"dataset": "wikitext2", "seqlen": 2048, "windows": 16, "dense": 20.7,
+                                               "pruned": 45.4, "dense_reused_from": "/cache/p.json"},
+              "zeroshot": {"source": "local", "data_dir": "/data", "limit": 100, "seed": 0, "mean_metric": "acc",
+                           "mean_tasks": ["boolq", "piqa"], "dense_reused_from": None, **tasks},
+              "speed": None, "statistics": None, "notes": [], "checkpoint": {"path": "x", "remote_code": True},
+              "stage_seconds": {"zero-shot": 1.0}}
+    write_report(report, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    for name in ("headline.png", "widths.png", "allocation.png"):
+        assert f"]({name})" in text
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| zero-shot mean acc (2 tasks, first 100 items each) | 65.00 | 58.00 | 0.892x |" in text
+    assert "| piqa | 100 | 70.0 | 61.0 | 68.0 | 60.0 |" in text and "| boolq | 100 | 60.0 | 55.0 | - | - |" in text
+    assert "Dense perplexity reused from `/cache/p.json`" in text and "Dense zeroshot reused" not in text

@@ -16,7 +16,8 @@ pytestmark = [
 ]
 
 QUICK = ["calibration.samples=6", "calibration.seqlen=64", "evaluation.perplexity.windows=2",
-         "evaluation.speed.repeats=1", "evaluation.speed.new_tokens=8", "evaluation.speed.prompt_tokens=32"]
+         "evaluation.speed.repeats=1", "evaluation.speed.new_tokens=8", "evaluation.speed.prompt_tokens=32",
+         "evaluation.zeroshot.tasks=[piqa, winogrande]", "evaluation.zeroshot.limit=3"]
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +43,18 @@ def test_default_recipe_end_to_end(tmp_path, cache):
     assert 0.695 <= pruned["total"] / dense["total"] <= 0.70
     assert report["checkpoint"]["remote_code"] is True
     assert report["statistics"]["reused"] is False
-    assert sorted(os.listdir(output)) == ["activation_stats.safetensors", "model", "report.json", "report.md"]
+    assert sorted(os.listdir(output)) == ["activation_stats.safetensors", "allocation.png", "headline.png", "model",
+                                          "report.json", "report.md", "widths.png"]
     assert {"model.safetensors", "config.json", "modeling_pruned.py", "tokenizer.json"} <= set(os.listdir(output / "model"))
     layers = report["layers"]
     assert len(layers) == 30 and all(row["pruned"]["query_heads"] % row["pruned"]["kv_groups"] == 0 for row in layers)
     assert report["speed"]["pruned"]["decode_tokens_per_s_median"] > 0
     assert report["perplexity"]["pruned"] > report["perplexity"]["dense"] > 1
+    zeroshot = report["zeroshot"]
+    assert zeroshot["source"] == "local" and zeroshot["mean_tasks"] == ["piqa", "winogrande"]
+    for side in ("dense", "pruned"):
+        assert {t: m["items"] for t, m in zeroshot[side]["tasks"].items()} == {"piqa": 3, "winogrande": 3}
+        assert all(0 <= m["acc"] <= 1 for m in zeroshot[side]["tasks"].values())
 
     check = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "independent_perplexity.py"), str(output / "model"),
@@ -64,5 +71,9 @@ def test_default_recipe_end_to_end(tmp_path, cache):
     # same model and calibration, another target: the statistics are reused, not recomputed
     second = _run(tmp_path / "s20", cache, "pruning.target=0.2", "allocation.strategy=uniform")
     assert second["statistics"]["reused"] is True
+    # ... and so are the dense model's evaluations
+    assert second["perplexity"]["dense_reused_from"] and second["zeroshot"]["dense_reused_from"]
+    assert second["perplexity"]["dense"] == report["perplexity"]["dense"]
+    assert second["zeroshot"]["dense"] == report["zeroshot"]["dense"]
     assert second["statistics"]["cache_path"] == report["statistics"]["cache_path"]
     assert 0.795 <= second["parameters"]["pruned"]["total"] / dense["total"] <= 0.80

@@ -1,0 +1,102 @@
+"""PNG figures of a pruning report (matplotlib, Agg backend: no display needed).
+
+Each function takes the report dictionary that ``report.json`` holds and writes one figure.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+DENSE_COLOR, PRUNED_COLOR = "#9aa5b1", "#d9480f"
+
+
+def _kept(layer: dict, key: str) -> int:
+    return 0 if layer["pruned"] is None else layer["pruned"][key]
+
+
+def layer_widths_figure(report: dict, path: Path) -> None:
+    """Per layer: query heads and FFN channels, dense (grey) and kept (orange); removed layers keep 0."""
+    layers = report["layers"]
+    index = [layer["index"] for layer in layers]
+    fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    for ax, key, label in ((axes[0], "query_heads", "query heads"), (axes[1], "ffn_channels", "FFN channels")):
+        ax.bar(index, [layer["dense"][key] for layer in layers], color=DENSE_COLOR, label="dense")
+        ax.bar(index, [_kept(layer, key) for layer in layers], color=PRUNED_COLOR, width=0.6, label="pruned")
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(loc="upper right")
+    axes[1].set_xlabel("decoder layer")
+    fig.suptitle("Kept width per layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def allocation_figure(report: dict, path: Path) -> None:
+    """Per layer: activated weights (bars, when the allocation measured them) and the sparsity it asked for (line)."""
+    layers = report["layers"]
+    index = [layer["index"] for layer in layers]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    sparsity_ax = ax
+    if all(layer.get("activated_weights") is not None for layer in layers):
+        ax.bar(index, [layer["activated_weights"] for layer in layers], color=DENSE_COLOR, label="activated weights")
+        ax.set_ylabel("activated weights (A above threshold)")
+        sparsity_ax = ax.twinx()
+    sparsity_ax.plot(index, [layer["requested_sparsity"] for layer in layers], color=PRUNED_COLOR, marker="o",
+                     label="requested sparsity")
+    sparsity_ax.set_ylabel("requested sparsity of the layer")
+    sparsity_ax.set_ylim(0, 1)
+    ax.set_xlabel("decoder layer")
+    handles = [h for a in {ax, sparsity_ax} for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles=handles, loc="upper left")
+    ax.set_title(f"Allocation ({report['recipe']['allocation']['strategy']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def headline_metrics(report: dict) -> list[tuple[str, float, float]]:
+    """(label, dense, pruned) of every headline metric the report holds."""
+    params = report["parameters"]
+    metrics = [("parameters (millions)", params["dense"]["total"] / 1e6, params["pruned"]["total"] / 1e6)]
+    if report.get("perplexity"):
+        ppl = report["perplexity"]
+        metrics.append((f"{ppl['dataset']} perplexity", ppl["dense"], ppl["pruned"]))
+    if report.get("zeroshot"):
+        zs = report["zeroshot"]
+        if zs["dense"]["mean"] is not None:
+            metrics.append((f"zero-shot mean {zs['mean_metric']} (%)", 100 * zs["dense"]["mean"], 100 * zs["pruned"]["mean"]))
+    if report.get("speed"):
+        d, p = report["speed"]["dense"], report["speed"]["pruned"]
+        metrics.append(("decode tokens/s", d["decode_tokens_per_s_median"], p["decode_tokens_per_s_median"]))
+        metrics.append(("prefill ms", d["prefill_ms_median"], p["prefill_ms_median"]))
+    return metrics
+
+
+def headline_figure(report: dict, path: Path) -> None:
+    """One small panel per headline metric: dense and pruned bars with their values."""
+    metrics = headline_metrics(report)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics), 3.2), squeeze=False)
+    for ax, (label, dense, pruned) in zip(axes[0], metrics):
+        bars = ax.bar(["dense", "pruned"], [dense, pruned], color=[DENSE_COLOR, PRUNED_COLOR])
+        ax.bar_label(bars, labels=[f"{dense:,.4g}", f"{pruned:,.4g}"], fontsize=8)
+        ax.set_title(label, fontsize=9)
+        ax.margins(y=0.15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+FIGURES = {"headline.png": headline_figure, "widths.png": layer_widths_figure, "allocation.png": allocation_figure}
+
+
+def write_figures(report: dict, directory: Path) -> list[str]:
+    """Write every figure into ``directory``; returns their file names."""
+    for name, draw in FIGURES.items():
+        draw(report, directory / name)
+    return list(FIGURES)

@@ -1,0 +1,166 @@
+"""Zero-shot accuracy through lm-eval-harness (METHOD.md section 4).
+
+The in-memory model is wrapped in lm-eval's ``HFLM`` and evaluated with ``lm_eval.simple_evaluate``
+(no reloading from disk). Task names are lm-eval's. Two sources of task definitions:
+
+- ``local``: the definitions shipped in ``eval/tasks/*.yaml`` (lm-eval YAML, ``dataset_path: json``),
+  reading ``zeroshot/*.jsonl`` from the data directory ($PRUNE_DATA_DIR). Each choice is scored as
+  the continuation of the query, joined by a space unless it starts with punctuation; ``acc_norm``
+  divides a choice's log-likelihood by its length in characters, the joining space included.
+- ``harness``: lm-eval's own registered tasks (their datasets come from the Hugging Face Hub).
+
+``auto`` takes ``local`` when the data directory holds the task's file, else ``harness``.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from pathlib import Path
+
+import yaml
+
+from prune.calibration import DataSourceError
+from prune.paths import data_dir
+from prune.recipe import ZEROSHOT_TASKS
+
+TASK_DIR = Path(__file__).parent / "tasks"
+MEAN_TASKS = tuple(ZEROSHOT_TASKS[:7])
+"""The seven tasks pruning papers report; the mean of their ``acc`` is the headline (SIQA is reported beside)."""
+MEAN_METRIC = "acc"
+
+
+def _function_loader(module) -> type[yaml.SafeLoader]:
+    """A YAML loader that resolves ``!function local_tasks.NAME`` to ``module.NAME``."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def function(loader, node):
+        name = loader.construct_scalar(node)
+        prefix = "local_tasks."
+        if not name.startswith(prefix):
+            raise ValueError(f"unexpected !function {name!r} in a local task definition")
+        return getattr(module, name.removeprefix(prefix))
+
+    Loader.add_constructor("!function", function)
+    return Loader
+
+
+def local_data_file(task: str, data: Path) -> Path:
+    """The data file a shipped local task reads."""
+    text = (TASK_DIR / f"{task}.yaml").read_text().replace("!function", "")
+    return data / yaml.safe_load(text)["dataset_kwargs"]["data_files"]["test"]
+
+
+def local_task_config(task: str, data: Path) -> dict:
+    """The lm-eval configuration of a shipped local task, its data file made absolute.
+
+    Raises DataSourceError when the data directory lacks the task's file.
+    """
+    from eval.tasks import local_tasks
+
+    path = TASK_DIR / f"{task}.yaml"
+    config = yaml.load(path.read_text(), Loader=_function_loader(local_tasks))  # noqa: S506 (SafeLoader subclass)
+    path = local_data_file(task, data)
+    if not path.is_file():
+        raise DataSourceError(f"evaluation.zeroshot: task {task}: data file not found: {path}")
+    config["dataset_kwargs"]["data_files"]["test"] = str(path)
+    return config
+
+
+def resolve_source(tasks: list[str], source: str) -> str:
+    """``local`` or ``harness`` for the requested ``source`` (``auto``, ``local`` or ``harness``)."""
+    if source != "auto":
+        return source
+    data = data_dir()
+    if data is None:
+        return "harness"
+    return "local" if all(local_data_file(t, data).is_file() for t in tasks) else "harness"
+
+
+def zeroshot_accuracy(model, tokenizer, tasks: list[str], source: str = "auto", limit: int | None = None,
+                      batch_size: int = 16, seed: int = 0, log_samples: bool = False) -> dict:
+    """Accuracy of ``model`` on lm-eval tasks.
+
+    Returns ``{"source", "data_dir", "limit", "seed", "tasks": {task: {"acc", "acc_norm"?, "items"}},
+    "mean_metric", "mean_tasks", "mean"}`` (accuracies as fractions in [0, 1]; ``mean`` is the mean of
+    ``acc`` over the MEAN_TASKS that were evaluated, None if none were) and, with ``log_samples``,
+    ``"samples"``: lm-eval's per-item records by task.
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    used = resolve_source(tasks, source)
+    data = data_dir()
+    if used == "local":
+        if data is None:
+            raise DataSourceError("evaluation.zeroshot.source: local needs the data directory ($PRUNE_DATA_DIR)")
+        specs = [local_task_config(task, data) for task in tasks]
+    else:
+        specs = list(tasks)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
+    output = lm_eval.simple_evaluate(
+        model=lm, tasks=specs, limit=limit, log_samples=log_samples, bootstrap_iters=0,
+        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+    )
+    per_task = {}
+    for task in tasks:
+        metrics = output["results"][task]
+        per_task[task] = {m: metrics[f"{m},none"] for m in ("acc", "acc_norm") if f"{m},none" in metrics}
+        per_task[task]["items"] = output["n-samples"][task]["effective"]
+    in_mean = [t for t in MEAN_TASKS if t in per_task]
+    result = {
+        "source": used, "data_dir": str(data) if used == "local" else None, "limit": limit, "seed": seed,
+        "tasks": per_task, "mean_metric": MEAN_METRIC, "mean_tasks": in_mean,
+        "mean": statistics.mean(per_task[t][MEAN_METRIC] for t in in_mean) if in_mean else None,
+    }
+    if log_samples:
+        result["samples"] = output["samples"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import sys
+
+    from prune.models import ModelSourceError, load_model, resolve_model_source
+    from prune.paths import cache_dir
+
+    parser = argparse.ArgumentParser(prog="python -m eval.zeroshot",
+                                     description="Zero-shot accuracy of one model through lm-eval-harness.")
+    parser.add_argument("model", help="model source: smollm2-135m, a checkpoint directory (pruned ones too), a .gguf file or a hub id")
+    parser.add_argument("--tasks", nargs="+", default=list(ZEROSHOT_TASKS))
+    parser.add_argument("--source", default="auto", choices=["auto", "local", "harness"])
+    parser.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", type=Path, help="also write the result (JSON) here")
+    args = parser.parse_args(argv)
+    try:
+        cache = cache_dir(None)
+        model, tokenizer = load_model(resolve_model_source(args.model, cache), args.dtype, args.device, cache)
+        result = zeroshot_accuracy(model, tokenizer, args.tasks, args.source, args.limit, args.batch_size, args.seed)
+    except (ModelSourceError, DataSourceError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{args.model}: {result['source']} tasks, limit {args.limit}")
+    print("| task | items | acc | acc_norm |\n|---|---:|---:|---:|")
+    for task, metrics in result["tasks"].items():
+        norm = f"{100 * metrics['acc_norm']:.2f}" if "acc_norm" in metrics else "-"
+        print(f"| {task} | {metrics['items']} | {100 * metrics['acc']:.2f} | {norm} |")
+    if result["mean"] is not None:
+        print(f"| mean {result['mean_metric']} ({len(result['mean_tasks'])} tasks) | | {100 * result['mean']:.2f} | |")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
