@@ -20,8 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.speed import cache_keyword, linear_macs_per_token, random_model, shaped_config, transferred_widths  # noqa: E402
-from prune.blocks import block_shape  # noqa: E402
+from eval.speed import cache_keyword, linear_macs_per_token, shape_only_models, shaped_config  # noqa: E402
 from prune.paths import cache_dir  # noqa: E402
 
 
@@ -49,12 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     report = json.loads((args.run / "report.json").read_text())
     config = shaped_config(report["model"]["source"], cache_dir(None))
-    shape = block_shape(config)
-    widths = transferred_widths(report["layers"], shape, report["recipe"]["pruning"]["round_to"])
-    cpu = torch.device("cpu")
-    models = {"dense": random_model(config, list(shape.layers), torch.float32, cpu),
-              "pruned": random_model(config, widths, torch.float32, cpu,
-                                     report["recipe"]["pruning"]["reconstruct"] != "none")}
+    models, _ = shape_only_models(config, report, torch.float32, torch.device("cpu"))
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     rows = {name: profiled_decode(model, prompt, args.steps) for name, model in models.items()}
     macs = {name: linear_macs_per_token(model) for name, model in models.items()}

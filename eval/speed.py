@@ -209,6 +209,20 @@ def random_model(config, widths: list[LayerWidths | None], dtype: torch.dtype, d
     return model.eval()
 
 
+def shape_only_models(config, report: dict, dtype: torch.dtype, device: torch.device,
+                      round_to: int | None = None) -> tuple[dict, list[LayerWidths | None]]:
+    """Random-weight ``{"dense", "pruned"}`` models of ``config``: dense, and with the per-layer widths of the
+    run whose report.json is ``report`` transferred onto it (FFN rounded to ``round_to``, default the run's
+    ``pruning.round_to``; output biases when the run reconstructed). Also returns the pruned widths.
+    """
+    pruning = report["recipe"]["pruning"]
+    shape = block_shape(config)
+    widths = transferred_widths(report["layers"], shape, round_to or pruning["round_to"])
+    models = {"dense": random_model(config, list(shape.layers), dtype, device),
+              "pruned": random_model(config, widths, dtype, device, pruning["reconstruct"] != "none")}
+    return models, widths
+
+
 def speed_table(rows: list[dict]) -> str:
     """Markdown table of :func:`main`'s results: one line per (batch size, model)."""
     lines = ["| batch | model | parameters | linear MACs / token | prefill ms (median, min-max) | "
@@ -260,14 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = json.loads(report_path.read_text())
     round_to = args.round_to or report["recipe"]["pruning"]["round_to"]
-    output_bias = report["recipe"]["pruning"]["reconstruct"] != "none"
-    config = shaped_config(args.config, cache_dir(None))
-    shape = block_shape(config)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    widths = transferred_widths(report["layers"], shape, round_to)
-    models = {"dense": random_model(config, list(shape.layers), dtype, device),
-              "pruned": random_model(config, widths, dtype, device, output_bias)}
+    models, widths = shape_only_models(shaped_config(args.config, cache_dir(None)), report, dtype, device, round_to)
     parameters = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     rows = []

@@ -64,9 +64,17 @@ def local_task_config(task: str, data: Path) -> dict:
     config = yaml.load(path.read_text(), Loader=_function_loader(local_tasks))  # noqa: S506 (SafeLoader subclass)
     path = local_data_file(task, data)
     if not path.is_file():
-        raise DataSourceError(f"evaluation.zeroshot: task {task}: data file not found: {path}")
+        raise DataSourceError(f"evaluation.zeroshot.tasks: {task}: data file not found: {path}")
     config["dataset_kwargs"]["data_files"]["test"] = str(path)
     return config
+
+
+def local_task_configs(tasks: list[str]) -> list[dict]:
+    """:func:`local_task_config` of every task over $PRUNE_DATA_DIR; DataSourceError if it or a file is missing."""
+    data = data_dir()
+    if data is None:
+        raise DataSourceError("evaluation.zeroshot.source: local needs the data directory ($PRUNE_DATA_DIR)")
+    return [local_task_config(task, data) for task in tasks]
 
 
 def resolve_source(tasks: list[str], source: str) -> str:
@@ -93,13 +101,7 @@ def zeroshot_accuracy(model, tokenizer, tasks: list[str], source: str = "auto", 
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     used = resolve_source(tasks, source)
-    data = data_dir()
-    if used == "local":
-        if data is None:
-            raise DataSourceError("evaluation.zeroshot.source: local needs the data directory ($PRUNE_DATA_DIR)")
-        specs = [local_task_config(task, data) for task in tasks]
-    else:
-        specs = list(tasks)
+    specs = local_task_configs(tasks) if used == "local" else list(tasks)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
     output = lm_eval.simple_evaluate(
         model=lm, tasks=specs, limit=limit, log_samples=log_samples, bootstrap_iters=0,
@@ -112,7 +114,7 @@ def zeroshot_accuracy(model, tokenizer, tasks: list[str], source: str = "auto", 
         per_task[task]["items"] = output["n-samples"][task]["effective"]
     in_mean = [t for t in MEAN_TASKS if t in per_task]
     result = {
-        "source": used, "data_dir": str(data) if used == "local" else None, "limit": limit, "seed": seed,
+        "source": used, "data_dir": str(data_dir()) if used == "local" else None, "limit": limit, "seed": seed,
         "tasks": per_task, "mean_metric": MEAN_METRIC, "mean_tasks": in_mean,
         "mean": statistics.mean(per_task[t][MEAN_METRIC] for t in in_mean) if in_mean else None,
     }

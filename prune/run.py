@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 from eval.perplexity import perplexity
 from eval.report import write_report
 from eval.speed import measure_speed
-from eval.zeroshot import local_data_file, resolve_source, zeroshot_accuracy
+from eval.zeroshot import local_data_file, local_task_configs, resolve_source, zeroshot_accuracy
 from prune.allocation import Allocation, ImpossibleTargetError, allocate, remove_layers, removable_parameters
 from prune.blocks import BlockShape, block_shape, count_parameters
 from prune.calibration import DataSourceError, TextSource, calibration_samples, evaluation_tokens, resolve_text_source
@@ -117,11 +117,7 @@ def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
         )
     zs = recipe.evaluation.zeroshot
     if zs.enabled and resolve_source(zs.tasks, zs.source) == "local":
-        if data_dir() is None:
-            raise DataSourceError("evaluation.zeroshot.source: local needs the data directory ($PRUNE_DATA_DIR)")
-        for task in zs.tasks:
-            if not local_data_file(task, data_dir()).is_file():
-                raise DataSourceError(f"evaluation.zeroshot.tasks: {task}: data file not found: {local_data_file(task, data_dir())}")
+        local_task_configs(zs.tasks)  # raises DataSourceError naming a missing directory or file
     return Prepared(recipe, output, cache, model_source, shape, dense_parameters, params_to_remove,
                     calibration_source, evaluation_source)
 
