@@ -92,11 +92,33 @@ def headline_figure(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-FIGURES = {"headline.png": headline_figure, "widths.png": layer_widths_figure, "allocation.png": allocation_figure}
+def recovery_figure(report: dict, path: Path) -> None:
+    """Held-out perplexity against training tokens seen, with the dense model's and the evaluated pruned model's
+    perplexity as reference lines (those are on the evaluated windows, the curve on the held-out slice)."""
+    recovery, ppl = report["recovery"], report["perplexity"]
+    curve = recovery["curve"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([point["tokens"] for point in curve], [point["perplexity"] for point in curve], color=PRUNED_COLOR,
+            marker="o", label=f"held-out ({recovery['heldout']})")
+    ax.axhline(ppl["dense"], color=DENSE_COLOR, linestyle="--", label=f"dense, evaluated windows ({ppl['dense']:.2f})")
+    ax.set_xlabel(f"training tokens seen ({recovery['source']})")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"Recovery ({recovery['method']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+FIGURES = {"headline.png": headline_figure, "widths.png": layer_widths_figure, "allocation.png": allocation_figure,
+           "recovery.png": recovery_figure}
+"""File name -> drawing function; ``recovery.png`` only for a run with a recovery stage."""
 
 
 def write_figures(report: dict, directory: Path) -> list[str]:
-    """Write every figure into ``directory``; returns their file names."""
-    for name, draw in FIGURES.items():
-        draw(report, directory / name)
-    return list(FIGURES)
+    """Write every figure the report has data for into ``directory``; returns their file names."""
+    names = [name for name in FIGURES if name != "recovery.png" or report.get("recovery")]
+    for name in names:
+        FIGURES[name](report, directory / name)
+    return names

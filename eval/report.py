@@ -34,6 +34,30 @@ def _zeroshot_section(zeroshot: dict) -> list[str]:
     return lines + [""]
 
 
+def _recovery_section(recovery: dict, ppl: dict) -> list[str]:
+    settings = recovery["settings"]
+    trained = "LoRA adapters (merged into the weights)" if recovery["method"] == "lora" else f"weights: {settings['train']}"
+    terms = []
+    if settings["kl_weight"]:
+        terms.append(f"{settings['kl_weight']} x T^2 KL(dense || pruned) at T = {settings['temperature']}")
+    if settings["nll_weight"]:
+        terms.append(f"{settings['nll_weight']} x NLL of the text")
+    loss = " + ".join(terms)
+    lines = ["## Recovery", "",
+             f"`{recovery['method']}` on {recovery['tokens_seen']:,} tokens of {recovery['source']} "
+             f"({recovery['steps']} steps of {settings['batch_size']} x {settings['seqlen']} tokens, "
+             f"{recovery['epochs']:.2f} passes over its {recovery['training_windows']:,} windows); trained {trained}; "
+             f"loss {loss}; AdamW, learning rate {settings['learning_rate']}, {settings['schedule']} schedule, "
+             f"{settings['warmup_steps']} warm-up steps. {recovery['tokens_per_second']:,.0f} training tokens/s on "
+             f"{recovery['device']}" + (f" (resumed at step {recovery['resumed_from_step']})" if recovery["resumed_from_step"] else "")
+             + f". Per-step log: `{recovery['log']}`.", ""]
+    if ppl:
+        lines += [f"| {ppl['dataset']} perplexity ({ppl['seqlen']} x {ppl['windows']}) | dense | pruned | recovered |",
+                  "|---|---:|---:|---:|",
+                  f"| | {ppl['dense']:.2f} | {ppl['before_recovery']:.2f} | {ppl['pruned']:.2f} |", ""]
+    return lines + [f"![held-out perplexity during recovery](recovery.png) (held-out: {recovery['heldout']})", ""]
+
+
 def render_markdown(report: dict) -> str:
     """The human-readable report: headline dense vs pruned, per-layer widths, stage times, provenance."""
     params, ppl, speed, recipe = report["parameters"], report.get("perplexity"), report.get("speed"), report["recipe"]
@@ -42,13 +66,15 @@ def render_markdown(report: dict) -> str:
     else:
         how = (f"{recipe['scoring']['method']} scores, {recipe['allocation']['strategy']} allocation, "
                f"{recipe['pruning']['attention_unit']} attention units, {recipe['pruning']['reconstruct']} reconstruction")
+    recovery = report.get("recovery")
+    pruned_label = "pruned + recovered" if recovery else "pruned"
     lines = [
         f"# Pruning report: {report['model']['source']}",
         "",
         f"Target: remove {recipe['pruning']['target']:.1%} of total parameters ({how}). "
         f"Removed: **{params['removed_fraction']:.2%}** of total parameters.",
         "",
-        "| metric | dense | pruned | pruned / dense |",
+        f"| metric | dense | {pruned_label} | {pruned_label} / dense |",
         "|---|---:|---:|---:|",
         f"| total parameters | {params['dense']['total']:,} | {params['pruned']['total']:,} | {_ratio(params['pruned']['total'], params['dense']['total'])} |",
         f"| decoder-block parameters | {params['dense']['decoder_blocks']:,} | {params['pruned']['decoder_blocks']:,} | {_ratio(params['pruned']['decoder_blocks'], params['dense']['decoder_blocks'])} |",
@@ -58,6 +84,9 @@ def render_markdown(report: dict) -> str:
             f"| {ppl['dataset']} perplexity ({ppl['seqlen']}-token windows x {ppl['windows']}) | "
             f"{ppl['dense']:.2f} | {ppl['pruned']:.2f} | {_ratio(ppl['pruned'], ppl['dense'])} |"
         )
+        if recovery:
+            lines.append(f"| {ppl['dataset']} perplexity before recovery | {ppl['dense']:.2f} | {ppl['before_recovery']:.2f} | "
+                         f"{_ratio(ppl['before_recovery'], ppl['dense'])} |")
     zeroshot = report.get("zeroshot")
     if zeroshot and zeroshot["dense"]["mean"] is not None:
         lines.append(
@@ -87,6 +116,8 @@ def render_markdown(report: dict) -> str:
             "",
         ]
     lines += ["![headline metrics, dense and pruned](headline.png)", ""]
+    if recovery:
+        lines += _recovery_section(recovery, ppl)
     if zeroshot:
         lines += _zeroshot_section(zeroshot)
     lines += ["## Per-layer widths", "", "![kept width per layer](widths.png)", "",

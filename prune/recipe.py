@@ -79,6 +79,38 @@ class PruningSection:
 
 
 @dataclass
+class RecoverySection:
+    method: Literal["none", "distill", "lora"] = "none"
+    """``distill``: train the pruned model's weights; ``lora``: train LoRA adapters (peft), merged before saving."""
+    source: str = "c4"
+    """Training text (same sources as calibration); must not be the perplexity text."""
+    tokens: int = 2_000_000
+    """Token budget: steps = ceil(tokens / (batch_size x seqlen)); the source is cycled when smaller."""
+    seqlen: int = 256
+    batch_size: int = 8
+    learning_rate: float = 0.0001
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    kl_weight: float = 1.0
+    """Weight of T^2 x KL(dense teacher || pruned student) on next-token distributions."""
+    temperature: float = 1.0
+    nll_weight: float = 0.0
+    """Weight of the text's next-token NLL."""
+    train: Literal["decoder_layers", "all"] = "decoder_layers"
+    """``distill``: which weights train (``decoder_layers`` freezes embeddings, final norm and head)."""
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    eval_every: int = 25
+    """Steps between held-out perplexity points of the recovery curve."""
+    heldout_windows: int = 2
+    """Held-out slice: the last windows (perplexity seqlen) of the perplexity text, outside the evaluated ones."""
+    save_every: int = 25
+    """Steps between resumable saves (in the cache; a rerun of the same command continues from the last)."""
+    seed: int = 0
+
+
+@dataclass
 class PerplexitySection:
     dataset: str = "wikitext2"
     """``wikitext2``, ``c4``, or a ``.txt`` / ``.jsonl`` file."""
@@ -132,6 +164,7 @@ class Recipe:
     scoring: ScoringSection = field(default_factory=ScoringSection)
     allocation: AllocationSection = field(default_factory=AllocationSection)
     pruning: PruningSection = field(default_factory=PruningSection)
+    recovery: RecoverySection = field(default_factory=RecoverySection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
 
 
@@ -207,6 +240,20 @@ def _check_ranges(recipe: Recipe) -> None:
         ("allocation.layer_range", recipe.allocation.layer_range is None or (
             len(recipe.allocation.layer_range) == 2 and 0 <= recipe.allocation.layer_range[0] < recipe.allocation.layer_range[1]),
          "must be null or [first, end] with 0 <= first < end"),
+        ("recovery.tokens", recipe.recovery.tokens > 0, "must be > 0"),
+        ("recovery.seqlen", recipe.recovery.seqlen > 1, "must be > 1"),
+        ("recovery.batch_size", recipe.recovery.batch_size > 0, "must be > 0"),
+        ("recovery.learning_rate", recipe.recovery.learning_rate > 0, "must be > 0"),
+        ("recovery.warmup_steps", recipe.recovery.warmup_steps >= 0, "must be >= 0"),
+        ("recovery.max_grad_norm", recipe.recovery.max_grad_norm > 0, "must be > 0"),
+        ("recovery.kl_weight", recipe.recovery.kl_weight >= 0, "must be >= 0"),
+        ("recovery.nll_weight", recipe.recovery.nll_weight >= 0 and recipe.recovery.kl_weight + recipe.recovery.nll_weight > 0,
+         "must be >= 0, and kl_weight + nll_weight > 0"),
+        ("recovery.temperature", recipe.recovery.temperature > 0, "must be > 0"),
+        ("recovery.lora_rank", recipe.recovery.lora_rank > 0, "must be > 0"),
+        ("recovery.eval_every", recipe.recovery.eval_every > 0, "must be > 0"),
+        ("recovery.heldout_windows", recipe.recovery.heldout_windows > 0, "must be > 0"),
+        ("recovery.save_every", recipe.recovery.save_every > 0, "must be > 0"),
         ("evaluation.perplexity.seqlen", recipe.evaluation.perplexity.seqlen > 1, "must be > 1"),
         ("evaluation.perplexity.windows", recipe.evaluation.perplexity.windows is None or recipe.evaluation.perplexity.windows > 0, "must be > 0 or null"),
         ("evaluation.zeroshot.tasks", recipe.evaluation.zeroshot.source == "harness" or all(

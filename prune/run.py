@@ -22,7 +22,7 @@ import torch
 import yaml
 from transformers import PreTrainedModel
 
-from eval.perplexity import perplexity
+from eval.perplexity import perplexity, window_count
 from eval.report import write_report
 from eval.speed import measure_speed
 from eval.zeroshot import local_data_file, local_task_configs, resolve_source, zeroshot_accuracy
@@ -36,6 +36,7 @@ from prune.paths import cache_dir, data_dir, file_identity
 from prune.pruner import has_layer_widths, model_class_for, prune_model
 from prune.recipe import Recipe, RecipeError, load_recipe, recipe_to_dict
 from prune.reconstruct import reconstruct_outputs
+from prune.recovery import recover, training_windows
 from prune.scoring import NEEDS_COVARIANCES, score_units
 from prune.statistics import ActivationStatistics, cache_key, collect_statistics
 
@@ -55,6 +56,7 @@ class Prepared:
     params_to_remove: int
     calibration_source: TextSource | None
     evaluation_source: TextSource
+    recovery_source: TextSource | None
 
     @property
     def needs_statistics(self) -> bool:
@@ -94,6 +96,12 @@ def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
     config = load_config(model_source)
     evaluation_source = resolve_text_source(recipe.evaluation.perplexity.dataset, "evaluation.perplexity.dataset")
     calibration_source = resolve_text_source(recipe.calibration.source, "calibration.source")
+    recovery_source = None
+    if recipe.recovery.method != "none":
+        recovery_source = resolve_text_source(recipe.recovery.source, "recovery.source")
+        if recovery_source.fingerprint() == evaluation_source.fingerprint():
+            raise RecipeError(f"recovery.source: {recipe.recovery.source!r} is the perplexity text "
+                              "(evaluation.perplexity.dataset); recovery must train on other text")
     try:
         shape = block_shape(config)
     except ValueError as error:
@@ -119,7 +127,7 @@ def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
     if zs.enabled and resolve_source(zs.tasks, zs.source) == "local":
         local_task_configs(zs.tasks)  # raises DataSourceError naming a missing directory or file
     return Prepared(recipe, output, cache, model_source, shape, dense_parameters, params_to_remove,
-                    calibration_source, evaluation_source)
+                    calibration_source, evaluation_source, recovery_source)
 
 
 def dry_run_text(prepared: Prepared) -> str:
@@ -248,6 +256,41 @@ def prune_as_recipe_says(prepared: Prepared, model, statistics: ActivationStatis
     return pruned, allocation
 
 
+def recovery_state_dir(prepared: Prepared) -> Path:
+    """Cache directory of the resumable recovery state, keyed by everything that determines its result."""
+    recipe = recipe_to_dict(prepared.recipe)
+    for key in ("output", "cache_dir"):
+        recipe.pop(key)
+    recipe["evaluation"] = {"perplexity": recipe["evaluation"]["perplexity"]}
+    key = json.dumps({"recipe": recipe, "model": prepared.model_source.fingerprint(),
+                      "calibration": prepared.calibration_source.fingerprint(),
+                      "recovery": prepared.recovery_source.fingerprint(),
+                      "evaluation": prepared.evaluation_source.fingerprint()}, sort_keys=True)
+    return prepared.cache / "recovery" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def recover_as_recipe_says(prepared: Prepared, dense, pruned, tokenizer, evaluation_text: torch.Tensor,
+                           run_directory: Path, notes: list[str]) -> tuple[PreTrainedModel, dict]:
+    """The recovery stage: trains ``pruned`` toward ``dense``; writes ``recovery_log.jsonl`` into ``run_directory``.
+
+    Returns the recovered model and the report's ``recovery`` section. The held-out slice of the curve is
+    the last ``heldout_windows`` windows of the perplexity text ``evaluation_text`` [n_tokens].
+    """
+    settings, ppl = prepared.recipe.recovery, prepared.recipe.evaluation.perplexity
+    windows = training_windows(tokenizer, prepared.recovery_source, settings.seqlen)
+    heldout_tokens = settings.heldout_windows * ppl.seqlen
+    evaluated_tokens = window_count(len(evaluation_text), ppl.seqlen, ppl.windows) * ppl.seqlen
+    if evaluated_tokens + heldout_tokens > len(evaluation_text):
+        notes.append("The recovery curve's held-out slice overlaps the windows the perplexity is measured on.")
+    state_dir = recovery_state_dir(prepared)
+    recovered, outcome = recover(pruned, dense, windows, evaluation_text[-heldout_tokens:], ppl.seqlen, settings, state_dir)
+    (run_directory / "recovery_log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in outcome.log))
+    section = {"method": settings.method, "source": settings.source, "settings": recipe_to_dict(prepared.recipe)["recovery"],
+               "heldout": f"last {settings.heldout_windows} windows of {ppl.seqlen} tokens of {ppl.dataset}",
+               "log": "recovery_log.jsonl", "state_dir": str(state_dir)} | outcome.as_dict()
+    return recovered, section
+
+
 def execute(prepared: Prepared) -> Path:
     """Run every stage; returns the output directory."""
     recipe, shape = prepared.recipe, prepared.shape
@@ -268,12 +311,18 @@ def execute(prepared: Prepared) -> Path:
             if recipe.calibration.source == "wikitext2" and recipe.evaluation.perplexity.dataset == "wikitext2":
                 notes.append("Calibration text and perplexity text are both WikiText-2 (test split): the perplexity is optimistic.")
         pruned, allocation = prune_as_recipe_says(prepared, model, statistics, stage_seconds)
+        ppl_recipe = recipe.evaluation.perplexity
+        tokens = evaluation_tokens(tokenizer, prepared.evaluation_source)
+        report_recovery, before_recovery = None, None
+        if recipe.recovery.method != "none":
+            with timed(stage_seconds, "perplexity before recovery"):
+                before_recovery = perplexity(pruned, tokens, ppl_recipe.seqlen, ppl_recipe.windows, "pruned")["perplexity"]
+            with timed(stage_seconds, f"recovery ({recipe.recovery.method})"):
+                pruned, report_recovery = recover_as_recipe_says(prepared, model, pruned, tokenizer, tokens, partial, notes)
         with timed(stage_seconds, "checkpoint"):
             save_checkpoint(pruned, tokenizer, partial / "model")
         report_perplexity = None
         with timed(stage_seconds, "perplexity"):
-            ppl_recipe = recipe.evaluation.perplexity
-            tokens = evaluation_tokens(tokenizer, prepared.evaluation_source)
             settings = {"text": prepared.evaluation_source.fingerprint(), "seqlen": ppl_recipe.seqlen,
                         "windows": ppl_recipe.windows}
             dense_ppl, reused = cached_dense_evaluation(
@@ -283,7 +332,7 @@ def execute(prepared: Prepared) -> Path:
             report_perplexity = {"dataset": ppl_recipe.dataset, "seqlen": ppl_recipe.seqlen,
                                  "windows": dense_ppl["windows"], "predicted_tokens": dense_ppl["predicted_tokens"],
                                  "dense": dense_ppl["perplexity"], "pruned": pruned_ppl["perplexity"],
-                                 "dense_reused_from": reused}
+                                 "before_recovery": before_recovery, "dense_reused_from": reused}
         report_zeroshot = None
         zs = recipe.evaluation.zeroshot
         if zs.enabled:
@@ -333,6 +382,7 @@ def execute(prepared: Prepared) -> Path:
             "perplexity": report_perplexity,
             "zeroshot": report_zeroshot,
             "speed": report_speed,
+            "recovery": report_recovery,
             "checkpoint": {"path": str(output / "model"), "remote_code": has_layer_widths(pruned.config)},
             "stage_seconds": stage_seconds,
             "notes": notes,
@@ -341,6 +391,8 @@ def execute(prepared: Prepared) -> Path:
         if output.exists():
             shutil.rmtree(output)
         partial.rename(output)
+        if report_recovery:
+            shutil.rmtree(report_recovery["state_dir"], ignore_errors=True)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

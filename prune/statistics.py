@@ -7,9 +7,11 @@ the paper), for every weight w of the 7 linear layers of every decoder block:
                                     or the mean token NLL of the sample ("nll")
 
 A parameter hook adds |w * grad| into a float32 accumulator the moment the gradient of that weight
-is ready and frees the gradient, so at most one gradient exists at a time. After the pass the
-per-weight mean over samples is reduced to what the later stages need, and the accumulators are
-dropped:
+is ready and frees the gradient, so at most one gradient exists at a time, and every decoder layer
+is checkpointed (its activations are recomputed in the backward pass instead of kept). After the
+pass the per-weight mean over samples is reduced to what the later stages need and the accumulators
+are dropped; then a second, forward-only pass over the same samples collects the input statistics
+(so the input second moments never coexist with the accumulators):
 
 - ``layers.{i}.{linear}.row_sum`` / ``row_max`` [out_features]: sum / max over each output row of mean A;
 - ``layers.{i}.{linear}.col_sum`` / ``col_max`` [in_features]: the same over each input column;
@@ -18,7 +20,9 @@ dropped:
   threshold is read;
 - ``layers.{i}.{site}.x_sum`` / ``x_sumsq`` [features]: sum and sum of squares over calibration
   tokens of the input of a linear (sites: ``attn_in`` = q/k/v input, ``o_in``, ``mlp_in`` = gate/up
-  input, ``down_in``), for input-aware scores (wanda-sp) and bias compensation.
+  input, ``down_in``), for input-aware scores (wanda-sp) and bias compensation; with covariances,
+  ``xxt`` [features, features] (sum of x xᵀ) for ``o_in`` and ``down_in``;
+- ``layers.{i}.cos_sum`` [1]: sum over tokens of cos(layer input, layer output) (Block Influence).
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from prune.blocks import LINEAR_NAMES, decoder_layers, layer_linears
@@ -127,21 +133,26 @@ def log10_histogram(values: torch.Tensor) -> torch.Tensor:
     return torch.bincount(bins.flatten(), minlength=HIST_BINS).double().cpu()
 
 
-def collect_statistics(model, samples: torch.Tensor, objective: str, covariances: bool = False,
-                       taylor: bool = False, progress: bool = True) -> ActivationStatistics:
-    """Run the statistics pass over ``samples`` [N, T] (one sample per backward pass).
+@contextmanager
+def checkpointed_layers(layers):
+    """Run every decoder layer under (non-reentrant) activation checkpointing while inside the block."""
+    for layer in layers:
+        original = layer.forward
+        layer.forward = lambda *args, _forward=original, **kwargs: checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the class's forward again
 
-    ``covariances`` adds the ``xxt`` sums, ``taylor`` the Taylor reductions (one more float32 copy of the
-    linear weights during the pass).
 
-    The model's ``requires_grad`` flags are restored afterwards; its weights are not modified.
-    """
+def gradient_statistics(model, samples: torch.Tensor, objective: str, taylor: bool, progress: bool) -> dict[str, torch.Tensor]:
+    """The backward pass: per-layer reductions of mean A (and of the signed Taylor term when ``taylor``)."""
     device = next(model.parameters()).device
     layers = decoder_layers(model)
     weights = {(i, name): linear.weight for i, layer in enumerate(layers) for name, linear in layer_linears(layer).items()}
     accumulators = {key: torch.zeros_like(w, dtype=torch.float32) for key, w in weights.items()}
     signed = {key: torch.zeros_like(w, dtype=torch.float32) for key, w in weights.items()} if taylor else {}
-    input_sums: dict[str, torch.Tensor] = {}
 
     def accumulate_grad(key):
         def hook(param: torch.Tensor) -> None:
@@ -153,28 +164,6 @@ def collect_statistics(model, samples: torch.Tensor, objective: str, covariances
 
         return hook
 
-    def accumulate_input(prefix, with_covariance):
-        def hook(module, args):
-            x = args[0].detach().flatten(0, -2)
-            x64 = x.double()
-            values = [("x_sum", x64.sum(0)), ("x_sumsq", (x64 * x64).sum(0))]
-            if with_covariance:
-                x32 = x.float()
-                values.append(("xxt", x32.T @ x32))
-            for name, value in values:
-                key = f"{prefix}.{name}"
-                input_sums[key] = input_sums[key] + value if key in input_sums else value
-
-        return hook
-
-    def accumulate_cosine(key):
-        def hook(module, args, output):
-            h_in, h_out = args[0].detach().flatten(0, -2).double(), output.detach().flatten(0, -2).double()
-            value = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1).sum().reshape(1)
-            input_sums[key] = input_sums[key] + value if key in input_sums else value
-
-        return hook
-
     previous_flags = {p: p.requires_grad for p in model.parameters()}
     handles = []
     try:
@@ -183,13 +172,7 @@ def collect_statistics(model, samples: torch.Tensor, objective: str, covariances
         for key, w in weights.items():
             w.requires_grad_(True)
             handles.append(w.register_post_accumulate_grad_hook(accumulate_grad(key)))
-        for i, layer in enumerate(layers):
-            handles.append(layer.register_forward_hook(accumulate_cosine(f"layers.{i}.cos_sum")))
-            linears = layer_linears(layer)
-            for site, linear_name in INPUT_SITES.items():
-                hook = accumulate_input(f"layers.{i}.{site}", covariances and site in COVARIANCE_SITES)
-                handles.append(linears[linear_name].register_forward_pre_hook(hook))
-        with torch.enable_grad():
+        with torch.enable_grad(), checkpointed_layers(layers):
             for sample in tqdm(samples, desc=f"activation statistics (D={objective})", unit="sample", disable=not progress):
                 objective_value(model, sample.unsqueeze(0).to(device), objective).backward()
     finally:
@@ -200,7 +183,7 @@ def collect_statistics(model, samples: torch.Tensor, objective: str, covariances
             p.grad = None
 
     n = len(samples)
-    tensors = {k: v.float().cpu() for k, v in input_sums.items()}
+    tensors = {}
     for i in range(len(layers)):
         histogram = torch.zeros(HIST_BINS, dtype=torch.float64)
         for name in LINEAR_NAMES:
@@ -211,4 +194,63 @@ def collect_statistics(model, samples: torch.Tensor, objective: str, covariances
                             for k, v in row_col_reductions(signed.pop((i, name)).div_(n).abs_()).items()}
             histogram += log10_histogram(mean)
         tensors[f"layers.{i}.log10_hist"] = histogram
-    return ActivationStatistics(tensors, samples=n, tokens=samples.numel(), objective=objective)
+    return tensors
+
+
+@torch.no_grad()
+def input_statistics(model, samples: torch.Tensor, covariances: bool, progress: bool) -> dict[str, torch.Tensor]:
+    """The forward-only pass through the decoder (no head): input sums (and ``xxt``) per site, cosine sums per layer."""
+    device = next(model.parameters()).device
+    layers = decoder_layers(model)
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(key: str, value: torch.Tensor) -> None:
+        sums[key] = sums[key] + value if key in sums else value
+
+    def accumulate_input(prefix, with_covariance):
+        def hook(module, args):
+            x = args[0].detach().flatten(0, -2)
+            x64 = x.double()
+            add(f"{prefix}.x_sum", x64.sum(0))
+            add(f"{prefix}.x_sumsq", (x64 * x64).sum(0))
+            if with_covariance:
+                x32 = x.float()
+                add(f"{prefix}.xxt", x32.T @ x32)
+
+        return hook
+
+    def accumulate_cosine(key):
+        def hook(module, args, output):
+            h_in, h_out = args[0].detach().flatten(0, -2).double(), output.detach().flatten(0, -2).double()
+            add(key, torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1).sum().reshape(1))
+
+        return hook
+
+    handles = []
+    try:
+        for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_hook(accumulate_cosine(f"layers.{i}.cos_sum")))
+            linears = layer_linears(layer)
+            for site, linear_name in INPUT_SITES.items():
+                hook = accumulate_input(f"layers.{i}.{site}", covariances and site in COVARIANCE_SITES)
+                handles.append(linears[linear_name].register_forward_pre_hook(hook))
+        for sample in tqdm(samples, desc="input statistics", unit="sample", disable=not progress):
+            model.model(input_ids=sample.unsqueeze(0).to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {k: v.float().cpu() for k, v in sums.items()}
+
+
+def collect_statistics(model, samples: torch.Tensor, objective: str, covariances: bool = False,
+                       taylor: bool = False, progress: bool = True) -> ActivationStatistics:
+    """Run the statistics passes over ``samples`` [N, T] (one sample per backward pass, then a forward-only pass).
+
+    ``covariances`` adds the ``xxt`` sums, ``taylor`` the Taylor reductions (one more float32 copy of the
+    linear weights during the backward pass).
+
+    The model's ``requires_grad`` flags are restored afterwards; its weights are not modified.
+    """
+    tensors = gradient_statistics(model, samples, objective, taylor, progress)
+    tensors |= input_statistics(model, samples, covariances, progress)
+    return ActivationStatistics(tensors, samples=len(samples), tokens=samples.numel(), objective=objective)

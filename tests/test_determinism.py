@@ -24,7 +24,7 @@ def _prune_and_save(recipe: Recipe, directory: Path) -> str:
     shape = block_shape(model.config)
     total = count_parameters(model)["total"]
     prepared = Prepared(recipe, directory, directory, None, shape, {"total": total}, round(recipe.pruning.target * total),
-                        None, None)
+                        None, None, None)
     statistics = collect_statistics(model, random_tokens(4, 16, seed=recipe.calibration.seed), recipe.scoring.objective,
                                     covariances=True, progress=False)
     pruned, _ = prune_as_recipe_says(prepared, model, statistics, {})

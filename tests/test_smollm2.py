@@ -68,8 +68,17 @@ def test_default_recipe_end_to_end(tmp_path, cache):
     assert independent["parameters"] == pruned["total"]
     assert abs(independent["perplexity"] / report["perplexity"]["pruned"] - 1) < 0.01
 
-    # same model and calibration, another target: the statistics are reused, not recomputed
-    second = _run(tmp_path / "s20", cache, "pruning.target=0.2", "allocation.strategy=uniform")
+    # same model and calibration, another target: the statistics are reused, not recomputed; with one step of recovery
+    second = _run(tmp_path / "s20", cache, "pruning.target=0.2", "allocation.strategy=uniform", "recovery.method=distill",
+                  "recovery.tokens=128", "recovery.seqlen=64", "recovery.batch_size=2", "recovery.heldout_windows=1",
+                  "recovery.learning_rate=0.0002", "recovery.warmup_steps=0")
+    recovery = second["recovery"]
+    assert recovery["steps"] == 1 and recovery["tokens_seen"] == 128 and recovery["resumed_from_step"] == 0
+    assert [point["step"] for point in recovery["curve"]] == [0, 1]
+    assert recovery["curve"][1]["perplexity"] != recovery["curve"][0]["perplexity"]  # the weights did change
+    assert not os.path.exists(recovery["state_dir"])  # the resumable state is removed after success
+    assert {"recovery.png", "recovery_log.jsonl"} <= set(os.listdir(tmp_path / "s20"))
+    assert second["perplexity"]["before_recovery"] != second["perplexity"]["pruned"]
     assert second["statistics"]["reused"] is True
     # ... and so are the dense model's evaluations
     assert second["perplexity"]["dense_reused_from"] and second["zeroshot"]["dense_reused_from"]

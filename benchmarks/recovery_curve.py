@@ -1,0 +1,54 @@
+"""Print the recovery results of finished runs as markdown tables (numbers read from each report.json).
+
+    python benchmarks/recovery_curve.py runs/smollm2_30pct_recover runs/smollm2_20pct_recover
+
+First table: one row per run (parameters removed, perplexity dense / pruned / recovered, zero-shot
+mean when evaluated, tokens, training tokens/s). Second: the held-out curve of every run, by step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def summary_row(name: str, report: dict) -> str:
+    ppl, recovery, zeroshot = report["perplexity"], report["recovery"], report.get("zeroshot")
+    mean = (f"{100 * zeroshot['dense']['mean']:.2f} / {100 * zeroshot['pruned']['mean']:.2f}"
+            if zeroshot and zeroshot["dense"]["mean"] is not None else "-")
+    return (f"| {name} | {report['parameters']['removed_fraction']:.2%} | {recovery['method']} | "
+            f"{recovery['tokens_seen']:,} | {ppl['dense']:.2f} | {ppl['before_recovery']:.2f} | {ppl['pruned']:.2f} | "
+            f"{mean} | {recovery['tokens_per_second']:,.1f} | {recovery['seconds']:,.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (or their report.json)")
+    args = parser.parse_args()
+    reports = {}
+    for run in args.runs:
+        path = run if run.suffix == ".json" else run / "report.json"
+        report = json.loads(path.read_text())
+        if not report.get("recovery"):
+            raise SystemExit(f"{path}: this run has no recovery stage")
+        reports[path.parent.name] = report
+    first = next(iter(reports.values()))["perplexity"]
+    print(f"| run | removed | recovery | tokens | {first['dataset']} ppl dense | pruned | recovered | "
+          "zero-shot mean acc dense / recovered | training tokens/s | training s |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, report in reports.items():
+        print(summary_row(name, report))
+    print()
+    names = list(reports)
+    print("| step | tokens | " + " | ".join(f"{name}: held-out ppl" for name in names) + " |")
+    print("|---:|---:|" + "---:|" * len(names))
+    curves = {name: {point["step"]: point for point in report["recovery"]["curve"]} for name, report in reports.items()}
+    for step in sorted({step for curve in curves.values() for step in curve}):
+        tokens = next(curve[step]["tokens"] for curve in curves.values() if step in curve)
+        cells = [f"{curves[name][step]['perplexity']:.2f}" if step in curves[name] else "-" for name in names]
+        print(f"| {step} | {tokens:,} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

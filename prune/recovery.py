@@ -1,0 +1,281 @@
+"""Recovery: train the pruned model back toward the dense one within a token budget, resumably.
+
+Loss per batch (token-mean):  kl_weight * T^2 * KL(teacher_T || student_T)  +  nll_weight * NLL(text),
+where ``X_T`` is the next-token distribution at temperature T and the teacher is the dense model
+(kept as loaded: bfloat16 on CUDA by default, so no second float32 copy). ``method``:
+
+- ``distill``: train the pruned model's own weights (all of them, or only the decoder layers);
+- ``lora``: train LoRA adapters (``peft``) on every linear of the decoder layers, merged into the
+  weights at the end, so that the checkpoint is a plain pruned model that loads without ``peft``.
+
+Training data are the source's documents, each followed by the end-of-text token, joined and cut
+into windows of ``seqlen`` tokens; step ``s`` takes positions ``s*B .. s*B+B-1`` of an endless
+sequence of seeded permutations of the windows (one per epoch), so the data position is the step.
+
+Every ``save_every`` steps the state (trainable weights, optimizer, scheduler, step, RNG states) is
+written atomically to ``state_dir/state.pt`` and the log to ``state_dir/log.jsonl``; the same call
+with the same arguments then continues from the last save and ends with the same weights as an
+uninterrupted run. Device placement and mixed precision (bfloat16 autocast on CUDA, float32 on
+CPU) go through ``accelerate``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm import tqdm
+from transformers import get_scheduler
+
+from eval.perplexity import perplexity
+from prune.calibration import DataSourceError, TextSource, read_documents
+from prune.recipe import RecoverySection
+
+DECODER_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"""Module names LoRA adapts (every linear of a LLaMA decoder layer)."""
+
+SCHEDULER_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+"""Recipe ``schedule`` -> ``transformers.get_scheduler`` name (all with linear warm-up)."""
+
+
+@dataclass
+class RecoveryOutcome:
+    """What the stage did; ``as_dict`` goes into report.json."""
+
+    steps: int
+    tokens_seen: int
+    training_windows: int
+    epochs: float
+    """Passes over the training windows (tokens_seen / training tokens)."""
+    seconds: float
+    """Wall time of the training loop in this process (after a resume: since the resume)."""
+    tokens_per_second: float
+    """Training tokens per second of this process's steps (held-out evaluations excluded)."""
+    resumed_from_step: int
+    curve: list[dict]
+    """``{"step", "tokens", "perplexity"}`` on the held-out slice, from step 0 to the last step."""
+    log: list[dict]
+    """One entry per step (loss and its parts, learning rate, tokens/s) and per held-out evaluation."""
+    device: str
+
+    def as_dict(self) -> dict:
+        """Everything but the per-step log (which the run writes to recovery_log.jsonl)."""
+        return {name: value for name, value in vars(self).items() if name != "log"}
+
+
+def training_windows(tokenizer, source: TextSource, seqlen: int) -> torch.Tensor:
+    """The source's documents, each ended by the end-of-text token, joined and cut: LongTensor [n, seqlen]."""
+    ids: list[int] = []
+    for text in read_documents(source):
+        ids += tokenizer(text).input_ids + [tokenizer.eos_token_id]
+    count = len(ids) // seqlen
+    if count == 0:
+        raise DataSourceError(f"recovery.source: {source.name} has {len(ids)} tokens, fewer than one window of {seqlen}")
+    return torch.tensor(ids[: count * seqlen], dtype=torch.long).view(count, seqlen)
+
+
+def batch_indices(step: int, batch_size: int, n_windows: int, seed: int) -> list[int]:
+    """Window indices of batch ``step``: positions step*B .. step*B+B-1 of the per-epoch seeded permutations."""
+    indices = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, n_windows)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        indices.append(int(torch.randperm(n_windows, generator=generator)[offset]))
+    return indices
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(teacher || student) of the next-token distributions at temperature T, in nats, mean over positions.
+
+    ``*_logits``: [..., vocab]; computed in float32.
+    """
+    vocab = student_logits.shape[-1]
+    student = F.log_softmax(student_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+def text_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL (nats) of ``ids`` [B, L] under ``logits`` [B, L, vocab]."""
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def training_loss(student, teacher, ids: torch.Tensor, settings: RecoverySection) -> tuple[torch.Tensor, dict]:
+    """The recovery loss of one batch ``ids`` [B, L] and its parts (floats, for the log)."""
+    logits = student(input_ids=ids, use_cache=False).logits
+    loss = torch.zeros((), device=logits.device)
+    parts = {}
+    if settings.kl_weight > 0:
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=ids.to(next(teacher.parameters()).device), use_cache=False).logits
+        kl = distillation_loss(logits, teacher_logits.to(logits.device), settings.temperature)
+        loss = loss + settings.kl_weight * kl
+        parts["kl"] = float(kl.detach())
+    if settings.nll_weight > 0:
+        nll = text_nll(logits, ids)
+        loss = loss + settings.nll_weight * nll
+        parts["nll"] = float(nll.detach())
+    return loss, parts
+
+
+def add_lora_adapters(model, settings: RecoverySection):
+    """``model`` wrapped by peft with LoRA adapters (rank ``lora_rank``, no dropout) on every decoder linear."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
+                        target_modules=DECODER_LINEARS, bias="none")
+    return get_peft_model(model, config)
+
+
+def unshare_parameters(student, teacher) -> None:
+    """Give ``student`` its own copy of every parameter whose storage it shares with ``teacher``.
+
+    ``prune_model`` shares the embeddings and norms with the dense model; training them in place would
+    move the teacher (and every later dense evaluation) along with the student. Tied weights stay tied.
+    """
+    shared = {p.data_ptr() for p in teacher.parameters()}
+    with torch.no_grad():
+        for parameter in student.parameters():
+            if parameter.data_ptr() in shared:
+                parameter.data = parameter.data.clone()
+
+
+def select_trainable(model, settings: RecoverySection) -> list[torch.nn.Parameter]:
+    """Set ``requires_grad`` per the recipe and return the trainable parameters in a fixed order."""
+    if settings.method == "lora":
+        return [p for p in model.parameters() if p.requires_grad]  # peft froze everything but the adapters
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(settings.train == "all" or ".layers." in f".{name}")
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_state(state_dir: Path, model, optimizer, scheduler, step: int, log_lines: list[str]) -> None:
+    """Write the resumable state and the log, each atomically (temporary file, then rename)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state = {"step": step, "trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    temporary = state_dir / "state.pt.partial"
+    torch.save(state, temporary)
+    os.replace(temporary, state_dir / "state.pt")
+    temporary = state_dir / "log.jsonl.partial"
+    temporary.write_text("".join(log_lines))
+    os.replace(temporary, state_dir / "log.jsonl")
+
+
+def load_state(state_dir: Path, model, optimizer, scheduler) -> tuple[int, list[str]]:
+    """Restore the last saved state into ``model`` / ``optimizer`` / ``scheduler``; returns (step, log lines)."""
+    path = state_dir / "state.pt"
+    if not path.is_file():
+        return 0, []
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            parameters[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    log_path = state_dir / "log.jsonl"
+    lines = log_path.read_text().splitlines(keepends=True) if log_path.is_file() else []
+    return state["step"], lines
+
+
+def recover(student, teacher, windows: torch.Tensor, heldout_tokens: torch.Tensor, heldout_seqlen: int,
+            settings: RecoverySection, state_dir: Path, progress: bool = True):
+    """Train ``student`` as ``settings`` say; returns (the trained model, RecoveryOutcome).
+
+    ``windows``: LongTensor [n, seqlen] of training text; ``heldout_tokens``: LongTensor [n_tokens],
+    whose perplexity (windows of ``heldout_seqlen``) is logged every ``eval_every`` steps and at both ends.
+    ``state_dir`` holds the resumable state; it is left in place (the caller removes it when done).
+    The returned model is ``student`` itself for ``distill`` and the merged base model for ``lora``,
+    in the dtype ``student`` came in.
+    """
+    dtype = next(student.parameters()).dtype
+    device = next(student.parameters()).device
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
+    unshare_parameters(student, teacher)
+    student = student.float()  # float32 master weights; CUDA computes under bfloat16 autocast
+    torch.manual_seed(settings.seed)  # LoRA's initial adapters are drawn from it
+    if settings.method == "lora":
+        student = add_lora_adapters(student, settings)
+    trainable = select_trainable(student, settings)
+    steps = math.ceil(settings.tokens / (settings.batch_size * settings.seqlen))
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
+    scheduler = get_scheduler(SCHEDULER_NAMES[settings.schedule], optimizer,
+                              num_warmup_steps=min(settings.warmup_steps, steps), num_training_steps=steps)
+    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    start_step, log_lines = load_state(state_dir, accelerator.unwrap_model(student), optimizer, scheduler)
+    if start_step:
+        print(f"recovery: resuming from step {start_step} of {steps} ({state_dir})", flush=True)
+
+    def log(entry: dict) -> None:
+        log_lines.append(json.dumps(entry) + "\n")
+
+    evaluating_seconds = 0.0
+
+    def heldout(step: int) -> None:
+        nonlocal evaluating_seconds
+        evaluation_started = time.perf_counter()
+        student.eval()
+        result = perplexity(student, heldout_tokens, heldout_seqlen, None, progress=False)
+        student.train()
+        log({"step": step, "tokens": step * settings.batch_size * settings.seqlen, "heldout_perplexity": result["perplexity"]})
+        evaluating_seconds += time.perf_counter() - evaluation_started
+
+    started = time.perf_counter()
+    if start_step == 0:
+        heldout(0)
+    student.train()
+    bar = tqdm(total=steps, initial=start_step, desc=f"recovery ({settings.method})", unit="step", disable=not progress)
+    for step in range(start_step, steps):
+        ids = windows[batch_indices(step, settings.batch_size, len(windows), settings.seed)].to(accelerator.device)
+        loss, parts = training_loss(student, teacher, ids, settings)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
+        learning_rate = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        elapsed = time.perf_counter() - started - evaluating_seconds
+        tokens_per_second = (done - start_step) * settings.batch_size * settings.seqlen / elapsed
+        log({"step": done, "tokens": done * settings.batch_size * settings.seqlen, "loss": float(loss.detach()), **parts,
+             "learning_rate": learning_rate, "tokens_per_second": tokens_per_second})
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}", tok_s=f"{tokens_per_second:,.0f}")
+        bar.update()
+        if done % settings.eval_every == 0 or done == steps:
+            heldout(done)
+        if done % settings.save_every == 0 or done == steps:
+            save_state(state_dir, accelerator.unwrap_model(student), optimizer, scheduler, done, log_lines)
+    bar.close()
+    seconds = time.perf_counter() - started
+    training_seconds = seconds - evaluating_seconds
+    student = accelerator.unwrap_model(student)
+    if settings.method == "lora":
+        student = student.merge_and_unload()
+    for parameter in student.parameters():
+        parameter.requires_grad_(False)
+    student = student.to(dtype).eval()
+    entries = [json.loads(line) for line in log_lines]
+    curve = [{"step": e["step"], "tokens": e["tokens"], "perplexity": e["heldout_perplexity"]}
+             for e in entries if "heldout_perplexity" in e]
+    tokens_seen = steps * settings.batch_size * settings.seqlen
+    trained_here = (steps - start_step) * settings.batch_size * settings.seqlen
+    outcome = RecoveryOutcome(steps, tokens_seen, len(windows), tokens_seen / windows.numel(), seconds,
+                              trained_here / training_seconds if training_seconds else 0.0, start_step, curve, entries,
+                              str(accelerator.device))
+    return student, outcome
