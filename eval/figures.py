@@ -93,13 +93,16 @@ def headline_figure(report: dict, path: Path) -> None:
 
 
 def recovery_figure(report: dict, path: Path) -> None:
-    """Held-out perplexity against training tokens seen, with the dense model's and the evaluated pruned model's
-    perplexity as reference lines (those are on the evaluated windows, the curve on the held-out slice)."""
+    """Held-out perplexity against training tokens seen (line), and the perplexity on the evaluated windows
+    before and after recovery (squares) and of the dense model (dashed): the two texts differ, so compare
+    each with its own kind."""
     recovery, ppl = report["recovery"], report["perplexity"]
     curve = recovery["curve"]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([point["tokens"] for point in curve], [point["perplexity"] for point in curve], color=PRUNED_COLOR,
             marker="o", label=f"held-out ({recovery['heldout']})")
+    ax.plot([0, recovery["tokens_seen"]], [ppl["before_recovery"], ppl["pruned"]], color="#1c7ed6", marker="s",
+            linestyle=":", label=f"evaluated windows: pruned {ppl['before_recovery']:.2f}, recovered {ppl['pruned']:.2f}")
     ax.axhline(ppl["dense"], color=DENSE_COLOR, linestyle="--", label=f"dense, evaluated windows ({ppl['dense']:.2f})")
     ax.set_xlabel(f"training tokens seen ({recovery['source']})")
     ax.set_ylabel("perplexity")

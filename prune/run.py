@@ -286,7 +286,7 @@ def recover_as_recipe_says(prepared: Prepared, dense, pruned, tokenizer, evaluat
     recovered, outcome = recover(pruned, dense, windows, evaluation_text[-heldout_tokens:], ppl.seqlen, settings, state_dir)
     (run_directory / "recovery_log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in outcome.log))
     section = {"method": settings.method, "source": settings.source, "settings": recipe_to_dict(prepared.recipe)["recovery"],
-               "heldout": f"last {settings.heldout_windows} windows of {ppl.seqlen} tokens of {ppl.dataset}",
+               "heldout": f"last {settings.heldout_windows} window(s) of {ppl.seqlen} tokens of {ppl.dataset}",
                "log": "recovery_log.jsonl", "state_dir": str(state_dir)} | outcome.as_dict()
     return recovered, section
 
