@@ -4,6 +4,7 @@
 
 First table: one row per run (parameters removed, perplexity dense / pruned / recovered, zero-shot
 mean when evaluated, tokens, training tokens/s). Second: the held-out curve of every run, by step.
+Third, when the runs evaluated zero-shot accuracy: per task, dense -> pruned + recovered.
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ def main() -> None:
         tokens = next(curve[step]["tokens"] for curve in curves.values() if step in curve)
         cells = [f"{curves[name][step]['perplexity']:.2f}" if step in curves[name] else "-" for name in names]
         print(f"| {step} | {tokens:,} | " + " | ".join(cells) + " |")
+    zeroshot = {name: report["zeroshot"] for name, report in reports.items() if report.get("zeroshot")}
+    if zeroshot:
+        print()
+        print("| task (acc %, dense -> recovered) | " + " | ".join(zeroshot) + " |")
+        print("|---|" + "---:|" * len(zeroshot))
+        for task in next(iter(zeroshot.values()))["dense"]["tasks"]:
+            cells = [f"{100 * z['dense']['tasks'][task]['acc']:.1f} -> {100 * z['pruned']['tasks'][task]['acc']:.1f}"
+                     if task in z["dense"]["tasks"] else "-" for z in zeroshot.values()]
+            print(f"| {task} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
