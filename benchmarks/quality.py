@@ -1,12 +1,13 @@
 """Quality at equal size: every scorer / allocation / reconstruction in one harness on one model.
 
     python benchmarks/quality.py [--recipe recipes/smollm2_30pct.yaml] [--targets 0.2 0.3 0.5]
-                                 [--only NAME ...] [--jsonl runs/quality.jsonl]
+                                 [--only NAME ...] [--zeroshot] [--jsonl runs/quality.jsonl]
     python benchmarks/quality.py --table runs/quality.jsonl [more.jsonl ...]
 
 Each row is the base recipe with the overrides in ``CONFIGURATIONS`` and ``pruning.target`` set; the
 model, the calibration data (the base recipe's), the statistics cache and the perplexity protocol are
-shared, and the dense perplexity is measured once. Appends one JSON line per row to ``--jsonl`` as
+shared, and the dense perplexity is measured once. ``--zeroshot`` adds the mean ``acc`` of the seven
+tasks (the base recipe's zero-shot settings: source, limit, batch size, seed). Appends one JSON line per row to ``--jsonl`` as
 soon as the row is done, and prints the markdown table (for BENCHMARKS.md) at the end; ``--table``
 prints that table from JSON-lines files without running anything.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.perplexity import perplexity  # noqa: E402
+from eval.zeroshot import MEAN_TASKS, resolve_source, zeroshot_accuracy  # noqa: E402
 from prune.blocks import count_parameters  # noqa: E402
 from prune.calibration import evaluation_tokens  # noqa: E402
 from prune.models import load_model  # noqa: E402
@@ -51,6 +53,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="recipes/smollm2_30pct.yaml")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.3, 0.5])
     parser.add_argument("--only", nargs="+", choices=list(CONFIGURATIONS), help="run only these rows")
+    parser.add_argument("--zeroshot", action="store_true", help="also the seven-task zero-shot mean (minutes a row on a CPU)")
     parser.add_argument("--jsonl", type=Path, default=Path("runs/quality.jsonl"))
     parser.add_argument("--table", type=Path, nargs="+", help="only print the table of these JSON-lines files")
     args = parser.parse_args()
@@ -65,6 +68,13 @@ def main() -> None:
     tokens = evaluation_tokens(tokenizer, base_prepared.evaluation_source)
     dense = perplexity(model, tokens, ppl_recipe.seqlen, ppl_recipe.windows, "dense")
     dense_total = base_prepared.dense_parameters["total"]
+    zs = base.evaluation.zeroshot
+
+    def zeroshot_mean(m) -> float:
+        tasks = list(MEAN_TASKS)
+        return zeroshot_accuracy(m, tokenizer, tasks, resolve_source(tasks, zs.source), zs.limit, zs.batch_size, zs.seed)["mean"]
+
+    dense_zeroshot = zeroshot_mean(model) if args.zeroshot else None
     args.jsonl.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for target in args.targets:
@@ -88,6 +98,10 @@ def main() -> None:
                 "prune_seconds": seconds, "statistics_reused": info["reused"] if info else None,
                 "statistics_peak_bytes": info.get("peak_memory_bytes") if info else None,
                 "model_weight_bytes": info.get("model_weight_bytes") if info else None,
+                "statistics_peak_over_weights": info.get("peak_over_weights") if info else None,
+                "calibration": f"{recipe.calibration.source} {recipe.calibration.samples} x {recipe.calibration.seqlen}",
+                "zeroshot_mean": zeroshot_mean(pruned) if args.zeroshot else None,
+                "dense_zeroshot_mean": dense_zeroshot, "zeroshot_limit": zs.limit if args.zeroshot else None,
             }
             rows.append(row)
             with args.jsonl.open("a") as f:
@@ -100,17 +114,22 @@ def main() -> None:
 def print_table(rows: list[dict]) -> None:
     """The benchmark rows as a markdown table, dense perplexity first."""
     first = rows[0]
+    dense_zeroshot = next((r["dense_zeroshot_mean"] for r in rows if r.get("dense_zeroshot_mean") is not None), None)
     print(f"\nWikiText-2 perplexity, {first['seqlen']}-token windows x {first['windows']}; "
-          f"dense {first['dense_perplexity']:.2f}.\n")
-    print("| target | method | scoring | allocation | reconstruction | parameters after (removed) | WikiText-2 ppl | prune s |")
-    print("|---:|---|---|---|---|---:|---:|---:|")
+          f"dense {first['dense_perplexity']:.2f}."
+          + (f" Zero-shot: mean acc of {len(MEAN_TASKS)} tasks; dense {100 * dense_zeroshot:.2f}." if dense_zeroshot else "") + "\n")
+    print("| target | method | scoring | allocation | reconstruction | calibration | parameters after (removed) "
+          "| WikiText-2 ppl | 0-shot mean | prune s |")
+    print("|---:|---|---|---|---|---|---:|---:|---:|---:|")
     for r in rows:
         allocation = r["allocation"] + (f" layers {r['layer_range'][0]}-{r['layer_range'][1] - 1}" if r["layer_range"] else "")
         if r["method"] == "shortgpt":
             allocation = "whole layers"
         scoring = f"{r['method']} (D = {r['objective']})" if r["method"] in GRADIENT_METHODS else r["method"]
+        zeroshot = f"{100 * r['zeroshot_mean']:.2f}" if r.get("zeroshot_mean") is not None else "-"
         print(f"| {r['target']:.0%} | {r['name']} | {scoring} | {allocation} | {r['reconstruct']} | "
-              f"{r['parameters']:,} ({r['removed_fraction']:.1%}) | {r['perplexity']:,.2f} | {r['prune_seconds']:.0f} |")
+              f"{r['calibration']} | {r['parameters']:,} ({r['removed_fraction']:.1%}) | "
+              f"{r['perplexity']:,.2f} | {zeroshot} | {r['prune_seconds']:.0f} |")
 
 
 if __name__ == "__main__":

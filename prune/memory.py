@@ -40,3 +40,15 @@ def current_bytes(device: torch.device) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+@torch.no_grad()
+def make_resident(model) -> None:
+    """Read every parameter once, so that memory-mapped weights are in the RSS before a measurement starts.
+
+    Weights loaded from safetensors may stay file-backed until first touched; without this, pages of
+    the weights first read during a measured stage would count as memory that stage added.
+    """
+    for p in model.parameters():
+        if p.device.type == "cpu":
+            p.view(-1)[:: max(1, 1024 // p.element_size())].sum()  # one element per 1 KiB reaches every 4 KiB page

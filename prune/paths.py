@@ -1,8 +1,10 @@
-"""The toolkit's cache directory and the identity of files whose contents key that cache."""
+"""The toolkit's cache and data directories, the identity of files that key the cache, and staged outputs."""
 
 from __future__ import annotations
 
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -22,3 +24,19 @@ def file_identity(path: Path) -> str:
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
     stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     return f"{path.resolve()}:{stats}"
+
+
+@contextmanager
+def staged_directory(output: Path):
+    """Yield ``<output>.partial`` to write into; it replaces ``output`` on success and is removed on any error."""
+    partial = output.with_name(output.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if output.exists():
+        shutil.rmtree(output)
+    partial.rename(output)

@@ -30,9 +30,9 @@ from prune.allocation import Allocation, ImpossibleTargetError, allocate, remove
 from prune.blocks import BlockShape, block_shape, count_parameters
 from prune.calibration import DataSourceError, TextSource, calibration_samples, evaluation_tokens, resolve_text_source
 from prune.checkpoint import save_checkpoint
-from prune.memory import current_bytes, peak_bytes, reset_peak
+from prune.memory import current_bytes, make_resident, peak_bytes, reset_peak
 from prune.models import ModelSource, ModelSourceError, load_config, load_model, resolve_model_source
-from prune.paths import cache_dir, data_dir, file_identity
+from prune.paths import cache_dir, data_dir, file_identity, staged_directory
 from prune.pruner import has_layer_widths, model_class_for, prune_model
 from prune.recipe import Recipe, RecipeError, load_recipe, recipe_to_dict
 from prune.reconstruct import reconstruct_outputs
@@ -175,6 +175,7 @@ def obtain_statistics(prepared: Prepared, model, tokenizer) -> tuple[ActivationS
     samples = calibration_samples(tokenizer, prepared.calibration_source, recipe.calibration.samples,
                                   recipe.calibration.seqlen, recipe.calibration.seed)
     device = next(model.parameters()).device
+    make_resident(model)
     before = current_bytes(device)
     reset_peak(device)
     statistics = collect_statistics(model, samples, recipe.scoring.objective, covariances, taylor)
@@ -295,12 +296,9 @@ def execute(prepared: Prepared) -> Path:
     """Run every stage; returns the output directory."""
     recipe, shape = prepared.recipe, prepared.shape
     output = prepared.output
-    partial = output.with_name(output.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     stage_seconds: dict[str, float] = {}
     notes = []
-    try:
+    with staged_directory(output) as partial:
         with timed(stage_seconds, "load model"):
             model, tokenizer = load_model(prepared.model_source, recipe.model.dtype, recipe.model.device, prepared.cache)
         statistics, statistics_info = None, None
@@ -388,14 +386,8 @@ def execute(prepared: Prepared) -> Path:
             "notes": notes,
         }
         write_report(report, partial)
-        if output.exists():
-            shutil.rmtree(output)
-        partial.rename(output)
-        if report_recovery:
-            shutil.rmtree(report_recovery["state_dir"], ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    if report_recovery:
+        shutil.rmtree(report_recovery["state_dir"], ignore_errors=True)
     return output
 
 

@@ -146,20 +146,30 @@ def checkpointed_layers(layers):
             del layer.forward  # the class's forward again
 
 
-def gradient_statistics(model, samples: torch.Tensor, objective: str, taylor: bool, progress: bool) -> dict[str, torch.Tensor]:
-    """The backward pass: per-layer reductions of mean A (and of the signed Taylor term when ``taylor``)."""
+def decoder_linear_weights(model) -> dict[tuple[int, str], torch.nn.Parameter]:
+    """{(layer index, linear name): weight [out, in]} for the 7 linears of every decoder layer."""
+    return {(i, name): linear.weight for i, layer in enumerate(decoder_layers(model))
+            for name, linear in layer_linears(layer).items()}
+
+
+def weight_gradient_products(model, samples, objective: str, consume, progress: bool, desc: str,
+                             checkpoint_layers: bool = True) -> None:
+    """One backward pass of D per sample; ``consume(s, (layer, linear), w * dD(s)/dw)`` for every decoder linear.
+
+    ``samples``: token-id tensors [T] (a [N, T] tensor or a list of unequal lengths). The product
+    [out, in] is float32, a fresh tensor ``consume`` may modify; the gradient is freed right after,
+    so at most one exists at a time. With ``checkpoint_layers`` the decoder layers' activations are
+    recomputed in the backward pass instead of kept (about a quarter more compute; worth it for long
+    samples). The model's ``requires_grad`` flags are restored and its weights are not modified.
+    """
     device = next(model.parameters()).device
     layers = decoder_layers(model)
-    weights = {(i, name): linear.weight for i, layer in enumerate(layers) for name, linear in layer_linears(layer).items()}
-    accumulators = {key: torch.zeros_like(w, dtype=torch.float32) for key, w in weights.items()}
-    signed = {key: torch.zeros_like(w, dtype=torch.float32) for key, w in weights.items()} if taylor else {}
+    weights = decoder_linear_weights(model)
+    current = [0]
 
-    def accumulate_grad(key):
+    def hook_for(key):
         def hook(param: torch.Tensor) -> None:
-            product = param.detach().float() * param.grad.float()
-            if taylor:
-                signed[key].add_(product)
-            accumulators[key].add_(product.abs_())
+            consume(current[0], key, param.detach().float() * param.grad.float())
             param.grad = None
 
         return hook
@@ -171,9 +181,10 @@ def gradient_statistics(model, samples: torch.Tensor, objective: str, taylor: bo
             p.requires_grad_(False)
         for key, w in weights.items():
             w.requires_grad_(True)
-            handles.append(w.register_post_accumulate_grad_hook(accumulate_grad(key)))
-        with torch.enable_grad(), checkpointed_layers(layers):
-            for sample in tqdm(samples, desc=f"activation statistics (D={objective})", unit="sample", disable=not progress):
+            handles.append(w.register_post_accumulate_grad_hook(hook_for(key)))
+        with torch.enable_grad(), checkpointed_layers(layers if checkpoint_layers else []):
+            for s, sample in enumerate(tqdm(samples, desc=desc, unit="sample", disable=not progress)):
+                current[0] = s
                 objective_value(model, sample.unsqueeze(0).to(device), objective).backward()
     finally:
         for handle in handles:
@@ -182,18 +193,41 @@ def gradient_statistics(model, samples: torch.Tensor, objective: str, taylor: bo
             p.requires_grad_(flag)
             p.grad = None
 
-    n = len(samples)
+
+def mean_activation_reductions(accumulators: dict, samples: int, num_layers: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Row/column reductions and the per-layer log10 histogram of mean A = sum / samples.
+
+    ``accumulators``: {(layer, linear): summed |w * grad| [out, in]}; consumed (emptied) to free memory early.
+    ``prefix`` goes before the reduction names (``taylor_`` for the signed Taylor sums, no histogram then).
+    """
     tensors = {}
-    for i in range(len(layers)):
+    for i in range(num_layers):
         histogram = torch.zeros(HIST_BINS, dtype=torch.float64)
         for name in LINEAR_NAMES:
-            mean = accumulators.pop((i, name)).div_(n)
-            tensors |= {f"layers.{i}.{name}.{k}": v for k, v in row_col_reductions(mean).items()}
-            if taylor:
-                tensors |= {f"layers.{i}.{name}.taylor_{k}": v
-                            for k, v in row_col_reductions(signed.pop((i, name)).div_(n).abs_()).items()}
+            mean = accumulators.pop((i, name)).div_(samples).abs_()
+            tensors |= {f"layers.{i}.{name}.{prefix}{k}": v for k, v in row_col_reductions(mean).items()}
             histogram += log10_histogram(mean)
-        tensors[f"layers.{i}.log10_hist"] = histogram
+        if not prefix:
+            tensors[f"layers.{i}.log10_hist"] = histogram
+    return tensors
+
+
+def gradient_statistics(model, samples: torch.Tensor, objective: str, taylor: bool, progress: bool) -> dict[str, torch.Tensor]:
+    """The backward pass: per-layer reductions of mean A (and of the signed Taylor term when ``taylor``)."""
+    layers = decoder_layers(model)
+    weights = decoder_linear_weights(model)
+    accumulators = {key: torch.zeros_like(w, dtype=torch.float32) for key, w in weights.items()}
+    signed = {key: torch.zeros_like(w, dtype=torch.float32) for key, w in weights.items()} if taylor else {}
+
+    def accumulate(sample: int, key, product: torch.Tensor) -> None:
+        if taylor:
+            signed[key].add_(product)
+        accumulators[key].add_(product.abs_())
+
+    weight_gradient_products(model, samples, objective, accumulate, progress, f"activation statistics (D={objective})")
+    tensors = mean_activation_reductions(accumulators, len(samples), len(layers))
+    if taylor:
+        tensors |= mean_activation_reductions(signed, len(samples), len(layers), prefix="taylor_")
     return tensors
 
 
@@ -205,7 +239,10 @@ def input_statistics(model, samples: torch.Tensor, covariances: bool, progress: 
     sums: dict[str, torch.Tensor] = {}
 
     def add(key: str, value: torch.Tensor) -> None:
-        sums[key] = sums[key] + value if key in sums else value
+        if key in sums:
+            sums[key].add_(value)  # in place: a fresh sum per sample would churn the allocator
+        else:
+            sums[key] = value
 
     def accumulate_input(prefix, with_covariance):
         def hook(module, args):
