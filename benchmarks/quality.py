@@ -9,7 +9,9 @@ model, the calibration data (the base recipe's), the statistics cache and the pe
 shared, and the dense perplexity is measured once. ``--zeroshot`` adds the mean ``acc`` of the seven
 tasks (the base recipe's zero-shot settings: source, limit, batch size, seed). Appends one JSON line per row to ``--jsonl`` as
 soon as the row is done, and prints the markdown table (for BENCHMARKS.md) at the end; ``--table``
-prints that table from JSON-lines files without running anything.
+prints that table from JSON-lines files without running anything. Under the table: the memory of the
+first statistics pass of the process (a later pass reuses memory freed before it, so the RSS peak of a
+later pass on CPU says nothing about what that pass needs).
 """
 
 from __future__ import annotations
@@ -130,7 +132,13 @@ def print_table(rows: list[dict]) -> None:
         print(f"| {r['target']:.0%} | {r['name']} | {scoring} | {allocation} | {r['reconstruct']} | "
               f"{r['calibration']} | {r['parameters']:,} ({r['removed_fraction']:.1%}) | "
               f"{r['perplexity']:,.2f} | {zeroshot} | {r['prune_seconds']:.0f} |")
-
+    measured = next((r for r in rows if r.get("statistics_peak_over_weights") is not None), None)
+    if measured:  # later passes in the same process reuse memory freed before them: their RSS peak measures nothing
+        weights, ratio = measured["model_weight_bytes"], measured["statistics_peak_over_weights"]
+        print(f"\nFirst statistics pass of the process (for the {measured['target']:.0%} {measured['name']} row, "
+              f"{measured['calibration']}, float32): weights {weights / 2**20:,.1f} MiB + "
+              f"{(ratio - 1) * weights / 2**20:,.1f} MiB added by the pass = {ratio:.2f}x the weight bytes "
+              f"(process peak {measured['statistics_peak_bytes'] / 2**20:,.1f} MiB).")
 
 if __name__ == "__main__":
     main()
