@@ -105,8 +105,8 @@ def measure_speed(models: dict, prompt_tokens: int, batch_size: int, new_tokens:
     working = {name: 0 for name in models}
     runs = [(r, name) for r in range(warmup + repeats) for name in models]
     for r, name in tqdm(runs, desc="speed (prefill + decode)", unit="run", disable=not progress):
-        before = current_bytes(device)
         reset_peak(device)
+        before = current_bytes(device)
         result = prefill_and_decode(models[name], prompt, new_tokens)
         working[name] = max(working[name], peak_bytes(device) - before)
         if r >= warmup:

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 from pathlib import Path
 
 import torch
 
 
 def reset_peak(device: torch.device) -> None:
-    """Start a new peak measurement (CPU: resets VmHWM through /proc/self/clear_refs, Linux only)."""
+    """Start a new peak measurement; read :func:`current_bytes` after it for the baseline.
+
+    CPU: first hands memory freed earlier back to the OS (glibc ``malloc_trim``; the heap otherwise
+    keeps it resident, and a later stage reusing it would look as if it needed nothing), then resets
+    VmHWM through /proc/self/clear_refs (Linux only).
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         return
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the baseline may then include freed memory the heap still holds
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

@@ -176,8 +176,8 @@ def obtain_statistics(prepared: Prepared, model, tokenizer) -> tuple[ActivationS
                                   recipe.calibration.seqlen, recipe.calibration.seed)
     device = next(model.parameters()).device
     make_resident(model)
-    before = current_bytes(device)
     reset_peak(device)
+    before = current_bytes(device)
     statistics = collect_statistics(model, samples, recipe.scoring.objective, covariances, taylor)
     peak = peak_bytes(device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
