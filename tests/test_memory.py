@@ -22,4 +22,4 @@ def test_reset_peak_returns_freed_heap_memory_before_the_baseline():
     reset_peak(CPU)
     live = current_bytes(CPU) - start
     assert live < 0.25 * held, f"baseline still holds {live / 2**20:.0f} MiB of {held / 2**20:.0f} MiB"
-    assert len(kept) == 1200
+    del kept  # alive until the baseline is read
