@@ -21,13 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.perplexity import perplexity  # noqa: E402
-from eval.zeroshot import local_data_file, zeroshot_accuracy  # noqa: E402
-from prune.calibration import evaluation_tokens  # noqa: E402
-from prune.models import load_model  # noqa: E402
-from prune.paths import data_dir  # noqa: E402
-from prune.recipe import load_recipe  # noqa: E402
-from prune.run import obtain_statistics, prepare, prune_as_recipe_says  # noqa: E402
+from eval.perplexity import perplexity
+from eval.zeroshot import local_data_file, zeroshot_accuracy
+from prune.calibration import evaluation_tokens
+from prune.models import load_model
+from prune.paths import data_dir
+from prune.recipe import load_recipe
+from prune.run import obtain_statistics, prepare, prune_as_recipe_says
 
 
 def item_text(task: str, item: dict) -> str:
@@ -49,7 +49,12 @@ def write_calibration_text(task: str, skip: int, path: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="recipes/smollm2_20pct.yaml")
-    parser.add_argument("--tasks", nargs=2, default=["piqa", "arc_easy"], help="two local zero-shot tasks (short prompts keep the evaluation to minutes on a CPU)")
+    parser.add_argument(
+        "--tasks",
+        nargs=2,
+        default=["piqa", "arc_easy"],
+        help="two local zero-shot tasks (short prompts keep the evaluation to minutes on a CPU)",
+    )
     parser.add_argument("--samples", type=int, default=64, help="calibration samples per run")
     parser.add_argument("--limit", type=int, default=300, help="evaluated items per task")
     parser.add_argument("--out", type=Path, default=Path("runs/calibration_domain"))
@@ -63,15 +68,26 @@ def main() -> None:
 
     def evaluate(m, name: str) -> dict:
         accuracy = zeroshot_accuracy(m, tokenizer, args.tasks, "local", args.limit, zs.batch_size, zs.seed)
-        return {"perplexity": perplexity(m, tokens, ppl.seqlen, ppl.windows, name)["perplexity"],
-                **{task: accuracy["tasks"][task]["acc"] for task in args.tasks}}
+        return {
+            "perplexity": perplexity(m, tokens, ppl.seqlen, ppl.windows, name)["perplexity"],
+            **{task: accuracy["tasks"][task]["acc"] for task in args.tasks},
+        }
 
-    results = {"recipe": args.recipe, "target": base.pruning.target, "samples": args.samples,
-               "seqlen": base.calibration.seqlen, "limit": args.limit, "tasks": args.tasks,
-               "rows": [{"calibration": "dense (not pruned)", **evaluate(model, "dense")}]}
+    results = {
+        "recipe": args.recipe,
+        "target": base.pruning.target,
+        "samples": args.samples,
+        "seqlen": base.calibration.seqlen,
+        "limit": args.limit,
+        "tasks": args.tasks,
+        "rows": [{"calibration": "dense (not pruned)", **evaluate(model, "dense")}],
+    }
     sources = {task: args.out / f"{task}.txt" for task in args.tasks}
     used = {task: write_calibration_text(task, args.limit, path) for task, path in sources.items()}
-    for name, source in [(base.calibration.source, base.calibration.source), *((t, str(p)) for t, p in sources.items())]:
+    for name, source in [
+        (base.calibration.source, base.calibration.source),
+        *((t, str(p)) for t, p in sources.items()),
+    ]:
         recipe = load_recipe(args.recipe, [f"calibration.samples={args.samples}", f"calibration.source={source}"])
         prepared = prepare(recipe, overwrite=True)
         statistics, _ = obtain_statistics(prepared, model, tokenizer)
@@ -81,9 +97,11 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     a, b = args.tasks
-    print(f"\n{base.model.source}, {base.pruning.target:.0%} of parameters removed ({args.recipe}); calibration "
-          f"{args.samples} x {base.calibration.seqlen} tokens; zero-shot acc on the first {args.limit} items; "
-          f"WikiText-2 perplexity {ppl.seqlen} x {ppl.windows}.\n")
+    print(
+        f"\n{base.model.source}, {base.pruning.target:.0%} of parameters removed ({args.recipe}); calibration "
+        f"{args.samples} x {base.calibration.seqlen} tokens; zero-shot acc on the first {args.limit} items; "
+        f"WikiText-2 perplexity {ppl.seqlen} x {ppl.windows}.\n"
+    )
     print(f"| calibration | {a} acc | {b} acc | WikiText-2 ppl |")
     print("|---|---:|---:|---:|")
     for row in results["rows"]:

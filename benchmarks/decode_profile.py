@@ -20,8 +20,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.speed import cache_keyword, linear_macs_per_token, shape_only_models, shaped_config  # noqa: E402
-from prune.paths import cache_dir  # noqa: E402
+from eval.speed import cache_keyword, linear_macs_per_token, shape_only_models, shaped_config
+from prune.paths import cache_dir
 
 
 @torch.inference_mode()
@@ -52,16 +52,20 @@ def main() -> None:
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     rows = {name: profiled_decode(model, prompt, args.steps) for name, model in models.items()}
     macs = {name: linear_macs_per_token(model) for name, model in models.items()}
-    print(f"{report['model']['source']} shapes, float32, cpu ({torch.get_num_threads()} threads), "
-          f"{args.steps} decode steps after {args.prompt_tokens} prompt tokens")
+    print(
+        f"{report['model']['source']} shapes, float32, cpu ({torch.get_num_threads()} threads), "
+        f"{args.steps} decode steps after {args.prompt_tokens} prompt tokens"
+    )
     print("| model | ms / step | linear ms / step | other ms / step | linear MACs / token |\n|---|---:|---:|---:|---:|")
     for name, (wall, linear) in rows.items():
         print(f"| {name} | {1000 * wall:.1f} | {1000 * linear:.1f} | {1000 * (wall - linear):.1f} | {macs[name]:,} |")
     (dense_wall, dense_linear), (pruned_wall, _) = rows["dense"], rows["pruned"]
     ratio = macs["dense"] / macs["pruned"]
     bound = dense_wall / (dense_wall - dense_linear + dense_linear / ratio)
-    print(f"MAC ratio {ratio:.2f}x; measured {dense_wall / pruned_wall:.2f}x; "
-          f"bound if only linear time shrinks: {bound:.2f}x")
+    print(
+        f"MAC ratio {ratio:.2f}x; measured {dense_wall / pruned_wall:.2f}x; "
+        f"bound if only linear time shrinks: {bound:.2f}x"
+    )
 
 
 if __name__ == "__main__":

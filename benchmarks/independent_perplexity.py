@@ -27,16 +27,21 @@ def main(model_dir: str, text_path: str, seqlen: int, windows: int) -> dict:
     nll, count = 0.0, 0
     with torch.no_grad():
         for k in range(windows):
-            window = ids[k * seqlen:(k + 1) * seqlen][None]
+            window = ids[k * seqlen : (k + 1) * seqlen][None]
             nll += F.cross_entropy(model(window).logits[0, :-1], window[0, 1:], reduction="sum").item()
             count += seqlen - 1
         prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
         cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
         uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
-    return {"perplexity": math.exp(nll / count), "seqlen": seqlen, "windows": windows,
-            "class": type(model).__name__, "cache_agrees": bool(torch.equal(cached, uncached)),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "continuation": tokenizer.decode(cached[0, prompt.shape[1]:])}
+    return {
+        "perplexity": math.exp(nll / count),
+        "seqlen": seqlen,
+        "windows": windows,
+        "class": type(model).__name__,
+        "cache_agrees": bool(torch.equal(cached, uncached)),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "continuation": tokenizer.decode(cached[0, prompt.shape[1] :]),
+    }
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 def continuation_log_likelihoods(model, tokenizer, query: str, continuations: list[str]) -> list[float]:
     stripped = query.rstrip()
-    trailing = query[len(stripped):]
+    trailing = query[len(stripped) :]
     continuations = [trailing + c for c in continuations]
     context = tokenizer(stripped).input_ids
-    tails = [tokenizer(stripped + c).input_ids[len(context):] for c in continuations]
+    tails = [tokenizer(stripped + c).input_ids[len(context) :] for c in continuations]
     with torch.no_grad():
         out = model(torch.tensor([context]), use_cache=True)
         cache = out.past_key_values
@@ -59,7 +59,12 @@ def main(model_dir: str, task_file: str, limit: int | None) -> dict:
         norm = [ll / len(c) for ll, c in zip(lls, continuations)]
         correct += int(max(range(len(lls)), key=lls.__getitem__) == doc["gold"])
         correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == doc["gold"])
-    return {"task_file": task_file, "items": len(docs), "acc": correct / len(docs), "acc_norm": correct_norm / len(docs)}
+    return {
+        "task_file": task_file,
+        "items": len(docs),
+        "acc": correct / len(docs),
+        "acc_norm": correct_norm / len(docs),
+    }
 
 
 if __name__ == "__main__":

@@ -24,28 +24,45 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.perplexity import perplexity  # noqa: E402
-from eval.zeroshot import MEAN_TASKS, resolve_source, zeroshot_accuracy  # noqa: E402
-from prune.blocks import count_parameters  # noqa: E402
-from prune.calibration import evaluation_tokens  # noqa: E402
-from prune.models import load_model  # noqa: E402
-from prune.recipe import load_recipe  # noqa: E402
-from prune.run import obtain_statistics, prepare, prune_as_recipe_says  # noqa: E402
+from eval.perplexity import perplexity
+from eval.zeroshot import MEAN_TASKS, resolve_source, zeroshot_accuracy
+from prune.blocks import count_parameters
+from prune.calibration import evaluation_tokens
+from prune.models import load_model
+from prune.recipe import load_recipe
+from prune.run import obtain_statistics, prepare, prune_as_recipe_says
 
 GRADIENT_METHODS = ("activation", "activation-obs", "taylor")
 CONFIGURATIONS = {
     # baselines (METHOD.md section 3)
     "magnitude": {"scoring.method": "magnitude", "allocation.strategy": "uniform", "pruning.reconstruct": "none"},
     "wanda-sp": {"scoring.method": "wanda-sp", "allocation.strategy": "uniform", "pruning.reconstruct": "none"},
-    "flap": {"scoring.method": "flap", "scoring.aggregate": "mean", "allocation.strategy": "global",
-             "pruning.reconstruct": "bias", "pruning.round_to": 1},
-    "taylor (LLM-Pruner)": {"scoring.method": "taylor", "scoring.objective": "nll", "allocation.strategy": "uniform",
-                            "allocation.layer_range": [4, 28], "pruning.reconstruct": "none"},
+    "flap": {
+        "scoring.method": "flap",
+        "scoring.aggregate": "mean",
+        "allocation.strategy": "global",
+        "pruning.reconstruct": "bias",
+        "pruning.round_to": 1,
+    },
+    "taylor (LLM-Pruner)": {
+        "scoring.method": "taylor",
+        "scoring.objective": "nll",
+        "allocation.strategy": "uniform",
+        "allocation.layer_range": [4, 28],
+        "pruning.reconstruct": "none",
+    },
     "shortgpt": {"scoring.method": "shortgpt", "pruning.reconstruct": "none"},
     # the paper's metric and allocation, without and with this toolkit's reconstruction and unit choice
-    "activation": {"scoring.method": "activation", "allocation.strategy": "activation-density", "pruning.reconstruct": "none"},
-    "activation + lstsq": {"scoring.method": "activation", "allocation.strategy": "activation-density",
-                           "pruning.reconstruct": "lstsq"},
+    "activation": {
+        "scoring.method": "activation",
+        "allocation.strategy": "activation-density",
+        "pruning.reconstruct": "none",
+    },
+    "activation + lstsq": {
+        "scoring.method": "activation",
+        "allocation.strategy": "activation-density",
+        "pruning.reconstruct": "lstsq",
+    },
     "default recipe": {},
 }
 
@@ -55,7 +72,9 @@ def main() -> None:
     parser.add_argument("--recipe", default="recipes/smollm2_30pct.yaml")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.3, 0.5])
     parser.add_argument("--only", nargs="+", choices=list(CONFIGURATIONS), help="run only these rows")
-    parser.add_argument("--zeroshot", action="store_true", help="also the seven-task zero-shot mean (minutes a row on a CPU)")
+    parser.add_argument(
+        "--zeroshot", action="store_true", help="also the seven-task zero-shot mean (minutes a row on a CPU)"
+    )
     parser.add_argument("--jsonl", type=Path, default=Path("runs/quality.jsonl"))
     parser.add_argument("--table", type=Path, nargs="+", help="only print the table of these JSON-lines files")
     args = parser.parse_args()
@@ -74,7 +93,9 @@ def main() -> None:
 
     def zeroshot_mean(m) -> float:
         tasks = list(MEAN_TASKS)
-        return zeroshot_accuracy(m, tokenizer, tasks, resolve_source(tasks, zs.source), zs.limit, zs.batch_size, zs.seed)["mean"]
+        return zeroshot_accuracy(
+            m, tokenizer, tasks, resolve_source(tasks, zs.source), zs.limit, zs.batch_size, zs.seed
+        )["mean"]
 
     dense_zeroshot = zeroshot_mean(model) if args.zeroshot else None
     args.jsonl.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +105,9 @@ def main() -> None:
             overrides = {**CONFIGURATIONS[name], "pruning.target": target}
             recipe = load_recipe(args.recipe, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
             prepared = prepare(recipe, overwrite=True)
-            statistics, info = obtain_statistics(prepared, model, tokenizer) if prepared.needs_statistics else (None, None)
+            statistics, info = (
+                obtain_statistics(prepared, model, tokenizer) if prepared.needs_statistics else (None, None)
+            )
             stage_seconds: dict[str, float] = {}
             start = time.perf_counter()
             pruned, _ = prune_as_recipe_says(prepared, model, statistics, stage_seconds)
@@ -92,24 +115,36 @@ def main() -> None:
             result = perplexity(pruned, tokens, ppl_recipe.seqlen, ppl_recipe.windows, f"{name} {target:.0%}")
             kept = count_parameters(pruned)["total"]
             row = {
-                "name": name, "target": target, "method": recipe.scoring.method, "objective": recipe.scoring.objective,
-                "allocation": recipe.allocation.strategy, "layer_range": recipe.allocation.layer_range,
-                "reconstruct": recipe.pruning.reconstruct, "parameters": kept, "removed_fraction": 1 - kept / dense_total,
-                "perplexity": result["perplexity"], "dense_perplexity": dense["perplexity"],
-                "seqlen": ppl_recipe.seqlen, "windows": result["windows"],
-                "prune_seconds": seconds, "statistics_reused": info["reused"] if info else None,
+                "name": name,
+                "target": target,
+                "method": recipe.scoring.method,
+                "objective": recipe.scoring.objective,
+                "allocation": recipe.allocation.strategy,
+                "layer_range": recipe.allocation.layer_range,
+                "reconstruct": recipe.pruning.reconstruct,
+                "parameters": kept,
+                "removed_fraction": 1 - kept / dense_total,
+                "perplexity": result["perplexity"],
+                "dense_perplexity": dense["perplexity"],
+                "seqlen": ppl_recipe.seqlen,
+                "windows": result["windows"],
+                "prune_seconds": seconds,
+                "statistics_reused": info["reused"] if info else None,
                 "statistics_peak_bytes": info.get("peak_memory_bytes") if info else None,
                 "model_weight_bytes": info.get("model_weight_bytes") if info else None,
                 "statistics_peak_over_weights": info.get("peak_over_weights") if info else None,
                 "calibration": f"{recipe.calibration.source} {recipe.calibration.samples} x {recipe.calibration.seqlen}",
                 "zeroshot_mean": zeroshot_mean(pruned) if args.zeroshot else None,
-                "dense_zeroshot_mean": dense_zeroshot, "zeroshot_limit": zs.limit if args.zeroshot else None,
+                "dense_zeroshot_mean": dense_zeroshot,
+                "zeroshot_limit": zs.limit if args.zeroshot else None,
             }
             rows.append(row)
             with args.jsonl.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-    print(f"\nCalibration: {base.calibration.source}, {base.calibration.samples} x {base.calibration.seqlen} tokens, "
-          f"seed {base.calibration.seed}.")
+    print(
+        f"\nCalibration: {base.calibration.source}, {base.calibration.samples} x {base.calibration.seqlen} tokens, "
+        f"seed {base.calibration.seed}."
+    )
     print_table(rows)
 
 
@@ -117,28 +152,44 @@ def print_table(rows: list[dict]) -> None:
     """The benchmark rows as a markdown table, dense perplexity first."""
     first = rows[0]
     dense_zeroshot = next((r["dense_zeroshot_mean"] for r in rows if r.get("dense_zeroshot_mean") is not None), None)
-    print(f"\nWikiText-2 perplexity, {first['seqlen']}-token windows x {first['windows']}; "
-          f"dense {first['dense_perplexity']:.2f}."
-          + (f" Zero-shot: mean acc of {len(MEAN_TASKS)} tasks; dense {100 * dense_zeroshot:.2f}." if dense_zeroshot else "") + "\n")
-    print("| target | method | scoring | allocation | reconstruction | calibration | parameters after (removed) "
-          "| WikiText-2 ppl | 0-shot mean | prune s |")
+    print(
+        f"\nWikiText-2 perplexity, {first['seqlen']}-token windows x {first['windows']}; "
+        f"dense {first['dense_perplexity']:.2f}."
+        + (
+            f" Zero-shot: mean acc of {len(MEAN_TASKS)} tasks; dense {100 * dense_zeroshot:.2f}."
+            if dense_zeroshot
+            else ""
+        )
+        + "\n"
+    )
+    print(
+        "| target | method | scoring | allocation | reconstruction | calibration | parameters after (removed) "
+        "| WikiText-2 ppl | 0-shot mean | prune s |"
+    )
     print("|---:|---|---|---|---|---|---:|---:|---:|---:|")
     for r in rows:
-        allocation = r["allocation"] + (f" layers {r['layer_range'][0]}-{r['layer_range'][1] - 1}" if r["layer_range"] else "")
+        allocation = r["allocation"] + (
+            f" layers {r['layer_range'][0]}-{r['layer_range'][1] - 1}" if r["layer_range"] else ""
+        )
         if r["method"] == "shortgpt":
             allocation = "whole layers"
         scoring = f"{r['method']} (D = {r['objective']})" if r["method"] in GRADIENT_METHODS else r["method"]
         zeroshot = f"{100 * r['zeroshot_mean']:.2f}" if r.get("zeroshot_mean") is not None else "-"
-        print(f"| {r['target']:.0%} | {r['name']} | {scoring} | {allocation} | {r['reconstruct']} | "
-              f"{r['calibration']} | {r['parameters']:,} ({r['removed_fraction']:.1%}) | "
-              f"{r['perplexity']:,.2f} | {zeroshot} | {r['prune_seconds']:.0f} |")
+        print(
+            f"| {r['target']:.0%} | {r['name']} | {scoring} | {allocation} | {r['reconstruct']} | "
+            f"{r['calibration']} | {r['parameters']:,} ({r['removed_fraction']:.1%}) | "
+            f"{r['perplexity']:,.2f} | {zeroshot} | {r['prune_seconds']:.0f} |"
+        )
     measured = next((r for r in rows if r.get("statistics_peak_over_weights") is not None), None)
     if measured:  # later passes in the same process reuse memory freed before them: their RSS peak measures nothing
         weights, ratio = measured["model_weight_bytes"], measured["statistics_peak_over_weights"]
-        print(f"\nFirst statistics pass of the process (for the {measured['target']:.0%} {measured['name']} row, "
-              f"{measured['calibration']}, float32): weights {weights / 2**20:,.1f} MiB + "
-              f"{(ratio - 1) * weights / 2**20:,.1f} MiB added by the pass = {ratio:.2f}x the weight bytes "
-              f"(process peak {measured['statistics_peak_bytes'] / 2**20:,.1f} MiB).")
+        print(
+            f"\nFirst statistics pass of the process (for the {measured['target']:.0%} {measured['name']} row, "
+            f"{measured['calibration']}, float32): weights {weights / 2**20:,.1f} MiB + "
+            f"{(ratio - 1) * weights / 2**20:,.1f} MiB added by the pass = {ratio:.2f}x the weight bytes "
+            f"(process peak {measured['statistics_peak_bytes'] / 2**20:,.1f} MiB)."
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -16,11 +16,16 @@ from pathlib import Path
 
 def summary_row(name: str, report: dict) -> str:
     ppl, recovery, zeroshot = report["perplexity"], report["recovery"], report.get("zeroshot")
-    mean = (f"{100 * zeroshot['dense']['mean']:.2f} / {100 * zeroshot['pruned']['mean']:.2f}"
-            if zeroshot and zeroshot["dense"]["mean"] is not None else "-")
-    return (f"| {name} | {report['parameters']['removed_fraction']:.2%} | {recovery['method']} | "
-            f"{recovery['tokens_seen']:,} | {ppl['dense']:.2f} | {ppl['before_recovery']:.2f} | {ppl['pruned']:.2f} | "
-            f"{mean} | {recovery['tokens_per_second']:,.1f} | {recovery['seconds']:,.0f} |")
+    mean = (
+        f"{100 * zeroshot['dense']['mean']:.2f} / {100 * zeroshot['pruned']['mean']:.2f}"
+        if zeroshot and zeroshot["dense"]["mean"] is not None
+        else "-"
+    )
+    return (
+        f"| {name} | {report['parameters']['removed_fraction']:.2%} | {recovery['method']} | "
+        f"{recovery['tokens_seen']:,} | {ppl['dense']:.2f} | {ppl['before_recovery']:.2f} | {ppl['pruned']:.2f} | "
+        f"{mean} | {recovery['tokens_per_second']:,.1f} | {recovery['seconds']:,.0f} |"
+    )
 
 
 def main() -> None:
@@ -35,8 +40,10 @@ def main() -> None:
             raise SystemExit(f"{path}: this run has no recovery stage")
         reports[path.parent.name] = report
     first = next(iter(reports.values()))["perplexity"]
-    print(f"| run | removed | recovery | tokens | {first['dataset']} ppl dense | pruned | recovered | "
-          "zero-shot mean acc dense / recovered | training tokens/s | training s |")
+    print(
+        f"| run | removed | recovery | tokens | {first['dataset']} ppl dense | pruned | recovered | "
+        "zero-shot mean acc dense / recovered | training tokens/s | training s |"
+    )
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, report in reports.items():
         print(summary_row(name, report))
@@ -55,8 +62,12 @@ def main() -> None:
         print("| task (acc %, dense -> recovered) | " + " | ".join(zeroshot) + " |")
         print("|---|" + "---:|" * len(zeroshot))
         for task in next(iter(zeroshot.values()))["dense"]["tasks"]:
-            cells = [f"{100 * z['dense']['tasks'][task]['acc']:.1f} -> {100 * z['pruned']['tasks'][task]['acc']:.1f}"
-                     if task in z["dense"]["tasks"] else "-" for z in zeroshot.values()]
+            cells = [
+                f"{100 * z['dense']['tasks'][task]['acc']:.1f} -> {100 * z['pruned']['tasks'][task]['acc']:.1f}"
+                if task in z["dense"]["tasks"]
+                else "-"
+                for z in zeroshot.values()
+            ]
             print(f"| {task} | " + " | ".join(cells) + " |")
 
 

@@ -15,21 +15,35 @@ from pathlib import Path
 def row(report: dict) -> str:
     recipe, params, ppl, speed = report["recipe"], report["parameters"], report["perplexity"], report["speed"]
     pruning = recipe["pruning"]
-    method = (f"{recipe['scoring']['method']} / {recipe['allocation']['strategy']} / {pruning['attention_unit']}"
-              f" / {pruning.get('reconstruct', 'none')}")
+    method = (
+        f"{recipe['scoring']['method']} / {recipe['allocation']['strategy']} / {pruning['attention_unit']}"
+        f" / {pruning.get('reconstruct', 'none')}"
+    )
     prefill = decode = "not measured"
     if speed:
         d, p = speed["dense"], speed["pruned"]
-        prefill = (f"{d['prefill_ms_median']:.0f} → {p['prefill_ms_median']:.0f} "
-                   f"({d['prefill_ms_median'] / p['prefill_ms_median']:.2f}x)")
-        decode = (f"{d['decode_tokens_per_s_median']:.2f} → {p['decode_tokens_per_s_median']:.2f} "
-                  f"({p['decode_tokens_per_s_median'] / d['decode_tokens_per_s_median']:.2f}x)")
-    return " | ".join([
-        "", report["model"]["source"], method, f"{pruning['target']:.0%}",
-        f"{params['pruned']['total']:,} ({1 - params['removed_fraction']:.2%})",
-        f"{ppl['dense']:.2f} → {ppl['pruned']:.2f}", prefill, decode,
-        f"{sum(report['stage_seconds'].values()) / 60:.1f}", "",
-    ]).strip()
+        prefill = (
+            f"{d['prefill_ms_median']:.0f} → {p['prefill_ms_median']:.0f} "
+            f"({d['prefill_ms_median'] / p['prefill_ms_median']:.2f}x)"
+        )
+        decode = (
+            f"{d['decode_tokens_per_s_median']:.2f} → {p['decode_tokens_per_s_median']:.2f} "
+            f"({p['decode_tokens_per_s_median'] / d['decode_tokens_per_s_median']:.2f}x)"
+        )
+    return " | ".join(
+        [
+            "",
+            report["model"]["source"],
+            method,
+            f"{pruning['target']:.0%}",
+            f"{params['pruned']['total']:,} ({1 - params['removed_fraction']:.2%})",
+            f"{ppl['dense']:.2f} → {ppl['pruned']:.2f}",
+            prefill,
+            decode,
+            f"{sum(report['stage_seconds'].values()) / 60:.1f}",
+            "",
+        ]
+    ).strip()
 
 
 def main(paths: list[str]) -> None:
@@ -39,12 +53,16 @@ def main(paths: list[str]) -> None:
     speed = next((r["speed"] for r in reports if r["speed"]), None)
     line = f"Perplexity: {ppl['dataset']}, {ppl['seqlen']}-token windows x {ppl['windows']}."
     if speed:
-        line += (f" Speed: {speed['device']}, {speed['dtype']}, batch {speed['batch_size']}, prompt "
-                 f"{speed['prompt_tokens']} tokens, {speed['new_tokens']} new tokens, median of {speed['repeats']} "
-                 f"after {speed['warmup']} warm-up.")
+        line += (
+            f" Speed: {speed['device']}, {speed['dtype']}, batch {speed['batch_size']}, prompt "
+            f"{speed['prompt_tokens']} tokens, {speed['new_tokens']} new tokens, median of {speed['repeats']} "
+            f"after {speed['warmup']} warm-up."
+        )
     print(line + "\n")
-    print("| model | scores / allocation / attention unit / reconstruction | target | params kept | perplexity dense → pruned "
-          "| prefill ms dense → pruned | decode tok/s dense → pruned | run minutes |")
+    print(
+        "| model | scores / allocation / attention unit / reconstruction | target | params kept | perplexity dense → pruned "
+        "| prefill ms dense → pruned | decode tok/s dense → pruned | run minutes |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for report in reports:
         print(row(report))

@@ -10,7 +10,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 DENSE_COLOR, PRUNED_COLOR = "#9aa5b1", "#d9480f"
 
@@ -47,8 +47,13 @@ def allocation_figure(report: dict, path: Path) -> None:
         ax.bar(index, [layer["activated_weights"] for layer in layers], color=DENSE_COLOR, label="activated weights")
         ax.set_ylabel("activated weights (A above threshold)")
         sparsity_ax = ax.twinx()
-    sparsity_ax.plot(index, [layer["requested_sparsity"] for layer in layers], color=PRUNED_COLOR, marker="o",
-                     label="requested sparsity")
+    sparsity_ax.plot(
+        index,
+        [layer["requested_sparsity"] for layer in layers],
+        color=PRUNED_COLOR,
+        marker="o",
+        label="requested sparsity",
+    )
     sparsity_ax.set_ylabel("requested sparsity of the layer")
     sparsity_ax.set_ylim(0, 1)
     ax.set_xlabel("decoder layer")
@@ -70,7 +75,9 @@ def headline_metrics(report: dict) -> list[tuple[str, float, float]]:
     if report.get("zeroshot"):
         zs = report["zeroshot"]
         if zs["dense"]["mean"] is not None:
-            metrics.append((f"zero-shot mean {zs['mean_metric']} (%)", 100 * zs["dense"]["mean"], 100 * zs["pruned"]["mean"]))
+            metrics.append(
+                (f"zero-shot mean {zs['mean_metric']} (%)", 100 * zs["dense"]["mean"], 100 * zs["pruned"]["mean"])
+            )
     if report.get("speed"):
         d, p = report["speed"]["dense"], report["speed"]["pruned"]
         metrics.append(("decode tokens/s", d["decode_tokens_per_s_median"], p["decode_tokens_per_s_median"]))
@@ -99,10 +106,21 @@ def recovery_figure(report: dict, path: Path) -> None:
     recovery, ppl = report["recovery"], report["perplexity"]
     curve = recovery["curve"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([point["tokens"] for point in curve], [point["perplexity"] for point in curve], color=PRUNED_COLOR,
-            marker="o", label=f"held-out ({recovery['heldout']})")
-    ax.plot([0, recovery["tokens_seen"]], [ppl["before_recovery"], ppl["pruned"]], color="#1c7ed6", marker="s",
-            linestyle=":", label=f"evaluated windows: pruned {ppl['before_recovery']:.2f}, recovered {ppl['pruned']:.2f}")
+    ax.plot(
+        [point["tokens"] for point in curve],
+        [point["perplexity"] for point in curve],
+        color=PRUNED_COLOR,
+        marker="o",
+        label=f"held-out ({recovery['heldout']})",
+    )
+    ax.plot(
+        [0, recovery["tokens_seen"]],
+        [ppl["before_recovery"], ppl["pruned"]],
+        color="#1c7ed6",
+        marker="s",
+        linestyle=":",
+        label=f"evaluated windows: pruned {ppl['before_recovery']:.2f}, recovered {ppl['pruned']:.2f}",
+    )
     ax.axhline(ppl["dense"], color=DENSE_COLOR, linestyle="--", label=f"dense, evaluated windows ({ppl['dense']:.2f})")
     ax.set_xlabel(f"training tokens seen ({recovery['source']})")
     ax.set_ylabel("perplexity")
@@ -114,8 +132,12 @@ def recovery_figure(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-FIGURES = {"headline.png": headline_figure, "widths.png": layer_widths_figure, "allocation.png": allocation_figure,
-           "recovery.png": recovery_figure}
+FIGURES = {
+    "headline.png": headline_figure,
+    "widths.png": layer_widths_figure,
+    "allocation.png": allocation_figure,
+    "recovery.png": recovery_figure,
+}
 """File name -> drawing function; ``recovery.png`` only for a run with a recovery stage."""
 
 

@@ -21,7 +21,9 @@ def window_count(n_tokens: int, seqlen: int, windows: int | None) -> int:
 
 
 @torch.inference_mode()
-def perplexity(model, tokens: torch.Tensor, seqlen: int, windows: int | None, label: str = "", progress: bool = True) -> dict:
+def perplexity(
+    model, tokens: torch.Tensor, seqlen: int, windows: int | None, label: str = "", progress: bool = True
+) -> dict:
     """Perplexity of ``model`` on ``tokens`` [n_tokens] (LongTensor).
 
     Returns ``{"perplexity", "seqlen", "windows", "predicted_tokens", "mean_nll"}`` (NLL in nats per token).
@@ -37,5 +39,10 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int, windows: int | None, la
         total_nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
         predicted += seqlen - 1
     mean_nll = total_nll / predicted
-    return {"perplexity": math.exp(mean_nll), "seqlen": seqlen, "windows": count,
-            "predicted_tokens": predicted, "mean_nll": mean_nll}
+    return {
+        "perplexity": math.exp(mean_nll),
+        "seqlen": seqlen,
+        "windows": count,
+        "predicted_tokens": predicted,
+        "mean_nll": mean_nll,
+    }

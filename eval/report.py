@@ -21,40 +21,58 @@ def _limit(zeroshot: dict) -> str:
 
 
 def _zeroshot_section(zeroshot: dict) -> list[str]:
-    source = (f"the toolkit's local task definitions over `{zeroshot['data_dir']}/zeroshot`" if zeroshot["source"] == "local"
-              else "lm-eval's registered tasks (Hugging Face Hub data)")
-    lines = ["## Zero-shot accuracy (%)", "",
-             f"lm-eval-harness, {source}{_limit(zeroshot)}, seed {zeroshot['seed']}. The mean is over "
-             f"{', '.join(zeroshot['mean_tasks'])} and uses `{zeroshot['mean_metric']}`.", "",
-             "| task | items | dense acc | pruned acc | dense acc_norm | pruned acc_norm |", "|---|---:|---:|---:|---:|---:|"]
+    source = (
+        f"the toolkit's local task definitions over `{zeroshot['data_dir']}/zeroshot`"
+        if zeroshot["source"] == "local"
+        else "lm-eval's registered tasks (Hugging Face Hub data)"
+    )
+    lines = [
+        "## Zero-shot accuracy (%)",
+        "",
+        f"lm-eval-harness, {source}{_limit(zeroshot)}, seed {zeroshot['seed']}. The mean is over "
+        f"{', '.join(zeroshot['mean_tasks'])} and uses `{zeroshot['mean_metric']}`.",
+        "",
+        "| task | items | dense acc | pruned acc | dense acc_norm | pruned acc_norm |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for task, dense in zeroshot["dense"]["tasks"].items():
         pruned = zeroshot["pruned"]["tasks"][task]
-        norm = (f"{100 * dense['acc_norm']:.1f} | {100 * pruned['acc_norm']:.1f}" if "acc_norm" in dense else "- | -")
+        norm = f"{100 * dense['acc_norm']:.1f} | {100 * pruned['acc_norm']:.1f}" if "acc_norm" in dense else "- | -"
         lines.append(f"| {task} | {dense['items']} | {100 * dense['acc']:.1f} | {100 * pruned['acc']:.1f} | {norm} |")
     return lines + [""]
 
 
 def _recovery_section(recovery: dict, ppl: dict) -> list[str]:
     settings = recovery["settings"]
-    trained = "LoRA adapters (merged into the weights)" if recovery["method"] == "lora" else f"weights: {settings['train']}"
+    trained = (
+        "LoRA adapters (merged into the weights)" if recovery["method"] == "lora" else f"weights: {settings['train']}"
+    )
     terms = []
     if settings["kl_weight"]:
         terms.append(f"{settings['kl_weight']} x T^2 KL(dense || pruned) at T = {settings['temperature']}")
     if settings["nll_weight"]:
         terms.append(f"{settings['nll_weight']} x NLL of the text")
     loss = " + ".join(terms)
-    lines = ["## Recovery", "",
-             f"`{recovery['method']}` on {recovery['tokens_seen']:,} tokens of {recovery['source']} "
-             f"({recovery['steps']} steps of {settings['batch_size']} x {settings['seqlen']} tokens, "
-             f"{recovery['epochs']:.2f} passes over its {recovery['training_windows']:,} windows); trained {trained}; "
-             f"loss {loss}; AdamW, learning rate {settings['learning_rate']}, {settings['schedule']} schedule, "
-             f"{settings['warmup_steps']} warm-up steps. {recovery['tokens_per_second']:,.0f} training tokens/s on "
-             f"{recovery['device']}" + (f" (resumed at step {recovery['resumed_from_step']})" if recovery["resumed_from_step"] else "")
-             + f". Per-step log: `{recovery['log']}`.", ""]
+    lines = [
+        "## Recovery",
+        "",
+        f"`{recovery['method']}` on {recovery['tokens_seen']:,} tokens of {recovery['source']} "
+        f"({recovery['steps']} steps of {settings['batch_size']} x {settings['seqlen']} tokens, "
+        f"{recovery['epochs']:.2f} passes over its {recovery['training_windows']:,} windows); trained {trained}; "
+        f"loss {loss}; AdamW, learning rate {settings['learning_rate']}, {settings['schedule']} schedule, "
+        f"{settings['warmup_steps']} warm-up steps. {recovery['tokens_per_second']:,.0f} training tokens/s on "
+        f"{recovery['device']}"
+        + (f" (resumed at step {recovery['resumed_from_step']})" if recovery["resumed_from_step"] else "")
+        + f". Per-step log: `{recovery['log']}`.",
+        "",
+    ]
     if ppl:
-        lines += [f"| {ppl['dataset']} perplexity ({ppl['seqlen']} x {ppl['windows']}) | dense | pruned | recovered |",
-                  "|---|---:|---:|---:|",
-                  f"| | {ppl['dense']:.2f} | {ppl['before_recovery']:.2f} | {ppl['pruned']:.2f} |", ""]
+        lines += [
+            f"| {ppl['dataset']} perplexity ({ppl['seqlen']} x {ppl['windows']}) | dense | pruned | recovered |",
+            "|---|---:|---:|---:|",
+            f"| | {ppl['dense']:.2f} | {ppl['before_recovery']:.2f} | {ppl['pruned']:.2f} |",
+            "",
+        ]
     return lines + [f"![held-out perplexity during recovery](recovery.png) (held-out: {recovery['heldout']})", ""]
 
 
@@ -64,8 +82,10 @@ def render_markdown(report: dict) -> str:
     if recipe["scoring"]["method"] == "shortgpt":
         how = "shortgpt: whole layers, lowest Block Influence first"
     else:
-        how = (f"{recipe['scoring']['method']} scores, {recipe['allocation']['strategy']} allocation, "
-               f"{recipe['pruning']['attention_unit']} attention units, {recipe['pruning']['reconstruct']} reconstruction")
+        how = (
+            f"{recipe['scoring']['method']} scores, {recipe['allocation']['strategy']} allocation, "
+            f"{recipe['pruning']['attention_unit']} attention units, {recipe['pruning']['reconstruct']} reconstruction"
+        )
     recovery = report.get("recovery")
     pruned_label = "pruned + recovered" if recovery else "pruned"
     lines = [
@@ -85,8 +105,10 @@ def render_markdown(report: dict) -> str:
             f"{ppl['dense']:.2f} | {ppl['pruned']:.2f} | {_ratio(ppl['pruned'], ppl['dense'])} |"
         )
         if recovery:
-            lines.append(f"| {ppl['dataset']} perplexity before recovery | {ppl['dense']:.2f} | {ppl['before_recovery']:.2f} | "
-                         f"{_ratio(ppl['before_recovery'], ppl['dense'])} |")
+            lines.append(
+                f"| {ppl['dataset']} perplexity before recovery | {ppl['dense']:.2f} | {ppl['before_recovery']:.2f} | "
+                f"{_ratio(ppl['before_recovery'], ppl['dense'])} |"
+            )
     zeroshot = report.get("zeroshot")
     if zeroshot and zeroshot["dense"]["mean"] is not None:
         lines.append(
@@ -120,10 +142,16 @@ def render_markdown(report: dict) -> str:
         lines += _recovery_section(recovery, ppl)
     if zeroshot:
         lines += _zeroshot_section(zeroshot)
-    lines += ["## Per-layer widths", "", "![kept width per layer](widths.png)", "",
-              "![allocation per layer](allocation.png)", "",
-              "| layer | query heads | KV groups | FFN channels | requested sparsity | activated weights |",
-              "|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "## Per-layer widths",
+        "",
+        "![kept width per layer](widths.png)",
+        "",
+        "![allocation per layer](allocation.png)",
+        "",
+        "| layer | query heads | KV groups | FFN channels | requested sparsity | activated weights |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for layer in report["layers"]:
         d, p = layer["dense"], layer["pruned"]
         activated = f"{layer['activated_weights']:,.0f}" if layer.get("activated_weights") is not None else "-"
@@ -142,18 +170,29 @@ def render_markdown(report: dict) -> str:
             f"(seed {stats['seed']}, D = {stats['objective']}), "
             + ("**reused** from " if stats["reused"] else "computed and cached at ")
             + f"`{stats['cache_path']}`."
-            + (f" Peak memory of the pass: weights + {_mib(stats['pass_added_bytes'])} = "
-               f"{stats['peak_over_weights']:.2f}x the weight bytes." if stats.get("pass_added_bytes") is not None else "")
+            + (
+                f" Peak memory of the pass: weights + {_mib(stats['pass_added_bytes'])} = "
+                f"{stats['peak_over_weights']:.2f}x the weight bytes."
+                if stats.get("pass_added_bytes") is not None
+                else ""
+            )
         )
     for name in ("perplexity", "zeroshot"):
         section = report.get(name)
         if section and section.get("dense_reused_from"):
-            lines.append(f"- Dense {name} reused from `{section['dense_reused_from']}` (same model file, dtype, device and settings).")
+            lines.append(
+                f"- Dense {name} reused from `{section['dense_reused_from']}` (same model file, dtype, device and settings)."
+            )
     for note in report.get("notes", []):
         lines.append(f"- {note}")
-    lines.append(f"- Checkpoint: `{report['checkpoint']['path']}` "
-                 + ("(per-layer widths: loads with `trust_remote_code=True`)." if report["checkpoint"]["remote_code"]
-                    else "(stock configuration, no remote code)."))
+    lines.append(
+        f"- Checkpoint: `{report['checkpoint']['path']}` "
+        + (
+            "(per-layer widths: loads with `trust_remote_code=True`)."
+            if report["checkpoint"]["remote_code"]
+            else "(stock configuration, no remote code)."
+        )
+    )
     lines += ["", "## Stage wall times", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in report["stage_seconds"].items()]
     return "\n".join(lines) + "\n"

@@ -94,15 +94,23 @@ def linear_macs_per_token(model) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def measure_speed(models: dict, prompt_tokens: int, batch_size: int, new_tokens: int, warmup: int, repeats: int,
-                  seed: int = 0, progress: bool = True) -> dict[str, SpeedResult]:
+def measure_speed(
+    models: dict,
+    prompt_tokens: int,
+    batch_size: int,
+    new_tokens: int,
+    warmup: int,
+    repeats: int,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, SpeedResult]:
     """Time every model of ``models`` (name -> model, all on one device) interleaved; results by name."""
     first = next(iter(models.values()))
     device = next(first.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, first.config.vocab_size, (batch_size, prompt_tokens), generator=generator).to(device)
     timings = {name: [] for name in models}
-    working = {name: 0 for name in models}
+    working = dict.fromkeys(models, 0)
     runs = [(r, name) for r in range(warmup + repeats) for name in models]
     for r, name in tqdm(runs, desc="speed (prefill + decode)", unit="run", disable=not progress):
         reset_peak(device)
@@ -116,9 +124,13 @@ def measure_speed(models: dict, prompt_tokens: int, batch_size: int, new_tokens:
         prefill_ms = [1000 * p for p, _ in runs_of_model]
         rates = [batch_size * new_tokens / d for _, d in runs_of_model]
         results[name] = SpeedResult(
-            prefill_ms_median=statistics.median(prefill_ms), prefill_ms_min=min(prefill_ms), prefill_ms_max=max(prefill_ms),
-            decode_tokens_per_s_median=statistics.median(rates), decode_tokens_per_s_min=min(rates),
-            decode_tokens_per_s_max=max(rates), weight_bytes=weight_bytes(models[name]),
+            prefill_ms_median=statistics.median(prefill_ms),
+            prefill_ms_min=min(prefill_ms),
+            prefill_ms_max=max(prefill_ms),
+            decode_tokens_per_s_median=statistics.median(rates),
+            decode_tokens_per_s_min=min(rates),
+            decode_tokens_per_s_max=max(rates),
+            weight_bytes=weight_bytes(models[name]),
             linear_macs_per_token=linear_macs_per_token(models[name]),
             peak_memory_bytes=weight_bytes(models[name]) + working[name],
         )
@@ -126,15 +138,39 @@ def measure_speed(models: dict, prompt_tokens: int, batch_size: int, new_tokens:
 
 
 KNOWN_SHAPES = {
-    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                       tie_word_embeddings=False),
-    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                        num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                        tie_word_embeddings=False),
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                       tie_word_embeddings=False),
+    "llama-2-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
+    "llama-2-13b": dict(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
+    "llama-3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
 }
 """Published LLaMA shapes (from the models' config.json files), usable without their weights."""
 
@@ -193,8 +229,14 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def random_model(config, widths: list[LayerWidths | None], dtype: torch.dtype, device: torch.device,
-                 output_bias: bool = False, seed: int = 0):
+def random_model(
+    config,
+    widths: list[LayerWidths | None],
+    dtype: torch.dtype,
+    device: torch.device,
+    output_bias: bool = False,
+    seed: int = 0,
+):
     """A random-weight model of ``config``'s family with the given per-layer widths (None: layer removed).
 
     Built directly on ``device`` in ``dtype`` by the same classes that load pruned checkpoints, so its
@@ -209,8 +251,9 @@ def random_model(config, widths: list[LayerWidths | None], dtype: torch.dtype, d
     return model.eval()
 
 
-def shape_only_models(config, report: dict, dtype: torch.dtype, device: torch.device,
-                      round_to: int | None = None) -> tuple[dict, list[LayerWidths | None]]:
+def shape_only_models(
+    config, report: dict, dtype: torch.dtype, device: torch.device, round_to: int | None = None
+) -> tuple[dict, list[LayerWidths | None]]:
     """Random-weight ``{"dense", "pruned"}`` models of ``config``: dense, and with the per-layer widths of the
     run whose report.json is ``report`` transferred onto it (FFN rounded to ``round_to``, default the run's
     ``pruning.round_to``; output biases when the run reconstructed). Also returns the pruned widths.
@@ -218,29 +261,36 @@ def shape_only_models(config, report: dict, dtype: torch.dtype, device: torch.de
     pruning = report["recipe"]["pruning"]
     shape = block_shape(config)
     widths = transferred_widths(report["layers"], shape, round_to or pruning["round_to"])
-    models = {"dense": random_model(config, list(shape.layers), dtype, device),
-              "pruned": random_model(config, widths, dtype, device, pruning["reconstruct"] != "none")}
+    models = {
+        "dense": random_model(config, list(shape.layers), dtype, device),
+        "pruned": random_model(config, widths, dtype, device, pruning["reconstruct"] != "none"),
+    }
     return models, widths
 
 
 def speed_table(rows: list[dict]) -> str:
     """Markdown table of :func:`main`'s results: one line per (batch size, model)."""
-    lines = ["| batch | model | parameters | linear MACs / token | prefill ms (median, min-max) | "
-             "decode tokens/s (median, min-max) | peak memory GiB | speedup prefill / decode | limit |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| batch | model | parameters | linear MACs / token | prefill ms (median, min-max) | "
+        "decode tokens/s (median, min-max) | peak memory GiB | speedup prefill / decode | limit |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
         dense = row["results"]["dense"]
         for name, r in row["results"].items():
             ratios = limit = "-"
             if name != "dense":
-                ratios = (f"{dense['prefill_ms_median'] / r['prefill_ms_median']:.2f}x / "
-                          f"{r['decode_tokens_per_s_median'] / dense['decode_tokens_per_s_median']:.2f}x")
+                ratios = (
+                    f"{dense['prefill_ms_median'] / r['prefill_ms_median']:.2f}x / "
+                    f"{r['decode_tokens_per_s_median'] / dense['decode_tokens_per_s_median']:.2f}x"
+                )
                 limit = f"{dense['linear_macs_per_token'] / r['linear_macs_per_token']:.2f}x"
             lines.append(
                 f"| {row['batch_size']} | {name} | {row['parameters'][name]:,} | {r['linear_macs_per_token']:,} | "
                 f"{r['prefill_ms_median']:.1f} ({r['prefill_ms_min']:.1f}-{r['prefill_ms_max']:.1f}) | "
                 f"{r['decode_tokens_per_s_median']:.1f} ({r['decode_tokens_per_s_min']:.1f}-{r['decode_tokens_per_s_max']:.1f}) | "
-                f"{r['peak_memory_bytes'] / 2**30:.2f} | {ratios} | {limit} |")
+                f"{r['peak_memory_bytes'] / 2**30:.2f} | {ratios} | {limit} |"
+            )
     return "\n".join(lines)
 
 
@@ -250,20 +300,36 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m eval.speed",
-        description="Shape-only speed benchmark: random-weight dense model vs the same model with a run's per-layer widths.")
-    parser.add_argument("--config", required=True,
-                        help=f"shape name ({', '.join(KNOWN_SHAPES)}) or a model source (local directory, .gguf, smollm2-135m, hub id)")
-    parser.add_argument("--allocation", required=True, type=Path,
-                        help="a finished run's output directory (or its report.json): its per-layer kept fractions are applied")
-    parser.add_argument("--round-to", type=int, default=None,
-                        help="FFN widths rounded to this multiple (default: the run's pruning.round_to)")
+        description="Shape-only speed benchmark: random-weight dense model vs the same model with a run's per-layer widths.",
+    )
+    parser.add_argument(
+        "--config",
+        required=True,
+        help=f"shape name ({', '.join(KNOWN_SHAPES)}) or a model source (local directory, .gguf, smollm2-135m, hub id)",
+    )
+    parser.add_argument(
+        "--allocation",
+        required=True,
+        type=Path,
+        help="a finished run's output directory (or its report.json): its per-layer kept fractions are applied",
+    )
+    parser.add_argument(
+        "--round-to",
+        type=int,
+        default=None,
+        help="FFN widths rounded to this multiple (default: the run's pruning.round_to)",
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 on CUDA, float32 on CPU",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--json", type=Path, help="also write the results (JSON) here")
     args = parser.parse_args(argv)
@@ -278,24 +344,41 @@ def main(argv: list[str] | None = None) -> int:
     dtype = resolve_dtype(args.dtype, device)
     models, widths = shape_only_models(shaped_config(args.config, cache_dir(None)), report, dtype, device, round_to)
     parameters = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    )
     rows = []
     for batch_size in args.batch_sizes:
         results = measure_speed(models, args.prompt_tokens, batch_size, args.new_tokens, args.warmup, args.repeats)
-        rows.append({"batch_size": batch_size, "parameters": parameters,
-                     "results": {name: result.as_dict() for name, result in results.items()}})
+        rows.append(
+            {
+                "batch_size": batch_size,
+                "parameters": parameters,
+                "results": {name: result.as_dict() for name, result in results.items()},
+            }
+        )
     summary = {
-        "config": args.config, "allocation": str(report_path), "round_to": round_to, "device": device_name,
-        "dtype": str(dtype).removeprefix("torch."), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-        "warmup": args.warmup, "repeats": args.repeats, "torch": torch.__version__,
+        "config": args.config,
+        "allocation": str(report_path),
+        "round_to": round_to,
+        "device": device_name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "torch": torch.__version__,
         "pruned_widths": [None if w is None else asdict(w) for w in widths],
-        "removed_fraction": 1 - parameters["pruned"] / parameters["dense"], "rows": rows,
+        "removed_fraction": 1 - parameters["pruned"] / parameters["dense"],
+        "rows": rows,
     }
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{args.config} shapes, {summary['dtype']} on {device_name}; widths from {report_path} "
-          f"(FFN rounded to {round_to}); {summary['removed_fraction']:.1%} of parameters removed; "
-          f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, {args.warmup} warm-up + {args.repeats} repeats")
+    print(
+        f"{args.config} shapes, {summary['dtype']} on {device_name}; widths from {report_path} "
+        f"(FFN rounded to {round_to}); {summary['removed_fraction']:.1%} of parameters removed; "
+        f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, {args.warmup} warm-up + {args.repeats} repeats"
+    )
     print(speed_table(rows))
     return 0
 

@@ -61,7 +61,7 @@ def local_task_config(task: str, data: Path) -> dict:
     from eval.tasks import local_tasks
 
     path = TASK_DIR / f"{task}.yaml"
-    config = yaml.load(path.read_text(), Loader=_function_loader(local_tasks))  # noqa: S506 (SafeLoader subclass)
+    config = yaml.load(path.read_text(), Loader=_function_loader(local_tasks))
     path = local_data_file(task, data)
     if not path.is_file():
         raise DataSourceError(f"evaluation.zeroshot.tasks: {task}: data file not found: {path}")
@@ -87,8 +87,16 @@ def resolve_source(tasks: list[str], source: str) -> str:
     return "local" if all(local_data_file(t, data).is_file() for t in tasks) else "harness"
 
 
-def zeroshot_accuracy(model, tokenizer, tasks: list[str], source: str = "auto", limit: int | None = None,
-                      batch_size: int = 16, seed: int = 0, log_samples: bool = False) -> dict:
+def zeroshot_accuracy(
+    model,
+    tokenizer,
+    tasks: list[str],
+    source: str = "auto",
+    limit: int | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    log_samples: bool = False,
+) -> dict:
     """Accuracy of ``model`` on lm-eval tasks.
 
     Returns ``{"source", "data_dir", "limit", "seed", "tasks": {task: {"acc", "acc_norm"?, "items"}},
@@ -104,8 +112,15 @@ def zeroshot_accuracy(model, tokenizer, tasks: list[str], source: str = "auto", 
     specs = local_task_configs(tasks) if used == "local" else list(tasks)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
     output = lm_eval.simple_evaluate(
-        model=lm, tasks=specs, limit=limit, log_samples=log_samples, bootstrap_iters=0,
-        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        model=lm,
+        tasks=specs,
+        limit=limit,
+        log_samples=log_samples,
+        bootstrap_iters=0,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
     )
     per_task = {}
     for task in tasks:
@@ -114,8 +129,13 @@ def zeroshot_accuracy(model, tokenizer, tasks: list[str], source: str = "auto", 
         per_task[task]["items"] = output["n-samples"][task]["effective"]
     in_mean = [t for t in MEAN_TASKS if t in per_task]
     result = {
-        "source": used, "data_dir": str(data_dir()) if used == "local" else None, "limit": limit, "seed": seed,
-        "tasks": per_task, "mean_metric": MEAN_METRIC, "mean_tasks": in_mean,
+        "source": used,
+        "data_dir": str(data_dir()) if used == "local" else None,
+        "limit": limit,
+        "seed": seed,
+        "tasks": per_task,
+        "mean_metric": MEAN_METRIC,
+        "mean_tasks": in_mean,
         "mean": statistics.mean(per_task[t][MEAN_METRIC] for t in in_mean) if in_mean else None,
     }
     if log_samples:
@@ -131,9 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     from prune.models import ModelSourceError, load_model, resolve_model_source
     from prune.paths import cache_dir
 
-    parser = argparse.ArgumentParser(prog="python -m eval.zeroshot",
-                                     description="Zero-shot accuracy of one model through lm-eval-harness.")
-    parser.add_argument("model", help="model source: smollm2-135m, a checkpoint directory (pruned ones too), a .gguf file or a hub id")
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.zeroshot", description="Zero-shot accuracy of one model through lm-eval-harness."
+    )
+    parser.add_argument(
+        "model", help="model source: smollm2-135m, a checkpoint directory (pruned ones too), a .gguf file or a hub id"
+    )
     parser.add_argument("--tasks", nargs="+", default=list(ZEROSHOT_TASKS))
     parser.add_argument("--source", default="auto", choices=["auto", "local", "harness"])
     parser.add_argument("--limit", type=int, default=None, help="items per task (default: all)")

@@ -54,7 +54,11 @@ def activation_threshold(statistics: ActivationStatistics, shape: BlockShape, ga
     """Absolute threshold: gamma itself, or gamma times the mean A over all decoder linear weights."""
     if mode == "absolute":
         return gamma
-    total = sum(float(statistics.get(i, f"{name}.row_sum").double().sum()) for i in range(shape.num_layers) for name in LINEAR_NAMES)
+    total = sum(
+        float(statistics.get(i, f"{name}.row_sum").double().sum())
+        for i in range(shape.num_layers)
+        for name in LINEAR_NAMES
+    )
     return gamma * total / sum(shape.linear_weight_count(shape.layers[i]) for i in range(shape.num_layers))
 
 
@@ -66,7 +70,7 @@ def activated_count(histogram: torch.Tensor, threshold: float) -> float:
         return float(histogram.sum())
     if cut >= len(histogram):
         return 0.0
-    return float(histogram[cut + 1:].sum() + (1 - (position - cut)) * histogram[cut])
+    return float(histogram[cut + 1 :].sum() + (1 - (position - cut)) * histogram[cut])
 
 
 def density_sparsities(activated: list[float], sparsity: float, alpha: float, beta: float) -> list[float]:
@@ -91,12 +95,19 @@ def _attention_unit_cost(shape: BlockShape, layer: int, unit: str, protected: fr
 
 
 def _min_kept_ffn(shape: BlockShape, round_to: int, min_ffn_channels: int, protected: frozenset[int]) -> list[int]:
-    return [w.ffn_channels if i in protected else min(w.ffn_channels, math.ceil(min_ffn_channels / round_to) * round_to)
-            for i, w in enumerate(shape.layers)]
+    return [
+        w.ffn_channels if i in protected else min(w.ffn_channels, math.ceil(min_ffn_channels / round_to) * round_to)
+        for i, w in enumerate(shape.layers)
+    ]
 
 
-def removable_parameters(shape: BlockShape, attention_unit: str, round_to: int, min_ffn_channels: int,
-                         protected: frozenset[int] = frozenset()) -> int:
+def removable_parameters(
+    shape: BlockShape,
+    attention_unit: str,
+    round_to: int,
+    min_ffn_channels: int,
+    protected: frozenset[int] = frozenset(),
+) -> int:
     """Most parameters that can go while every layer keeps its minimum units (``protected`` layers keep all)."""
     ffn_cost = shape.ffn_channel_params()
     min_kept = _min_kept_ffn(shape, round_to, min_ffn_channels, protected)
@@ -107,8 +118,14 @@ def removable_parameters(shape: BlockShape, attention_unit: str, round_to: int, 
     return total
 
 
-def _check_removable(shape: BlockShape, params_to_remove: int, attention_unit: str, round_to: int,
-                     min_ffn_channels: int, protected: frozenset[int]) -> None:
+def _check_removable(
+    shape: BlockShape,
+    params_to_remove: int,
+    attention_unit: str,
+    round_to: int,
+    min_ffn_channels: int,
+    protected: frozenset[int],
+) -> None:
     most = removable_parameters(shape, attention_unit, round_to, min_ffn_channels, protected)
     if params_to_remove > most:
         raise ImpossibleTargetError(
@@ -118,8 +135,15 @@ def _check_removable(shape: BlockShape, params_to_remove: int, attention_unit: s
         )
 
 
-def solve_budget(shape: BlockShape, layer_sparsity: list[float], params_to_remove: int, attention_unit: str,
-                 round_to: int, min_ffn_channels: int, protected: frozenset[int] = frozenset()) -> tuple[list[int], list[int]]:
+def solve_budget(
+    shape: BlockShape,
+    layer_sparsity: list[float],
+    params_to_remove: int,
+    attention_unit: str,
+    round_to: int,
+    min_ffn_channels: int,
+    protected: frozenset[int] = frozenset(),
+) -> tuple[list[int], list[int]]:
     """Attention steps and kept FFN channels per layer; removal >= params_to_remove by less than one FFN step.
 
     Kept FFN channels are a multiple of ``round_to`` (or the layer's full width, untouched).
@@ -137,7 +161,9 @@ def solve_budget(shape: BlockShape, layer_sparsity: list[float], params_to_remov
     kept = []
     for i in layers:
         wanted = full[i] - (share[i] - steps[i] * attn[i][0]) / ffn_cost
-        kept.append(full[i] if wanted >= full[i] else max(min_kept[i], min(full[i], round(wanted / round_to) * round_to)))
+        kept.append(
+            full[i] if wanted >= full[i] else max(min_kept[i], min(full[i], round(wanted / round_to) * round_to))
+        )
 
     def removed() -> int:
         return sum(steps[i] * attn[i][0] + (full[i] - kept[i]) * ffn_cost for i in layers)
@@ -157,8 +183,12 @@ def solve_budget(shape: BlockShape, layer_sparsity: list[float], params_to_remov
             i = min((j for j in layers if steps[j] < attn[j][1]), key=lambda j: (surplus(j), j))
             steps[i] += 1
     while True:
-        growable = [i for i in layers if kept[i] < full[i]
-                    and removed() - (min(full[i], kept[i] + round_to) - kept[i]) * ffn_cost >= params_to_remove]
+        growable = [
+            i
+            for i in layers
+            if kept[i] < full[i]
+            and removed() - (min(full[i], kept[i] + round_to) - kept[i]) * ffn_cost >= params_to_remove
+        ]
         if not growable:
             break
         i = max(growable, key=lambda j: (surplus(j), -j))
@@ -182,8 +212,15 @@ def standardized(scores: list[LayerScores], attention_unit: str) -> list[LayerSc
     return result
 
 
-def _removal_steps(shape: BlockShape, layer: int, scores: LayerScores, attention_unit: str, round_to: int,
-                   min_kept_ffn: int, protected: frozenset[int]) -> list[tuple[float, int, str, int]]:
+def _removal_steps(
+    shape: BlockShape,
+    layer: int,
+    scores: LayerScores,
+    attention_unit: str,
+    round_to: int,
+    min_kept_ffn: int,
+    protected: frozenset[int],
+) -> list[tuple[float, int, str, int]]:
     """(score, layer, kind, parameters) of each removal step of one layer, in removal order.
 
     Attention steps remove the lowest-scored KV group, or the lowest-scored query head of every group;
@@ -203,7 +240,7 @@ def _removal_steps(shape: BlockShape, layer: int, scores: LayerScores, attention
     ffn, kept = [], widths.ffn_channels
     while (kept - 1) // round_to * round_to >= min_kept_ffn:
         narrower = (kept - 1) // round_to * round_to
-        block = channel_scores[widths.ffn_channels - kept:widths.ffn_channels - narrower]
+        block = channel_scores[widths.ffn_channels - kept : widths.ffn_channels - narrower]
         ffn.append((sum(block) / len(block), len(block) * shape.ffn_channel_params()))
         kept = narrower
     steps = []
@@ -215,8 +252,15 @@ def _removal_steps(shape: BlockShape, layer: int, scores: LayerScores, attention
     return steps
 
 
-def ranked_budget(shape: BlockShape, scores: list[LayerScores], params_to_remove: int, attention_unit: str,
-                  round_to: int, min_ffn_channels: int, protected: frozenset[int] = frozenset()) -> tuple[list[int], list[int]]:
+def ranked_budget(
+    shape: BlockShape,
+    scores: list[LayerScores],
+    params_to_remove: int,
+    attention_unit: str,
+    round_to: int,
+    min_ffn_channels: int,
+    protected: frozenset[int] = frozenset(),
+) -> tuple[list[int], list[int]]:
     """Attention steps and kept FFN channels per layer from one ranking of every removal step of the model.
 
     Scores are standardised (:func:`standardized`); steps go in increasing score (ties: lower layer
@@ -226,8 +270,11 @@ def ranked_budget(shape: BlockShape, scores: list[LayerScores], params_to_remove
     _check_removable(shape, params_to_remove, attention_unit, round_to, min_ffn_channels, protected)
     min_kept = _min_kept_ffn(shape, round_to, min_ffn_channels, protected)
     z = standardized(scores, attention_unit)
-    candidates = [c for i in range(shape.num_layers)
-                  for c in _removal_steps(shape, i, z[i], attention_unit, round_to, min_kept[i], protected)]
+    candidates = [
+        c
+        for i in range(shape.num_layers)
+        for c in _removal_steps(shape, i, z[i], attention_unit, round_to, min_kept[i], protected)
+    ]
     order = sorted(range(len(candidates)), key=lambda k: (candidates[k][0], candidates[k][1], k))
     taken, removed = [], 0
     for k in order:
@@ -269,10 +316,19 @@ def remove_layers(shape: BlockShape, statistics: ActivationStatistics, params_to
         removed_layers.add(i)
         removed += shape.whole_layer_params(shape.layers[i])
     if removed < params_to_remove or len(removed_layers) == shape.num_layers:
-        raise ImpossibleTargetError(f"pruning.target: removing {params_to_remove:,} parameters would remove every layer")
+        raise ImpossibleTargetError(
+            f"pruning.target: removing {params_to_remove:,} parameters would remove every layer"
+        )
     plans = [None if i in removed_layers else plan for i, plan in enumerate(keep_everything(shape))]
-    return Allocation([float(i in removed_layers) for i in range(shape.num_layers)], None, None,
-                      [0] * shape.num_layers, plans, removed, influence)
+    return Allocation(
+        [float(i in removed_layers) for i in range(shape.num_layers)],
+        None,
+        None,
+        [0] * shape.num_layers,
+        plans,
+        removed,
+        influence,
+    )
 
 
 def _lowest(scores: torch.Tensor, count: int) -> set[int]:
@@ -281,8 +337,9 @@ def _lowest(scores: torch.Tensor, count: int) -> set[int]:
     return set(order[:count])
 
 
-def layer_plan(shape: BlockShape, layer: int, scores: LayerScores, attention_steps: int, attention_unit: str,
-               ffn_kept: int) -> LayerPlan:
+def layer_plan(
+    shape: BlockShape, layer: int, scores: LayerScores, attention_steps: int, attention_unit: str, ffn_kept: int
+) -> LayerPlan:
     """Which units of one layer survive, given how many of each kind go."""
     widths = shape.layers[layer]
     g = widths.heads_per_group
@@ -302,16 +359,29 @@ def layer_plan(shape: BlockShape, layer: int, scores: LayerScores, attention_ste
     return LayerPlan(tuple(kept_q), tuple(kept_kv), tuple(kept_ffn))
 
 
-def allocate(shape: BlockShape, scores: list[LayerScores], params_to_remove: int, strategy: str,
-             attention_unit: str, round_to: int, min_ffn_channels: int, statistics: ActivationStatistics | None = None,
-             alpha: float = 2.0, beta: float = 0.2, gamma: float = 1.0, gamma_mode: str = "relative",
-             protected: frozenset[int] = frozenset()) -> Allocation:
+def allocate(
+    shape: BlockShape,
+    scores: list[LayerScores],
+    params_to_remove: int,
+    strategy: str,
+    attention_unit: str,
+    round_to: int,
+    min_ffn_channels: int,
+    statistics: ActivationStatistics | None = None,
+    alpha: float = 2.0,
+    beta: float = 0.2,
+    gamma: float = 1.0,
+    gamma_mode: str = "relative",
+    protected: frozenset[int] = frozenset(),
+) -> Allocation:
     """Run the allocation stage: layer sparsities, budget solver, unit choice. ``protected`` layers stay whole."""
     pruned_layers = [i for i in range(shape.num_layers) if i not in protected]
     sparsity = params_to_remove / sum(shape.linear_weight_count(shape.layers[i]) for i in pruned_layers)
     activated, threshold = None, None
     if strategy == "global":
-        steps, ffn_kept = ranked_budget(shape, scores, params_to_remove, attention_unit, round_to, min_ffn_channels, protected)
+        steps, ffn_kept = ranked_budget(
+            shape, scores, params_to_remove, attention_unit, round_to, min_ffn_channels, protected
+        )
     else:
         layer_sparsity = [0.0] * shape.num_layers
         if strategy == "uniform":
@@ -322,15 +392,19 @@ def allocate(shape: BlockShape, scores: list[LayerScores], params_to_remove: int
                 raise ValueError("activation-density allocation needs activation statistics")
             threshold = activation_threshold(statistics, shape, gamma, gamma_mode)
             activated = [activated_count(statistics.get(i, "log10_hist"), threshold) for i in range(shape.num_layers)]
-            for i, s_i in zip(pruned_layers, density_sparsities([activated[i] for i in pruned_layers], sparsity, alpha, beta)):
+            for i, s_i in zip(
+                pruned_layers, density_sparsities([activated[i] for i in pruned_layers], sparsity, alpha, beta)
+            ):
                 layer_sparsity[i] = s_i
         else:
             raise ValueError(f"unknown allocation strategy {strategy!r}")
-        steps, ffn_kept = solve_budget(shape, layer_sparsity, params_to_remove, attention_unit, round_to, min_ffn_channels,
-                                       protected)
+        steps, ffn_kept = solve_budget(
+            shape, layer_sparsity, params_to_remove, attention_unit, round_to, min_ffn_channels, protected
+        )
     plans = [layer_plan(shape, i, scores[i], steps[i], attention_unit, ffn_kept[i]) for i in range(shape.num_layers)]
     removed = sum(shape.layer_params(w) - shape.layer_params(p.widths) for w, p in zip(shape.layers, plans))
     if strategy == "global":
-        layer_sparsity = [1 - shape.linear_weight_count(p.widths) / shape.linear_weight_count(w)
-                          for w, p in zip(shape.layers, plans)]
+        layer_sparsity = [
+            1 - shape.linear_weight_count(p.widths) / shape.linear_weight_count(w) for w, p in zip(shape.layers, plans)
+        ]
     return Allocation(layer_sparsity, activated, threshold, steps, plans, removed)

@@ -49,7 +49,9 @@ def task_prompts(task: str) -> list[str]:
     data = data_dir()
     path = local_data_file(task, data) if data else None
     if path is None or not path.is_file():
-        raise DataSourceError(f"domains: task {task!r} needs its local file under $PRUNE_DATA_DIR/zeroshot ({data or 'unset'})")
+        raise DataSourceError(
+            f"domains: task {task!r} needs its local file under $PRUNE_DATA_DIR/zeroshot ({data or 'unset'})"
+        )
     with open(path, encoding="utf-8") as f:
         return [task_prompt(task, json.loads(line)) for line in f if line.strip()]
 
@@ -61,7 +63,9 @@ def domain_samples(tokenizer, domain: str, samples: int, max_tokens: int, seed: 
     objective reads the last position). ``c4`` / ``wikitext2``: random windows of ``max_tokens``.
     """
     if domain in LOCAL_FILES:
-        windows = calibration_samples(tokenizer, resolve_text_source(domain, "domains.names"), samples, max_tokens, seed)
+        windows = calibration_samples(
+            tokenizer, resolve_text_source(domain, "domains.names"), samples, max_tokens, seed
+        )
         return list(windows)
     prompts = task_prompts(domain)
     if samples > len(prompts):
@@ -79,13 +83,17 @@ def read_sentence_pairs(path: Path) -> list[SentencePair]:
     if header[0] == "pair_ID":
         columns = {name: header.index(name) for name in ("sentence_A", "sentence_B", "relatedness_score")}
         rows = [line.split("\t") for line in lines[1:] if line.strip()]
-        return [SentencePair(r[columns["sentence_A"]], r[columns["sentence_B"]], float(r[columns["relatedness_score"]]))
-                for r in rows]
+        return [
+            SentencePair(r[columns["sentence_A"]], r[columns["sentence_B"]], float(r[columns["relatedness_score"]]))
+            for r in rows
+        ]
     pairs = []
     for number, line in enumerate(lines, 1):
         fields = line.split("\t")
         if len(fields) < 7:
-            raise DataSourceError(f"{path}:{number}: expected at least 7 tab-separated fields (STS-B format), got {len(fields)}")
+            raise DataSourceError(
+                f"{path}:{number}: expected at least 7 tab-separated fields (STS-B format), got {len(fields)}"
+            )
         pairs.append(SentencePair(fields[5], fields[6], float(fields[4])))
     return pairs
 

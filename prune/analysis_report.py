@@ -8,7 +8,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def density_figure(domains: dict, path: Path) -> None:
@@ -16,8 +16,10 @@ def density_figure(domains: dict, path: Path) -> None:
     weights = domains["weights_per_layer"]
     layers = list(range(len(weights)))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
-    panels = ((axes[0], "activated", f"A > gamma = {domains['gamma']:g}"),
-              (axes[1], "activated_relative", f"A > {domains['gamma_relative']:g} x mean A of the domain"))
+    panels = (
+        (axes[0], "activated", f"A > gamma = {domains['gamma']:g}"),
+        (axes[1], "activated_relative", f"A > {domains['gamma_relative']:g} x mean A of the domain"),
+    )
     for ax, key, title in panels:
         for name in domains["names"]:
             ax.plot(layers, [n / w for n, w in zip(domains[key][name], weights)], marker=".", label=name)
@@ -69,15 +71,25 @@ def boxplot_figure(domains: dict, path: Path) -> None:
 def heatmap_figure(domains: dict, deep: list[int], path: Path) -> None:
     """Finding 2: domain x domain mean LLMDcos over the deep layers."""
     names = domains["names"]
-    values = [[domains["deep_similarity"].get(f"{a}|{b}", domains["deep_similarity"].get(f"{b}|{a}")) for b in names] for a in names]
+    values = [
+        [domains["deep_similarity"].get(f"{a}|{b}", domains["deep_similarity"].get(f"{b}|{a}")) for b in names]
+        for a in names
+    ]
     fig, ax = plt.subplots(figsize=(1.0 * len(names) + 2.5, 0.9 * len(names) + 1.5))
     image = ax.imshow(values, cmap="viridis")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_yticks(range(len(names)), names)
     for i, row in enumerate(values):
         for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
-                    color="white" if image.norm(value) < 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if image.norm(value) < 0.5 else "black",
+            )
     fig.colorbar(image, ax=ax, label="mean LLMDcos")
     ax.set_title(f"Pattern similarity, layers {deep[0]}-{deep[1] - 1}")
     fig.tight_layout()
@@ -112,38 +124,72 @@ def _row(cells) -> str:
 
 def analysis_markdown(result: dict) -> str:
     deep = result["deep_layers"]
-    lines = [f"# Activation-pattern analysis: {result['model']['source']}", "",
-             f"Objective D = {result['objective']}; deep layers {deep[0]}-{deep[1] - 1} (0-based).", ""]
+    lines = [
+        f"# Activation-pattern analysis: {result['model']['source']}",
+        "",
+        f"Objective D = {result['objective']}; deep layers {deep[0]}-{deep[1] - 1} (0-based).",
+        "",
+    ]
     domains = result.get("domains")
     if domains:
         names, weights = domains["names"], domains["weights_per_layer"]
-        lines += ["## Finding 1: activation density per layer", "",
-                  f"{domains['samples']} inputs per domain (at most {domains['max_tokens']} tokens; mean tokens: "
-                  + ", ".join(f"{n} {domains['mean_tokens'][n]:.0f}" for n in names) + ").",
-                  f"Fraction of the layer's weights whose mean A exceeds {domains['gamma_relative']:g} x the domain's mean A "
-                  f"(absolute-threshold counts at gamma = {domains['gamma']:g} are in analysis.json).", "",
-                  "![density](activation_density.png)", "",
-                  _row(["layer"] + names), _row(["---"] * (len(names) + 1))]
+        lines += [
+            "## Finding 1: activation density per layer",
+            "",
+            f"{domains['samples']} inputs per domain (at most {domains['max_tokens']} tokens; mean tokens: "
+            + ", ".join(f"{n} {domains['mean_tokens'][n]:.0f}" for n in names)
+            + ").",
+            f"Fraction of the layer's weights whose mean A exceeds {domains['gamma_relative']:g} x the domain's mean A "
+            f"(absolute-threshold counts at gamma = {domains['gamma']:g} are in analysis.json).",
+            "",
+            "![density](activation_density.png)",
+            "",
+            _row(["layer"] + names),
+            _row(["---"] * (len(names) + 1)),
+        ]
         for layer, w in enumerate(weights):
             lines.append(_row([layer] + [f"{domains['activated_relative'][n][layer] / w:.3f}" for n in names]))
-        lines += ["", "## Finding 2: cross-domain similarity per layer", "",
-                  f"LLMDcos between input i of one domain and input i of another ({domains['samples']} pairs; same domain: "
-                  f"first half against second half), estimated from count sketches of {domains['sketch_size']} buckets per layer.", "",
-                  "![by layer](similarity_by_layer.png)", "", "![heatmap](similarity_heatmap.png)", "",
-                  *(["![boxplots](similarity_boxplots.png)", ""] if domains["boxplots"] else []),
-                  _row(["layer", "same domain", "cross domain"]), _row(["---"] * 3)]
-        for layer, (same, cross) in enumerate(zip(domains["same_domain_mean_per_layer"], domains["cross_domain_mean_per_layer"])):
+        lines += [
+            "",
+            "## Finding 2: cross-domain similarity per layer",
+            "",
+            f"LLMDcos between input i of one domain and input i of another ({domains['samples']} pairs; same domain: "
+            f"first half against second half), estimated from count sketches of {domains['sketch_size']} buckets per layer.",
+            "",
+            "![by layer](similarity_by_layer.png)",
+            "",
+            "![heatmap](similarity_heatmap.png)",
+            "",
+            *(["![boxplots](similarity_boxplots.png)", ""] if domains["boxplots"] else []),
+            _row(["layer", "same domain", "cross domain"]),
+            _row(["---"] * 3),
+        ]
+        for layer, (same, cross) in enumerate(
+            zip(domains["same_domain_mean_per_layer"], domains["cross_domain_mean_per_layer"])
+        ):
             lines.append(_row([layer, f"{same:.3f}", f"{cross:.3f}"]))
         lines.append("")
     similarity = result.get("similarity")
     if similarity:
-        lines += ["## Finding 3: pattern similarity against sentence relatedness", "",
-                  f"{similarity['dataset']} ({similarity['file']}), {similarity['pairs']} pairs (seed {similarity['seed']}): "
-                  f"Spearman rho between the mean LLMDcos over layers {deep[0]}-{deep[1] - 1} and the gold score = "
-                  f"**{similarity['spearman_deep']:.3f}** (p = {similarity['p_value_deep']:.2g}, n = {similarity['pairs']}).", "",
-                  "![spearman](sts_spearman.png)", "", _row(["layer", "Spearman rho", "p", "mean LLMDcos"]), _row(["---"] * 4)]
-        for layer, (rho, p, mean) in enumerate(zip(similarity["spearman_per_layer"], similarity["p_value_per_layer"],
-                                                   similarity["mean_similarity_per_layer"])):
+        lines += [
+            "## Finding 3: pattern similarity against sentence relatedness",
+            "",
+            f"{similarity['dataset']} ({similarity['file']}), {similarity['pairs']} pairs (seed {similarity['seed']}): "
+            f"Spearman rho between the mean LLMDcos over layers {deep[0]}-{deep[1] - 1} and the gold score = "
+            f"**{similarity['spearman_deep']:.3f}** (p = {similarity['p_value_deep']:.2g}, n = {similarity['pairs']}).",
+            "",
+            "![spearman](sts_spearman.png)",
+            "",
+            _row(["layer", "Spearman rho", "p", "mean LLMDcos"]),
+            _row(["---"] * 4),
+        ]
+        for layer, (rho, p, mean) in enumerate(
+            zip(
+                similarity["spearman_per_layer"],
+                similarity["p_value_per_layer"],
+                similarity["mean_similarity_per_layer"],
+            )
+        ):
             lines.append(_row([layer, f"{rho:.3f}", f"{p:.2g}", f"{mean:.3f}"]))
         lines.append("")
     lines += ["Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items()), ""]

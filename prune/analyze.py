@@ -52,7 +52,7 @@ def domain_similarity_pairs(sketches_a: torch.Tensor, sketches_b: torch.Tensor |
     """LLMDcos per pair and layer [pairs, layers]: sample i of a with sample i of b, or (b None) a's first half with its second."""
     if sketches_b is None:
         half = len(sketches_a) // 2
-        return sketch_cosines(sketches_a[:half], sketches_a[half:2 * half])
+        return sketch_cosines(sketches_a[:half], sketches_a[half : 2 * half])
     count = min(len(sketches_a), len(sketches_b))
     return sketch_cosines(sketches_a[:count], sketches_b[:count])
 
@@ -65,8 +65,9 @@ def analyze_domains(recipe: AnalysisRecipe, model, tokenizer, deep: tuple[int, i
     for name in d.names:
         samples = domain_samples(tokenizer, name, d.samples, d.max_tokens, d.seed)
         tokens[name] = sum(len(s) for s in samples) / len(samples)
-        patterns[name] = domain_patterns(model, samples, recipe.objective, d.gamma, d.gamma_relative, sketch,
-                                         desc=f"activation patterns: {name}")
+        patterns[name] = domain_patterns(
+            model, samples, recipe.objective, d.gamma, d.gamma_relative, sketch, desc=f"activation patterns: {name}"
+        )
     per_layer, boxplots = {}, {}
     wanted = {pair_key(*pair) for pair in d.boxplot_pairs}
     for a, b in itertools.combinations_with_replacement(d.names, 2):
@@ -79,8 +80,14 @@ def analyze_domains(recipe: AnalysisRecipe, model, tokenizer, deep: tuple[int, i
     cross = [per_layer[pair_key(a, b)] for a, b in itertools.combinations(d.names, 2)]
     same = [per_layer[pair_key(a, a)] for a in d.names]
     return {
-        "names": d.names, "samples": d.samples, "max_tokens": d.max_tokens, "seed": d.seed,
-        "mean_tokens": tokens, "gamma": d.gamma, "gamma_relative": d.gamma_relative, "sketch_size": d.sketch_size,
+        "names": d.names,
+        "samples": d.samples,
+        "max_tokens": d.max_tokens,
+        "seed": d.seed,
+        "mean_tokens": tokens,
+        "gamma": d.gamma,
+        "gamma_relative": d.gamma_relative,
+        "sketch_size": d.sketch_size,
         "weights_per_layer": patterns[d.names[0]].weights_per_layer,
         "activated": {name: p.activated for name, p in patterns.items()},
         "activated_relative": {name: p.activated_relative for name, p in patterns.items()},
@@ -104,11 +111,16 @@ def analyze_similarity(recipe: AnalysisRecipe, model, tokenizer, deep: tuple[int
     rho, p_value = spearmanr(deep_mean.numpy(), gold)
     per_layer = [spearmanr(cosines[:, layer].numpy(), gold) for layer in range(cosines.shape[1])]
     return {
-        "dataset": s.dataset, "file": str(pair_file), "pairs": len(pairs), "seed": s.seed,
-        "spearman_deep": float(rho), "p_value_deep": float(p_value),
+        "dataset": s.dataset,
+        "file": str(pair_file),
+        "pairs": len(pairs),
+        "seed": s.seed,
+        "spearman_deep": float(rho),
+        "p_value_deep": float(p_value),
         "spearman_per_layer": [float(r.statistic) for r in per_layer],
         "p_value_per_layer": [float(r.pvalue) for r in per_layer],
-        "gold": gold, "deep_similarity": deep_mean.tolist(),
+        "gold": gold,
+        "deep_similarity": deep_mean.tolist(),
         "mean_similarity_per_layer": cosines.mean(0).tolist(),
     }
 
@@ -133,8 +145,13 @@ def execute(recipe: AnalysisRecipe, overwrite: bool) -> Path:
     source = resolve_model_source(recipe.model.source, cache)
     model, tokenizer = load_model(source, recipe.model.dtype, recipe.model.device, cache)
     deep = deep_layer_range(recipe.deep_layers, model.config.num_hidden_layers)
-    result = {"recipe": recipe_to_dict(recipe), "model": {"source": recipe.model.source, "location": source.location},
-              "objective": recipe.objective, "deep_layers": list(deep), "seconds": {}}
+    result = {
+        "recipe": recipe_to_dict(recipe),
+        "model": {"source": recipe.model.source, "location": source.location},
+        "objective": recipe.objective,
+        "deep_layers": list(deep),
+        "seconds": {},
+    }
     with staged_directory(output) as partial:
         if recipe.domains.enabled:
             start = time.perf_counter()
@@ -149,11 +166,18 @@ def execute(recipe: AnalysisRecipe, overwrite: bool) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prune.analyze",
-                                     description="Activation-pattern analysis: density per layer, cross-domain and sentence-pair similarity.")
+    parser = argparse.ArgumentParser(
+        prog="python -m prune.analyze",
+        description="Activation-pattern analysis: density per layer, cross-domain and sentence-pair similarity.",
+    )
     parser.add_argument("recipe", help="YAML analysis recipe (see README, 'Activation-pattern analysis')")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key, e.g. --set domains.samples=16 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set domains.samples=16 (repeatable)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
     try:

@@ -95,7 +95,10 @@ def block_shape(config) -> BlockShape:
         )
     n = config.num_hidden_layers
     heads = getattr(config, "layer_num_attention_heads", None) or [config.num_attention_heads] * n
-    kv = getattr(config, "layer_num_key_value_heads", None) or [config.num_key_value_heads or config.num_attention_heads] * n
+    kv = (
+        getattr(config, "layer_num_key_value_heads", None)
+        or [config.num_key_value_heads or config.num_attention_heads] * n
+    )
     ffn = getattr(config, "layer_intermediate_size", None) or [config.intermediate_size] * n
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return BlockShape(
@@ -117,7 +120,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
     """The 7 linear layers of one decoder block, by name (q_proj ... down_proj)."""
     attn, mlp = layer.self_attn, layer.mlp
-    return {name: getattr(attn, name) for name in ATTENTION_LINEARS} | {name: getattr(mlp, name) for name in MLP_LINEARS}
+    return {name: getattr(attn, name) for name in ATTENTION_LINEARS} | {
+        name: getattr(mlp, name) for name in MLP_LINEARS
+    }
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

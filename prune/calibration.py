@@ -82,7 +82,9 @@ def read_documents(source: TextSource) -> list[str]:
     import datasets
 
     if source.location == "c4":
-        rows = datasets.load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
+        rows = datasets.load_dataset(
+            "allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train"
+        )
         return list(rows["text"])
     rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
     return ["".join(rows["text"])]
@@ -119,7 +121,9 @@ def calibration_samples(tokenizer, source: TextSource, samples: int, seqlen: int
     else:
         ids = tokenizer(documents[0]).input_ids
         if len(ids) <= seqlen:
-            raise DataSourceError(f"calibration.source: {source.name} has only {len(ids)} tokens, need more than {seqlen}")
+            raise DataSourceError(
+                f"calibration.source: {source.name} has only {len(ids)} tokens, need more than {seqlen}"
+            )
         for _ in range(samples):
             start = rng.randrange(len(ids) - seqlen)
             windows.append(ids[start : start + seqlen])

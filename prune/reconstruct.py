@@ -27,8 +27,9 @@ from prune.statistics import ActivationStatistics
 RECONSTRUCTED_LINEARS = {"self_attn.o_proj": "o_in", "mlp.down_proj": "down_in"}
 
 
-def compensated_bias(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor,
-                     input_mean: torch.Tensor) -> torch.Tensor:
+def compensated_bias(
+    weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, input_mean: torch.Tensor
+) -> torch.Tensor:
     """Bias [out] that restores the mean output after dropping the input columns not in ``kept``."""
     removed = torch.ones(weight.shape[1], dtype=torch.bool)
     removed[kept] = False
@@ -36,7 +37,9 @@ def compensated_bias(weight: torch.Tensor, bias: torch.Tensor | None, kept: torc
     return restored if bias is None else bias.double() + restored
 
 
-def second_moment(xxt: torch.Tensor, x_sum: torch.Tensor, tokens: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def second_moment(
+    xxt: torch.Tensor, x_sum: torch.Tensor, tokens: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """S = E[x̃ x̃ᵀ] [F+1, F+1] (float64) of the bias-augmented input x̃ = [x; 1] from Σ x xᵀ, Σ x and the token count."""
     features = len(x_sum)
     second = torch.empty(features + 1, features + 1, dtype=torch.float64, device=device)
@@ -53,8 +56,15 @@ def damp(second: torch.Tensor, features: torch.Tensor, damping: float) -> torch.
     return damped
 
 
-def least_squares_refit(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, xxt: torch.Tensor,
-                        x_sum: torch.Tensor, tokens: int, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+def least_squares_refit(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kept: torch.Tensor,
+    xxt: torch.Tensor,
+    x_sum: torch.Tensor,
+    tokens: int,
+    damping: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights [out, |K|] and bias [out] (float64, on ``weight``'s device) of the refit in the module docstring.
 
     ``xxt`` [F, F] = Σ x xᵀ and ``x_sum`` [F] = Σ x over ``tokens`` calibration tokens of the dense input.
@@ -63,7 +73,11 @@ def least_squares_refit(weight: torch.Tensor, bias: torch.Tensor | None, kept: t
     second = second_moment(xxt, x_sum, tokens, device)
     columns = torch.cat([kept.to(device), torch.tensor([features], device=device)])
     gram = damp(second[columns][:, columns], torch.arange(len(kept), device=device), damping)
-    old_bias = bias.to(device, torch.float64) if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64, device=device)
+    old_bias = (
+        bias.to(device, torch.float64)
+        if bias is not None
+        else torch.zeros(weight.shape[0], dtype=torch.float64, device=device)
+    )
     full = torch.cat([weight.double(), old_bias[:, None]], 1)
     target = full @ second[:, columns]  # [out, |K|+1]
     solution = torch.linalg.solve(gram, target.T).T
@@ -87,25 +101,43 @@ def removal_errors(weight: torch.Tensor, second: torch.Tensor, groups: torch.Ten
     return (w_groups * torch.linalg.solve(blocks, w_groups)).sum(dim=(1, 2))
 
 
-def reconstruct_outputs(pruned, dense, shape: BlockShape, plans: list[LayerPlan], statistics: ActivationStatistics,
-                        method: str, damping: float) -> None:
+def reconstruct_outputs(
+    pruned,
+    dense,
+    shape: BlockShape,
+    plans: list[LayerPlan],
+    statistics: ActivationStatistics,
+    method: str,
+    damping: float,
+) -> None:
     """Overwrite the pruned model's o_proj / down_proj weights and biases by ``method`` (``bias`` or ``lstsq``).
 
     ``pruned`` must have been built with output biases; ``dense`` is the model the statistics came from.
     """
     for i, (dense_layer, pruned_layer, plan) in enumerate(zip(decoder_layers(dense), decoder_layers(pruned), plans)):
-        kept_inputs = {"self_attn.o_proj": head_rows(plan.kept_query_heads, shape.head_dim),
-                       "mlp.down_proj": torch.tensor(plan.kept_ffn_channels)}
+        kept_inputs = {
+            "self_attn.o_proj": head_rows(plan.kept_query_heads, shape.head_dim),
+            "mlp.down_proj": torch.tensor(plan.kept_ffn_channels),
+        }
         for name, site in RECONSTRUCTED_LINEARS.items():
             source, target = dense_layer.get_submodule(name), pruned_layer.get_submodule(name)
             kept = kept_inputs[name]
             x_sum = statistics.get(i, f"{site}.x_sum")
             if method == "bias":
                 weight = source.weight.detach().cpu()[:, kept]
-                bias = compensated_bias(source.weight.detach().cpu(), _bias(source), kept, x_sum.double() / statistics.tokens)
+                bias = compensated_bias(
+                    source.weight.detach().cpu(), _bias(source), kept, x_sum.double() / statistics.tokens
+                )
             elif method == "lstsq":
-                weight, bias = least_squares_refit(source.weight.detach(), _bias(source), kept,
-                                                   statistics.get(i, f"{site}.xxt"), x_sum, statistics.tokens, damping)
+                weight, bias = least_squares_refit(
+                    source.weight.detach(),
+                    _bias(source),
+                    kept,
+                    statistics.get(i, f"{site}.xxt"),
+                    x_sum,
+                    statistics.tokens,
+                    damping,
+                )
             else:
                 raise ValueError(f"unknown reconstruction {method!r}")
             with torch.no_grad():

@@ -77,7 +77,9 @@ def training_windows(tokenizer, source: TextSource, seqlen: int) -> torch.Tensor
         ids += tokenizer(text).input_ids + [tokenizer.eos_token_id]
     count = len(ids) // seqlen
     if count == 0:
-        raise DataSourceError(f"recovery.source: {source.name} has {len(ids)} tokens, fewer than one window of {seqlen}")
+        raise DataSourceError(
+            f"recovery.source: {source.name} has {len(ids)} tokens, fewer than one window of {seqlen}"
+        )
     return torch.tensor(ids[: count * seqlen], dtype=torch.long).view(count, seqlen)
 
 
@@ -129,8 +131,13 @@ def add_lora_adapters(model, settings: RecoverySection):
     """``model`` wrapped by peft with LoRA adapters (rank ``lora_rank``, no dropout) on every decoder linear."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
-                        target_modules=DECODER_LINEARS, bias="none")
+    config = LoraConfig(
+        r=settings.lora_rank,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=DECODER_LINEARS,
+        bias="none",
+    )
     return get_peft_model(model, config)
 
 
@@ -163,9 +170,14 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
 def save_state(state_dir: Path, model, optimizer, scheduler, step: int, log_lines: list[str]) -> None:
     """Write the resumable state and the log, each atomically (temporary file, then rename)."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    state = {
+        "step": step,
+        "trainable": _trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
     temporary = state_dir / "state.pt.partial"
     torch.save(state, temporary)
     os.replace(temporary, state_dir / "state.pt")
@@ -194,8 +206,16 @@ def load_state(state_dir: Path, model, optimizer, scheduler) -> tuple[int, list[
     return state["step"], lines
 
 
-def recover(student, teacher, windows: torch.Tensor, heldout_tokens: torch.Tensor, heldout_seqlen: int,
-            settings: RecoverySection, state_dir: Path, progress: bool = True):
+def recover(
+    student,
+    teacher,
+    windows: torch.Tensor,
+    heldout_tokens: torch.Tensor,
+    heldout_seqlen: int,
+    settings: RecoverySection,
+    state_dir: Path,
+    progress: bool = True,
+):
     """Train ``student`` as ``settings`` say; returns (the trained model, RecoveryOutcome).
 
     ``windows``: LongTensor [n, seqlen] of training text; ``heldout_tokens``: LongTensor [n_tokens],
@@ -215,8 +235,12 @@ def recover(student, teacher, windows: torch.Tensor, heldout_tokens: torch.Tenso
     trainable = select_trainable(student, settings)
     steps = math.ceil(settings.tokens / (settings.batch_size * settings.seqlen))
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
-    scheduler = get_scheduler(SCHEDULER_NAMES[settings.schedule], optimizer,
-                              num_warmup_steps=min(settings.warmup_steps, steps), num_training_steps=steps)
+    scheduler = get_scheduler(
+        SCHEDULER_NAMES[settings.schedule],
+        optimizer,
+        num_warmup_steps=min(settings.warmup_steps, steps),
+        num_training_steps=steps,
+    )
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     start_step, log_lines = load_state(state_dir, accelerator.unwrap_model(student), optimizer, scheduler)
     if start_step:
@@ -233,7 +257,13 @@ def recover(student, teacher, windows: torch.Tensor, heldout_tokens: torch.Tenso
         student.eval()
         result = perplexity(student, heldout_tokens, heldout_seqlen, None, progress=False)
         student.train()
-        log({"step": step, "tokens": step * settings.batch_size * settings.seqlen, "heldout_perplexity": result["perplexity"]})
+        log(
+            {
+                "step": step,
+                "tokens": step * settings.batch_size * settings.seqlen,
+                "heldout_perplexity": result["perplexity"],
+            }
+        )
         evaluating_seconds += time.perf_counter() - evaluation_started
 
     started = time.perf_counter()
@@ -253,8 +283,16 @@ def recover(student, teacher, windows: torch.Tensor, heldout_tokens: torch.Tenso
         done = step + 1
         elapsed = time.perf_counter() - started - evaluating_seconds
         tokens_per_second = (done - start_step) * settings.batch_size * settings.seqlen / elapsed
-        log({"step": done, "tokens": done * settings.batch_size * settings.seqlen, "loss": float(loss.detach()), **parts,
-             "learning_rate": learning_rate, "tokens_per_second": tokens_per_second})
+        log(
+            {
+                "step": done,
+                "tokens": done * settings.batch_size * settings.seqlen,
+                "loss": float(loss.detach()),
+                **parts,
+                "learning_rate": learning_rate,
+                "tokens_per_second": tokens_per_second,
+            }
+        )
         bar.set_postfix(loss=f"{float(loss.detach()):.4f}", tok_s=f"{tokens_per_second:,.0f}")
         bar.update()
         if done % settings.eval_every == 0 or done == steps:
@@ -271,11 +309,23 @@ def recover(student, teacher, windows: torch.Tensor, heldout_tokens: torch.Tenso
         parameter.requires_grad_(False)
     student = student.to(dtype).eval()
     entries = [json.loads(line) for line in log_lines]
-    curve = [{"step": e["step"], "tokens": e["tokens"], "perplexity": e["heldout_perplexity"]}
-             for e in entries if "heldout_perplexity" in e]
+    curve = [
+        {"step": e["step"], "tokens": e["tokens"], "perplexity": e["heldout_perplexity"]}
+        for e in entries
+        if "heldout_perplexity" in e
+    ]
     tokens_seen = steps * settings.batch_size * settings.seqlen
     trained_here = (steps - start_step) * settings.batch_size * settings.seqlen
-    outcome = RecoveryOutcome(steps, tokens_seen, len(windows), tokens_seen / windows.numel(), seconds,
-                              trained_here / training_seconds if training_seconds else 0.0, start_step, curve, entries,
-                              str(accelerator.device))
+    outcome = RecoveryOutcome(
+        steps,
+        tokens_seen,
+        len(windows),
+        tokens_seen / windows.numel(),
+        seconds,
+        trained_here / training_seconds if training_seconds else 0.0,
+        start_step,
+        curve,
+        entries,
+        str(accelerator.device),
+    )
     return student, outcome

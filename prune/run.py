@@ -26,7 +26,7 @@ from eval.perplexity import perplexity, window_count
 from eval.report import write_report
 from eval.speed import measure_speed
 from eval.zeroshot import local_data_file, local_task_configs, resolve_source, zeroshot_accuracy
-from prune.allocation import Allocation, ImpossibleTargetError, allocate, remove_layers, removable_parameters
+from prune.allocation import Allocation, ImpossibleTargetError, allocate, removable_parameters, remove_layers
 from prune.blocks import BlockShape, block_shape, count_parameters
 from prune.calibration import DataSourceError, TextSource, calibration_samples, evaluation_tokens, resolve_text_source
 from prune.checkpoint import save_checkpoint
@@ -61,8 +61,11 @@ class Prepared:
     @property
     def needs_statistics(self) -> bool:
         recipe = self.recipe
-        return (recipe.scoring.method != "magnitude" or recipe.allocation.strategy == "activation-density"
-                or recipe.pruning.reconstruct != "none")
+        return (
+            recipe.scoring.method != "magnitude"
+            or recipe.allocation.strategy == "activation-density"
+            or recipe.pruning.reconstruct != "none"
+        )
 
     @property
     def needs_covariances(self) -> bool:
@@ -100,8 +103,10 @@ def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
     if recipe.recovery.method != "none":
         recovery_source = resolve_text_source(recipe.recovery.source, "recovery.source")
         if recovery_source.fingerprint() == evaluation_source.fingerprint():
-            raise RecipeError(f"recovery.source: {recipe.recovery.source!r} is the perplexity text "
-                              "(evaluation.perplexity.dataset); recovery must train on other text")
+            raise RecipeError(
+                f"recovery.source: {recipe.recovery.source!r} is the perplexity text "
+                "(evaluation.perplexity.dataset); recovery must train on other text"
+            )
     try:
         shape = block_shape(config)
     except ValueError as error:
@@ -112,11 +117,15 @@ def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
     p = recipe.pruning
     layer_range = recipe.allocation.layer_range
     if layer_range is not None and layer_range[1] > shape.num_layers:
-        raise RecipeError(f"allocation.layer_range: end {layer_range[1]} is beyond the model's {shape.num_layers} layers")
+        raise RecipeError(
+            f"allocation.layer_range: end {layer_range[1]} is beyond the model's {shape.num_layers} layers"
+        )
     if recipe.scoring.method == "shortgpt":
         most = sum(shape.whole_layer_params(w) for w in shape.layers[1:])
     else:
-        most = removable_parameters(shape, p.attention_unit, p.round_to, p.min_ffn_channels, protected_layers(recipe, shape))
+        most = removable_parameters(
+            shape, p.attention_unit, p.round_to, p.min_ffn_channels, protected_layers(recipe, shape)
+        )
     if params_to_remove + added_bias_parameters(recipe, shape) > most:
         raise ImpossibleTargetError(
             f"pruning.target: {p.target} asks to remove {params_to_remove:,} parameters but at most {most:,} "
@@ -126,8 +135,18 @@ def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
     zs = recipe.evaluation.zeroshot
     if zs.enabled and resolve_source(zs.tasks, zs.source) == "local":
         local_task_configs(zs.tasks)  # raises DataSourceError naming a missing directory or file
-    return Prepared(recipe, output, cache, model_source, shape, dense_parameters, params_to_remove,
-                    calibration_source, evaluation_source, recovery_source)
+    return Prepared(
+        recipe,
+        output,
+        cache,
+        model_source,
+        shape,
+        dense_parameters,
+        params_to_remove,
+        calibration_source,
+        evaluation_source,
+        recovery_source,
+    )
 
 
 def dry_run_text(prepared: Prepared) -> str:
@@ -144,8 +163,9 @@ def dry_run_text(prepared: Prepared) -> str:
         "kept_fraction": round(kept / dense["total"], 6),
         "implied_decoder_linear_sparsity": round(prepared.params_to_remove / decoder_linears, 6),
     }
-    return (yaml.safe_dump({"recipe": recipe_to_dict(prepared.recipe)}, sort_keys=False)
-            + yaml.safe_dump({"budget": budget}, sort_keys=False))
+    return yaml.safe_dump({"recipe": recipe_to_dict(prepared.recipe)}, sort_keys=False) + yaml.safe_dump(
+        {"budget": budget}, sort_keys=False
+    )
 
 
 @contextmanager
@@ -160,20 +180,36 @@ def obtain_statistics(prepared: Prepared, model, tokenizer) -> tuple[ActivationS
     """Load the statistics from the cache, or compute and cache them; returns them and their provenance."""
     recipe = prepared.recipe
     calibration = recipe_to_dict(recipe)["calibration"]
-    key = cache_key(prepared.model_source.fingerprint(), str(next(model.parameters()).dtype), calibration,
-                    prepared.calibration_source.fingerprint(), recipe.scoring.objective)
+    key = cache_key(
+        prepared.model_source.fingerprint(),
+        str(next(model.parameters()).dtype),
+        calibration,
+        prepared.calibration_source.fingerprint(),
+        recipe.scoring.objective,
+    )
     path = prepared.cache / "stats" / f"{key}.safetensors"
     covariances, taylor = prepared.needs_covariances, recipe.scoring.method == "taylor"
-    info = {"source": recipe.calibration.source, "samples": recipe.calibration.samples,
-            "seqlen": recipe.calibration.seqlen, "seed": recipe.calibration.seed,
-            "objective": recipe.scoring.objective, "cache_path": str(path), "reused": False}
+    info = {
+        "source": recipe.calibration.source,
+        "samples": recipe.calibration.samples,
+        "seqlen": recipe.calibration.seqlen,
+        "seed": recipe.calibration.seed,
+        "objective": recipe.scoring.objective,
+        "cache_path": str(path),
+        "reused": False,
+    }
     if path.is_file():
         cached = ActivationStatistics.load(path)
         if (cached.has_covariances or not covariances) and (cached.has_taylor or not taylor):
             info["reused"] = True
             return cached, info
-    samples = calibration_samples(tokenizer, prepared.calibration_source, recipe.calibration.samples,
-                                  recipe.calibration.seqlen, recipe.calibration.seed)
+    samples = calibration_samples(
+        tokenizer,
+        prepared.calibration_source,
+        recipe.calibration.samples,
+        recipe.calibration.seqlen,
+        recipe.calibration.seed,
+    )
     device = next(model.parameters()).device
     make_resident(model)
     reset_peak(device)
@@ -181,8 +217,12 @@ def obtain_statistics(prepared: Prepared, model, tokenizer) -> tuple[ActivationS
     statistics = collect_statistics(model, samples, recipe.scoring.objective, covariances, taylor)
     peak = peak_bytes(device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    info |= {"peak_memory_bytes": peak, "pass_added_bytes": peak - before, "model_weight_bytes": weights,
-             "peak_over_weights": (weights + peak - before) / weights}
+    info |= {
+        "peak_memory_bytes": peak,
+        "pass_added_bytes": peak - before,
+        "model_weight_bytes": weights,
+        "peak_over_weights": (weights + peak - before) / weights,
+    }
     statistics.save(path)
     return statistics, info
 
@@ -197,9 +237,17 @@ def cached_dense_evaluation(prepared: Prepared, model, name: str, settings: dict
     it was reused from (None when computed).
     """
     parameter = next(model.parameters())
-    key = json.dumps({"version": DENSE_EVALUATION_VERSION, "model": prepared.model_source.fingerprint(),
-                      "dtype": str(parameter.dtype), "device": parameter.device.type, "name": name,
-                      "settings": settings}, sort_keys=True)
+    key = json.dumps(
+        {
+            "version": DENSE_EVALUATION_VERSION,
+            "model": prepared.model_source.fingerprint(),
+            "dtype": str(parameter.dtype),
+            "device": parameter.device.type,
+            "name": name,
+            "settings": settings,
+        },
+        sort_keys=True,
+    )
     path = prepared.cache / "dense_evaluation" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.is_file():
         return json.loads(path.read_text()), str(path)
@@ -216,20 +264,32 @@ def layer_table(shape: BlockShape, allocation: Allocation) -> list[dict]:
     rows = []
     for i, (dense, plan) in enumerate(zip(shape.layers, allocation.plans)):
         pruned = None if plan is None else plan.widths
-        rows.append({
-            "index": i,
-            "dense": {"query_heads": dense.query_heads, "kv_groups": dense.kv_heads, "ffn_channels": dense.ffn_channels},
-            "pruned": None if pruned is None else {"query_heads": pruned.query_heads, "kv_groups": pruned.kv_heads,
-                                                   "ffn_channels": pruned.ffn_channels},
-            "requested_sparsity": allocation.layer_sparsity[i],
-            "activated_weights": allocation.activated_weights[i] if allocation.activated_weights else None,
-            "block_influence": allocation.block_influence[i] if allocation.block_influence else None,
-        })
+        rows.append(
+            {
+                "index": i,
+                "dense": {
+                    "query_heads": dense.query_heads,
+                    "kv_groups": dense.kv_heads,
+                    "ffn_channels": dense.ffn_channels,
+                },
+                "pruned": None
+                if pruned is None
+                else {
+                    "query_heads": pruned.query_heads,
+                    "kv_groups": pruned.kv_heads,
+                    "ffn_channels": pruned.ffn_channels,
+                },
+                "requested_sparsity": allocation.layer_sparsity[i],
+                "activated_weights": allocation.activated_weights[i] if allocation.activated_weights else None,
+                "block_influence": allocation.block_influence[i] if allocation.block_influence else None,
+            }
+        )
     return rows
 
 
-def prune_as_recipe_says(prepared: Prepared, model, statistics: ActivationStatistics | None,
-                         stage_seconds: dict[str, float]) -> tuple[PreTrainedModel, Allocation]:
+def prune_as_recipe_says(
+    prepared: Prepared, model, statistics: ActivationStatistics | None, stage_seconds: dict[str, float]
+) -> tuple[PreTrainedModel, Allocation]:
     """Scoring, allocation, physical pruning and reconstruction; ``model`` is left untouched.
 
     Adds each stage's wall time to ``stage_seconds``.
@@ -240,14 +300,26 @@ def prune_as_recipe_says(prepared: Prepared, model, statistics: ActivationStatis
             allocation = remove_layers(shape, statistics, prepared.params_to_remove)
     else:
         with timed(stage_seconds, "scoring"):
-            scores = score_units(model, shape, recipe.scoring.method, recipe.scoring.aggregate, statistics,
-                                 recipe.pruning.damping)
+            scores = score_units(
+                model, shape, recipe.scoring.method, recipe.scoring.aggregate, statistics, recipe.pruning.damping
+            )
         with timed(stage_seconds, "allocation"):
             a = recipe.allocation
-            allocation = allocate(shape, scores, prepared.params_to_remove + added_bias_parameters(recipe, shape),
-                                  a.strategy, recipe.pruning.attention_unit,
-                                  recipe.pruning.round_to, recipe.pruning.min_ffn_channels, statistics,
-                                  a.alpha, a.beta, a.gamma, a.gamma_mode, protected_layers(recipe, shape))
+            allocation = allocate(
+                shape,
+                scores,
+                prepared.params_to_remove + added_bias_parameters(recipe, shape),
+                a.strategy,
+                recipe.pruning.attention_unit,
+                recipe.pruning.round_to,
+                recipe.pruning.min_ffn_channels,
+                statistics,
+                a.alpha,
+                a.beta,
+                a.gamma,
+                a.gamma_mode,
+                protected_layers(recipe, shape),
+            )
     reconstruct = recipe.pruning.reconstruct
     with timed(stage_seconds, "pruning"):
         pruned = prune_model(model, allocation.plans, output_bias=reconstruct != "none")
@@ -263,15 +335,22 @@ def recovery_state_dir(prepared: Prepared) -> Path:
     for key in ("output", "cache_dir"):
         recipe.pop(key)
     recipe["evaluation"] = {"perplexity": recipe["evaluation"]["perplexity"]}
-    key = json.dumps({"recipe": recipe, "model": prepared.model_source.fingerprint(),
-                      "calibration": prepared.calibration_source.fingerprint(),
-                      "recovery": prepared.recovery_source.fingerprint(),
-                      "evaluation": prepared.evaluation_source.fingerprint()}, sort_keys=True)
+    key = json.dumps(
+        {
+            "recipe": recipe,
+            "model": prepared.model_source.fingerprint(),
+            "calibration": prepared.calibration_source.fingerprint(),
+            "recovery": prepared.recovery_source.fingerprint(),
+            "evaluation": prepared.evaluation_source.fingerprint(),
+        },
+        sort_keys=True,
+    )
     return prepared.cache / "recovery" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def recover_as_recipe_says(prepared: Prepared, dense, pruned, tokenizer, evaluation_text: torch.Tensor,
-                           run_directory: Path, notes: list[str]) -> tuple[PreTrainedModel, dict]:
+def recover_as_recipe_says(
+    prepared: Prepared, dense, pruned, tokenizer, evaluation_text: torch.Tensor, run_directory: Path, notes: list[str]
+) -> tuple[PreTrainedModel, dict]:
     """The recovery stage: trains ``pruned`` toward ``dense``; writes ``recovery_log.jsonl`` into ``run_directory``.
 
     Returns the recovered model and the report's ``recovery`` section. The held-out slice of the curve is
@@ -284,11 +363,18 @@ def recover_as_recipe_says(prepared: Prepared, dense, pruned, tokenizer, evaluat
     if evaluated_tokens + heldout_tokens > len(evaluation_text):
         notes.append("The recovery curve's held-out slice overlaps the windows the perplexity is measured on.")
     state_dir = recovery_state_dir(prepared)
-    recovered, outcome = recover(pruned, dense, windows, evaluation_text[-heldout_tokens:], ppl.seqlen, settings, state_dir)
+    recovered, outcome = recover(
+        pruned, dense, windows, evaluation_text[-heldout_tokens:], ppl.seqlen, settings, state_dir
+    )
     (run_directory / "recovery_log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in outcome.log))
-    section = {"method": settings.method, "source": settings.source, "settings": recipe_to_dict(prepared.recipe)["recovery"],
-               "heldout": f"last {settings.heldout_windows} window(s) of {ppl.seqlen} tokens of {ppl.dataset}",
-               "log": "recovery_log.jsonl", "state_dir": str(state_dir)} | outcome.as_dict()
+    section = {
+        "method": settings.method,
+        "source": settings.source,
+        "settings": recipe_to_dict(prepared.recipe)["recovery"],
+        "heldout": f"last {settings.heldout_windows} window(s) of {ppl.seqlen} tokens of {ppl.dataset}",
+        "log": "recovery_log.jsonl",
+        "state_dir": str(state_dir),
+    } | outcome.as_dict()
     return recovered, section
 
 
@@ -300,77 +386,128 @@ def execute(prepared: Prepared) -> Path:
     notes = []
     with staged_directory(output) as partial:
         with timed(stage_seconds, "load model"):
-            model, tokenizer = load_model(prepared.model_source, recipe.model.dtype, recipe.model.device, prepared.cache)
+            model, tokenizer = load_model(
+                prepared.model_source, recipe.model.dtype, recipe.model.device, prepared.cache
+            )
         statistics, statistics_info = None, None
         if prepared.needs_statistics:
             with timed(stage_seconds, "activation statistics"):
                 statistics, statistics_info = obtain_statistics(prepared, model, tokenizer)
                 statistics.save(partial / "activation_stats.safetensors")
             if recipe.calibration.source == "wikitext2" and recipe.evaluation.perplexity.dataset == "wikitext2":
-                notes.append("Calibration text and perplexity text are both WikiText-2 (test split): the perplexity is optimistic.")
+                notes.append(
+                    "Calibration text and perplexity text are both WikiText-2 (test split): the perplexity is optimistic."
+                )
         pruned, allocation = prune_as_recipe_says(prepared, model, statistics, stage_seconds)
         ppl_recipe = recipe.evaluation.perplexity
         tokens = evaluation_tokens(tokenizer, prepared.evaluation_source)
         report_recovery, before_recovery = None, None
         if recipe.recovery.method != "none":
             with timed(stage_seconds, "perplexity before recovery"):
-                before_recovery = perplexity(pruned, tokens, ppl_recipe.seqlen, ppl_recipe.windows, "pruned")["perplexity"]
+                before_recovery = perplexity(pruned, tokens, ppl_recipe.seqlen, ppl_recipe.windows, "pruned")[
+                    "perplexity"
+                ]
             with timed(stage_seconds, f"recovery ({recipe.recovery.method})"):
-                pruned, report_recovery = recover_as_recipe_says(prepared, model, pruned, tokenizer, tokens, partial, notes)
+                pruned, report_recovery = recover_as_recipe_says(
+                    prepared, model, pruned, tokenizer, tokens, partial, notes
+                )
         with timed(stage_seconds, "checkpoint"):
             save_checkpoint(pruned, tokenizer, partial / "model")
         report_perplexity = None
         with timed(stage_seconds, "perplexity"):
-            settings = {"text": prepared.evaluation_source.fingerprint(), "seqlen": ppl_recipe.seqlen,
-                        "windows": ppl_recipe.windows}
+            settings = {
+                "text": prepared.evaluation_source.fingerprint(),
+                "seqlen": ppl_recipe.seqlen,
+                "windows": ppl_recipe.windows,
+            }
             dense_ppl, reused = cached_dense_evaluation(
-                prepared, model, "perplexity", settings,
-                lambda: perplexity(model, tokens, ppl_recipe.seqlen, ppl_recipe.windows, "dense"))
+                prepared,
+                model,
+                "perplexity",
+                settings,
+                lambda: perplexity(model, tokens, ppl_recipe.seqlen, ppl_recipe.windows, "dense"),
+            )
             pruned_ppl = perplexity(pruned, tokens, ppl_recipe.seqlen, ppl_recipe.windows, "pruned")
-            report_perplexity = {"dataset": ppl_recipe.dataset, "seqlen": ppl_recipe.seqlen,
-                                 "windows": dense_ppl["windows"], "predicted_tokens": dense_ppl["predicted_tokens"],
-                                 "dense": dense_ppl["perplexity"], "pruned": pruned_ppl["perplexity"],
-                                 "before_recovery": before_recovery, "dense_reused_from": reused}
+            report_perplexity = {
+                "dataset": ppl_recipe.dataset,
+                "seqlen": ppl_recipe.seqlen,
+                "windows": dense_ppl["windows"],
+                "predicted_tokens": dense_ppl["predicted_tokens"],
+                "dense": dense_ppl["perplexity"],
+                "pruned": pruned_ppl["perplexity"],
+                "before_recovery": before_recovery,
+                "dense_reused_from": reused,
+            }
         report_zeroshot = None
         zs = recipe.evaluation.zeroshot
         if zs.enabled:
             with timed(stage_seconds, "zero-shot"):
                 source = resolve_source(zs.tasks, zs.source)
                 files = [file_identity(local_data_file(t, data_dir())) for t in zs.tasks] if source == "local" else []
-                settings = {"tasks": zs.tasks, "source": source, "files": files, "limit": zs.limit,
-                            "batch_size": zs.batch_size, "seed": zs.seed}
+                settings = {
+                    "tasks": zs.tasks,
+                    "source": source,
+                    "files": files,
+                    "limit": zs.limit,
+                    "batch_size": zs.batch_size,
+                    "seed": zs.seed,
+                }
 
                 def evaluate(m):
                     return zeroshot_accuracy(m, tokenizer, zs.tasks, source, zs.limit, zs.batch_size, zs.seed)
 
-                dense_zs, reused = cached_dense_evaluation(prepared, model, "zeroshot", settings, lambda: evaluate(model))
+                dense_zs, reused = cached_dense_evaluation(
+                    prepared, model, "zeroshot", settings, lambda: evaluate(model)
+                )
                 pruned_zs = evaluate(pruned)
-                report_zeroshot = {key: dense_zs[key] for key in ("source", "data_dir", "limit", "seed", "mean_metric", "mean_tasks")}
-                report_zeroshot |= {"dense": {"tasks": dense_zs["tasks"], "mean": dense_zs["mean"]},
-                                    "pruned": {"tasks": pruned_zs["tasks"], "mean": pruned_zs["mean"]},
-                                    "dense_reused_from": reused}
+                report_zeroshot = {
+                    key: dense_zs[key] for key in ("source", "data_dir", "limit", "seed", "mean_metric", "mean_tasks")
+                }
+                report_zeroshot |= {
+                    "dense": {"tasks": dense_zs["tasks"], "mean": dense_zs["mean"]},
+                    "pruned": {"tasks": pruned_zs["tasks"], "mean": pruned_zs["mean"]},
+                    "dense_reused_from": reused,
+                }
         report_speed = None
         speed = recipe.evaluation.speed
         if speed.enabled:
             with timed(stage_seconds, "speed"):
-                results = measure_speed({"dense": model, "pruned": pruned}, speed.prompt_tokens, speed.batch_size,
-                                        speed.new_tokens, speed.warmup, speed.repeats)
+                results = measure_speed(
+                    {"dense": model, "pruned": pruned},
+                    speed.prompt_tokens,
+                    speed.batch_size,
+                    speed.new_tokens,
+                    speed.warmup,
+                    speed.repeats,
+                )
                 device = next(model.parameters()).device
                 report_speed = {
-                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+                    "device": torch.cuda.get_device_name(device)
+                    if device.type == "cuda"
+                    else f"cpu ({torch.get_num_threads()} threads)",
                     "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                    "prompt_tokens": speed.prompt_tokens, "batch_size": speed.batch_size,
-                    "new_tokens": speed.new_tokens, "warmup": speed.warmup, "repeats": speed.repeats,
-                    "dense": results["dense"].as_dict(), "pruned": results["pruned"].as_dict(),
+                    "prompt_tokens": speed.prompt_tokens,
+                    "batch_size": speed.batch_size,
+                    "new_tokens": speed.new_tokens,
+                    "warmup": speed.warmup,
+                    "repeats": speed.repeats,
+                    "dense": results["dense"].as_dict(),
+                    "pruned": results["pruned"].as_dict(),
                 }
         pruned_parameters = count_parameters(pruned)
         dense_parameters = prepared.dense_parameters
         report = {
             "recipe": recipe_to_dict(recipe),
-            "model": {"source": recipe.model.source, "kind": prepared.model_source.kind,
-                      "location": prepared.model_source.location, "model_type": shape.model_type},
+            "model": {
+                "source": recipe.model.source,
+                "kind": prepared.model_source.kind,
+                "location": prepared.model_source.location,
+                "model_type": shape.model_type,
+            },
             "parameters": {
-                "dense": dense_parameters, "pruned": pruned_parameters, "target_removed": prepared.params_to_remove,
+                "dense": dense_parameters,
+                "pruned": pruned_parameters,
+                "target_removed": prepared.params_to_remove,
                 "removed": dense_parameters["total"] - pruned_parameters["total"],
                 "removed_fraction": 1 - pruned_parameters["total"] / dense_parameters["total"],
             },
@@ -394,9 +531,16 @@ def execute(prepared: Prepared) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prune.run", description="Prune a model as a recipe says.")
     parser.add_argument("recipe", help="YAML recipe (see README, 'Recipe reference')")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key, e.g. --set pruning.target=0.2 (repeatable)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved recipe and its parameter budget, then stop")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set pruning.target=0.2 (repeatable)",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the resolved recipe and its parameter budget, then stop"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
     try:

@@ -55,8 +55,9 @@ def _aggregate(sums: torch.Tensor, maxima: torch.Tensor, count: int, aggregate: 
     return maxima
 
 
-def units_from_reductions(reductions: dict[str, dict[str, torch.Tensor]], shape: BlockShape, layer: int,
-                          aggregate: str) -> LayerScores:
+def units_from_reductions(
+    reductions: dict[str, dict[str, torch.Tensor]], shape: BlockShape, layer: int, aggregate: str
+) -> LayerScores:
     """Aggregate per-linear row/column reductions of a weight score into unit scores.
 
     ``reductions[linear]`` holds ``row_sum``, ``row_max`` [out] and ``col_sum``, ``col_max`` [in].
@@ -75,7 +76,9 @@ def units_from_reductions(reductions: dict[str, dict[str, torch.Tensor]], shape:
     group_sum = kv_sum + q_sum.view(-1, g).sum(1)
     group_max = torch.maximum(kv_max, q_max.view(-1, g).amax(1))
     ffn_sum = r["gate_proj"]["row_sum"].double() + r["up_proj"]["row_sum"].double() + r["down_proj"]["col_sum"].double()
-    ffn_max = torch.maximum(torch.maximum(r["gate_proj"]["row_max"], r["up_proj"]["row_max"]), r["down_proj"]["col_max"]).double()
+    ffn_max = torch.maximum(
+        torch.maximum(r["gate_proj"]["row_max"], r["up_proj"]["row_max"]), r["down_proj"]["col_max"]
+    ).double()
     return LayerScores(
         query_heads=_aggregate(q_sum, q_max, 2 * d * h, aggregate),
         kv_groups=_aggregate(group_sum, group_max, (2 + 2 * g) * d * h, aggregate),
@@ -83,12 +86,18 @@ def units_from_reductions(reductions: dict[str, dict[str, torch.Tensor]], shape:
     )
 
 
-def weight_scores(model, method: str, statistics: ActivationStatistics | None, layer: int) -> dict[str, dict[str, torch.Tensor]]:
+def weight_scores(
+    model, method: str, statistics: ActivationStatistics | None, layer: int
+) -> dict[str, dict[str, torch.Tensor]]:
     """Row/column reductions of the per-weight score of ``method`` for each linear of one layer."""
     if method in ("activation", "taylor"):
         prefix = "taylor_" if method == "taylor" else ""
-        return {name: {k: statistics.get(layer, f"{name}.{prefix}{k}") for k in ("row_sum", "row_max", "col_sum", "col_max")}
-                for name in LINEAR_NAMES}
+        return {
+            name: {
+                k: statistics.get(layer, f"{name}.{prefix}{k}") for k in ("row_sum", "row_max", "col_sum", "col_max")
+            }
+            for name in LINEAR_NAMES
+        }
     linears = layer_linears(decoder_layers(model)[layer])
     if method == "magnitude":
         return {name: row_col_reductions(linear.weight.detach().double().square()) for name, linear in linears.items()}
@@ -98,12 +107,22 @@ def weight_scores(model, method: str, statistics: ActivationStatistics | None, l
             if name in ("o_proj", "down_proj"):
                 site = INPUT_SITE_OF_LINEAR[name]
                 mean = statistics.get(layer, f"{site}.x_sum").double() / statistics.tokens
-                variance = (statistics.get(layer, f"{site}.x_sumsq").double() / statistics.tokens - mean.square()).clamp_min(0)
+                variance = (
+                    statistics.get(layer, f"{site}.x_sumsq").double() / statistics.tokens - mean.square()
+                ).clamp_min(0)
                 fluctuation = variance * linear.weight.detach().double().square().sum(0).cpu()
                 reductions[name] = {"col_sum": fluctuation, "col_max": fluctuation}
             else:
-                zeros_in, zeros_out = torch.zeros(linear.in_features, dtype=torch.float64), torch.zeros(linear.out_features, dtype=torch.float64)
-                reductions[name] = {"row_sum": zeros_out, "row_max": zeros_out, "col_sum": zeros_in, "col_max": zeros_in}
+                zeros_in, zeros_out = (
+                    torch.zeros(linear.in_features, dtype=torch.float64),
+                    torch.zeros(linear.out_features, dtype=torch.float64),
+                )
+                reductions[name] = {
+                    "row_sum": zeros_out,
+                    "row_max": zeros_out,
+                    "col_sum": zeros_in,
+                    "col_max": zeros_in,
+                }
         return reductions
     if method == "wanda-sp":
         result = {}
@@ -114,15 +133,18 @@ def weight_scores(model, method: str, statistics: ActivationStatistics | None, l
     raise ValueError(f"unknown scoring method {method!r}")
 
 
-def reconstruction_error_scores(model, shape: BlockShape, statistics: ActivationStatistics, layer: int,
-                                damping: float) -> LayerScores:
+def reconstruction_error_scores(
+    model, shape: BlockShape, statistics: ActivationStatistics, layer: int, damping: float
+) -> LayerScores:
     """``obs`` scores of one layer: output error of o_proj (query heads, KV groups) and down_proj (FFN channels)."""
     widths, d = shape.layers[layer], shape.head_dim
     g = widths.heads_per_group
     layer_module = decoder_layers(model)[layer]
 
     def errors(linear, site: str, groups: torch.Tensor) -> torch.Tensor:
-        second = second_moment(statistics.get(layer, f"{site}.xxt"), statistics.get(layer, f"{site}.x_sum"), statistics.tokens)
+        second = second_moment(
+            statistics.get(layer, f"{site}.xxt"), statistics.get(layer, f"{site}.x_sum"), statistics.tokens
+        )
         return removal_errors(linear.weight, second, groups, damping)
 
     o_proj, down_proj = layer_module.self_attn.o_proj, layer_module.mlp.down_proj
@@ -138,25 +160,41 @@ def _relative(values: torch.Tensor) -> torch.Tensor:
     return values / values.mean()
 
 
-def score_units(model, shape: BlockShape, method: str, aggregate: str,
-                statistics: ActivationStatistics | None, damping: float = 0.0) -> list[LayerScores]:
+def score_units(
+    model, shape: BlockShape, method: str, aggregate: str, statistics: ActivationStatistics | None, damping: float = 0.0
+) -> list[LayerScores]:
     """Unit scores of every layer for a scoring method.
 
     ``activation`` and ``wanda-sp`` need statistics; ``obs`` and ``activation-obs`` need statistics with
     covariances and use ``damping`` (relative, as ``pruning.damping``).
     """
-    return [_layer_scores(model, shape, method, aggregate, statistics, damping, layer) for layer in range(shape.num_layers)]
+    return [
+        _layer_scores(model, shape, method, aggregate, statistics, damping, layer) for layer in range(shape.num_layers)
+    ]
 
 
-def _layer_scores(model, shape: BlockShape, method: str, aggregate: str, statistics: ActivationStatistics | None,
-                  damping: float, layer: int) -> LayerScores:
+def _layer_scores(
+    model,
+    shape: BlockShape,
+    method: str,
+    aggregate: str,
+    statistics: ActivationStatistics | None,
+    damping: float,
+    layer: int,
+) -> LayerScores:
     if method == "obs":
         return reconstruction_error_scores(model, shape, statistics, layer, damping)
     if method == "activation-obs":
         errors = reconstruction_error_scores(model, shape, statistics, layer, damping)
-        activation = units_from_reductions(weight_scores(model, "activation", statistics, layer), shape, layer, aggregate)
-        return LayerScores(*(_relative(getattr(activation, name)) * _relative(getattr(errors, name))
-                             for name in ("query_heads", "kv_groups", "ffn_channels")))
+        activation = units_from_reductions(
+            weight_scores(model, "activation", statistics, layer), shape, layer, aggregate
+        )
+        return LayerScores(
+            *(
+                _relative(getattr(activation, name)) * _relative(getattr(errors, name))
+                for name in ("query_heads", "kv_groups", "ffn_channels")
+            )
+        )
     if method == "magnitude":
         squares = units_from_reductions(weight_scores(model, method, statistics, layer), shape, layer, "sum")
         return LayerScores(squares.query_heads.sqrt(), squares.kv_groups.sqrt(), squares.ffn_channels.sqrt())

@@ -46,8 +46,15 @@ STATS_VERSION = 2
 HIST_MIN = -20.0
 HIST_WIDTH = 0.01
 HIST_BINS = 2500  # log10(A) from -20 to +5 in 0.01-decade bins; values outside are clamped into the end bins
-INPUT_SITE_OF_LINEAR = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
-                        "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
+INPUT_SITE_OF_LINEAR = {
+    "q_proj": "attn_in",
+    "k_proj": "attn_in",
+    "v_proj": "attn_in",
+    "o_proj": "o_in",
+    "gate_proj": "mlp_in",
+    "up_proj": "mlp_in",
+    "down_proj": "down_in",
+}
 INPUT_SITES = {site: linear for linear, site in reversed(INPUT_SITE_OF_LINEAR.items())}
 """Each input site and the one linear whose forward pre-hook records it (the first that reads it)."""
 COVARIANCE_SITES = ("o_in", "down_in")
@@ -77,8 +84,12 @@ class ActivationStatistics:
     def save(self, path: Path) -> None:
         """Write atomically as safetensors (metadata: samples, tokens, objective, version)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        metadata = {"samples": str(self.samples), "tokens": str(self.tokens), "objective": self.objective,
-                    "version": str(STATS_VERSION)}
+        metadata = {
+            "samples": str(self.samples),
+            "tokens": str(self.tokens),
+            "objective": self.objective,
+            "version": str(STATS_VERSION),
+        }
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
         os.close(fd)
         try:
@@ -89,7 +100,7 @@ class ActivationStatistics:
                 os.remove(tmp)
 
     @classmethod
-    def load(cls, path: Path) -> "ActivationStatistics":
+    def load(cls, path: Path) -> ActivationStatistics:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
@@ -122,8 +133,12 @@ def objective_value(model, input_ids: torch.Tensor, objective: str) -> torch.Ten
 
 def row_col_reductions(score: torch.Tensor) -> dict[str, torch.Tensor]:
     """Row sums / maxima [out] and column sums / maxima [in] of a per-weight score matrix [out, in], on CPU."""
-    return {"row_sum": score.sum(1).cpu(), "row_max": score.amax(1).cpu(),
-            "col_sum": score.sum(0).cpu(), "col_max": score.amax(0).cpu()}
+    return {
+        "row_sum": score.sum(1).cpu(),
+        "row_max": score.amax(1).cpu(),
+        "col_sum": score.sum(0).cpu(),
+        "col_max": score.amax(0).cpu(),
+    }
 
 
 def log10_histogram(values: torch.Tensor) -> torch.Tensor:
@@ -138,7 +153,9 @@ def checkpointed_layers(layers):
     """Run every decoder layer under (non-reentrant) activation checkpointing while inside the block."""
     for layer in layers:
         original = layer.forward
-        layer.forward = lambda *args, _forward=original, **kwargs: checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+        layer.forward = lambda *args, _forward=original, **kwargs: checkpoint(
+            _forward, *args, use_reentrant=False, **kwargs
+        )
     try:
         yield
     finally:
@@ -148,12 +165,16 @@ def checkpointed_layers(layers):
 
 def decoder_linear_weights(model) -> dict[tuple[int, str], torch.nn.Parameter]:
     """{(layer index, linear name): weight [out, in]} for the 7 linears of every decoder layer."""
-    return {(i, name): linear.weight for i, layer in enumerate(decoder_layers(model))
-            for name, linear in layer_linears(layer).items()}
+    return {
+        (i, name): linear.weight
+        for i, layer in enumerate(decoder_layers(model))
+        for name, linear in layer_linears(layer).items()
+    }
 
 
-def weight_gradient_products(model, samples, objective: str, consume, progress: bool, desc: str,
-                             checkpoint_layers: bool = True) -> None:
+def weight_gradient_products(
+    model, samples, objective: str, consume, progress: bool, desc: str, checkpoint_layers: bool = True
+) -> None:
     """One backward pass of D per sample; ``consume(s, (layer, linear), w * dD(s)/dw)`` for every decoder linear.
 
     ``samples``: token-id tensors [T] (a [N, T] tensor or a list of unequal lengths). The product
@@ -194,7 +215,9 @@ def weight_gradient_products(model, samples, objective: str, consume, progress: 
             p.grad = None
 
 
-def mean_activation_reductions(accumulators: dict, samples: int, num_layers: int, prefix: str = "") -> dict[str, torch.Tensor]:
+def mean_activation_reductions(
+    accumulators: dict, samples: int, num_layers: int, prefix: str = ""
+) -> dict[str, torch.Tensor]:
     """Row/column reductions and the per-layer log10 histogram of mean A = sum / samples.
 
     ``accumulators``: {(layer, linear): summed |w * grad| [out, in]}; consumed (emptied) to free memory early.
@@ -212,7 +235,9 @@ def mean_activation_reductions(accumulators: dict, samples: int, num_layers: int
     return tensors
 
 
-def gradient_statistics(model, samples: torch.Tensor, objective: str, taylor: bool, progress: bool) -> dict[str, torch.Tensor]:
+def gradient_statistics(
+    model, samples: torch.Tensor, objective: str, taylor: bool, progress: bool
+) -> dict[str, torch.Tensor]:
     """The backward pass: per-layer reductions of mean A (and of the signed Taylor term when ``taylor``)."""
     layers = decoder_layers(model)
     weights = decoder_linear_weights(model)
@@ -279,8 +304,9 @@ def input_statistics(model, samples: torch.Tensor, covariances: bool, progress: 
     return {k: v.float().cpu() for k, v in sums.items()}
 
 
-def collect_statistics(model, samples: torch.Tensor, objective: str, covariances: bool = False,
-                       taylor: bool = False, progress: bool = True) -> ActivationStatistics:
+def collect_statistics(
+    model, samples: torch.Tensor, objective: str, covariances: bool = False, taylor: bool = False, progress: bool = True
+) -> ActivationStatistics:
     """Run the statistics passes over ``samples`` [N, T] (one sample per backward pass, then a forward-only pass).
 
     ``covariances`` adds the ``xxt`` sums, ``taylor`` the Taylor reductions (one more float32 copy of the

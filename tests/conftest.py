@@ -12,13 +12,29 @@ from transformers import AutoConfig, AutoModelForCausalLM
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_config(family: str = "llama", layers: int = 3, hidden: int = 96, heads: int = 6, kv_heads: int = 2,
-                ffn: int = 64, vocab: int = 128, tie: bool = True):
+def tiny_config(
+    family: str = "llama",
+    layers: int = 3,
+    hidden: int = 96,
+    heads: int = 6,
+    kv_heads: int = 2,
+    ffn: int = 64,
+    vocab: int = 128,
+    tie: bool = True,
+):
     """A small config of ``family`` (llama, mistral, qwen2) with grouped-query attention and head_dim 16."""
     return AutoConfig.for_model(
-        family, vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
-        max_position_embeddings=256, tie_word_embeddings=tie, rms_norm_eps=1e-6,
+        family,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        rms_norm_eps=1e-6,
     )
 
 

@@ -7,22 +7,42 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from prune.allocation import (ImpossibleTargetError, activated_count, allocate, density_sparsities, layer_plan,
-                              removable_parameters, solve_budget)
+from prune.allocation import (
+    ImpossibleTargetError,
+    activated_count,
+    allocate,
+    density_sparsities,
+    layer_plan,
+    removable_parameters,
+    solve_budget,
+)
 from prune.blocks import block_shape
 from prune.scoring import LayerScores
 from prune.statistics import HIST_MIN, HIST_WIDTH, log10_histogram
 
-SMOLLM2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
+SMOLLM2 = LlamaConfig(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    tie_word_embeddings=True,
+)
 SMOLLM2_TOTAL = 134_515_008  # embeddings (tied) + 30 blocks + norms
 
 
 def _random_scores(shape, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [LayerScores(torch.rand(w.query_heads, generator=g, dtype=torch.float64),
-                        torch.rand(w.kv_heads, generator=g, dtype=torch.float64),
-                        torch.rand(w.ffn_channels, generator=g, dtype=torch.float64)) for w in shape.layers]
+    return [
+        LayerScores(
+            torch.rand(w.query_heads, generator=g, dtype=torch.float64),
+            torch.rand(w.kv_heads, generator=g, dtype=torch.float64),
+            torch.rand(w.ffn_channels, generator=g, dtype=torch.float64),
+        )
+        for w in shape.layers
+    ]
 
 
 @pytest.mark.parametrize("unit", ["query_head", "kv_group"])
@@ -33,8 +53,11 @@ def test_budget_lands_just_above_target(unit, target, strategy):
     to_remove = round(target * SMOLLM2_TOTAL)
     sparsity = to_remove / sum(shape.linear_weight_count(w) for w in shape.layers)
     rng = np.random.default_rng(1)
-    layer_sparsity = ([sparsity] * 30 if strategy == "uniform"
-                      else density_sparsities(list(rng.uniform(1e5, 3e6, 30)), sparsity, 2.0, 0.2))
+    layer_sparsity = (
+        [sparsity] * 30
+        if strategy == "uniform"
+        else density_sparsities(list(rng.uniform(1e5, 3e6, 30)), sparsity, 2.0, 0.2)
+    )
     steps, kept = solve_budget(shape, layer_sparsity, to_remove, unit, 8, 64)
     plans = [layer_plan(shape, i, s, steps[i], unit, kept[i]) for i, s in enumerate(_random_scores(shape))]
     removed = sum(shape.layer_params(w) - shape.layer_params(p.widths) for w, p in zip(shape.layers, plans))
@@ -83,9 +106,11 @@ def test_activated_count_matches_brute_force_at_bin_edges():
 
 def test_lowest_scoring_units_are_removed():
     shape = block_shape(SMOLLM2)
-    scores = LayerScores(query_heads=torch.tensor([5, 1, 9, 2, 8, 7, 3, 6, 4], dtype=torch.float64),
-                         kv_groups=torch.tensor([3, 1, 2], dtype=torch.float64),
-                         ffn_channels=torch.arange(1536, 0, -1, dtype=torch.float64))
+    scores = LayerScores(
+        query_heads=torch.tensor([5, 1, 9, 2, 8, 7, 3, 6, 4], dtype=torch.float64),
+        kv_groups=torch.tensor([3, 1, 2], dtype=torch.float64),
+        ffn_channels=torch.arange(1536, 0, -1, dtype=torch.float64),
+    )
     plan = layer_plan(shape, 0, scores, 1, "query_head", 1024)
     assert plan.kept_query_heads == (0, 2, 4, 5, 7, 8)  # per group of 3, the lowest goes: heads 1, 3, 6
     assert plan.kept_ffn_channels == tuple(range(1024))  # the last channels have the lowest scores
@@ -104,15 +129,24 @@ def test_allocate_uniform_total_matches_plans():
 
 
 def test_widths_that_are_not_multiples_of_round_to():
-    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=102, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=102,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
     shape = block_shape(config)
     for to_remove in (1, 3 * 64, 20 * 3 * 64, 60 * 3 * 64):
-        steps, kept = solve_budget(shape, [to_remove / 4 / shape.linear_weight_count(shape.layers[0])] * 4,
-                                   to_remove, "query_head", 8, 16)
+        steps, kept = solve_budget(
+            shape, [to_remove / 4 / shape.linear_weight_count(shape.layers[0])] * 4, to_remove, "query_head", 8, 16
+        )
         assert all(k == 102 or (k % 8 == 0 and 16 <= k < 102) for k in kept)
-        removed = sum(steps[i] * 2 * shape.query_head_params() + (102 - kept[i]) * shape.ffn_channel_params()
-                      for i in range(4))
+        removed = sum(
+            steps[i] * 2 * shape.query_head_params() + (102 - kept[i]) * shape.ffn_channel_params() for i in range(4)
+        )
         assert to_remove <= removed < to_remove + 8 * shape.ffn_channel_params() + 2 * shape.query_head_params()
 
 
@@ -139,8 +173,11 @@ def test_global_ranking_takes_the_units_furthest_below_their_layer_first():
     allocation = allocate(shape, scores, to_remove, "global", "query_head", 8, 64)
     assert len(allocation.plans[7].kept_ffn_channels) == 1536 - 160
     assert not set(torch.arange(0, 1536, 9)[:160].tolist()) & set(allocation.plans[7].kept_ffn_channels)
-    assert all(len(p.kept_ffn_channels) == 1536 and len(p.kept_query_heads) == 9
-               for i, p in enumerate(allocation.plans) if i != 7)
+    assert all(
+        len(p.kept_ffn_channels) == 1536 and len(p.kept_query_heads) == 9
+        for i, p in enumerate(allocation.plans)
+        if i != 7
+    )
 
 
 @pytest.mark.parametrize("strategy", ["uniform", "global", "activation-density"])
@@ -148,16 +185,40 @@ def test_protected_layers_stay_whole(strategy):
     shape = block_shape(SMOLLM2)
     protected = frozenset({0, 1, 2, 3, 28, 29})
     to_remove = round(0.2 * SMOLLM2_TOTAL)
-    hist = torch.stack([log10_histogram(torch.rand(1000, generator=torch.Generator().manual_seed(i)) * (i + 1))
-                        for i in range(30)])
-    stats = type("Stats", (), {"get": lambda self, i, name: hist[i] if name == "log10_hist" else torch.ones(1),
-                               "tokens": 1})()
-    allocation = allocate(shape, _random_scores(shape), to_remove, strategy, "query_head", 8, 64, stats,
-                          gamma=0.1, gamma_mode="absolute", protected=protected)
+    hist = torch.stack(
+        [log10_histogram(torch.rand(1000, generator=torch.Generator().manual_seed(i)) * (i + 1)) for i in range(30)]
+    )
+    stats = type(
+        "Stats", (), {"get": lambda self, i, name: hist[i] if name == "log10_hist" else torch.ones(1), "tokens": 1}
+    )()
+    allocation = allocate(
+        shape,
+        _random_scores(shape),
+        to_remove,
+        strategy,
+        "query_head",
+        8,
+        64,
+        stats,
+        gamma=0.1,
+        gamma_mode="absolute",
+        protected=protected,
+    )
     assert allocation.removed_parameters >= to_remove
     for i, plan in enumerate(allocation.plans):
         whole = plan.widths == shape.layers[i]
         assert whole if i in protected else not whole
     with pytest.raises(ImpossibleTargetError, match="6 layers are protected"):
-        allocate(shape, _random_scores(shape), removable_parameters(shape, "query_head", 8, 64, protected) + 1,
-                 strategy, "query_head", 8, 64, stats, gamma=0.1, gamma_mode="absolute", protected=protected)
+        allocate(
+            shape,
+            _random_scores(shape),
+            removable_parameters(shape, "query_head", 8, 64, protected) + 1,
+            strategy,
+            "query_head",
+            8,
+            64,
+            stats,
+            gamma=0.1,
+            gamma_mode="absolute",
+            protected=protected,
+        )

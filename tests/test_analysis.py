@@ -5,12 +5,11 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, CharTokenizer, random_tokens, shared_dir, tiny_model
+
 from prune import similarity
 from prune.analysis_data import domain_samples, read_sentence_pairs, task_prompt
 from prune.analyze import deep_layer_range, domain_similarity_pairs
@@ -43,7 +42,9 @@ def test_pattern_of_an_input_with_itself_has_cosine_one_and_matches_brute_force(
     assert cosines.shape == (2, 3)
     assert torch.allclose(cosines[0], torch.ones(3, dtype=torch.float64), atol=1e-6)
     pa, pb = brute_force_patterns(model, [a, b])
-    expected = torch.stack([torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=0) for x, y in zip(pa, pb)])
+    expected = torch.stack(
+        [torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=0) for x, y in zip(pa, pb)]
+    )
     assert torch.allclose(cosines[1], expected, atol=1e-6)
     assert (cosines[1] < 0.999).all()  # two random inputs do not share a pattern
 
@@ -53,7 +54,9 @@ def test_similarity_api_is_symmetric_and_layer_selection_averages():
     ab = similarity(model, tokenizer, "the cat sat on the mat", "a dog ran in the park")
     ba = similarity(model, tokenizer, "a dog ran in the park", "the cat sat on the mat")
     assert ab == pytest.approx(ba, abs=1e-12) and 0 < ab < 1
-    per_layer = [similarity(model, tokenizer, "the cat sat on the mat", "a dog ran in the park", layers=[i]) for i in range(3)]
+    per_layer = [
+        similarity(model, tokenizer, "the cat sat on the mat", "a dog ran in the park", layers=[i]) for i in range(3)
+    ]
     assert ab == pytest.approx(sum(per_layer) / 3, abs=1e-12)
     assert similarity(model, tokenizer, "same text", "same text") == pytest.approx(1.0, abs=1e-6)
 
@@ -126,14 +129,20 @@ def test_sts_readers_parse_the_real_files():
         assert min(p.score for p in pairs) == 0.0 and max(p.score for p in pairs) == 5.0
         assert all(p.text_a.strip() and p.text_b.strip() for p in pairs)
     first = read_sentence_pairs(DATA / "stsb" / "sts-test.csv")[0]
-    assert (first.text_a, first.text_b, first.score) == ("A girl is styling her hair.", "A girl is brushing her hair.", 2.5)
+    assert (first.text_a, first.text_b, first.score) == (
+        "A girl is styling her hair.",
+        "A girl is brushing her hair.",
+        2.5,
+    )
 
 
 def test_sick_reader(tmp_path):
     path = tmp_path / "SICK_trial.txt"
-    path.write_text("pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment\n"
-                    "1\tA boy is playing.\tA child is playing.\t4.5\tENTAILMENT\n"
-                    "2\tA man cooks.\tThe sky is blue.\t1.1\tNEUTRAL\n")
+    path.write_text(
+        "pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment\n"
+        "1\tA boy is playing.\tA child is playing.\t4.5\tENTAILMENT\n"
+        "2\tA man cooks.\tThe sky is blue.\t1.1\tNEUTRAL\n"
+    )
     pairs = read_sentence_pairs(path)
     assert [(p.text_a, p.score) for p in pairs] == [("A boy is playing.", 4.5), ("A man cooks.", 1.1)]
     bad = tmp_path / "bad.csv"
@@ -143,10 +152,18 @@ def test_sick_reader(tmp_path):
 
 
 def test_winogrande_prompt_puts_a_blank_where_the_options_go():
-    item = {"context_options": ["Sarah was a much better surgeon than Maria so Sarah",
-                                "Sarah was a much better surgeon than Maria so Maria"],
-            "continuation": "always got the easier cases.", "gold": 1}
-    assert task_prompt("winogrande", item) == "Sarah was a much better surgeon than Maria so _ always got the easier cases."
+    item = {
+        "context_options": [
+            "Sarah was a much better surgeon than Maria so Sarah",
+            "Sarah was a much better surgeon than Maria so Maria",
+        ],
+        "continuation": "always got the easier cases.",
+        "gold": 1,
+    }
+    assert (
+        task_prompt("winogrande", item)
+        == "Sarah was a much better surgeon than Maria so _ always got the easier cases."
+    )
     assert task_prompt("piqa", {"query": "Question: dresser\n"}) == "Question: dresser\n"
 
 
@@ -163,13 +180,16 @@ def test_domain_samples_are_seeded_distinct_and_cut(monkeypatch):
         domain_samples(tokenizer, "openbookqa", 501, 40, seed=0)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("domains.names=[boolq, mmlu]", "domains.names: must be two or more distinct names"),
-    ("domains.boxplot_pairs=[[c4, openbookqa]]", "domains.boxplot_pairs: must be pairs"),
-    ("domains.enabled=false", "domains.enabled: nothing to do"),
-    ("domains.sampels=3", "did you mean 'domains.samples'"),
-    ("deep_layers=[5, 2]", "deep_layers: must be null or"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("domains.names=[boolq, mmlu]", "domains.names: must be two or more distinct names"),
+        ("domains.boxplot_pairs=[[c4, openbookqa]]", "domains.boxplot_pairs: must be pairs"),
+        ("domains.enabled=false", "domains.enabled: nothing to do"),
+        ("domains.sampels=3", "did you mean 'domains.samples'"),
+        ("deep_layers=[5, 2]", "deep_layers: must be null or"),
+    ],
+)
 def test_analysis_recipe_errors_name_the_key(override, message):
     with pytest.raises(RecipeError, match=message):
         load_analysis_recipe(REPO / "recipes" / "analysis_domains.yaml", [override])
@@ -182,24 +202,62 @@ def test_both_shipped_analysis_recipes_load():
 
 
 @pytest.mark.smollm2
-@pytest.mark.skipif(shared_dir("PRUNE_MODELS_DIR") is None or DATA is None, reason="PRUNE_MODELS_DIR / PRUNE_DATA_DIR not set")
+@pytest.mark.skipif(
+    shared_dir("PRUNE_MODELS_DIR") is None or DATA is None, reason="PRUNE_MODELS_DIR / PRUNE_DATA_DIR not set"
+)
 def test_analyze_command_on_smollm2(tmp_path):
     output = tmp_path / "analysis"
-    overrides = [f"output={output}", f"cache_dir={tmp_path / 'cache'}", "domains.enabled=true", "similarity.enabled=true",
-                 "domains.names=[piqa, winogrande, c4]", "domains.samples=4", "domains.max_tokens=32",
-                 "domains.sketch_size=1024", "domains.boxplot_pairs=[[piqa, c4], [c4, c4]]", "similarity.pairs=6"]
-    result = subprocess.run([sys.executable, "-m", "prune.analyze", "recipes/analysis_domains.yaml",
-                             *[arg for o in overrides for arg in ("--set", o)]],
-                            cwd=REPO, capture_output=True, text=True, env=os.environ.copy())
+    overrides = [
+        f"output={output}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "domains.enabled=true",
+        "similarity.enabled=true",
+        "domains.names=[piqa, winogrande, c4]",
+        "domains.samples=4",
+        "domains.max_tokens=32",
+        "domains.sketch_size=1024",
+        "domains.boxplot_pairs=[[piqa, c4], [c4, c4]]",
+        "similarity.pairs=6",
+    ]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prune.analyze",
+            "recipes/analysis_domains.yaml",
+            *[arg for o in overrides for arg in ("--set", o)],
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(os.listdir(output)) == ["activation_density.png", "analysis.json", "analysis.md", "similarity_boxplots.png",
-                                          "similarity_by_layer.png", "similarity_heatmap.png", "sts_spearman.png"]
+    assert sorted(os.listdir(output)) == [
+        "activation_density.png",
+        "analysis.json",
+        "analysis.md",
+        "similarity_boxplots.png",
+        "similarity_by_layer.png",
+        "similarity_heatmap.png",
+        "sts_spearman.png",
+    ]
     analysis = json.loads((output / "analysis.json").read_text())
     assert analysis["deep_layers"] == [18, 28]
     domains = analysis["domains"]
-    assert len(domains["weights_per_layer"]) == 30 and set(domains["activated_relative"]) == {"piqa", "winogrande", "c4"}
-    assert set(domains["similarity_per_layer"]) == {"piqa|piqa", "piqa|winogrande", "piqa|c4", "winogrande|winogrande",
-                                                    "winogrande|c4", "c4|c4"}
+    assert len(domains["weights_per_layer"]) == 30 and set(domains["activated_relative"]) == {
+        "piqa",
+        "winogrande",
+        "c4",
+    }
+    assert set(domains["similarity_per_layer"]) == {
+        "piqa|piqa",
+        "piqa|winogrande",
+        "piqa|c4",
+        "winogrande|winogrande",
+        "winogrande|c4",
+        "c4|c4",
+    }
     assert [len(v) for v in domains["boxplots"]["piqa|c4"]] == [4] * 30  # 4 sample pairs per layer
     assert [len(v) for v in domains["boxplots"]["c4|c4"]] == [2] * 30  # halves of 4 samples
     sts = analysis["similarity"]
@@ -207,6 +265,17 @@ def test_analyze_command_on_smollm2(tmp_path):
     assert all(0 < v <= 1 for v in sts["deep_similarity"])
     markdown = (output / "analysis.md").read_text()
     assert "![density](activation_density.png)" in markdown and "Spearman rho" in markdown
-    again = subprocess.run([sys.executable, "-m", "prune.analyze", "recipes/analysis_domains.yaml", *[arg for o in overrides for arg in ("--set", o)]],
-                           cwd=REPO, capture_output=True, text=True, env=os.environ.copy())
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prune.analyze",
+            "recipes/analysis_domains.yaml",
+            *[arg for o in overrides for arg in ("--set", o)],
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+    )
     assert again.returncode == 2 and "already exists" in again.stderr

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import CharTokenizer, shared_dir
+
 from prune.calibration import DataSourceError, calibration_samples, evaluation_tokens, resolve_text_source
 
 
@@ -56,5 +56,6 @@ def test_named_sources_read_the_local_files():
     wiki = resolve_text_source("wikitext2", "evaluation.perplexity.dataset")
     assert (c4.kind, wiki.kind) == ("jsonl", "txt")
     from prune.calibration import read_documents
+
     assert len(read_documents(c4)) == 1000
     assert read_documents(wiki)[0].startswith(" \n = Robert Boulter = \n")

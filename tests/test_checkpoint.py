@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import torch
-
 from conftest import random_tokens, tiny_model
+
 from prune.checkpoint import save_checkpoint
 from prune.pruner import LayerPlan, prune_model
 
@@ -36,9 +36,14 @@ def _reload_in_fresh_process(directory, remote: bool) -> dict:
 
 def test_per_layer_checkpoint_reloads_in_fresh_process(tmp_path):
     model = tiny_model("llama")
-    pruned = prune_model(model, [LayerPlan((0, 1, 2), (0,), tuple(range(0, 64, 2))),
-                                 LayerPlan((0, 2, 3, 5), (0, 1), tuple(range(48))),
-                                 LayerPlan((0, 1, 2, 3, 4, 5), (0, 1), tuple(range(16)))])
+    pruned = prune_model(
+        model,
+        [
+            LayerPlan((0, 1, 2), (0,), tuple(range(0, 64, 2))),
+            LayerPlan((0, 2, 3, 5), (0, 1), tuple(range(48))),
+            LayerPlan((0, 1, 2, 3, 4, 5), (0, 1), tuple(range(16))),
+        ],
+    )
     save_checkpoint(pruned, NoTokenizer(), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["layer_num_attention_heads"] == [3, 4, 6]

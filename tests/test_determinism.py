@@ -4,8 +4,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
-
 from conftest import random_tokens, tiny_model
+
 from prune.blocks import block_shape, count_parameters
 from prune.checkpoint import save_checkpoint
 from prune.recipe import Recipe
@@ -23,10 +23,25 @@ def _prune_and_save(recipe: Recipe, directory: Path) -> str:
     model = tiny_model("qwen2")
     shape = block_shape(model.config)
     total = count_parameters(model)["total"]
-    prepared = Prepared(recipe, directory, directory, None, shape, {"total": total}, round(recipe.pruning.target * total),
-                        None, None, None)
-    statistics = collect_statistics(model, random_tokens(4, 16, seed=recipe.calibration.seed), recipe.scoring.objective,
-                                    covariances=True, progress=False)
+    prepared = Prepared(
+        recipe,
+        directory,
+        directory,
+        None,
+        shape,
+        {"total": total},
+        round(recipe.pruning.target * total),
+        None,
+        None,
+        None,
+    )
+    statistics = collect_statistics(
+        model,
+        random_tokens(4, 16, seed=recipe.calibration.seed),
+        recipe.scoring.objective,
+        covariances=True,
+        progress=False,
+    )
     pruned, _ = prune_as_recipe_says(prepared, model, statistics, {})
     save_checkpoint(pruned, NoTokenizer(), directory)
     return hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()

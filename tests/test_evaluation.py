@@ -3,8 +3,8 @@
 import math
 
 import torch
-
 from conftest import random_tokens, tiny_config, tiny_model
+
 from eval.perplexity import perplexity, window_count
 from eval.speed import measure_speed, prefill_and_decode
 
@@ -17,7 +17,7 @@ def test_perplexity_equals_token_by_token_computation():
     nll = 0.0
     with torch.no_grad():
         for k in range(3):
-            window = tokens[30 * k:30 * (k + 1)]
+            window = tokens[30 * k : 30 * (k + 1)]
             log_probs = torch.log_softmax(model(window[None]).logits[0].double(), -1)
             nll -= sum(float(log_probs[t, window[t + 1]]) for t in range(29))
     assert math.isclose(result["perplexity"], math.exp(nll / 87), rel_tol=1e-5)
@@ -46,8 +46,15 @@ def test_decode_loop_is_greedy_generation_with_cache():
 
 def test_measure_speed_reports_every_model():
     small = tiny_model(ffn=16)
-    results = measure_speed({"a": tiny_model(), "b": small}, prompt_tokens=8, batch_size=2, new_tokens=4,
-                            warmup=1, repeats=3, progress=False)
+    results = measure_speed(
+        {"a": tiny_model(), "b": small},
+        prompt_tokens=8,
+        batch_size=2,
+        new_tokens=4,
+        warmup=1,
+        repeats=3,
+        progress=False,
+    )
     for result in results.values():
         assert result.prefill_ms_min <= result.prefill_ms_median <= result.prefill_ms_max
         assert result.decode_tokens_per_s_min <= result.decode_tokens_per_s_median <= result.decode_tokens_per_s_max
@@ -72,14 +79,27 @@ def test_report_of_a_layer_removal_run_names_the_removed_layers():
     rows = layer_table(shape, allocation)
     recipe = Recipe()
     recipe.scoring.method, recipe.pruning.reconstruct = "shortgpt", "none"
-    report = {"model": {"source": "tiny", "model_type": "llama"}, "recipe": recipe_to_dict(recipe),
-              "parameters": {"dense": {"total": 10, "decoder_blocks": 8}, "pruned": {"total": 9, "decoder_blocks": 7},
-                             "removed_fraction": 0.1},
-              "layers": rows, "perplexity": None, "speed": None, "statistics": None, "notes": [],
-              "checkpoint": {"path": "x", "remote_code": False}, "stage_seconds": {}}
+    report = {
+        "model": {"source": "tiny", "model_type": "llama"},
+        "recipe": recipe_to_dict(recipe),
+        "parameters": {
+            "dense": {"total": 10, "decoder_blocks": 8},
+            "pruned": {"total": 9, "decoder_blocks": 7},
+            "removed_fraction": 0.1,
+        },
+        "layers": rows,
+        "perplexity": None,
+        "speed": None,
+        "statistics": None,
+        "notes": [],
+        "checkpoint": {"path": "x", "remote_code": False},
+        "stage_seconds": {},
+    }
     text = render_markdown(report)
     removed = influence.index(min(influence))
-    assert f"| {removed} | removed | removed | removed |" in text and "whole layers, lowest Block Influence first" in text
+    assert (
+        f"| {removed} | removed | removed | removed |" in text and "whole layers, lowest Block Influence first" in text
+    )
 
 
 def test_linear_macs_per_token_counts_every_linear_and_the_lm_head():
@@ -103,12 +123,21 @@ def test_transferred_widths_follow_relative_depth_and_attention_layout():
     from prune.blocks import block_shape
 
     # source: 3 layers of 9 heads / 3 KV groups / 1536 channels; middle layer removed
-    rows = [_layer_row((9, 3, 1536), (6, 3, 768)), _layer_row((9, 3, 1536), None), _layer_row((9, 3, 1536), (3, 1, 1536))]
+    rows = [
+        _layer_row((9, 3, 1536), (6, 3, 768)),
+        _layer_row((9, 3, 1536), None),
+        _layer_row((9, 3, 1536), (3, 1, 1536)),
+    ]
     mha = block_shape(tiny_config(layers=5, hidden=128, heads=8, kv_heads=8, ffn=1000))
     widths = transferred_widths(rows, mha, round_to=64)
     # depth 0, .25, .5, .75, 1 -> source layers 0, 0 (round(0.5) = 0), 1, 2 (round(1.5) = 2), 2
     assert [None if w is None else (w.query_heads, w.kv_heads, w.ffn_channels) for w in widths] == [
-        (5, 5, 512), (5, 5, 512), None, (3, 3, 1000), (3, 3, 1000)]  # 2/3 of 8 heads -> 5; 1/3 -> 3; 1000 capped
+        (5, 5, 512),
+        (5, 5, 512),
+        None,
+        (3, 3, 1000),
+        (3, 3, 1000),
+    ]  # 2/3 of 8 heads -> 5; 1/3 -> 3; 1000 capped
     gqa = block_shape(tiny_config(layers=3, hidden=192, heads=12, kv_heads=4, ffn=256))
     widths = transferred_widths(rows, gqa, round_to=8)
     assert (widths[0].query_heads, widths[0].kv_heads, widths[0].ffn_channels) == (8, 4, 128)  # 2 of 3 per group
@@ -127,8 +156,14 @@ def test_shape_only_model_has_exactly_the_planned_shapes():
     assert len(layers) == 2
     for layer, w in zip(layers, [widths[0], widths[2]]):
         attn, mlp = layer.self_attn, layer.mlp
-        assert attn.q_proj.weight.shape == (16 * w.query_heads, 96) and attn.k_proj.weight.shape == (16 * w.kv_heads, 96)
-        assert attn.v_proj.weight.shape == (16 * w.kv_heads, 96) and attn.o_proj.weight.shape == (96, 16 * w.query_heads)
+        assert attn.q_proj.weight.shape == (16 * w.query_heads, 96) and attn.k_proj.weight.shape == (
+            16 * w.kv_heads,
+            96,
+        )
+        assert attn.v_proj.weight.shape == (16 * w.kv_heads, 96) and attn.o_proj.weight.shape == (
+            96,
+            16 * w.query_heads,
+        )
         assert mlp.gate_proj.weight.shape == (w.ffn_channels, 96) and mlp.down_proj.weight.shape == (96, w.ffn_channels)
         assert attn.o_proj.bias is not None and mlp.down_proj.bias is not None
     out = model(random_tokens(2, 7)).logits
@@ -155,15 +190,42 @@ def test_shape_only_command_times_dense_and_transferred_widths(tmp_path, capsys)
     from eval.speed import main
 
     tiny_config(layers=2, hidden=96, heads=6, kv_heads=2, ffn=64).save_pretrained(tmp_path / "shape")
-    report = {"recipe": {"pruning": {"round_to": 8, "reconstruct": "lstsq"}},
-              "layers": [_layer_row((9, 3, 1536), (6, 3, 768)), _layer_row((9, 3, 1536), (9, 3, 1536))]}
+    report = {
+        "recipe": {"pruning": {"round_to": 8, "reconstruct": "lstsq"}},
+        "layers": [_layer_row((9, 3, 1536), (6, 3, 768)), _layer_row((9, 3, 1536), (9, 3, 1536))],
+    }
     (tmp_path / "report.json").write_text(json.dumps(report))
-    assert main(["--config", str(tmp_path / "shape"), "--allocation", str(tmp_path), "--batch-sizes", "1", "2",
-                 "--prompt-tokens", "6", "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--device", "cpu",
-                 "--json", str(tmp_path / "speed.json")]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                str(tmp_path / "shape"),
+                "--allocation",
+                str(tmp_path),
+                "--batch-sizes",
+                "1",
+                "2",
+                "--prompt-tokens",
+                "6",
+                "--new-tokens",
+                "2",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--device",
+                "cpu",
+                "--json",
+                str(tmp_path / "speed.json"),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "speed.json").read_text())
-    assert summary["pruned_widths"] == [{"query_heads": 4, "kv_heads": 2, "ffn_channels": 32},
-                                        {"query_heads": 6, "kv_heads": 2, "ffn_channels": 64}]
+    assert summary["pruned_widths"] == [
+        {"query_heads": 4, "kv_heads": 2, "ffn_channels": 32},
+        {"query_heads": 6, "kv_heads": 2, "ffn_channels": 64},
+    ]
     assert [row["batch_size"] for row in summary["rows"]] == [1, 2]
     pruned_macs = summary["rows"][0]["results"]["pruned"]["linear_macs_per_token"]
     assert pruned_macs == (2 * 4 + 2 * 2) * 16 * 96 + 3 * 32 * 96 + (2 * 6 + 2 * 2) * 16 * 96 + 3 * 64 * 96 + 128 * 96
@@ -176,23 +238,60 @@ def test_report_writes_linked_figures_and_the_zero_shot_table(tmp_path):
     from eval.report import write_report
     from prune.recipe import Recipe, recipe_to_dict
 
-    layers = [{"index": i, "dense": {"query_heads": 9, "kv_groups": 3, "ffn_channels": 1536},
-               "pruned": None if i == 1 else {"query_heads": 6, "kv_groups": 3, "ffn_channels": 1000 - 100 * i},
-               "requested_sparsity": 0.1 * i, "activated_weights": 1000.0 * (i + 1), "block_influence": None}
-              for i in range(3)]
-    tasks = {"dense": {"tasks": {"piqa": {"acc": 0.70, "acc_norm": 0.68, "items": 100}, "boolq": {"acc": 0.60, "items": 100}},
-                       "mean": 0.65},
-             "pruned": {"tasks": {"piqa": {"acc": 0.61, "acc_norm": 0.60, "items": 100}, "boolq": {"acc": 0.55, "items": 100}},
-                        "mean": 0.58}}
-    report = {"model": {"source": "tiny", "model_type": "llama"}, "recipe": recipe_to_dict(Recipe()),
-              "parameters": {"dense": {"total": 100, "decoder_blocks": 80}, "pruned": {"total": 70, "decoder_blocks": 50},
-                             "removed_fraction": 0.3},
-              "layers": layers, "perplexity": {"dataset": "wikitext2", "seqlen": 2048, "windows": 16, "dense": 20.7,
-                                               "pruned": 45.4, "dense_reused_from": "/cache/p.json"},
-              "zeroshot": {"source": "local", "data_dir": "/data", "limit": 100, "seed": 0, "mean_metric": "acc",
-                           "mean_tasks": ["boolq", "piqa"], "dense_reused_from": None, **tasks},
-              "speed": None, "statistics": None, "notes": [], "checkpoint": {"path": "x", "remote_code": True},
-              "stage_seconds": {"zero-shot": 1.0}}
+    layers = [
+        {
+            "index": i,
+            "dense": {"query_heads": 9, "kv_groups": 3, "ffn_channels": 1536},
+            "pruned": None if i == 1 else {"query_heads": 6, "kv_groups": 3, "ffn_channels": 1000 - 100 * i},
+            "requested_sparsity": 0.1 * i,
+            "activated_weights": 1000.0 * (i + 1),
+            "block_influence": None,
+        }
+        for i in range(3)
+    ]
+    tasks = {
+        "dense": {
+            "tasks": {"piqa": {"acc": 0.70, "acc_norm": 0.68, "items": 100}, "boolq": {"acc": 0.60, "items": 100}},
+            "mean": 0.65,
+        },
+        "pruned": {
+            "tasks": {"piqa": {"acc": 0.61, "acc_norm": 0.60, "items": 100}, "boolq": {"acc": 0.55, "items": 100}},
+            "mean": 0.58,
+        },
+    }
+    report = {
+        "model": {"source": "tiny", "model_type": "llama"},
+        "recipe": recipe_to_dict(Recipe()),
+        "parameters": {
+            "dense": {"total": 100, "decoder_blocks": 80},
+            "pruned": {"total": 70, "decoder_blocks": 50},
+            "removed_fraction": 0.3,
+        },
+        "layers": layers,
+        "perplexity": {
+            "dataset": "wikitext2",
+            "seqlen": 2048,
+            "windows": 16,
+            "dense": 20.7,
+            "pruned": 45.4,
+            "dense_reused_from": "/cache/p.json",
+        },
+        "zeroshot": {
+            "source": "local",
+            "data_dir": "/data",
+            "limit": 100,
+            "seed": 0,
+            "mean_metric": "acc",
+            "mean_tasks": ["boolq", "piqa"],
+            "dense_reused_from": None,
+            **tasks,
+        },
+        "speed": None,
+        "statistics": None,
+        "notes": [],
+        "checkpoint": {"path": "x", "remote_code": True},
+        "stage_seconds": {"zero-shot": 1.0},
+    }
     write_report(report, tmp_path)
     text = (tmp_path / "report.md").read_text()
     for name in ("headline.png", "widths.png", "allocation.png"):

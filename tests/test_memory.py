@@ -10,7 +10,9 @@ from prune.memory import current_bytes, reset_peak
 CPU = torch.device("cpu")
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or platform.system() != "Linux", reason="glibc malloc_trim and /proc")
+@pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc" or platform.system() != "Linux", reason="glibc malloc_trim and /proc"
+)
 def test_reset_peak_returns_freed_heap_memory_before_the_baseline():
     reset_peak(CPU)
     start = current_bytes(CPU)

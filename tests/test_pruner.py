@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import random_tokens, tiny_model
+
 from eval.speed import cache_keyword
 from prune.allocation import allocate
 from prune.blocks import block_shape, count_parameters, decoder_layers
@@ -36,7 +36,7 @@ def _zero_units(model, layer, query_heads=(), kv_group=None, ffn_channels=()):
     heads = list(query_heads) + ([] if kv_group is None else list(range(kv_group * g, (kv_group + 1) * g)))
     with torch.no_grad():
         for h in heads:
-            block.self_attn.o_proj.weight[:, h * d:(h + 1) * d] = 0
+            block.self_attn.o_proj.weight[:, h * d : (h + 1) * d] = 0
         for c in ffn_channels:
             block.mlp.down_proj.weight[:, c] = 0
 
@@ -89,9 +89,11 @@ def test_gqa_invariants_after_pruning(family, unit):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_and_uncached_generation_agree_after_pruning(family):
     model = tiny_model(family)
-    plans = [LayerPlan((0, 2, 4, 5), (0, 1), tuple(range(0, 64, 3))),
-             LayerPlan((0, 1, 2), (0,), tuple(range(40))),
-             LayerPlan((0, 1, 2, 3, 4, 5), (0, 1), tuple(range(8)))]
+    plans = [
+        LayerPlan((0, 2, 4, 5), (0, 1), tuple(range(0, 64, 3))),
+        LayerPlan((0, 1, 2), (0,), tuple(range(40))),
+        LayerPlan((0, 1, 2, 3, 4, 5), (0, 1), tuple(range(8))),
+    ]
     pruned = prune_model(model, plans)
     assert type(pruned).__name__.startswith("Pruned")
     x = random_tokens(1, 7)
@@ -104,7 +106,7 @@ def test_cached_and_uncached_generation_agree_after_pruning(family):
     keyword = cache_keyword(pruned)
     steps = [out.logits[:, -1]]
     for t in range(7, cached.shape[1] - 1):
-        out = pruned(cached[:, t:t + 1], use_cache=True, **{keyword: getattr(out, keyword)})
+        out = pruned(cached[:, t : t + 1], use_cache=True, **{keyword: getattr(out, keyword)})
         steps.append(out.logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 6:-1], atol=1e-4, rtol=1e-4)
 
@@ -131,7 +133,9 @@ def test_removing_a_layer_equals_skipping_it(family):
     del skipping.model.layers[1]
     skipping.config.num_hidden_layers = 2
     x = random_tokens(2, 12)
-    torch.testing.assert_close(pruned(x, use_cache=False).logits, skipping(x, use_cache=False).logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        pruned(x, use_cache=False).logits, skipping(x, use_cache=False).logits, atol=1e-6, rtol=0
+    )
     assert (pruned(x).logits - model(x).logits).abs().max() > 1e-3
     assert pruned.config.num_hidden_layers == 2 and not has_layer_widths(pruned.config)
     generated = pruned.generate(x[:1], max_new_tokens=5, do_sample=False)  # the KV cache indexes the kept layers

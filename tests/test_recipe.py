@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, tiny_model
+
 from prune.recipe import RecipeError, load_recipe
 
 
@@ -19,24 +19,32 @@ def _write(tmp_path, data) -> Path:
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "prune.run", *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "prune.run", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
 
 
-@pytest.mark.parametrize("data, key", [
-    ({"pruning": {"taget": 0.3}}, "pruning.taget"),
-    ({"pruning": {"target": 1.0}}, "pruning.target"),
-    ({"pruning": {"target": "lots"}}, "pruning.target"),
-    ({"calibration": {"samples": 0}}, "calibration.samples"),
-    ({"calibration": {"samples": 2.5}}, "calibration.samples"),
-    ({"scoring": {"method": "magic"}}, "scoring.method"),
-    ({"evaluation": {"speed": {"enabled": "yes"}}}, "evaluation.speed.enabled"),
-    ({"modle": {}}, "modle"),
-    ({"scoring": {"method": "shortgpt"}, "pruning": {"reconstruct": "lstsq"}}, "pruning.reconstruct"),
-    ({"scoring": {"method": "taylor", "objective": "max_logit"}}, "scoring.objective"),
-    ({"allocation": {"layer_range": [4]}}, "allocation.layer_range"),
-    ({"allocation": {"layer_range": [4, "x"]}}, "allocation.layer_range"),
-])
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"pruning": {"taget": 0.3}}, "pruning.taget"),
+        ({"pruning": {"target": 1.0}}, "pruning.target"),
+        ({"pruning": {"target": "lots"}}, "pruning.target"),
+        ({"calibration": {"samples": 0}}, "calibration.samples"),
+        ({"calibration": {"samples": 2.5}}, "calibration.samples"),
+        ({"scoring": {"method": "magic"}}, "scoring.method"),
+        ({"evaluation": {"speed": {"enabled": "yes"}}}, "evaluation.speed.enabled"),
+        ({"modle": {}}, "modle"),
+        ({"scoring": {"method": "shortgpt"}, "pruning": {"reconstruct": "lstsq"}}, "pruning.reconstruct"),
+        ({"scoring": {"method": "taylor", "objective": "max_logit"}}, "scoring.objective"),
+        ({"allocation": {"layer_range": [4]}}, "allocation.layer_range"),
+        ({"allocation": {"layer_range": [4, "x"]}}, "allocation.layer_range"),
+    ],
+)
 def test_bad_values_name_the_key(tmp_path, data, key):
     with pytest.raises(RecipeError) as error:
         load_recipe(_write(tmp_path, data))
@@ -49,8 +57,10 @@ def test_typo_suggests_the_right_key(tmp_path):
 
 
 def test_overrides_are_applied_and_validated(tmp_path):
-    recipe = load_recipe(_write(tmp_path, {"pruning": {"target": 0.3}}),
-                         ["pruning.target=0.2", "output=somewhere", "evaluation.perplexity.windows=null"])
+    recipe = load_recipe(
+        _write(tmp_path, {"pruning": {"target": 0.3}}),
+        ["pruning.target=0.2", "output=somewhere", "evaluation.perplexity.windows=null"],
+    )
     assert recipe.pruning.target == 0.2 and recipe.output == "somewhere"
     assert recipe.evaluation.perplexity.windows is None
     with pytest.raises(RecipeError, match="^pruning.target"):
@@ -64,7 +74,9 @@ def test_cli_bad_recipe_exits_nonzero_and_writes_nothing(tmp_path):
     recipe = _write(tmp_path, {"output": str(output), "calibration": {"sampels": 3}})
     result = _cli(str(recipe))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["error: calibration.sampels: unknown key; did you mean 'calibration.samples'?"]
+    assert result.stderr.strip().splitlines() == [
+        "error: calibration.sampels: unknown key; did you mean 'calibration.samples'?"
+    ]
     assert not output.exists() and not output.with_name("out.partial").exists()
 
 
@@ -73,8 +85,11 @@ def test_cli_missing_files_are_named(tmp_path):
     tiny_model().save_pretrained(tmp_path / "tiny")
     text = tmp_path / "text.txt"
     text.write_text("some text " * 100)
-    local = {"output": str(output), "model": {"source": str(tmp_path / "tiny")},
-             "evaluation": {"perplexity": {"dataset": str(text)}}}
+    local = {
+        "output": str(output),
+        "model": {"source": str(tmp_path / "tiny")},
+        "evaluation": {"perplexity": {"dataset": str(text)}},
+    }
     result = _cli(str(_write(tmp_path, local | {"calibration": {"source": str(tmp_path / "nope.jsonl")}})))
     assert result.returncode == 2 and "calibration.source: file not found" in result.stderr
     result = _cli(str(_write(tmp_path, local | {"model": {"source": str(tmp_path / "m.gguf")}})))
@@ -90,9 +105,13 @@ def test_cli_dry_run_prints_the_budget(tmp_path):
     tiny_model().save_pretrained(tmp_path / "tiny")
     text = tmp_path / "text.txt"
     text.write_text("some text " * 100)
-    recipe = {"output": str(tmp_path / "out"), "model": {"source": str(tmp_path / "tiny")},
-              "calibration": {"source": str(text)}, "evaluation": {"perplexity": {"dataset": str(text)}},
-              "pruning": {"min_ffn_channels": 8}}
+    recipe = {
+        "output": str(tmp_path / "out"),
+        "model": {"source": str(tmp_path / "tiny")},
+        "calibration": {"source": str(text)},
+        "evaluation": {"perplexity": {"dataset": str(text)}},
+        "pruning": {"min_ffn_channels": 8},
+    }
     result = _cli(str(_write(tmp_path, recipe)), "--dry-run", "--set", "pruning.target=0.25")
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
@@ -118,8 +137,15 @@ def test_llama_recipe_validates_and_offline_dry_run_is_one_line(tmp_path):
     recipe = load_recipe(REPO / "recipes" / "llama_30pct.yaml")
     assert recipe.model.source == "meta-llama/Llama-2-7b-hf" and recipe.model.dtype == "bfloat16"
     assert recipe.model.device == "cuda" and recipe.pruning.target == 0.3
-    result = _cli("recipes/llama_30pct.yaml", "--dry-run", "--set", f"output={tmp_path / 'o'}",
-                  env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    result = _cli(
+        "recipes/llama_30pct.yaml",
+        "--dry-run",
+        "--set",
+        f"output={tmp_path / 'o'}",
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: model.source: cannot load") and "Hugging Face Hub" in lines[0]
+    assert (
+        len(lines) == 1 and lines[0].startswith("error: model.source: cannot load") and "Hugging Face Hub" in lines[0]
+    )

@@ -1,8 +1,8 @@
 """Reconstruction of o_proj / down_proj outputs: exact cases and a measured improvement."""
 
 import torch
-
 from conftest import random_tokens, tiny_model
+
 from prune.blocks import block_shape, decoder_layers
 from prune.pruner import LayerPlan, prune_model
 from prune.reconstruct import compensated_bias, least_squares_refit, reconstruct_outputs
@@ -42,7 +42,9 @@ def test_bias_compensation_is_exact_for_constant_inputs():
     x = torch.cat([torch.randn(50, 6, generator=g), torch.full((50, 3), 0.7)], 1)
     w = torch.randn(4, 9, generator=g)
     bias = compensated_bias(w, None, torch.arange(6), x.double().mean(0))
-    torch.testing.assert_close(x[:, :6].double() @ w[:, :6].double().T + bias, x.double() @ w.double().T, atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        x[:, :6].double() @ w[:, :6].double().T + bias, x.double() @ w.double().T, atol=1e-10, rtol=0
+    )
 
 
 def test_reconstruction_brings_layer_outputs_closer_to_dense():

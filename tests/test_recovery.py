@@ -1,23 +1,21 @@
 """Recovery stage: distillation loss, data order, kill-and-resume equivalence, LoRA merge, recipe checks."""
 
 import copy
-import re
 import json
-import math
+import re
 
 import pytest
 import torch
+from conftest import random_tokens, tiny_model
 from transformers import AutoModelForCausalLM
 
 import prune.recovery as recovery
-from conftest import random_tokens, tiny_model
 from prune.blocks import block_shape
 from prune.calibration import TextSource
 from prune.checkpoint import save_checkpoint
 from prune.pruner import LayerPlan, keep_everything, prune_model
 from prune.recipe import RecipeError, RecoverySection, load_recipe
-from prune.recovery import (add_lora_adapters, batch_indices, distillation_loss, recover, training_loss,
-                            training_windows)
+from prune.recovery import add_lora_adapters, batch_indices, distillation_loss, recover, training_loss, training_windows
 
 
 def test_distillation_loss_is_zero_for_identical_logits_and_matches_kl_formula():
@@ -82,8 +80,18 @@ def _pruned_pair():
 
 
 def _settings(**overrides) -> RecoverySection:
-    values = dict(method="distill", tokens=6 * 2 * 16, seqlen=16, batch_size=2, learning_rate=0.01, warmup_steps=2,
-                  eval_every=2, save_every=2, heldout_windows=1, train="all")
+    values = dict(
+        method="distill",
+        tokens=6 * 2 * 16,
+        seqlen=16,
+        batch_size=2,
+        learning_rate=0.01,
+        warmup_steps=2,
+        eval_every=2,
+        save_every=2,
+        heldout_windows=1,
+        train="all",
+    )
     return RecoverySection(**(values | overrides))
 
 
@@ -93,8 +101,9 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path
     windows, heldout = random_tokens(5, 16, seed=2), random_tokens(1, 32, seed=3)[0]
     settings = _settings(method=method, learning_rate={"distill": 0.002, "lora": 0.01}[method])
 
-    uninterrupted, expected = recover(copy.deepcopy(student), teacher, windows, heldout, 16, settings,
-                                      tmp_path / "a", progress=False)
+    uninterrupted, expected = recover(
+        copy.deepcopy(student), teacher, windows, heldout, 16, settings, tmp_path / "a", progress=False
+    )
     assert expected.steps == 6 and expected.resumed_from_step == 0 and len(expected.curve) == 4
     with torch.no_grad():  # it learned: the distillation loss on the training windows went down
         before, _ = training_loss(student, teacher, windows, settings)
@@ -114,8 +123,9 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path
     with pytest.raises(KeyboardInterrupt):
         recover(copy.deepcopy(student), teacher, windows, heldout, 16, settings, tmp_path / "b", progress=False)
     monkeypatch.setattr(recovery, "training_loss", real_loss)
-    resumed, outcome = recover(copy.deepcopy(student), teacher, windows, heldout, 16, settings, tmp_path / "b",
-                               progress=False)
+    resumed, outcome = recover(
+        copy.deepcopy(student), teacher, windows, heldout, 16, settings, tmp_path / "b", progress=False
+    )
 
     assert outcome.resumed_from_step == 4
     expected_state, resumed_state = uninterrupted.state_dict(), resumed.state_dict()
@@ -131,10 +141,20 @@ def test_training_leaves_the_teacher_untouched(tmp_path, train):
     teacher, student = _pruned_pair()  # the pruned model shares embeddings and norms with the dense one
     assert student.model.norm.weight.data_ptr() == teacher.model.norm.weight.data_ptr()
     before = {name: tensor.clone() for name, tensor in teacher.state_dict().items()}
-    trained, _ = recover(student, teacher, random_tokens(5, 16, seed=2), random_tokens(1, 16, seed=3)[0], 16,
-                         _settings(train=train, tokens=64), tmp_path, progress=False)
+    trained, _ = recover(
+        student,
+        teacher,
+        random_tokens(5, 16, seed=2),
+        random_tokens(1, 16, seed=3)[0],
+        16,
+        _settings(train=train, tokens=64),
+        tmp_path,
+        progress=False,
+    )
     assert all(torch.equal(before[name], tensor) for name, tensor in teacher.state_dict().items())
-    assert not torch.equal(trained.model.layers[0].input_layernorm.weight, teacher.model.layers[0].input_layernorm.weight)
+    assert not torch.equal(
+        trained.model.layers[0].input_layernorm.weight, teacher.model.layers[0].input_layernorm.weight
+    )
     if train == "all":
         assert trained.lm_head.weight is trained.model.embed_tokens.weight  # still tied
         assert not torch.equal(trained.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
@@ -144,9 +164,19 @@ def test_decoder_layers_setting_leaves_embeddings_unchanged(tmp_path):
     teacher, student = _pruned_pair()
     embeddings = student.model.embed_tokens.weight.clone()
     final_norm = student.model.norm.weight.clone()
-    trained, _ = recover(student, teacher, random_tokens(5, 16, seed=2), random_tokens(1, 16, seed=3)[0], 16,
-                         _settings(train="decoder_layers", tokens=64), tmp_path, progress=False)
-    assert torch.equal(trained.model.embed_tokens.weight, embeddings) and torch.equal(trained.model.norm.weight, final_norm)
+    trained, _ = recover(
+        student,
+        teacher,
+        random_tokens(5, 16, seed=2),
+        random_tokens(1, 16, seed=3)[0],
+        16,
+        _settings(train="decoder_layers", tokens=64),
+        tmp_path,
+        progress=False,
+    )
+    assert torch.equal(trained.model.embed_tokens.weight, embeddings) and torch.equal(
+        trained.model.norm.weight, final_norm
+    )
     assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, teacher.model.layers[0].mlp.up_proj.weight)
     assert not any(p.requires_grad for p in trained.parameters())
 
@@ -181,14 +211,16 @@ def test_merged_lora_gives_the_unmerged_logits_and_a_plain_checkpoint(tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, unmerged, atol=5e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("recovery.method=finetune", "recovery.method: expected one of"),
-    ("recovery.tokens=0", "recovery.tokens: must be > 0"),
-    ("recovery.kl_weight=0", "recovery.nll_weight: must be >= 0, and kl_weight + nll_weight > 0"),
-    ("recovery.temperature=0", "recovery.temperature: must be > 0"),
-    ("recovery.train=embeddings", "recovery.train: expected one of"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("recovery.method=finetune", "recovery.method: expected one of"),
+        ("recovery.tokens=0", "recovery.tokens: must be > 0"),
+        ("recovery.kl_weight=0", "recovery.nll_weight: must be >= 0, and kl_weight + nll_weight > 0"),
+        ("recovery.temperature=0", "recovery.temperature: must be > 0"),
+        ("recovery.train=embeddings", "recovery.train: expected one of"),
+    ],
+)
 def test_recipe_errors_name_the_recovery_key(override, message):
     with pytest.raises(RecipeError, match=re.escape(message)):
         load_recipe(None, [override])
-

@@ -1,8 +1,8 @@
 """Unit scores against loops over the units' weights."""
 
 import torch
-
 from conftest import random_tokens, tiny_model
+
 from prune.blocks import block_shape, decoder_layers
 from prune.reconstruct import second_moment
 from prune.scoring import score_units
@@ -13,16 +13,30 @@ def _unit_weights(layer, d, g):
     """Per unit, the list of (weight tensor, input-site name) pieces that belong to it."""
     attn, mlp = layer.self_attn, layer.mlp
     heads = attn.q_proj.weight.shape[0] // d
-    query = [[(attn.q_proj.weight[h * d:(h + 1) * d], "attn_in", None),
-              (attn.o_proj.weight[:, h * d:(h + 1) * d], "o_in", slice(h * d, (h + 1) * d))] for h in range(heads)]
+    query = [
+        [
+            (attn.q_proj.weight[h * d : (h + 1) * d], "attn_in", None),
+            (attn.o_proj.weight[:, h * d : (h + 1) * d], "o_in", slice(h * d, (h + 1) * d)),
+        ]
+        for h in range(heads)
+    ]
     groups = []
     for j in range(heads // g):
-        pieces = [(attn.k_proj.weight[j * d:(j + 1) * d], "attn_in", None), (attn.v_proj.weight[j * d:(j + 1) * d], "attn_in", None)]
+        pieces = [
+            (attn.k_proj.weight[j * d : (j + 1) * d], "attn_in", None),
+            (attn.v_proj.weight[j * d : (j + 1) * d], "attn_in", None),
+        ]
         for h in range(j * g, (j + 1) * g):
             pieces += query[h]
         groups.append(pieces)
-    channels = [[(mlp.gate_proj.weight[c:c + 1], "mlp_in", None), (mlp.up_proj.weight[c:c + 1], "mlp_in", None),
-                 (mlp.down_proj.weight[:, c:c + 1], "down_in", slice(c, c + 1))] for c in range(mlp.down_proj.weight.shape[1])]
+    channels = [
+        [
+            (mlp.gate_proj.weight[c : c + 1], "mlp_in", None),
+            (mlp.up_proj.weight[c : c + 1], "mlp_in", None),
+            (mlp.down_proj.weight[:, c : c + 1], "down_in", slice(c, c + 1)),
+        ]
+        for c in range(mlp.down_proj.weight.shape[1])
+    ]
     return query, groups, channels
 
 
@@ -46,12 +60,22 @@ def test_magnitude_and_wanda_sp_match_loops():
                 total += float((w.detach().double().abs() * x_norm).sum())
             return total
 
-        for unit_scores, units in ((magnitude[i].query_heads, query), (magnitude[i].kv_groups, groups),
-                                   (magnitude[i].ffn_channels, channels)):
-            torch.testing.assert_close(unit_scores, torch.tensor([norm(u) for u in units], dtype=torch.float64), rtol=1e-5, atol=0)
-        for unit_scores, units in ((wanda[i].query_heads, query), (wanda[i].kv_groups, groups),
-                                   (wanda[i].ffn_channels, channels)):
-            torch.testing.assert_close(unit_scores, torch.tensor([wanda_sum(u) for u in units], dtype=torch.float64), rtol=1e-5, atol=0)
+        for unit_scores, units in (
+            (magnitude[i].query_heads, query),
+            (magnitude[i].kv_groups, groups),
+            (magnitude[i].ffn_channels, channels),
+        ):
+            torch.testing.assert_close(
+                unit_scores, torch.tensor([norm(u) for u in units], dtype=torch.float64), rtol=1e-5, atol=0
+            )
+        for unit_scores, units in (
+            (wanda[i].query_heads, query),
+            (wanda[i].kv_groups, groups),
+            (wanda[i].ffn_channels, channels),
+        ):
+            torch.testing.assert_close(
+                unit_scores, torch.tensor([wanda_sum(u) for u in units], dtype=torch.float64), rtol=1e-5, atol=0
+            )
 
 
 def test_activation_aggregates_are_consistent():
@@ -67,8 +91,10 @@ def test_activation_aggregates_are_consistent():
         torch.testing.assert_close(mean[i].kv_groups, total[i].kv_groups / ((2 + 2 * 3) * d * h))
         assert (peak[i].ffn_channels <= total[i].ffn_channels).all() and (peak[i].ffn_channels > 0).all()
         # a group's score includes its query heads
-        assert torch.allclose(total[i].kv_groups - total[i].query_heads.view(2, 3).sum(1),
-                              (stats.get(i, "k_proj.row_sum").double() + stats.get(i, "v_proj.row_sum").double()).view(2, -1).sum(1))
+        assert torch.allclose(
+            total[i].kv_groups - total[i].query_heads.view(2, 3).sum(1),
+            (stats.get(i, "k_proj.row_sum").double() + stats.get(i, "v_proj.row_sum").double()).view(2, -1).sum(1),
+        )
 
 
 def _refit_error(weight: torch.Tensor, second: torch.Tensor, removed: list[int], damping: float) -> float:
@@ -92,18 +118,29 @@ def test_obs_scores_equal_the_error_of_an_explicit_refit():
     obs = score_units(model, shape, "obs", "sum", stats, damping)
     d = shape.head_dim
     for i, layer in enumerate(decoder_layers(model)):
+
         def second(site):
             return second_moment(stats.get(i, f"{site}.xxt"), stats.get(i, f"{site}.x_sum"), stats.tokens)
 
         o_weight, down_weight = layer.self_attn.o_proj.weight.detach(), layer.mlp.down_proj.weight.detach()
         heads = [list(range(h * d, (h + 1) * d)) for h in range(o_weight.shape[1] // d)]
         expected_heads = [_refit_error(o_weight, second("o_in"), cols, damping) for cols in heads]
-        expected_groups = [_refit_error(o_weight, second("o_in"), heads[3 * j] + heads[3 * j + 1] + heads[3 * j + 2], damping)
-                           for j in range(len(heads) // 3)]
-        expected_channels = [_refit_error(down_weight, second("down_in"), [c], damping) for c in range(down_weight.shape[1])]
-        torch.testing.assert_close(obs[i].query_heads, torch.tensor(expected_heads, dtype=torch.float64), rtol=1e-6, atol=1e-12)
-        torch.testing.assert_close(obs[i].kv_groups, torch.tensor(expected_groups, dtype=torch.float64), rtol=1e-6, atol=1e-12)
-        torch.testing.assert_close(obs[i].ffn_channels, torch.tensor(expected_channels, dtype=torch.float64), rtol=1e-6, atol=1e-12)
+        expected_groups = [
+            _refit_error(o_weight, second("o_in"), heads[3 * j] + heads[3 * j + 1] + heads[3 * j + 2], damping)
+            for j in range(len(heads) // 3)
+        ]
+        expected_channels = [
+            _refit_error(down_weight, second("down_in"), [c], damping) for c in range(down_weight.shape[1])
+        ]
+        torch.testing.assert_close(
+            obs[i].query_heads, torch.tensor(expected_heads, dtype=torch.float64), rtol=1e-6, atol=1e-12
+        )
+        torch.testing.assert_close(
+            obs[i].kv_groups, torch.tensor(expected_groups, dtype=torch.float64), rtol=1e-6, atol=1e-12
+        )
+        torch.testing.assert_close(
+            obs[i].ffn_channels, torch.tensor(expected_channels, dtype=torch.float64), rtol=1e-6, atol=1e-12
+        )
         assert float(obs[i].ffn_channels.min()) > 0
 
 
@@ -127,6 +164,7 @@ def test_flap_scores_match_a_loop_over_columns():
     flap = score_units(model, shape, "flap", "sum", stats)
     d, n = shape.head_dim, stats.tokens
     for i, layer in enumerate(decoder_layers(model)):
+
         def fluctuation(site, weight, column):
             mean = float(stats.get(i, f"{site}.x_sum")[column]) / n
             variance = float(stats.get(i, f"{site}.x_sumsq")[column]) / n - mean * mean
@@ -136,6 +174,12 @@ def test_flap_scores_match_a_loop_over_columns():
         heads = [sum(fluctuation("o_in", o_weight, c) for c in range(h * d, (h + 1) * d)) for h in range(6)]
         channels = [fluctuation("down_in", down_weight, c) for c in range(down_weight.shape[1])]
         torch.testing.assert_close(flap[i].query_heads, torch.tensor(heads, dtype=torch.float64), rtol=1e-4, atol=1e-9)
-        torch.testing.assert_close(flap[i].kv_groups, torch.tensor([sum(heads[3 * j:3 * j + 3]) for j in range(2)],
-                                                                   dtype=torch.float64), rtol=1e-4, atol=1e-9)
-        torch.testing.assert_close(flap[i].ffn_channels, torch.tensor(channels, dtype=torch.float64), rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(
+            flap[i].kv_groups,
+            torch.tensor([sum(heads[3 * j : 3 * j + 3]) for j in range(2)], dtype=torch.float64),
+            rtol=1e-4,
+            atol=1e-9,
+        )
+        torch.testing.assert_close(
+            flap[i].ffn_channels, torch.tensor(channels, dtype=torch.float64), rtol=1e-4, atol=1e-9
+        )

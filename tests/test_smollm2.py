@@ -6,18 +6,26 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, shared_dir
 
 pytestmark = [
     pytest.mark.smollm2,
-    pytest.mark.skipif(shared_dir("PRUNE_MODELS_DIR") is None or shared_dir("PRUNE_DATA_DIR") is None,
-                       reason="PRUNE_MODELS_DIR / PRUNE_DATA_DIR not set"),
+    pytest.mark.skipif(
+        shared_dir("PRUNE_MODELS_DIR") is None or shared_dir("PRUNE_DATA_DIR") is None,
+        reason="PRUNE_MODELS_DIR / PRUNE_DATA_DIR not set",
+    ),
 ]
 
-QUICK = ["calibration.samples=6", "calibration.seqlen=64", "evaluation.perplexity.windows=2",
-         "evaluation.speed.repeats=1", "evaluation.speed.new_tokens=8", "evaluation.speed.prompt_tokens=32",
-         "evaluation.zeroshot.tasks=[piqa, winogrande]", "evaluation.zeroshot.limit=3"]
+QUICK = [
+    "calibration.samples=6",
+    "calibration.seqlen=64",
+    "evaluation.perplexity.windows=2",
+    "evaluation.speed.repeats=1",
+    "evaluation.speed.new_tokens=8",
+    "evaluation.speed.prompt_tokens=32",
+    "evaluation.zeroshot.tasks=[piqa, winogrande]",
+    "evaluation.zeroshot.limit=3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +35,21 @@ def cache(tmp_path_factory):
 
 def _run(output, cache, *overrides):
     result = subprocess.run(
-        [sys.executable, "-m", "prune.run", "recipes/smollm2_30pct.yaml", "--set", f"output={output}",
-         "--set", f"cache_dir={cache}", *[arg for o in (*QUICK, *overrides) for arg in ("--set", o)]],
-        cwd=REPO, capture_output=True, text=True, env=os.environ.copy(),
+        [
+            sys.executable,
+            "-m",
+            "prune.run",
+            "recipes/smollm2_30pct.yaml",
+            "--set",
+            f"output={output}",
+            "--set",
+            f"cache_dir={cache}",
+            *[arg for o in (*QUICK, *overrides) for arg in ("--set", o)],
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((output / "report.json").read_text())
@@ -43,9 +63,18 @@ def test_default_recipe_end_to_end(tmp_path, cache):
     assert 0.695 <= pruned["total"] / dense["total"] <= 0.70
     assert report["checkpoint"]["remote_code"] is True
     assert report["statistics"]["reused"] is False
-    assert sorted(os.listdir(output)) == ["activation_stats.safetensors", "allocation.png", "headline.png", "model",
-                                          "report.json", "report.md", "widths.png"]
-    assert {"model.safetensors", "config.json", "modeling_pruned.py", "tokenizer.json"} <= set(os.listdir(output / "model"))
+    assert sorted(os.listdir(output)) == [
+        "activation_stats.safetensors",
+        "allocation.png",
+        "headline.png",
+        "model",
+        "report.json",
+        "report.md",
+        "widths.png",
+    ]
+    assert {"model.safetensors", "config.json", "modeling_pruned.py", "tokenizer.json"} <= set(
+        os.listdir(output / "model")
+    )
     layers = report["layers"]
     assert len(layers) == 30 and all(row["pruned"]["query_heads"] % row["pruned"]["kv_groups"] == 0 for row in layers)
     assert report["speed"]["pruned"]["decode_tokens_per_s_median"] > 0
@@ -57,9 +86,18 @@ def test_default_recipe_end_to_end(tmp_path, cache):
         assert all(0 <= m["acc"] <= 1 for m in zeroshot[side]["tasks"].values())
 
     check = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "independent_perplexity.py"), str(output / "model"),
-         os.path.join(os.environ["PRUNE_DATA_DIR"], "wikitext2", "wiki.test.raw"), "2048", "2"],
-        cwd="/", capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "independent_perplexity.py"),
+            str(output / "model"),
+            os.path.join(os.environ["PRUNE_DATA_DIR"], "wikitext2", "wiki.test.raw"),
+            "2048",
+            "2",
+        ],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
     )
     assert check.returncode == 0, check.stderr[-3000:]
     assert "trust_remote_code" not in check.stdout + check.stderr  # the tokenizer loads without a prompt
@@ -69,9 +107,19 @@ def test_default_recipe_end_to_end(tmp_path, cache):
     assert abs(independent["perplexity"] / report["perplexity"]["pruned"] - 1) < 0.01
 
     # same model and calibration, another target: the statistics are reused, not recomputed; with one step of recovery
-    second = _run(tmp_path / "s20", cache, "pruning.target=0.2", "allocation.strategy=uniform", "recovery.method=distill",
-                  "recovery.tokens=128", "recovery.seqlen=64", "recovery.batch_size=2", "recovery.heldout_windows=1",
-                  "recovery.learning_rate=0.0002", "recovery.warmup_steps=0")
+    second = _run(
+        tmp_path / "s20",
+        cache,
+        "pruning.target=0.2",
+        "allocation.strategy=uniform",
+        "recovery.method=distill",
+        "recovery.tokens=128",
+        "recovery.seqlen=64",
+        "recovery.batch_size=2",
+        "recovery.heldout_windows=1",
+        "recovery.learning_rate=0.0002",
+        "recovery.warmup_steps=0",
+    )
     recovery = second["recovery"]
     assert recovery["steps"] == 1 and recovery["tokens_seen"] == 128 and recovery["resumed_from_step"] == 0
     assert [point["step"] for point in recovery["curve"]] == [0, 1]

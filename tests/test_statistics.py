@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import random_tokens, tiny_model
+
 from prune.allocation import activated_count
 from prune.blocks import LINEAR_NAMES, decoder_layers, layer_linears
 from prune.statistics import HIST_MIN, HIST_WIDTH, ActivationStatistics, collect_statistics, objective_value
@@ -11,7 +11,9 @@ from prune.statistics import HIST_MIN, HIST_WIDTH, ActivationStatistics, collect
 
 def _brute_force_mean_activation(model, samples, objective):
     """mean_s |w * dD(s)/dw| for every decoder linear weight, one autograd.grad call per sample."""
-    weights = {(i, n): l.weight for i, layer in enumerate(decoder_layers(model)) for n, l in layer_linears(layer).items()}
+    weights = {
+        (i, n): l.weight for i, layer in enumerate(decoder_layers(model)) for n, l in layer_linears(layer).items()
+    }
     total = {k: torch.zeros_like(w) for k, w in weights.items()}
     for sample in samples:
         grads = torch.autograd.grad(objective_value(model, sample[None], objective), list(weights.values()))
@@ -87,7 +89,9 @@ def test_taylor_reductions_match_brute_force():
     model = tiny_model()
     samples = random_tokens(3, 10)
     stats = collect_statistics(model, samples, "nll", taylor=True, progress=False)
-    weights = {(i, n): l.weight for i, layer in enumerate(decoder_layers(model)) for n, l in layer_linears(layer).items()}
+    weights = {
+        (i, n): l.weight for i, layer in enumerate(decoder_layers(model)) for n, l in layer_linears(layer).items()
+    }
     summed = {k: torch.zeros_like(w) for k, w in weights.items()}
     for sample in samples:
         grads = torch.autograd.grad(objective_value(model, sample[None], "nll"), list(weights.values()))
@@ -109,7 +113,9 @@ def test_block_influence_matches_hidden_state_cosines():
         for sample in samples:
             hidden = model(sample[None], output_hidden_states=True).hidden_states
             for i in range(2):  # the last entry of hidden_states is after the final norm
-                expected[i] += torch.nn.functional.cosine_similarity(hidden[i][0].double(), hidden[i + 1][0].double(), dim=-1).sum()
+                expected[i] += torch.nn.functional.cosine_similarity(
+                    hidden[i][0].double(), hidden[i + 1][0].double(), dim=-1
+                ).sum()
     for i in range(2):
-        torch.testing.assert_close(stats.get(i, "cos_sum").double(), expected[i:i + 1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stats.get(i, "cos_sum").double(), expected[i : i + 1], rtol=1e-5, atol=1e-6)
     assert float(stats.get(2, "cos_sum")) < 16

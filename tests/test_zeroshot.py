@@ -5,8 +5,8 @@ import string
 
 import pytest
 import torch
-
 from conftest import shared_dir
+
 from eval.tasks.local_tasks import choices, joined
 from eval.zeroshot import MEAN_TASKS, local_task_config, resolve_source
 from prune.calibration import DataSourceError
@@ -20,7 +20,9 @@ def test_choices_are_joined_by_a_space_unless_they_start_with_punctuation():
 
 def test_local_task_configs_read_files_from_the_data_directory(tmp_path, monkeypatch):
     (tmp_path / "zeroshot").mkdir()
-    (tmp_path / "zeroshot" / "piqa.jsonl").write_text(json.dumps({"query": "q", "choices": ["a", "b"], "gold": 0}) + "\n")
+    (tmp_path / "zeroshot" / "piqa.jsonl").write_text(
+        json.dumps({"query": "q", "choices": ["a", "b"], "gold": 0}) + "\n"
+    )
     monkeypatch.setenv("PRUNE_DATA_DIR", str(tmp_path))
     config = local_task_config("piqa", tmp_path)
     assert config["task"] == "piqa" and config["dataset_path"] == "json"
@@ -44,7 +46,9 @@ def test_every_local_task_has_a_definition_and_seven_feed_the_mean():
 def test_recipe_rejects_unknown_local_tasks():
     with pytest.raises(RecipeError, match="evaluation.zeroshot.tasks: must be among the local tasks"):
         load_recipe(None, ["evaluation.zeroshot.tasks=[piqa, mmlu]"])
-    assert load_recipe(None, ["evaluation.zeroshot.tasks=[mmlu]", "evaluation.zeroshot.source=harness"]).evaluation.zeroshot.tasks == ["mmlu"]
+    assert load_recipe(
+        None, ["evaluation.zeroshot.tasks=[mmlu]", "evaluation.zeroshot.source=harness"]
+    ).evaluation.zeroshot.tasks == ["mmlu"]
     with pytest.raises(RecipeError, match="evaluation.zeroshot.limit: must be > 0 or null"):
         load_recipe(None, ["evaluation.zeroshot.limit=0"])
 
@@ -59,28 +63,35 @@ def _log_likelihood(model, tokenizer, context: str, continuation: str) -> float:
 
 
 @pytest.mark.smollm2
-@pytest.mark.skipif(shared_dir("PRUNE_MODELS_DIR") is None or shared_dir("PRUNE_DATA_DIR") is None,
-                    reason="PRUNE_MODELS_DIR / PRUNE_DATA_DIR not set")
+@pytest.mark.skipif(
+    shared_dir("PRUNE_MODELS_DIR") is None or shared_dir("PRUNE_DATA_DIR") is None,
+    reason="PRUNE_MODELS_DIR / PRUNE_DATA_DIR not set",
+)
 def test_harness_log_likelihoods_equal_an_independent_computation(tmp_path):
     from eval.zeroshot import zeroshot_accuracy
     from prune.models import load_model, resolve_model_source
     from prune.paths import cache_dir
 
     model, tokenizer = load_model(resolve_model_source("smollm2-135m", cache_dir()), "float32", "cpu", cache_dir())
-    result = zeroshot_accuracy(model, tokenizer, ["arc_easy", "winogrande"], "local", limit=20, batch_size=8,
-                               log_samples=True)
+    result = zeroshot_accuracy(
+        model, tokenizer, ["arc_easy", "winogrande"], "local", limit=20, batch_size=8, log_samples=True
+    )
     assert result["source"] == "local" and result["tasks"]["arc_easy"]["items"] == 20
     correct = 0
     for sample in result["samples"]["arc_easy"]:
         doc = sample["doc"]
         harness = [response[0][0] for response in sample["resps"]]
-        independent = [_log_likelihood(model, tokenizer, doc["query"],
-                                       c if c[:1] in string.punctuation else " " + c) for c in doc["choices"]]
+        independent = [
+            _log_likelihood(model, tokenizer, doc["query"], c if c[:1] in string.punctuation else " " + c)
+            for c in doc["choices"]
+        ]
         assert harness == pytest.approx(independent, abs=2e-3)
         correct += int(max(range(len(independent)), key=independent.__getitem__) == doc["gold"])
     assert result["tasks"]["arc_easy"]["acc"] == correct / 20
     for sample in result["samples"]["winogrande"][:8]:  # partial scoring: one continuation after each context option
         doc = sample["doc"]
         harness = [response[0][0] for response in sample["resps"]]
-        independent = [_log_likelihood(model, tokenizer, option, " " + doc["continuation"]) for option in doc["context_options"]]
+        independent = [
+            _log_likelihood(model, tokenizer, option, " " + doc["continuation"]) for option in doc["context_options"]
+        ]
         assert harness == pytest.approx(independent, abs=2e-3)

@@ -25,8 +25,9 @@ def _resized_linear(linear: nn.Linear, in_features: int, out_features: int, bias
     )
 
 
-def set_layer_widths(layer: nn.Module, query_heads: int, kv_heads: int, ffn_channels: int,
-                     output_bias: bool = False) -> None:
+def set_layer_widths(
+    layer: nn.Module, query_heads: int, kv_heads: int, ffn_channels: int, output_bias: bool = False
+) -> None:
     """Give one decoder layer new widths: replaces its 7 linears by uninitialised ones of the new shapes.
 
     ``query_heads`` must be a multiple of ``kv_heads``; head_dim and hidden size stay as they are.
