@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.perplexity import perplexity
 from eval.zeroshot import local_data_file, zeroshot_accuracy
 from prune.calibration import evaluation_tokens
 from prune.models import load_model
 from prune.paths import data_dir
+from prune.prepare import prepare
 from prune.recipe import load_recipe
-from prune.run import obtain_statistics, prepare, prune_as_recipe_says
+from prune.run import obtain_statistics, prune_as_recipe_says
 
 
 def item_text(task: str, item: dict) -> str:

@@ -10,16 +10,13 @@ decode speedup: dense step / (outside + linear dense / MAC ratio).
 """
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from eval.report import read_report
 from eval.speed import cache_keyword, linear_macs_per_token, shape_only_models, shaped_config
 from prune.paths import cache_dir
 
@@ -46,14 +43,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     args = parser.parse_args()
-    report = json.loads((args.run / "report.json").read_text())
-    config = shaped_config(report["model"]["source"], cache_dir(None))
+    report = read_report(args.run)
+    config = shaped_config(report.model.source, cache_dir(None))
     models, _ = shape_only_models(config, report, torch.float32, torch.device("cpu"))
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     rows = {name: profiled_decode(model, prompt, args.steps) for name, model in models.items()}
     macs = {name: linear_macs_per_token(model) for name, model in models.items()}
     print(
-        f"{report['model']['source']} shapes, float32, cpu ({torch.get_num_threads()} threads), "
+        f"{report.model.source} shapes, float32, cpu ({torch.get_num_threads()} threads), "
         f"{args.steps} decode steps after {args.prompt_tokens} prompt tokens"
     )
     print("| model | ms / step | linear ms / step | other ms / step | linear MACs / token |\n|---|---:|---:|---:|---:|")

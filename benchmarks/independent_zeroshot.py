@@ -56,7 +56,7 @@ def main(model_dir: str, task_file: str, limit: int | None) -> dict:
     for doc in docs:
         continuations = [c if c[:1] in string.punctuation else " " + c for c in doc["choices"]]
         lls = continuation_log_likelihoods(model, tokenizer, doc["query"], continuations)
-        norm = [ll / len(c) for ll, c in zip(lls, continuations)]
+        norm = [ll / len(c) for ll, c in zip(lls, continuations, strict=True)]
         correct += int(max(range(len(lls)), key=lls.__getitem__) == doc["gold"])
         correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == doc["gold"])
     return {

@@ -7,7 +7,8 @@
 Each row is the base recipe with the overrides in ``CONFIGURATIONS`` and ``pruning.target`` set; the
 model, the calibration data (the base recipe's), the statistics cache and the perplexity protocol are
 shared, and the dense perplexity is measured once. ``--zeroshot`` adds the mean ``acc`` of the seven
-tasks (the base recipe's zero-shot settings: source, limit, batch size, seed). Appends one JSON line per row to ``--jsonl`` as
+tasks (the base recipe's zero-shot settings: source, limit, batch size, seed). Appends one JSON line per row
+to ``--jsonl`` as
 soon as the row is done, and prints the markdown table (for BENCHMARKS.md) at the end; ``--table``
 prints that table from JSON-lines files without running anything. Under the table: the memory of the
 first statistics pass of the process (a later pass reuses memory freed before it, so the RSS peak of a
@@ -18,23 +19,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.perplexity import perplexity
 from eval.zeroshot import MEAN_TASKS, resolve_source, zeroshot_accuracy
 from prune.blocks import count_parameters
 from prune.calibration import evaluation_tokens
 from prune.models import load_model
+from prune.prepare import prepare
 from prune.recipe import load_recipe
-from prune.run import obtain_statistics, prepare, prune_as_recipe_says
+from prune.run import obtain_statistics, prune_as_recipe_says
 
 GRADIENT_METHODS = ("activation", "activation-obs", "taylor")
 CONFIGURATIONS = {
-    # baselines (METHOD.md section 3)
+    # baselines (docs/METHOD.md §3)
     "magnitude": {"scoring.method": "magnitude", "allocation.strategy": "uniform", "pruning.reconstruct": "none"},
     "wanda-sp": {"scoring.method": "wanda-sp", "allocation.strategy": "uniform", "pruning.reconstruct": "none"},
     "flap": {
@@ -51,7 +50,7 @@ CONFIGURATIONS = {
         "allocation.layer_range": [4, 28],
         "pruning.reconstruct": "none",
     },
-    "shortgpt": {"scoring.method": "shortgpt", "pruning.reconstruct": "none"},
+    "shortgpt": {"allocation.strategy": "shortgpt", "pruning.reconstruct": "none"},
     # the paper's metric and allocation, without and with this toolkit's reconstruction and unit choice
     "activation": {
         "scoring.method": "activation",
@@ -104,10 +103,8 @@ def main() -> None:
         for name in names:
             overrides = {**CONFIGURATIONS[name], "pruning.target": target}
             recipe = load_recipe(args.recipe, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
-            prepared = prepare(recipe, overwrite=True)
-            statistics, info = (
-                obtain_statistics(prepared, model, tokenizer) if prepared.needs_statistics else (None, None)
-            )
+            prepared, calibration = prepare(recipe, overwrite=True), recipe.calibration
+            statistics, info = obtain_statistics(prepared, model, tokenizer) if prepared.needs else (None, None)
             stage_seconds: dict[str, float] = {}
             start = time.perf_counter()
             pruned, _ = prune_as_recipe_says(prepared, model, statistics, stage_seconds)
@@ -129,11 +126,11 @@ def main() -> None:
                 "seqlen": ppl_recipe.seqlen,
                 "windows": result["windows"],
                 "prune_seconds": seconds,
-                "statistics_reused": info["reused"] if info else None,
-                "statistics_peak_bytes": info.get("peak_memory_bytes") if info else None,
-                "model_weight_bytes": info.get("model_weight_bytes") if info else None,
-                "statistics_peak_over_weights": info.get("peak_over_weights") if info else None,
-                "calibration": f"{recipe.calibration.source} {recipe.calibration.samples} x {recipe.calibration.seqlen}",
+                "statistics_reused": info.reused if info else None,
+                "statistics_peak_bytes": info.peak_memory_bytes if info else None,
+                "model_weight_bytes": info.model_weight_bytes if info else None,
+                "statistics_peak_over_weights": info.peak_over_weights if info else None,
+                "calibration": f"{calibration.source} {calibration.samples} x {calibration.seqlen}",
                 "zeroshot_mean": zeroshot_mean(pruned) if args.zeroshot else None,
                 "dense_zeroshot_mean": dense_zeroshot,
                 "zeroshot_limit": zs.limit if args.zeroshot else None,
@@ -171,9 +168,9 @@ def print_table(rows: list[dict]) -> None:
         allocation = r["allocation"] + (
             f" layers {r['layer_range'][0]}-{r['layer_range'][1] - 1}" if r["layer_range"] else ""
         )
-        if r["method"] == "shortgpt":
-            allocation = "whole layers"
         scoring = f"{r['method']} (D = {r['objective']})" if r["method"] in GRADIENT_METHODS else r["method"]
+        if r["allocation"] == "shortgpt":
+            allocation, scoring = "whole layers", "shortgpt (Block Influence)"
         zeroshot = f"{100 * r['zeroshot_mean']:.2f}" if r.get("zeroshot_mean") is not None else "-"
         print(
             f"| {r['target']:.0%} | {r['name']} | {scoring} | {allocation} | {r['reconstruct']} | "

@@ -1,31 +1,35 @@
 """PNG figures of a pruning report (matplotlib, Agg backend: no display needed).
 
-Each function takes the report dictionary that ``report.json`` holds and writes one figure.
+Each function takes the run's :class:`eval.report.Report` and writes one figure.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+if TYPE_CHECKING:
+    from eval.report import LayerReport, Report
+
 DENSE_COLOR, PRUNED_COLOR = "#9aa5b1", "#d9480f"
 
 
-def _kept(layer: dict, key: str) -> int:
-    return 0 if layer["pruned"] is None else layer["pruned"][key]
+def _kept(layer: LayerReport, key: str) -> int:
+    return 0 if layer.pruned is None else getattr(layer.pruned, key)
 
 
-def layer_widths_figure(report: dict, path: Path) -> None:
+def layer_widths_figure(report: Report, path: Path) -> None:
     """Per layer: query heads and FFN channels, dense (grey) and kept (orange); removed layers keep 0."""
-    layers = report["layers"]
-    index = [layer["index"] for layer in layers]
+    layers = report.layers
+    index = [layer.index for layer in layers]
     fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
     for ax, key, label in ((axes[0], "query_heads", "query heads"), (axes[1], "ffn_channels", "FFN channels")):
-        ax.bar(index, [layer["dense"][key] for layer in layers], color=DENSE_COLOR, label="dense")
+        ax.bar(index, [getattr(layer.dense, key) for layer in layers], color=DENSE_COLOR, label="dense")
         ax.bar(index, [_kept(layer, key) for layer in layers], color=PRUNED_COLOR, width=0.6, label="pruned")
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
@@ -37,19 +41,20 @@ def layer_widths_figure(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def allocation_figure(report: dict, path: Path) -> None:
+def allocation_figure(report: Report, path: Path) -> None:
     """Per layer: activated weights (bars, when the allocation measured them) and the sparsity it asked for (line)."""
-    layers = report["layers"]
-    index = [layer["index"] for layer in layers]
+    layers = report.layers
+    index = [layer.index for layer in layers]
     fig, ax = plt.subplots(figsize=(10, 4))
     sparsity_ax = ax
-    if all(layer.get("activated_weights") is not None for layer in layers):
-        ax.bar(index, [layer["activated_weights"] for layer in layers], color=DENSE_COLOR, label="activated weights")
+    activated = [layer.activated_weights for layer in layers]
+    if all(value is not None for value in activated):
+        ax.bar(index, activated, color=DENSE_COLOR, label="activated weights")
         ax.set_ylabel("activated weights (A above threshold)")
         sparsity_ax = ax.twinx()
     sparsity_ax.plot(
         index,
-        [layer["requested_sparsity"] for layer in layers],
+        [layer.requested_sparsity for layer in layers],
         color=PRUNED_COLOR,
         marker="o",
         label="requested sparsity",
@@ -59,37 +64,34 @@ def allocation_figure(report: dict, path: Path) -> None:
     ax.set_xlabel("decoder layer")
     handles = [h for a in {ax, sparsity_ax} for h in a.get_legend_handles_labels()[0]]
     ax.legend(handles=handles, loc="upper left")
-    ax.set_title(f"Allocation ({report['recipe']['allocation']['strategy']})")
+    ax.set_title(f"Allocation ({report.allocation.strategy})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def headline_metrics(report: dict) -> list[tuple[str, float, float]]:
+def headline_metrics(report: Report) -> list[tuple[str, float, float]]:
     """(label, dense, pruned) of every headline metric the report holds."""
-    params = report["parameters"]
-    metrics = [("parameters (millions)", params["dense"]["total"] / 1e6, params["pruned"]["total"] / 1e6)]
-    if report.get("perplexity"):
-        ppl = report["perplexity"]
-        metrics.append((f"{ppl['dataset']} perplexity", ppl["dense"], ppl["pruned"]))
-    if report.get("zeroshot"):
-        zs = report["zeroshot"]
-        if zs["dense"]["mean"] is not None:
-            metrics.append(
-                (f"zero-shot mean {zs['mean_metric']} (%)", 100 * zs["dense"]["mean"], 100 * zs["pruned"]["mean"])
-            )
-    if report.get("speed"):
-        d, p = report["speed"]["dense"], report["speed"]["pruned"]
-        metrics.append(("decode tokens/s", d["decode_tokens_per_s_median"], p["decode_tokens_per_s_median"]))
-        metrics.append(("prefill ms", d["prefill_ms_median"], p["prefill_ms_median"]))
+    params = report.parameters
+    metrics = [("parameters (millions)", params.dense.total / 1e6, params.pruned.total / 1e6)]
+    if report.perplexity:
+        ppl = report.perplexity
+        metrics.append((f"{ppl.dataset} perplexity", ppl.dense, ppl.pruned))
+    zs = report.zeroshot
+    if zs and zs.dense.mean is not None and zs.pruned.mean is not None:
+        metrics.append((f"zero-shot mean {zs.mean_metric} (%)", 100 * zs.dense.mean, 100 * zs.pruned.mean))
+    if report.speed:
+        d, p = report.speed.dense, report.speed.pruned
+        metrics.append(("decode tokens/s", d.decode_tokens_per_s_median, p.decode_tokens_per_s_median))
+        metrics.append(("prefill ms", d.prefill_ms_median, p.prefill_ms_median))
     return metrics
 
 
-def headline_figure(report: dict, path: Path) -> None:
+def headline_figure(report: Report, path: Path) -> None:
     """One small panel per headline metric: dense and pruned bars with their values."""
     metrics = headline_metrics(report)
     fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics), 3.2), squeeze=False)
-    for ax, (label, dense, pruned) in zip(axes[0], metrics):
+    for ax, (label, dense, pruned) in zip(axes[0], metrics, strict=True):
         bars = ax.bar(["dense", "pruned"], [dense, pruned], color=[DENSE_COLOR, PRUNED_COLOR])
         ax.bar_label(bars, labels=[f"{dense:,.4g}", f"{pruned:,.4g}"], fontsize=8)
         ax.set_title(label, fontsize=9)
@@ -99,32 +101,32 @@ def headline_figure(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def recovery_figure(report: dict, path: Path) -> None:
+def recovery_figure(report: Report, path: Path) -> None:
     """Held-out perplexity against training tokens seen (line), and the perplexity on the evaluated windows
     before and after recovery (squares) and of the dense model (dashed): the two texts differ, so compare
     each with its own kind."""
-    recovery, ppl = report["recovery"], report["perplexity"]
-    curve = recovery["curve"]
+    recovery, ppl = report.recovery, report.perplexity
+    assert recovery is not None and ppl is not None and ppl.before_recovery is not None
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(
-        [point["tokens"] for point in curve],
-        [point["perplexity"] for point in curve],
+        [point.tokens for point in recovery.curve],
+        [point.perplexity for point in recovery.curve],
         color=PRUNED_COLOR,
         marker="o",
-        label=f"held-out ({recovery['heldout']})",
+        label=f"held-out ({recovery.heldout})",
     )
     ax.plot(
-        [0, recovery["tokens_seen"]],
-        [ppl["before_recovery"], ppl["pruned"]],
+        [0, recovery.tokens_seen],
+        [ppl.before_recovery, ppl.pruned],
         color="#1c7ed6",
         marker="s",
         linestyle=":",
-        label=f"evaluated windows: pruned {ppl['before_recovery']:.2f}, recovered {ppl['pruned']:.2f}",
+        label=f"evaluated windows: pruned {ppl.before_recovery:.2f}, recovered {ppl.pruned:.2f}",
     )
-    ax.axhline(ppl["dense"], color=DENSE_COLOR, linestyle="--", label=f"dense, evaluated windows ({ppl['dense']:.2f})")
-    ax.set_xlabel(f"training tokens seen ({recovery['source']})")
+    ax.axhline(ppl.dense, color=DENSE_COLOR, linestyle="--", label=f"dense, evaluated windows ({ppl.dense:.2f})")
+    ax.set_xlabel(f"training tokens seen ({recovery.source})")
     ax.set_ylabel("perplexity")
-    ax.set_title(f"Recovery ({recovery['method']})")
+    ax.set_title(f"Recovery ({recovery.method})")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -141,9 +143,9 @@ FIGURES = {
 """File name -> drawing function; ``recovery.png`` only for a run with a recovery stage."""
 
 
-def write_figures(report: dict, directory: Path) -> list[str]:
+def write_figures(report: Report, directory: Path) -> list[str]:
     """Write every figure the report has data for into ``directory``; returns their file names."""
-    names = [name for name in FIGURES if name != "recovery.png" or report.get("recovery")]
+    names = [name for name in FIGURES if name != "recovery.png" or report.recovery]
     for name in names:
         FIGURES[name](report, directory / name)
     return names

@@ -1,4 +1,4 @@
-"""Perplexity on a running text (METHOD.md section 4).
+"""Perplexity on a running text (docs/METHOD.md §4).
 
 The text is joined and tokenized once, cut into non-overlapping windows of ``seqlen`` tokens (the
 first ``windows`` of them, or all), and perplexity = exp(total NLL / predicted tokens), each window
@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import PreTrainedModel
 
 
 def window_count(n_tokens: int, seqlen: int, windows: int | None) -> int:
@@ -22,7 +23,12 @@ def window_count(n_tokens: int, seqlen: int, windows: int | None) -> int:
 
 @torch.inference_mode()
 def perplexity(
-    model, tokens: torch.Tensor, seqlen: int, windows: int | None, label: str = "", progress: bool = True
+    model: PreTrainedModel,
+    tokens: torch.Tensor,
+    seqlen: int,
+    windows: int | None,
+    label: str = "",
+    progress: bool = True,
 ) -> dict:
     """Perplexity of ``model`` on ``tokens`` [n_tokens] (LongTensor).
 

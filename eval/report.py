@@ -1,11 +1,314 @@
-"""``report.json`` (every measured number, keys documented in README) and ``report.md`` (the same, for people)."""
+"""The run's report: a typed :class:`Report`, written as ``report.json`` (every measured number; keys in
+README, 'report.json') and ``report.md`` (the same, for people, with figures).
+
+Every reader (``report.md``, the figures, the benchmark scripts) reads a :class:`Report`, built from
+``report.json`` by :func:`read_report`, never the raw mapping.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from eval.figures import write_figures
+from prune.paths import atomic_write_text
+from prune.schema import SchemaError, from_mapping, to_mapping
+
+REPORT_VERSION = 2
+"""Bumped when a key of report.json changes meaning or moves."""
+
+
+@dataclass
+class ModelReport:
+    source: str
+    """The recipe's ``model.source``."""
+    kind: str
+    """``gguf``, ``directory`` or ``hub``."""
+    location: str
+    model_type: str
+
+
+@dataclass
+class MethodReport:
+    """What was done, by the names of the registries."""
+
+    target: float
+    """Fraction of the dense total parameters the recipe asked to remove."""
+    scoring: str | None
+    """Scorer of the units; None when the allocation scores no units (whole-layer removal)."""
+    objective: str | None
+    """D of the gradient statistics, when the method used them."""
+    aggregate: str | None
+    allocation: str
+    attention_unit: str
+    round_to: int
+    """Kept FFN channels per layer are a multiple of this."""
+    reconstruction: str
+
+
+@dataclass
+class ParameterCounts:
+    total: int
+    """Every parameter, tied weights once."""
+    decoder_blocks: int
+
+
+@dataclass
+class ParametersReport:
+    dense: ParameterCounts
+    pruned: ParameterCounts
+    target_removed: int
+    """Parameters the target asked to remove (target x dense total, rounded)."""
+    removed: int
+    removed_fraction: float
+
+
+@dataclass
+class WidthsReport:
+    query_heads: int
+    kv_groups: int
+    ffn_channels: int
+
+
+@dataclass
+class LayerReport:
+    index: int
+    dense: WidthsReport
+    pruned: WidthsReport | None
+    """None: the layer was removed whole."""
+    requested_sparsity: float
+    """S_i, the fraction of the layer's linear weights the allocation asked to remove."""
+    activated_weights: float | None = None
+    """N_i (activation-density only)."""
+    block_influence: float | None = None
+    """1 - mean cos(h_in, h_out) (layer removal only)."""
+
+
+@dataclass
+class AllocationReport:
+    strategy: str
+    activation_threshold: float | None
+    """The absolute gamma the activated weights were counted above (activation-density only)."""
+
+
+@dataclass
+class StatisticsReport:
+    source: str
+    samples: int
+    seqlen: int
+    seed: int
+    objective: str
+    collected: list[str]
+    """What the statistics provide (``prune.statistics.Statistic`` values)."""
+    cache_path: str
+    reused: bool
+    """True when everything needed came from the cache."""
+    peak_memory_bytes: int | None = None
+    """Of the pass computed in this run: CUDA allocator peak, or process RSS high-water mark on CPU."""
+    pass_added_bytes: int | None = None
+    model_weight_bytes: int | None = None
+    peak_over_weights: float | None = None
+
+
+@dataclass
+class PerplexityReport:
+    dataset: str
+    seqlen: int
+    windows: int
+    predicted_tokens: int
+    dense: float
+    pruned: float
+    """The saved model: after recovery when there is one."""
+    before_recovery: float | None
+    dense_reused_from: str | None
+    """Cache file of the dense result, or None when computed in this run."""
+
+
+@dataclass
+class TaskAccuracy:
+    acc: float
+    items: int
+    acc_norm: float | None = None
+    """Length-normalised accuracy, where the task defines it."""
+
+
+@dataclass
+class ZeroshotScores:
+    tasks: dict[str, TaskAccuracy]
+    mean: float | None
+    """Mean ``acc`` over the evaluated tasks of the seven-task set; None if none of them was evaluated."""
+
+
+@dataclass
+class ZeroshotReport:
+    source: str
+    """``local`` or ``harness``."""
+    data_dir: str | None
+    limit: int | None
+    seed: int
+    mean_metric: str
+    mean_tasks: list[str]
+    dense: ZeroshotScores
+    pruned: ZeroshotScores
+    dense_reused_from: str | None
+
+
+@dataclass
+class SpeedResult:
+    """Timings of one model, from ``eval.speed.measure_speed``."""
+
+    prefill_ms_median: float
+    prefill_ms_min: float
+    prefill_ms_max: float
+    decode_tokens_per_s_median: float
+    """New tokens per second summed over the batch, decode steps only (prefill excluded)."""
+    decode_tokens_per_s_min: float
+    decode_tokens_per_s_max: float
+    weight_bytes: int
+    linear_macs_per_token: int
+    """Multiply-adds of every linear layer (decoder linears and lm_head) for one token: its weight count."""
+    peak_memory_bytes: int
+    """Weight bytes plus the largest working memory (activations, KV cache) of one prefill + decode run."""
+
+
+@dataclass
+class SpeedReport:
+    device: str
+    dtype: str
+    prompt_tokens: int
+    batch_size: int
+    new_tokens: int
+    warmup: int
+    repeats: int
+    decode_loop: str
+    """``dynamic`` or ``static`` (``eval.speed.DECODE_LOOPS``)."""
+    dense: SpeedResult
+    pruned: SpeedResult
+
+
+@dataclass
+class EngineSpeed:
+    """Tokens per second of one GGUF file in llama.cpp (median, min, max of the timed repeats), from
+    ``eval.engine.engine_speed``."""
+
+    prompt_tokens_per_s_median: float
+    prompt_tokens_per_s_min: float
+    prompt_tokens_per_s_max: float
+    """Prompt processing: prompt tokens / seconds of one batched evaluation of the prompt."""
+    decode_tokens_per_s_median: float
+    decode_tokens_per_s_min: float
+    decode_tokens_per_s_max: float
+    """Generation: new tokens / seconds of the greedy decode steps after the prompt."""
+    file_bytes: int
+
+
+@dataclass
+class EngineReport:
+    """The pruned model's GGUF file in llama.cpp, beside the dense model's file of the same tensor type."""
+
+    engine: str
+    """``llama.cpp (llama-cpp-python X)``."""
+    tensor_type: str
+    threads: int
+    prompt_tokens: int
+    new_tokens: int
+    warmup: int
+    repeats: int
+    dense: EngineSpeed
+    pruned: EngineSpeed
+    dense_file: str
+    """The dense model's GGUF file (exported once into the cache)."""
+    linear_macs_ratio: float
+    """Dense / pruned linear multiply-adds per token: the speedup the removed units allow."""
+    perplexity: float | None
+    """The pruned file's perplexity in the engine on the run's perplexity windows (None when not measured)."""
+
+
+@dataclass
+class CurvePoint:
+    step: int
+    tokens: int
+    perplexity: float
+
+
+@dataclass
+class RecoveryReport:
+    method: str
+    source: str
+    trained: str
+    """What trained: ``decoder layers``, ``all weights`` or ``LoRA adapters (merged into the weights)``."""
+    loss: str
+    optimizer: str
+    heldout: str
+    steps: int
+    batch_size: int
+    seqlen: int
+    tokens_seen: int
+    training_windows: int
+    epochs: float
+    seconds: float
+    tokens_per_second: float
+    resumed_from_step: int
+    curve: list[CurvePoint]
+    device: str
+    log: str
+    """File name of the per-step log."""
+    state_dir: str
+    """Where the resumable state lived (removed when the run succeeds)."""
+
+
+@dataclass
+class ExportReport:
+    format: str
+    path: str
+    bytes: int
+    remote_code: bool | None = None
+    """hf: loading needs ``trust_remote_code=True`` (per-layer widths)."""
+    tensor_type: str | None = None
+    """gguf: the tensor type of the weight matrices."""
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    recipe: dict[str, Any]
+    """The resolved recipe (defaults and --set overrides applied)."""
+    model: ModelReport
+    method: MethodReport
+    parameters: ParametersReport
+    layers: list[LayerReport]
+    allocation: AllocationReport
+    statistics: StatisticsReport | None
+    perplexity: PerplexityReport | None
+    zeroshot: ZeroshotReport | None
+    speed: SpeedReport | None
+    engine: EngineReport | None
+    recovery: RecoveryReport | None
+    exports: list[ExportReport]
+    stage_seconds: dict[str, float]
+    notes: list[str]
+    version: int = REPORT_VERSION
+
+    def export(self, format: str) -> ExportReport | None:
+        """The export of ``format``, or None when the run did not write it."""
+        return next((e for e in self.exports if e.format == format), None)
+
+
+def read_report(path: Path) -> Report:
+    """The :class:`Report` of a run directory or a report.json file; ValueError naming the file when it is not one."""
+    path = path / "report.json" if path.is_dir() else path
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable report.json ({error.__class__.__name__})") from None
+    if not isinstance(data, dict) or data.get("version") != REPORT_VERSION:
+        raise ValueError(f"{path}: not a report.json of this version of the toolkit (version {REPORT_VERSION})")
+    try:
+        return from_mapping(Report, data, "report")
+    except SchemaError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def _ratio(pruned: float | None, dense: float | None) -> str:
@@ -16,133 +319,149 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def _limit(zeroshot: dict) -> str:
-    return f", first {zeroshot['limit']} items each" if zeroshot["limit"] else ""
+def _limit(zeroshot: ZeroshotReport) -> str:
+    return f", first {zeroshot.limit} items each" if zeroshot.limit else ""
 
 
-def _zeroshot_section(zeroshot: dict) -> list[str]:
+def _zeroshot_section(zeroshot: ZeroshotReport) -> list[str]:
     source = (
-        f"the toolkit's local task definitions over `{zeroshot['data_dir']}/zeroshot`"
-        if zeroshot["source"] == "local"
+        f"the toolkit's local task definitions over `{zeroshot.data_dir}/zeroshot`"
+        if zeroshot.source == "local"
         else "lm-eval's registered tasks (Hugging Face Hub data)"
     )
     lines = [
         "## Zero-shot accuracy (%)",
         "",
-        f"lm-eval-harness, {source}{_limit(zeroshot)}, seed {zeroshot['seed']}. The mean is over "
-        f"{', '.join(zeroshot['mean_tasks'])} and uses `{zeroshot['mean_metric']}`.",
+        f"lm-eval-harness, {source}{_limit(zeroshot)}, seed {zeroshot.seed}. The mean is over "
+        f"{', '.join(zeroshot.mean_tasks)} and uses `{zeroshot.mean_metric}`.",
         "",
         "| task | items | dense acc | pruned acc | dense acc_norm | pruned acc_norm |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for task, dense in zeroshot["dense"]["tasks"].items():
-        pruned = zeroshot["pruned"]["tasks"][task]
-        norm = f"{100 * dense['acc_norm']:.1f} | {100 * pruned['acc_norm']:.1f}" if "acc_norm" in dense else "- | -"
-        lines.append(f"| {task} | {dense['items']} | {100 * dense['acc']:.1f} | {100 * pruned['acc']:.1f} | {norm} |")
-    return lines + [""]
+    for task, dense in zeroshot.dense.tasks.items():
+        pruned = zeroshot.pruned.tasks[task]
+        norm = "- | -"
+        if dense.acc_norm is not None and pruned.acc_norm is not None:
+            norm = f"{100 * dense.acc_norm:.1f} | {100 * pruned.acc_norm:.1f}"
+        lines.append(f"| {task} | {dense.items} | {100 * dense.acc:.1f} | {100 * pruned.acc:.1f} | {norm} |")
+    return [*lines, ""]
 
 
-def _recovery_section(recovery: dict, ppl: dict) -> list[str]:
-    settings = recovery["settings"]
-    trained = (
-        "LoRA adapters (merged into the weights)" if recovery["method"] == "lora" else f"weights: {settings['train']}"
-    )
-    terms = []
-    if settings["kl_weight"]:
-        terms.append(f"{settings['kl_weight']} x T^2 KL(dense || pruned) at T = {settings['temperature']}")
-    if settings["nll_weight"]:
-        terms.append(f"{settings['nll_weight']} x NLL of the text")
-    loss = " + ".join(terms)
+def _recovery_section(recovery: RecoveryReport, ppl: PerplexityReport | None) -> list[str]:
+    resumed = f" (resumed at step {recovery.resumed_from_step})" if recovery.resumed_from_step else ""
     lines = [
         "## Recovery",
         "",
-        f"`{recovery['method']}` on {recovery['tokens_seen']:,} tokens of {recovery['source']} "
-        f"({recovery['steps']} steps of {settings['batch_size']} x {settings['seqlen']} tokens, "
-        f"{recovery['epochs']:.2f} passes over its {recovery['training_windows']:,} windows); trained {trained}; "
-        f"loss {loss}; AdamW, learning rate {settings['learning_rate']}, {settings['schedule']} schedule, "
-        f"{settings['warmup_steps']} warm-up steps. {recovery['tokens_per_second']:,.0f} training tokens/s on "
-        f"{recovery['device']}"
-        + (f" (resumed at step {recovery['resumed_from_step']})" if recovery["resumed_from_step"] else "")
-        + f". Per-step log: `{recovery['log']}`.",
+        f"`{recovery.method}` on {recovery.tokens_seen:,} tokens of {recovery.source} "
+        f"({recovery.steps} steps of {recovery.batch_size} x {recovery.seqlen} tokens, "
+        f"{recovery.epochs:.2f} passes over its {recovery.training_windows:,} windows); trained {recovery.trained}; "
+        f"loss {recovery.loss}; {recovery.optimizer}. {recovery.tokens_per_second:,.0f} training tokens/s on "
+        f"{recovery.device}{resumed}. Per-step log: `{recovery.log}`.",
         "",
     ]
-    if ppl:
+    if ppl and ppl.before_recovery is not None:
         lines += [
-            f"| {ppl['dataset']} perplexity ({ppl['seqlen']} x {ppl['windows']}) | dense | pruned | recovered |",
+            f"| {ppl.dataset} perplexity ({ppl.seqlen} x {ppl.windows}) | dense | pruned | recovered |",
             "|---|---:|---:|---:|",
-            f"| | {ppl['dense']:.2f} | {ppl['before_recovery']:.2f} | {ppl['pruned']:.2f} |",
+            f"| | {ppl.dense:.2f} | {ppl.before_recovery:.2f} | {ppl.pruned:.2f} |",
             "",
         ]
-    return lines + [f"![held-out perplexity during recovery](recovery.png) (held-out: {recovery['heldout']})", ""]
+    return [*lines, f"![held-out perplexity during recovery](recovery.png) (held-out: {recovery.heldout})", ""]
 
 
-def render_markdown(report: dict) -> str:
-    """The human-readable report: headline dense vs pruned, per-layer widths, stage times, provenance."""
-    params, ppl, speed, recipe = report["parameters"], report.get("perplexity"), report.get("speed"), report["recipe"]
-    if recipe["scoring"]["method"] == "shortgpt":
-        how = "shortgpt: whole layers, lowest Block Influence first"
+def _engine_section(engine: EngineReport, ppl: PerplexityReport | None) -> list[str]:
+    d, p = engine.dense, engine.pruned
+    limit = f"(limit {engine.linear_macs_ratio:.2f}x)"
+    lines = [
+        "## In llama.cpp",
+        "",
+        f"{engine.engine}, {engine.tensor_type} files, {engine.threads} threads; dense and pruned interleaved, "
+        f"{engine.warmup} warm-up and {engine.repeats} timed repeats (median; min-max in brackets). Prompt "
+        f"processing: {engine.prompt_tokens} tokens in one batch; generation: {engine.new_tokens} greedy tokens "
+        "after it.",
+        "",
+        "| | dense | pruned | pruned / dense |",
+        "|---|---:|---:|---:|",
+        f"| file size | {_mib(d.file_bytes)} | {_mib(p.file_bytes)} | {_ratio(p.file_bytes, d.file_bytes)} |",
+        f"| prompt processing, tokens/s | {d.prompt_tokens_per_s_median:,.1f} "
+        f"({d.prompt_tokens_per_s_min:,.1f}-{d.prompt_tokens_per_s_max:,.1f}) | {p.prompt_tokens_per_s_median:,.1f} "
+        f"({p.prompt_tokens_per_s_min:,.1f}-{p.prompt_tokens_per_s_max:,.1f}) | "
+        f"{_ratio(p.prompt_tokens_per_s_median, d.prompt_tokens_per_s_median)} {limit} |",
+        f"| generation, tokens/s | {d.decode_tokens_per_s_median:,.1f} "
+        f"({d.decode_tokens_per_s_min:,.1f}-{d.decode_tokens_per_s_max:,.1f}) | {p.decode_tokens_per_s_median:,.1f} "
+        f"({p.decode_tokens_per_s_min:,.1f}-{p.decode_tokens_per_s_max:,.1f}) | "
+        f"{_ratio(p.decode_tokens_per_s_median, d.decode_tokens_per_s_median)} {limit} |",
+    ]
+    if engine.perplexity is not None and ppl:
+        lines.append(
+            f"| {ppl.dataset} perplexity of the pruned file ({ppl.seqlen} x {ppl.windows}) | | "
+            f"{engine.perplexity:.2f} | {_ratio(engine.perplexity, ppl.pruned)} of PyTorch's {ppl.pruned:.2f} |"
+        )
+    return [*lines, ""]
+
+
+def _method_line(report: Report) -> str:
+    method = report.method
+    if method.scoring is None:
+        how = f"{method.allocation}: whole layers removed"
     else:
         how = (
-            f"{recipe['scoring']['method']} scores, {recipe['allocation']['strategy']} allocation, "
-            f"{recipe['pruning']['attention_unit']} attention units, {recipe['pruning']['reconstruct']} reconstruction"
+            f"{method.scoring} scores, {method.allocation} allocation, {method.attention_unit} attention units, "
+            f"{method.reconstruction} reconstruction"
         )
-    recovery = report.get("recovery")
-    pruned_label = "pruned + recovered" if recovery else "pruned"
+    return (
+        f"Target: remove {method.target:.1%} of total parameters ({how}). "
+        f"Removed: **{report.parameters.removed_fraction:.2%}** of total parameters."
+    )
+
+
+def _headline_rows(report: Report, pruned_label: str) -> list[str]:
+    params, ppl, speed, zeroshot = report.parameters, report.perplexity, report.speed, report.zeroshot
+    dense_total, pruned_total = params.dense.total, params.pruned.total
+    dense_blocks, pruned_blocks = params.dense.decoder_blocks, params.pruned.decoder_blocks
     lines = [
-        f"# Pruning report: {report['model']['source']}",
-        "",
-        f"Target: remove {recipe['pruning']['target']:.1%} of total parameters ({how}). "
-        f"Removed: **{params['removed_fraction']:.2%}** of total parameters.",
-        "",
         f"| metric | dense | {pruned_label} | {pruned_label} / dense |",
         "|---|---:|---:|---:|",
-        f"| total parameters | {params['dense']['total']:,} | {params['pruned']['total']:,} | {_ratio(params['pruned']['total'], params['dense']['total'])} |",
-        f"| decoder-block parameters | {params['dense']['decoder_blocks']:,} | {params['pruned']['decoder_blocks']:,} | {_ratio(params['pruned']['decoder_blocks'], params['dense']['decoder_blocks'])} |",
+        f"| total parameters | {dense_total:,} | {pruned_total:,} | {_ratio(pruned_total, dense_total)} |",
+        f"| decoder-block parameters | {dense_blocks:,} | {pruned_blocks:,} | {_ratio(pruned_blocks, dense_blocks)} |",
     ]
     if ppl:
         lines.append(
-            f"| {ppl['dataset']} perplexity ({ppl['seqlen']}-token windows x {ppl['windows']}) | "
-            f"{ppl['dense']:.2f} | {ppl['pruned']:.2f} | {_ratio(ppl['pruned'], ppl['dense'])} |"
+            f"| {ppl.dataset} perplexity ({ppl.seqlen}-token windows x {ppl.windows}) | "
+            f"{ppl.dense:.2f} | {ppl.pruned:.2f} | {_ratio(ppl.pruned, ppl.dense)} |"
         )
-        if recovery:
+        if ppl.before_recovery is not None:
             lines.append(
-                f"| {ppl['dataset']} perplexity before recovery | {ppl['dense']:.2f} | {ppl['before_recovery']:.2f} | "
-                f"{_ratio(ppl['before_recovery'], ppl['dense'])} |"
+                f"| {ppl.dataset} perplexity before recovery | {ppl.dense:.2f} | {ppl.before_recovery:.2f} | "
+                f"{_ratio(ppl.before_recovery, ppl.dense)} |"
             )
-    zeroshot = report.get("zeroshot")
-    if zeroshot and zeroshot["dense"]["mean"] is not None:
+    if zeroshot and zeroshot.dense.mean is not None and zeroshot.pruned.mean is not None:
         lines.append(
-            f"| zero-shot mean {zeroshot['mean_metric']} ({len(zeroshot['mean_tasks'])} tasks{_limit(zeroshot)}) | "
-            f"{100 * zeroshot['dense']['mean']:.2f} | {100 * zeroshot['pruned']['mean']:.2f} | "
-            f"{_ratio(zeroshot['pruned']['mean'], zeroshot['dense']['mean'])} |"
+            f"| zero-shot mean {zeroshot.mean_metric} ({len(zeroshot.mean_tasks)} tasks{_limit(zeroshot)}) | "
+            f"{100 * zeroshot.dense.mean:.2f} | {100 * zeroshot.pruned.mean:.2f} | "
+            f"{_ratio(zeroshot.pruned.mean, zeroshot.dense.mean)} |"
         )
     if speed:
-        d, p = speed["dense"], speed["pruned"]
+        d, p = speed.dense, speed.pruned
+        limit = d.linear_macs_per_token / p.linear_macs_per_token
         lines += [
-            f"| prefill latency, median ms ({speed['batch_size']} x {speed['prompt_tokens']} tokens) | "
-            f"{d['prefill_ms_median']:.1f} | {p['prefill_ms_median']:.1f} | {_ratio(p['prefill_ms_median'], d['prefill_ms_median'])} |",
-            f"| decode tokens/s, median ({speed['new_tokens']} new tokens) | "
-            f"{d['decode_tokens_per_s_median']:.1f} | {p['decode_tokens_per_s_median']:.1f} | "
-            f"{_ratio(p['decode_tokens_per_s_median'], d['decode_tokens_per_s_median'])} |",
-            f"| linear multiply-adds per token (lm_head included) | {d['linear_macs_per_token']:,} | "
-            f"{p['linear_macs_per_token']:,} | {_ratio(p['linear_macs_per_token'], d['linear_macs_per_token'])} "
-            f"(speedup limit {d['linear_macs_per_token'] / p['linear_macs_per_token']:.2f}x) |",
-            f"| peak memory (weights + working) | {_mib(d['peak_memory_bytes'])} | {_mib(p['peak_memory_bytes'])} | "
-            f"{_ratio(p['peak_memory_bytes'], d['peak_memory_bytes'])} |",
+            f"| prefill latency, median ms ({speed.batch_size} x {speed.prompt_tokens} tokens) | "
+            f"{d.prefill_ms_median:.1f} | {p.prefill_ms_median:.1f} | "
+            f"{_ratio(p.prefill_ms_median, d.prefill_ms_median)} |",
+            f"| decode tokens/s, median ({speed.new_tokens} new tokens) | {d.decode_tokens_per_s_median:.1f} | "
+            f"{p.decode_tokens_per_s_median:.1f} | "
+            f"{_ratio(p.decode_tokens_per_s_median, d.decode_tokens_per_s_median)} |",
+            f"| linear multiply-adds per token (lm_head included) | {d.linear_macs_per_token:,} | "
+            f"{p.linear_macs_per_token:,} | {_ratio(p.linear_macs_per_token, d.linear_macs_per_token)} "
+            f"(speedup limit {limit:.2f}x) |",
+            f"| peak memory (weights + working) | {_mib(d.peak_memory_bytes)} | {_mib(p.peak_memory_bytes)} | "
+            f"{_ratio(p.peak_memory_bytes, d.peak_memory_bytes)} |",
         ]
-    lines += [""]
-    if speed:
-        lines += [
-            f"Speed: {speed['device']}, {speed['dtype']}, dense and pruned interleaved in one process, "
-            f"{speed['warmup']} warm-up and {speed['repeats']} timed repeats (median; spread in report.json).",
-            "",
-        ]
-    lines += ["![headline metrics, dense and pruned](headline.png)", ""]
-    if recovery:
-        lines += _recovery_section(recovery, ppl)
-    if zeroshot:
-        lines += _zeroshot_section(zeroshot)
-    lines += [
+    return lines
+
+
+def _layers_section(report: Report) -> list[str]:
+    lines = [
         "## Per-layer widths",
         "",
         "![kept width per layer](widths.png)",
@@ -152,54 +471,86 @@ def render_markdown(report: dict) -> str:
         "| layer | query heads | KV groups | FFN channels | requested sparsity | activated weights |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
-    for layer in report["layers"]:
-        d, p = layer["dense"], layer["pruned"]
-        activated = f"{layer['activated_weights']:,.0f}" if layer.get("activated_weights") is not None else "-"
+    for layer in report.layers:
+        d, p = layer.dense, layer.pruned
+        activated = f"{layer.activated_weights:,.0f}" if layer.activated_weights is not None else "-"
         if p is None:
-            lines.append(f"| {layer['index']} | removed | removed | removed | 1.000 | {activated} |")
+            lines.append(f"| {layer.index} | removed | removed | removed | 1.000 | {activated} |")
             continue
         lines.append(
-            f"| {layer['index']} | {d['query_heads']} → {p['query_heads']} | {d['kv_groups']} → {p['kv_groups']} | "
-            f"{d['ffn_channels']} → {p['ffn_channels']} | {layer['requested_sparsity']:.3f} | {activated} |"
+            f"| {layer.index} | {d.query_heads} → {p.query_heads} | {d.kv_groups} → {p.kv_groups} | "
+            f"{d.ffn_channels} → {p.ffn_channels} | {layer.requested_sparsity:.3f} | {activated} |"
         )
-    stats = report.get("statistics")
-    lines += ["", "## Provenance", ""]
+    return lines
+
+
+def _export_line(export: ExportReport) -> str:
+    if export.format == "hf":
+        how = (
+            "per-layer widths: loads with `trust_remote_code=True`"
+            if export.remote_code
+            else "stock configuration, no remote code"
+        )
+    else:
+        how = f"{export.tensor_type}, {export.bytes / 2**20:,.1f} MiB"
+    return f"- Export `{export.format}`: `{export.path}` ({how})." + "".join(f" {note}" for note in export.notes)
+
+
+def _provenance_section(report: Report) -> list[str]:
+    lines = ["## Provenance", ""]
+    stats = report.statistics
     if stats:
-        lines.append(
-            f"- Activation statistics: {stats['samples']} samples x {stats['seqlen']} tokens of {stats['source']} "
-            f"(seed {stats['seed']}, D = {stats['objective']}), "
-            + ("**reused** from " if stats["reused"] else "computed and cached at ")
-            + f"`{stats['cache_path']}`."
-            + (
-                f" Peak memory of the pass: weights + {_mib(stats['pass_added_bytes'])} = "
-                f"{stats['peak_over_weights']:.2f}x the weight bytes."
-                if stats.get("pass_added_bytes") is not None
-                else ""
-            )
+        line = (
+            f"- Activation statistics ({', '.join(stats.collected)}): {stats.samples} samples x {stats.seqlen} "
+            f"tokens of {stats.source} (seed {stats.seed}, D = {stats.objective}), "
+            + ("**reused** from " if stats.reused else "computed and cached at ")
+            + f"`{stats.cache_path}`."
         )
-    for name in ("perplexity", "zeroshot"):
-        section = report.get(name)
-        if section and section.get("dense_reused_from"):
+        if stats.pass_added_bytes is not None and stats.peak_over_weights is not None:
+            line += (
+                f" Peak memory of the pass: weights + {_mib(stats.pass_added_bytes)} = "
+                f"{stats.peak_over_weights:.2f}x the weight bytes."
+            )
+        lines.append(line)
+    for name, section in (("perplexity", report.perplexity), ("zeroshot", report.zeroshot)):
+        if section and section.dense_reused_from:
             lines.append(
-                f"- Dense {name} reused from `{section['dense_reused_from']}` (same model file, dtype, device and settings)."
+                f"- Dense {name} reused from `{section.dense_reused_from}` "
+                "(same model file, dtype, device and settings)."
             )
-    for note in report.get("notes", []):
-        lines.append(f"- {note}")
-    lines.append(
-        f"- Checkpoint: `{report['checkpoint']['path']}` "
-        + (
-            "(per-layer widths: loads with `trust_remote_code=True`)."
-            if report["checkpoint"]["remote_code"]
-            else "(stock configuration, no remote code)."
-        )
-    )
+    lines += [f"- {note}" for note in report.notes]
+    return lines + [_export_line(export) for export in report.exports]
+
+
+def render_markdown(report: Report) -> str:
+    """The human-readable report: headline dense vs pruned, per-layer widths, stage times, provenance."""
+    pruned_label = "pruned + recovered" if report.recovery else "pruned"
+    lines = [f"# Pruning report: {report.model.source}", "", _method_line(report), ""]
+    lines += _headline_rows(report, pruned_label)
+    lines += [""]
+    if report.speed:
+        speed = report.speed
+        lines += [
+            f"Speed: {speed.device}, {speed.dtype}, {speed.decode_loop} decode loop, dense and pruned interleaved, "
+            f"{speed.warmup} warm-up and {speed.repeats} timed repeats (median; spread in report.json).",
+            "",
+        ]
+    lines += ["![headline metrics, dense and pruned](headline.png)", ""]
+    if report.engine:
+        lines += _engine_section(report.engine, report.perplexity)
+    if report.recovery:
+        lines += _recovery_section(report.recovery, report.perplexity)
+    if report.zeroshot:
+        lines += _zeroshot_section(report.zeroshot)
+    lines += _layers_section(report)
+    lines += ["", *_provenance_section(report)]
     lines += ["", "## Stage wall times", "", "| stage | seconds |", "|---|---:|"]
-    lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in report["stage_seconds"].items()]
+    lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in report.stage_seconds.items()]
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict, directory: Path) -> None:
+def write_report(report: Report, directory: Path) -> None:
     """``report.json``, the figures (PNG) and ``report.md``, which embeds them, into ``directory``."""
-    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(directory / "report.json", json.dumps(to_mapping(report), indent=2) + "\n")
     write_figures(report, directory)
-    (directory / "report.md").write_text(render_markdown(report))
+    atomic_write_text(directory / "report.md", render_markdown(report))

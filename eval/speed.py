@@ -1,4 +1,4 @@
-"""Inference speed of several models measured side by side (METHOD.md section 4).
+"""Inference speed of several models measured side by side (docs/METHOD.md §4).
 
 Each repeat runs every model once, in turn (interleaved, so drift in machine speed hits all of them
 alike): a prefill of ``prompt_tokens`` random tokens for ``batch_size`` sequences, then
@@ -21,34 +21,18 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, StaticCache
 
+from eval.report import LayerReport, Report, SpeedResult, read_report
 from prune.blocks import BlockShape, LayerWidths, block_shape
 from prune.memory import current_bytes, peak_bytes, reset_peak
-
-
-@dataclass
-class SpeedResult:
-    prefill_ms_median: float
-    prefill_ms_min: float
-    prefill_ms_max: float
-    decode_tokens_per_s_median: float
-    """New tokens per second summed over the batch, decode steps only (prefill excluded)."""
-    decode_tokens_per_s_min: float
-    decode_tokens_per_s_max: float
-    weight_bytes: int
-    linear_macs_per_token: int
-    """Multiply-adds of every linear layer (decoder linears and lm_head) for one token: its weight count."""
-    peak_memory_bytes: int
-    """Weight bytes plus the largest working memory (activations, KV cache) of one prefill + decode run."""
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def synchronized_clock(device: torch.device) -> float:
@@ -58,34 +42,70 @@ def synchronized_clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def cache_keyword(model) -> str:
+def cache_keyword(model: PreTrainedModel) -> str:
     """Name of the KV-cache argument and output field: ``cache`` in recent transformers, ``past_key_values`` before."""
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
+DECODE_LOOPS = ("auto", "dynamic", "static")
+"""``dynamic``: a KV cache that grows by one entry per step, each step run eagerly (launch-bound on a GPU);
+``static``: a KV cache allocated for the whole generation, each decode step on CUDA replayed from a CUDA
+graph (``torch.compile`` with ``mode="reduce-overhead"``), on the CPU run eagerly; ``auto``: static on CUDA,
+dynamic on the CPU."""
+
+
+def resolve_decode_loop(loop: str, device: torch.device) -> str:
+    """``dynamic`` or ``static`` for a requested loop of :data:`DECODE_LOOPS` on ``device``."""
+    if loop == "auto":
+        return "static" if device.type == "cuda" else "dynamic"
+    return loop
+
+
+def decode_step(model: PreTrainedModel, loop: str) -> Callable[..., Any]:
+    """The callable one decode step runs: the model itself, or (static loop on CUDA) the model compiled so that
+    every step replays one captured CUDA graph. Compile once per model; the first steps pay for it."""
+    device = next(model.parameters()).device
+    if loop == "static" and device.type == "cuda":
+        return torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    return model
+
+
 @torch.inference_mode()
-def prefill_and_decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """One greedy generation with the KV cache; returns (prefill seconds, decode seconds)."""
+def greedy_decode(
+    model: PreTrainedModel, prompt: torch.Tensor, new_tokens: int, loop: str = "dynamic", step: Any = None
+) -> tuple[float, float, torch.Tensor]:
+    """One greedy generation with the KV cache: the prompt [B, T] in one forward pass (prefill, which also gives
+    the first new token), then ``new_tokens`` decode steps of one token each. ``loop``: ``dynamic`` or
+    ``static`` (:data:`DECODE_LOOPS`); ``step``: the decode step of :func:`decode_step` (default: the model).
+
+    Returns (prefill seconds, decode seconds, the generated tokens [B, new_tokens + 1]).
+    """
     device = prompt.device
+    keyword = cache_keyword(model)
+    cache = {}
+    if loop == "static":
+        cache = {keyword: StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens + 1)}
+    step = step or model
     start = synchronized_clock(device)
-    out = model(input_ids=prompt, use_cache=True)
+    out = model(input_ids=prompt, use_cache=True, **cache)
     next_token = out.logits[:, -1].argmax(-1, keepdim=True)
     prefilled = synchronized_clock(device)
-    keyword = cache_keyword(model)
-    cache = getattr(out, keyword)
+    tokens = [next_token]
     for _ in range(new_tokens):
-        out = model(input_ids=next_token, use_cache=True, **{keyword: cache})
-        cache = getattr(out, keyword)
+        if loop == "dynamic":
+            cache = {keyword: getattr(out, keyword)}
+        out = step(input_ids=next_token, use_cache=True, **cache)
         next_token = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(next_token)
     done = synchronized_clock(device)
-    return prefilled - start, done - prefilled
+    return prefilled - start, done - prefilled, torch.cat(tokens, dim=1)
 
 
-def weight_bytes(model) -> int:
+def weight_bytes(model: PreTrainedModel) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def linear_macs_per_token(model) -> int:
+def linear_macs_per_token(model: PreTrainedModel) -> int:
     """Multiply-adds per token of all ``nn.Linear`` layers, lm_head included (a tied lm_head still computes).
 
     Prefill compute and the weight bytes a decode step reads both scale with it, so dense / pruned of
@@ -101,24 +121,31 @@ def measure_speed(
     new_tokens: int,
     warmup: int,
     repeats: int,
+    decode_loop: str = "auto",
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, SpeedResult]:
-    """Time every model of ``models`` (name -> model, all on one device) interleaved; results by name."""
+    """Time every model of ``models`` (name -> model, all on one device) interleaved; results by name.
+
+    ``decode_loop``: one of :data:`DECODE_LOOPS`. Decode throughput: ``new_tokens`` decode steps over their
+    time (the prefill's token aside).
+    """
     first = next(iter(models.values()))
     device = next(first.parameters()).device
+    loop = resolve_decode_loop(decode_loop, device)
+    steps = {name: decode_step(model, loop) for name, model in models.items()}
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, first.config.vocab_size, (batch_size, prompt_tokens), generator=generator).to(device)
-    timings = {name: [] for name in models}
+    timings: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
     working = dict.fromkeys(models, 0)
     runs = [(r, name) for r in range(warmup + repeats) for name in models]
     for r, name in tqdm(runs, desc="speed (prefill + decode)", unit="run", disable=not progress):
         reset_peak(device)
         before = current_bytes(device)
-        result = prefill_and_decode(models[name], prompt, new_tokens)
+        prefill, decode, _ = greedy_decode(models[name], prompt, new_tokens, loop, steps[name])
         working[name] = max(working[name], peak_bytes(device) - before)
         if r >= warmup:
-            timings[name].append(result)
+            timings[name].append((prefill, decode))
     results = {}
     for name, runs_of_model in timings.items():
         prefill_ms = [1000 * p for p, _ in runs_of_model]
@@ -138,39 +165,39 @@ def measure_speed(
 
 
 KNOWN_SHAPES = {
-    "llama-2-7b": dict(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    ),
-    "llama-2-13b": dict(
-        hidden_size=5120,
-        intermediate_size=13824,
-        num_hidden_layers=40,
-        num_attention_heads=40,
-        num_key_value_heads=40,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    ),
-    "llama-3-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    ),
+    "llama-2-7b": {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    },
+    "llama-2-13b": {
+        "hidden_size": 5120,
+        "intermediate_size": 13824,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 40,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    },
+    "llama-3-8b": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    },
 }
 """Published LLaMA shapes (from the models' config.json files), usable without their weights."""
 
@@ -188,11 +215,11 @@ def _round_to_multiple(value: float, multiple: int, smallest: int) -> int:
     return max(smallest, multiple * round(value / multiple))
 
 
-def transferred_widths(layers: list[dict], target: BlockShape, round_to: int) -> list[LayerWidths | None]:
+def transferred_widths(layers: list[LayerReport], target: BlockShape, round_to: int) -> list[LayerWidths | None]:
     """The per-layer kept fractions of a finished run, applied to another model's shape.
 
-    ``layers``: the ``layers`` table of a run's report.json (per layer ``dense`` and ``pruned`` widths;
-    ``pruned`` null for a removed layer). Target layer ``i`` takes the fractions of the source layer at
+    ``layers``: the ``layers`` table of a run's report (per layer ``dense`` and ``pruned`` widths;
+    ``pruned`` None for a removed layer). Target layer ``i`` takes the fractions of the source layer at
     the same relative depth. KV groups keep the source's fraction; query heads per group keep the
     source's per-group fraction, except that a model with one query head per KV head (multi-head
     attention) keeps the source's fraction of query heads as whole heads. FFN widths are rounded to a
@@ -202,18 +229,18 @@ def transferred_widths(layers: list[dict], target: BlockShape, round_to: int) ->
     widths: list[LayerWidths | None] = []
     for i, dense in enumerate(target.layers):
         source = layers[round(i * (rows - 1) / max(target.num_layers - 1, 1))]
-        kept, full = source["pruned"], source["dense"]
+        kept, full = source.pruned, source.dense
         if kept is None:
             widths.append(None)
             continue
-        ffn = _round_to_multiple(kept["ffn_channels"] / full["ffn_channels"] * dense.ffn_channels, round_to, round_to)
+        ffn = _round_to_multiple(kept.ffn_channels / full.ffn_channels * dense.ffn_channels, round_to, round_to)
         ffn = min(ffn, dense.ffn_channels)
         if dense.heads_per_group == 1:
-            heads = max(1, round(kept["query_heads"] / full["query_heads"] * dense.query_heads))
+            heads = max(1, round(kept.query_heads / full.query_heads * dense.query_heads))
             widths.append(LayerWidths(heads, heads, ffn))
             continue
-        groups = max(1, round(kept["kv_groups"] / full["kv_groups"] * dense.kv_heads))
-        per_group_fraction = (kept["query_heads"] / kept["kv_groups"]) / (full["query_heads"] / full["kv_groups"])
+        groups = max(1, round(kept.kv_groups / full.kv_groups * dense.kv_heads))
+        per_group_fraction = (kept.query_heads / kept.kv_groups) / (full.query_heads / full.kv_groups)
         per_group = max(1, round(per_group_fraction * dense.heads_per_group))
         widths.append(LayerWidths(per_group * groups, groups, ffn))
     return widths
@@ -230,7 +257,7 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def random_model(
-    config,
+    config: PretrainedConfig,
     widths: list[LayerWidths | None],
     dtype: torch.dtype,
     device: torch.device,
@@ -252,18 +279,17 @@ def random_model(
 
 
 def shape_only_models(
-    config, report: dict, dtype: torch.dtype, device: torch.device, round_to: int | None = None
+    config: PretrainedConfig, report: Report, dtype: torch.dtype, device: torch.device, round_to: int | None = None
 ) -> tuple[dict, list[LayerWidths | None]]:
     """Random-weight ``{"dense", "pruned"}`` models of ``config``: dense, and with the per-layer widths of the
-    run whose report.json is ``report`` transferred onto it (FFN rounded to ``round_to``, default the run's
+    run whose report is ``report`` transferred onto it (FFN rounded to ``round_to``, default the run's
     ``pruning.round_to``; output biases when the run reconstructed). Also returns the pruned widths.
     """
-    pruning = report["recipe"]["pruning"]
     shape = block_shape(config)
-    widths = transferred_widths(report["layers"], shape, round_to or pruning["round_to"])
+    widths = transferred_widths(report.layers, shape, round_to or report.method.round_to)
     models = {
         "dense": random_model(config, list(shape.layers), dtype, device),
-        "pruned": random_model(config, widths, dtype, device, pruning["reconstruct"] != "none"),
+        "pruned": random_model(config, widths, dtype, device, report.method.reconstruction != "none"),
     }
     return models, widths
 
@@ -288,7 +314,8 @@ def speed_table(rows: list[dict]) -> str:
             lines.append(
                 f"| {row['batch_size']} | {name} | {row['parameters'][name]:,} | {r['linear_macs_per_token']:,} | "
                 f"{r['prefill_ms_median']:.1f} ({r['prefill_ms_min']:.1f}-{r['prefill_ms_max']:.1f}) | "
-                f"{r['decode_tokens_per_s_median']:.1f} ({r['decode_tokens_per_s_min']:.1f}-{r['decode_tokens_per_s_max']:.1f}) | "
+                f"{r['decode_tokens_per_s_median']:.1f} "
+                f"({r['decode_tokens_per_s_min']:.1f}-{r['decode_tokens_per_s_max']:.1f}) | "
                 f"{r['peak_memory_bytes'] / 2**30:.2f} | {ratios} | {limit} |"
             )
     return "\n".join(lines)
@@ -300,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m eval.speed",
-        description="Shape-only speed benchmark: random-weight dense model vs the same model with a run's per-layer widths.",
+        description="Shape-only speed benchmark: a random-weight dense model vs the same with a run's layer widths.",
     )
     parser.add_argument(
         "--config",
@@ -331,6 +358,13 @@ def main(argv: list[str] | None = None) -> int:
         help="auto: bfloat16 on CUDA, float32 on CPU",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--decode-loop",
+        default="auto",
+        choices=DECODE_LOOPS,
+        help="dynamic (growing KV cache, eager), static (preallocated KV cache; CUDA graphs on a GPU); "
+        "auto: static on CUDA, dynamic on the CPU",
+    )
     parser.add_argument("--json", type=Path, help="also write the results (JSON) here")
     args = parser.parse_args(argv)
 
@@ -338,8 +372,12 @@ def main(argv: list[str] | None = None) -> int:
     if not report_path.is_file():
         print(f"error: --allocation: no report.json at {report_path}", file=sys.stderr)
         return 2
-    report = json.loads(report_path.read_text())
-    round_to = args.round_to or report["recipe"]["pruning"]["round_to"]
+    try:
+        report = read_report(report_path)
+    except ValueError as error:
+        print(f"error: --allocation: {error}", file=sys.stderr)
+        return 2
+    round_to = args.round_to or report.method.round_to
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     models, widths = shape_only_models(shaped_config(args.config, cache_dir(None)), report, dtype, device, round_to)
@@ -349,12 +387,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = []
     for batch_size in args.batch_sizes:
-        results = measure_speed(models, args.prompt_tokens, batch_size, args.new_tokens, args.warmup, args.repeats)
+        results = measure_speed(
+            models, args.prompt_tokens, batch_size, args.new_tokens, args.warmup, args.repeats, args.decode_loop
+        )
         rows.append(
             {
                 "batch_size": batch_size,
                 "parameters": parameters,
-                "results": {name: result.as_dict() for name, result in results.items()},
+                "results": {name: asdict(result) for name, result in results.items()},
             }
         )
     summary = {
@@ -363,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         "round_to": round_to,
         "device": device_name,
         "dtype": str(dtype).removeprefix("torch."),
+        "decode_loop": resolve_decode_loop(args.decode_loop, device),
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "warmup": args.warmup,
@@ -375,9 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     print(
-        f"{args.config} shapes, {summary['dtype']} on {device_name}; widths from {report_path} "
+        f"{args.config} shapes, {summary['dtype']} on {device_name}, {summary['decode_loop']} decode loop; "
+        f"widths from {report_path} "
         f"(FFN rounded to {round_to}); {summary['removed_fraction']:.1%} of parameters removed; "
-        f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, {args.warmup} warm-up + {args.repeats} repeats"
+        f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
+        f"{args.warmup} warm-up + {args.repeats} repeats"
     )
     print(speed_table(rows))
     return 0

@@ -1,6 +1,38 @@
-"""Activation-guided structured pruning for LLaMA-family models (``python -m prune.run``), and the
-activation-pattern analysis it rests on (``python -m prune.analyze``; :func:`similarity` in Python)."""
+"""Activation-guided structured pruning for decoder language models.
 
-from prune.patterns import similarities, similarity
+Command line: ``python -m prune.run RECIPE.yaml`` (pruning), ``python -m prune.analysis RECIPE.yaml``
+(the activation-pattern analysis). In Python: :func:`load_recipe`, :func:`read_report`, and the
+pattern similarity of two texts, :func:`similarity` / :func:`similarities`.
 
-__all__ = ["similarities", "similarity"]
+The names below are imported on first use, so that ``import prune.<stage>`` stays light and the
+toolkit's modules can import each other's foundations without a cycle through this file.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+PUBLIC = {
+    "Recipe": "prune.recipe",
+    "RecipeError": "prune.recipe",
+    "load_recipe": "prune.recipe",
+    "Report": "eval.report",
+    "read_report": "eval.report",
+    "similarity": "prune.analysis.patterns",
+    "similarities": "prune.analysis.patterns",
+}
+"""Public name -> the module that defines it."""
+
+__all__ = sorted(PUBLIC)
+
+if TYPE_CHECKING:  # the same names, for type checkers and editors
+    from eval.report import Report, read_report  # noqa: F401
+    from prune.analysis.patterns import similarities, similarity  # noqa: F401
+    from prune.recipe import Recipe, RecipeError, load_recipe  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    if name not in PUBLIC:
+        raise AttributeError(f"module 'prune' has no attribute {name!r}")
+    return getattr(importlib.import_module(PUBLIC[name]), name)

@@ -1,8 +1,10 @@
-"""Per-layer pruning ratios and the budget solver that turns them into unit counts.
+"""Allocation: which units of which layers go, for a parameter budget.
 
-1. Layer sparsities S_i (fraction of the layer's linear weights to remove):
+Strategies (:data:`ALLOCATIONS`, by ``allocation.strategy``; docs/METHOD.md §3):
+
+1. Layer sparsities S_i (fraction of the layer's linear weights to remove), then the budget solver:
    - ``uniform``: every layer S, the decoder-level sparsity the target implies;
-   - ``activation-density`` (the paper, METHOD.md section 1), with N_i the number of weights of layer i
+   - ``activation-density`` (the paper), with N_i the number of weights of layer i
      whose mean activation A exceeds gamma:
          N'_i = sigmoid((N_i - mean N) / std N + alpha / i)          (i = 1..L, std with ddof 0)
          S_i  = S + beta * S * (1 - N'_i * L / sum_j N'_j)
@@ -12,19 +14,27 @@
    layer furthest from its share, until the removed parameters reach the target with less than one
    block to spare. Every layer keeps >= 1 KV group, >= 1 query head per group and >= ``min_ffn_channels``.
 3. Within a layer the units with the lowest scores go.
+
+- ``global`` (FLAP): every removal step of the model ranked by its standardised score, lowest first.
+- ``shortgpt``: whole layers, lowest Block Influence first (no unit scores).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from prune.blocks import LINEAR_NAMES, BlockShape
 from prune.pruner import LayerPlan, keep_everything
 from prune.scoring import LayerScores
-from prune.statistics import HIST_MIN, HIST_WIDTH, ActivationStatistics
+from prune.statistics import HIST_MIN, HIST_WIDTH, ActivationStatistics, Statistic
+
+if TYPE_CHECKING:
+    from prune.recipe import AllocationSection, PruningSection
 
 
 class ImpossibleTargetError(ValueError):
@@ -197,7 +207,7 @@ def solve_budget(
 
 
 def standardized(scores: list[LayerScores], attention_unit: str) -> list[LayerScores]:
-    """Scores z-standardised per (layer, unit kind) (METHOD.md section 3, FLAP): each layer's attention units
+    """Scores z-standardised per (layer, unit kind) (docs/METHOD.md §3, FLAP): each layer's attention units
     and its FFN channels get mean 0 and standard deviation 1 (population), so units are ranked across layers
     by how far they fall below the rest of their own layer and kind."""
     attention_name = "kv_groups" if attention_unit == "kv_group" else "query_heads"
@@ -301,36 +311,6 @@ def ranked_budget(
     return steps, kept
 
 
-def block_influence(statistics: ActivationStatistics, num_layers: int) -> list[float]:
-    """ShortGPT's Block Influence per layer: 1 - mean over calibration tokens of cos(h_in, h_out)."""
-    return [1 - float(statistics.get(i, "cos_sum")) / statistics.tokens for i in range(num_layers)]
-
-
-def remove_layers(shape: BlockShape, statistics: ActivationStatistics, params_to_remove: int) -> Allocation:
-    """ShortGPT: remove whole layers, lowest Block Influence first, until ``params_to_remove`` is reached."""
-    influence = block_influence(statistics, shape.num_layers)
-    removed_layers, removed = set(), 0
-    for i in sorted(range(shape.num_layers), key=lambda j: (influence[j], j)):
-        if removed >= params_to_remove:
-            break
-        removed_layers.add(i)
-        removed += shape.whole_layer_params(shape.layers[i])
-    if removed < params_to_remove or len(removed_layers) == shape.num_layers:
-        raise ImpossibleTargetError(
-            f"pruning.target: removing {params_to_remove:,} parameters would remove every layer"
-        )
-    plans = [None if i in removed_layers else plan for i, plan in enumerate(keep_everything(shape))]
-    return Allocation(
-        [float(i in removed_layers) for i in range(shape.num_layers)],
-        None,
-        None,
-        [0] * shape.num_layers,
-        plans,
-        removed,
-        influence,
-    )
-
-
 def _lowest(scores: torch.Tensor, count: int) -> set[int]:
     """Indices of the ``count`` lowest scores (ties: lower index goes first; deterministic)."""
     order = sorted(range(len(scores)), key=lambda j: (float(scores[j]), j))
@@ -359,52 +339,176 @@ def layer_plan(
     return LayerPlan(tuple(kept_q), tuple(kept_kv), tuple(kept_ffn))
 
 
+def block_influence(statistics: ActivationStatistics, num_layers: int) -> list[float]:
+    """ShortGPT's Block Influence per layer: 1 - mean over calibration tokens of cos(h_in, h_out)."""
+    return [1 - float(statistics.get(i, "cos_sum")) / statistics.tokens for i in range(num_layers)]
+
+
+@dataclass(frozen=True)
+class AllocationProblem:
+    """What an allocation strategy decides from: the model's shape, the unit scores (None for strategies that
+    use none), the parameters to remove, the recipe's sections, the statistics and the protected layers."""
+
+    shape: BlockShape
+    scores: list[LayerScores] | None
+    params_to_remove: int
+    settings: AllocationSection
+    pruning: PruningSection
+    statistics: ActivationStatistics | None
+    protected: frozenset[int]
+
+    @property
+    def pruned_layers(self) -> list[int]:
+        return [i for i in range(self.shape.num_layers) if i not in self.protected]
+
+    @property
+    def sparsity(self) -> float:
+        """The decoder-level sparsity S the target implies over the layers that may be pruned."""
+        weights = sum(self.shape.linear_weight_count(self.shape.layers[i]) for i in self.pruned_layers)
+        return self.params_to_remove / weights
+
+
+def _plans_from_counts(problem: AllocationProblem, steps: list[int], ffn_kept: list[int]) -> list[LayerPlan]:
+    assert problem.scores is not None
+    unit = problem.pruning.attention_unit
+    return [
+        layer_plan(problem.shape, i, problem.scores[i], steps[i], unit, ffn_kept[i])
+        for i in range(problem.shape.num_layers)
+    ]
+
+
+def _removed(shape: BlockShape, plans: list[LayerPlan | None]) -> int:
+    return sum(
+        shape.whole_layer_params(w) if p is None else shape.layer_params(w) - shape.layer_params(p.widths)
+        for w, p in zip(shape.layers, plans, strict=True)
+    )
+
+
+def _by_layer_sparsity(
+    problem: AllocationProblem, layer_sparsity: list[float], activated: list[float] | None, threshold: float | None
+) -> Allocation:
+    """Per-layer sparsities S_i -> the budget solver -> the lowest-scored units of each layer go."""
+    p = problem.pruning
+    steps, ffn_kept = solve_budget(
+        problem.shape,
+        layer_sparsity,
+        problem.params_to_remove,
+        p.attention_unit,
+        p.round_to,
+        p.min_ffn_channels,
+        problem.protected,
+    )
+    plans: list[LayerPlan | None] = list(_plans_from_counts(problem, steps, ffn_kept))
+    return Allocation(layer_sparsity, activated, threshold, steps, plans, _removed(problem.shape, plans))
+
+
+def uniform_allocation(problem: AllocationProblem) -> Allocation:
+    """Every pruned layer gets the sparsity S the target implies."""
+    layer_sparsity = [0.0 if i in problem.protected else problem.sparsity for i in range(problem.shape.num_layers)]
+    return _by_layer_sparsity(problem, layer_sparsity, None, None)
+
+
+def density_allocation(problem: AllocationProblem) -> Allocation:
+    """The paper's S_i from each layer's count of activated weights (module docstring)."""
+    statistics, settings, shape = problem.statistics, problem.settings, problem.shape
+    assert statistics is not None
+    threshold = activation_threshold(statistics, shape, settings.gamma, settings.gamma_mode)
+    activated = [activated_count(statistics.get(i, "log10_hist"), threshold) for i in range(shape.num_layers)]
+    pruned = problem.pruned_layers
+    sparsities = density_sparsities([activated[i] for i in pruned], problem.sparsity, settings.alpha, settings.beta)
+    layer_sparsity = [0.0] * shape.num_layers
+    for i, s_i in zip(pruned, sparsities, strict=True):
+        layer_sparsity[i] = s_i
+    return _by_layer_sparsity(problem, layer_sparsity, activated, threshold)
+
+
+def global_allocation(problem: AllocationProblem) -> Allocation:
+    """FLAP's global ranking of every removal step of the model (:func:`ranked_budget`)."""
+    p, shape = problem.pruning, problem.shape
+    assert problem.scores is not None
+    steps, ffn_kept = ranked_budget(
+        shape,
+        problem.scores,
+        problem.params_to_remove,
+        p.attention_unit,
+        p.round_to,
+        p.min_ffn_channels,
+        problem.protected,
+    )
+    kept = _plans_from_counts(problem, steps, ffn_kept)
+    layer_sparsity = [
+        1 - shape.linear_weight_count(plan.widths) / shape.linear_weight_count(w)
+        for w, plan in zip(shape.layers, kept, strict=True)
+    ]
+    plans: list[LayerPlan | None] = list(kept)
+    return Allocation(layer_sparsity, None, None, steps, plans, _removed(shape, plans))
+
+
+def layer_removal(problem: AllocationProblem) -> Allocation:
+    """ShortGPT: remove whole layers, lowest Block Influence first, until the target is reached."""
+    shape, statistics = problem.shape, problem.statistics
+    assert statistics is not None
+    influence = block_influence(statistics, shape.num_layers)
+    removed_layers: set[int] = set()
+    removed = 0
+    for i in sorted(problem.pruned_layers, key=lambda j: (influence[j], j)):
+        if removed >= problem.params_to_remove:
+            break
+        removed_layers.add(i)
+        removed += shape.whole_layer_params(shape.layers[i])
+    if removed < problem.params_to_remove or len(removed_layers) == shape.num_layers:
+        raise ImpossibleTargetError(
+            f"pruning.target: removing {problem.params_to_remove:,} parameters would remove every layer"
+        )
+    plans = [None if i in removed_layers else plan for i, plan in enumerate(keep_everything(shape))]
+    layer_sparsity = [float(i in removed_layers) for i in range(shape.num_layers)]
+    return Allocation(layer_sparsity, None, None, [0] * shape.num_layers, plans, removed, influence)
+
+
+def removable_units(shape: BlockShape, pruning: PruningSection, protected: frozenset[int]) -> int:
+    """Most parameters unit removal can take (every layer keeps its minimum units)."""
+    return removable_parameters(shape, pruning.attention_unit, pruning.round_to, pruning.min_ffn_channels, protected)
+
+
+def removable_layers(shape: BlockShape, pruning: PruningSection, protected: frozenset[int]) -> int:
+    """Most parameters layer removal can take: every unprotected layer but the largest."""
+    sizes = sorted(shape.whole_layer_params(w) for i, w in enumerate(shape.layers) if i not in protected)
+    return sum(sizes[:-1]) if len(sizes) == shape.num_layers else sum(sizes)
+
+
+@dataclass(frozen=True)
+class AllocationStrategy:
+    """An allocation strategy: how the parameters to remove are spread over layers and units."""
+
+    allocate: Callable[[AllocationProblem], Allocation]
+    needs: frozenset[Statistic]
+    """What the statistics pass must collect for it (beyond what the scorer needs)."""
+    uses_scores: bool
+    """Whether it chooses units by the scorer's scores (layer removal does not score units)."""
+    most_removable: Callable[[BlockShape, PruningSection, frozenset[int]], int]
+    """The most parameters it can remove from a model of that shape."""
+
+
+ALLOCATIONS: dict[str, AllocationStrategy] = {
+    "uniform": AllocationStrategy(uniform_allocation, frozenset(), True, removable_units),
+    "activation-density": AllocationStrategy(
+        density_allocation, frozenset({Statistic.GRADIENT_PRODUCTS}), True, removable_units
+    ),
+    "global": AllocationStrategy(global_allocation, frozenset(), True, removable_units),
+    "shortgpt": AllocationStrategy(layer_removal, frozenset({Statistic.LAYER_COSINES}), False, removable_layers),
+}
+"""Allocation strategies by recipe name (``allocation.strategy``)."""
+
+
 def allocate(
     shape: BlockShape,
-    scores: list[LayerScores],
+    scores: list[LayerScores] | None,
     params_to_remove: int,
-    strategy: str,
-    attention_unit: str,
-    round_to: int,
-    min_ffn_channels: int,
+    settings: AllocationSection,
+    pruning: PruningSection,
     statistics: ActivationStatistics | None = None,
-    alpha: float = 2.0,
-    beta: float = 0.2,
-    gamma: float = 1.0,
-    gamma_mode: str = "relative",
     protected: frozenset[int] = frozenset(),
 ) -> Allocation:
-    """Run the allocation stage: layer sparsities, budget solver, unit choice. ``protected`` layers stay whole."""
-    pruned_layers = [i for i in range(shape.num_layers) if i not in protected]
-    sparsity = params_to_remove / sum(shape.linear_weight_count(shape.layers[i]) for i in pruned_layers)
-    activated, threshold = None, None
-    if strategy == "global":
-        steps, ffn_kept = ranked_budget(
-            shape, scores, params_to_remove, attention_unit, round_to, min_ffn_channels, protected
-        )
-    else:
-        layer_sparsity = [0.0] * shape.num_layers
-        if strategy == "uniform":
-            for i in pruned_layers:
-                layer_sparsity[i] = sparsity
-        elif strategy == "activation-density":
-            if statistics is None:
-                raise ValueError("activation-density allocation needs activation statistics")
-            threshold = activation_threshold(statistics, shape, gamma, gamma_mode)
-            activated = [activated_count(statistics.get(i, "log10_hist"), threshold) for i in range(shape.num_layers)]
-            for i, s_i in zip(
-                pruned_layers, density_sparsities([activated[i] for i in pruned_layers], sparsity, alpha, beta)
-            ):
-                layer_sparsity[i] = s_i
-        else:
-            raise ValueError(f"unknown allocation strategy {strategy!r}")
-        steps, ffn_kept = solve_budget(
-            shape, layer_sparsity, params_to_remove, attention_unit, round_to, min_ffn_channels, protected
-        )
-    plans = [layer_plan(shape, i, scores[i], steps[i], attention_unit, ffn_kept[i]) for i in range(shape.num_layers)]
-    removed = sum(shape.layer_params(w) - shape.layer_params(p.widths) for w, p in zip(shape.layers, plans))
-    if strategy == "global":
-        layer_sparsity = [
-            1 - shape.linear_weight_count(p.widths) / shape.linear_weight_count(w) for w, p in zip(shape.layers, plans)
-        ]
-    return Allocation(layer_sparsity, activated, threshold, steps, plans, removed)
+    """Run the allocation stage with the strategy ``settings.strategy``; ``protected`` layers stay whole."""
+    problem = AllocationProblem(shape, scores, params_to_remove, settings, pruning, statistics, protected)
+    return ALLOCATIONS[settings.strategy].allocate(problem)

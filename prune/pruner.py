@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
-from transformers import AutoConfig, LlamaForCausalLM, MistralForCausalLM, PreTrainedModel, Qwen2ForCausalLM
+from transformers import (
+    AutoConfig,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2ForCausalLM,
+)
 
-from prune.blocks import BlockShape, LayerWidths, block_shape, decoder_layers
+from prune.blocks import BlockShape, LayerWidths, block_shape, decoder_layers, layer_linears
 from prune.hf_code import modeling_pruned
 
 STOCK_CLASSES = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}
@@ -60,7 +68,7 @@ def check_plan(shape: BlockShape, plans: list[LayerPlan | None]) -> None:
         raise ValueError(f"{len(plans)} layer plans for {shape.num_layers} layers")
     if all(plan is None for plan in plans):
         raise ValueError("every layer is removed")
-    for i, (plan, widths) in enumerate(zip(plans, shape.layers)):
+    for i, (plan, widths) in enumerate(zip(plans, shape.layers, strict=True)):
         if plan is None:
             continue
         for name, kept, n in (
@@ -92,7 +100,7 @@ def _sliced_linear_tensors(
 
     ``output_bias``: o_proj and down_proj get a bias entry (zeros where the dense layer has none).
     """
-    device = layer.self_attn.q_proj.weight.device
+    device = layer_linears(layer)["q_proj"].weight.device
     q_rows = head_rows(plan.kept_query_heads, head_dim).to(device)
     kv_rows = head_rows(plan.kept_kv_heads, head_dim).to(device)
     ffn = torch.tensor(plan.kept_ffn_channels, device=device)
@@ -108,7 +116,7 @@ def _sliced_linear_tensors(
     }
     tensors = {}
     for name, (rows, cols) in selections.items():
-        linear = layer.get_submodule(name)
+        linear = cast(nn.Linear, layer.get_submodule(name))
         weight = linear.weight.detach()
         if rows is not None:
             weight = weight.index_select(0, rows)
@@ -123,7 +131,7 @@ def _sliced_linear_tensors(
     return tensors
 
 
-def pruned_config(config, widths: list[LayerWidths | None], output_bias: bool = False):
+def pruned_config(config: PretrainedConfig, widths: list[LayerWidths | None], output_bias: bool = False):
     """Configuration for a model with the given per-layer widths (``None``: the layer is removed).
 
     Uniform widths give the family's stock configuration (no remote code needed) when the stock
@@ -146,12 +154,12 @@ def pruned_config(config, widths: list[LayerWidths | None], output_bias: bool = 
         values.pop(key, None)
     values["head_dim"] = shape.head_dim
     kept_layers = [i for i, w in enumerate(widths) if w is not None]
-    widths = [widths[i] for i in kept_layers]
+    kept = [w for w in widths if w is not None]
     values["num_hidden_layers"] = len(kept_layers)
     if values.get("layer_types"):
         values["layer_types"] = [values["layer_types"][i] for i in kept_layers]
-    if len(set(widths)) == 1 and shape.hidden_size % widths[0].query_heads == 0 and not output_bias:
-        w = widths[0]
+    if len(set(kept)) == 1 and shape.hidden_size % kept[0].query_heads == 0 and not output_bias:
+        w = kept[0]
         values |= {
             "num_attention_heads": w.query_heads,
             "num_key_value_heads": w.kv_heads,
@@ -159,21 +167,21 @@ def pruned_config(config, widths: list[LayerWidths | None], output_bias: bool = 
         }
         return AutoConfig.for_model(shape.model_type, **values)
     values |= {
-        "layer_num_attention_heads": [w.query_heads for w in widths],
-        "layer_num_key_value_heads": [w.kv_heads for w in widths],
-        "layer_intermediate_size": [w.ffn_channels for w in widths],
+        "layer_num_attention_heads": [w.query_heads for w in kept],
+        "layer_num_key_value_heads": [w.kv_heads for w in kept],
+        "layer_intermediate_size": [w.ffn_channels for w in kept],
     }
     if output_bias:
         values["output_projection_bias"] = True
     return AutoConfig.for_model(shape.model_type, **values)
 
 
-def has_layer_widths(config) -> bool:
+def has_layer_widths(config: PretrainedConfig) -> bool:
     """True when the configuration carries per-layer widths (the model needs ``modeling_pruned``)."""
     return getattr(config, "layer_num_attention_heads", None) is not None
 
 
-def model_class_for(config) -> type[PreTrainedModel]:
+def model_class_for(config: PretrainedConfig) -> type[PreTrainedModel]:
     """The causal-LM class that builds a model from ``config`` (stock or per-layer)."""
     return (PRUNED_CLASSES if has_layer_widths(config) else STOCK_CLASSES)[config.model_type]
 
@@ -192,7 +200,7 @@ def prune_model(model: PreTrainedModel, plans: list[LayerPlan | None], output_bi
     state = {
         name: tensor.detach() for name, tensor in model.state_dict().items() if not name.startswith("model.layers.")
     }
-    kept_layers = [(layer, plan) for layer, plan in zip(decoder_layers(model), plans) if plan is not None]
+    kept_layers = [(layer, plan) for layer, plan in zip(decoder_layers(model), plans, strict=True) if plan is not None]
     for i, (layer, plan) in enumerate(kept_layers):
         prefix = f"model.layers.{i}."
         state |= {prefix + k: v for k, v in layer.state_dict().items() if "_proj." not in k}

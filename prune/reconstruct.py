@@ -18,11 +18,16 @@ calibration inputs ``X`` [F, tokens]:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
 import torch
+from torch import nn
 
 from prune.blocks import BlockShape, decoder_layers
 from prune.pruner import LayerPlan, head_rows
-from prune.statistics import ActivationStatistics
+from prune.statistics import ActivationStatistics, Statistic
 
 RECONSTRUCTED_LINEARS = {"self_attn.o_proj": "o_in", "mlp.down_proj": "down_in"}
 
@@ -101,49 +106,87 @@ def removal_errors(weight: torch.Tensor, second: torch.Tensor, groups: torch.Ten
     return (w_groups * torch.linalg.solve(blocks, w_groups)).sum(dim=(1, 2))
 
 
+@dataclass(frozen=True)
+class LinearInputs:
+    """Calibration statistics of one linear's dense input: Σ x [F], Σ x xᵀ [F, F] (None if not collected), tokens."""
+
+    x_sum: torch.Tensor
+    xxt: torch.Tensor | None
+    tokens: int
+
+
+def bias_refit(
+    weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, inputs: LinearInputs, damping: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLAP's bias compensation: the kept columns [out, |K|] unchanged, and the restoring bias [out]."""
+    weight = weight.detach().cpu()
+    return weight[:, kept], compensated_bias(weight, bias, kept, inputs.x_sum.double() / inputs.tokens)
+
+
+def lstsq_refit(
+    weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, inputs: LinearInputs, damping: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The least-squares refit of the kept columns and a bias (module docstring)."""
+    if inputs.xxt is None:
+        raise ValueError("the lstsq refit needs the input second moments (Σ x xᵀ) from the statistics pass")
+    return least_squares_refit(weight.detach(), bias, kept, inputs.xxt, inputs.x_sum, inputs.tokens, damping)
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """How the outputs of o_proj / down_proj are recovered after their input columns were removed.
+
+    ``refit(weight [out, F], bias [out] | None, kept [|K|] column indices, inputs, damping)`` returns the
+    new weight [out, |K|] and bias [out]; None keeps the sliced weight and adds no bias.
+    """
+
+    refit: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None
+    needs: frozenset[Statistic]
+
+
+RECONSTRUCTIONS: dict[str, Reconstruction] = {
+    "none": Reconstruction(None, frozenset()),
+    "bias": Reconstruction(bias_refit, frozenset({Statistic.INPUT_SUMS})),
+    "lstsq": Reconstruction(lstsq_refit, frozenset({Statistic.INPUT_SUMS, Statistic.SECOND_MOMENTS})),
+}
+"""Reconstructions by recipe name (``pruning.reconstruct``)."""
+
+
 def reconstruct_outputs(
-    pruned,
-    dense,
+    pruned: nn.Module,
+    dense: nn.Module,
     shape: BlockShape,
-    plans: list[LayerPlan],
+    plans: list[LayerPlan | None],
     statistics: ActivationStatistics,
     method: str,
     damping: float,
 ) -> None:
-    """Overwrite the pruned model's o_proj / down_proj weights and biases by ``method`` (``bias`` or ``lstsq``).
+    """Overwrite the pruned model's o_proj / down_proj weights and biases by the reconstruction ``method``.
 
-    ``pruned`` must have been built with output biases; ``dense`` is the model the statistics came from.
+    ``pruned`` must have been built from ``dense`` with ``plans`` and output biases; ``dense`` is the model the
+    statistics came from. Layers removed whole (None plans) have nothing to reconstruct.
     """
-    for i, (dense_layer, pruned_layer, plan) in enumerate(zip(decoder_layers(dense), decoder_layers(pruned), plans)):
+    refit = RECONSTRUCTIONS[method].refit
+    if refit is None:
+        return
+    kept_layers = [
+        (i, layer, plan) for i, (layer, plan) in enumerate(zip(decoder_layers(dense), plans, strict=True)) if plan
+    ]
+    for (i, dense_layer, plan), pruned_layer in zip(kept_layers, decoder_layers(pruned), strict=True):
         kept_inputs = {
             "self_attn.o_proj": head_rows(plan.kept_query_heads, shape.head_dim),
             "mlp.down_proj": torch.tensor(plan.kept_ffn_channels),
         }
         for name, site in RECONSTRUCTED_LINEARS.items():
-            source, target = dense_layer.get_submodule(name), pruned_layer.get_submodule(name)
-            kept = kept_inputs[name]
-            x_sum = statistics.get(i, f"{site}.x_sum")
-            if method == "bias":
-                weight = source.weight.detach().cpu()[:, kept]
-                bias = compensated_bias(
-                    source.weight.detach().cpu(), _bias(source), kept, x_sum.double() / statistics.tokens
-                )
-            elif method == "lstsq":
-                weight, bias = least_squares_refit(
-                    source.weight.detach(),
-                    _bias(source),
-                    kept,
-                    statistics.get(i, f"{site}.xxt"),
-                    x_sum,
-                    statistics.tokens,
-                    damping,
-                )
-            else:
-                raise ValueError(f"unknown reconstruction {method!r}")
+            source = cast(nn.Linear, dense_layer.get_submodule(name))
+            target = cast(nn.Linear, pruned_layer.get_submodule(name))
+            xxt = statistics.tensors.get(f"layers.{i}.{site}.xxt")
+            inputs = LinearInputs(statistics.get(i, f"{site}.x_sum"), xxt, statistics.tokens)
+            weight, bias = refit(source.weight, _bias(source), kept_inputs[name], inputs, damping)
             with torch.no_grad():
                 target.weight.copy_(weight.to(target.weight.dtype))
                 target.bias.copy_(bias.to(target.bias.dtype))
 
 
-def _bias(linear) -> torch.Tensor | None:
+def _bias(linear: nn.Linear) -> torch.Tensor | None:
     return None if linear.bias is None else linear.bias.detach().cpu()

@@ -23,23 +23,24 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm import tqdm
-from transformers import get_scheduler
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
-from eval.perplexity import perplexity
+from prune.blocks import LINEAR_NAMES
 from prune.calibration import DataSourceError, TextSource, read_documents
-from prune.recipe import RecoverySection
+from prune.paths import atomic_path, atomic_write_text
 
-DECODER_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-"""Module names LoRA adapts (every linear of a LLaMA decoder layer)."""
+if TYPE_CHECKING:
+    from prune.recipe import RecoverySection
 
 SCHEDULER_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 """Recipe ``schedule`` -> ``transformers.get_scheduler`` name (all with linear warm-up)."""
@@ -47,7 +48,7 @@ SCHEDULER_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant
 
 @dataclass
 class RecoveryOutcome:
-    """What the stage did; ``as_dict`` goes into report.json."""
+    """What the stage did (the run's report gets it, the per-step log aside)."""
 
     steps: int
     tokens_seen: int
@@ -65,12 +66,8 @@ class RecoveryOutcome:
     """One entry per step (loss and its parts, learning rate, tokens/s) and per held-out evaluation."""
     device: str
 
-    def as_dict(self) -> dict:
-        """Everything but the per-step log (which the run writes to recovery_log.jsonl)."""
-        return {name: value for name, value in vars(self).items() if name != "log"}
 
-
-def training_windows(tokenizer, source: TextSource, seqlen: int) -> torch.Tensor:
+def training_windows(tokenizer: PreTrainedTokenizerBase, source: TextSource, seqlen: int) -> torch.Tensor:
     """The source's documents, each ended by the end-of-text token, joined and cut: LongTensor [n, seqlen]."""
     ids: list[int] = []
     for text in read_documents(source):
@@ -109,7 +106,9 @@ def text_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def training_loss(student, teacher, ids: torch.Tensor, settings: RecoverySection) -> tuple[torch.Tensor, dict]:
+def training_loss(
+    student: PreTrainedModel, teacher: PreTrainedModel, ids: torch.Tensor, settings: RecoverySection
+) -> tuple[torch.Tensor, dict]:
     """The recovery loss of one batch ``ids`` [B, L] and its parts (floats, for the log)."""
     logits = student(input_ids=ids, use_cache=False).logits
     loss = torch.zeros((), device=logits.device)
@@ -127,7 +126,7 @@ def training_loss(student, teacher, ids: torch.Tensor, settings: RecoverySection
     return loss, parts
 
 
-def add_lora_adapters(model, settings: RecoverySection):
+def add_lora_adapters(model: PreTrainedModel, settings: RecoverySection):
     """``model`` wrapped by peft with LoRA adapters (rank ``lora_rank``, no dropout) on every decoder linear."""
     from peft import LoraConfig, get_peft_model
 
@@ -135,13 +134,13 @@ def add_lora_adapters(model, settings: RecoverySection):
         r=settings.lora_rank,
         lora_alpha=settings.lora_alpha,
         lora_dropout=0.0,
-        target_modules=DECODER_LINEARS,
+        target_modules=list(LINEAR_NAMES),
         bias="none",
     )
     return get_peft_model(model, config)
 
 
-def unshare_parameters(student, teacher) -> None:
+def unshare_parameters(student: PreTrainedModel, teacher: PreTrainedModel) -> None:
     """Give ``student`` its own copy of every parameter whose storage it shares with ``teacher``.
 
     ``prune_model`` shares the embeddings and norms with the dense model; training them in place would
@@ -154,7 +153,7 @@ def unshare_parameters(student, teacher) -> None:
                 parameter.data = parameter.data.clone()
 
 
-def select_trainable(model, settings: RecoverySection) -> list[torch.nn.Parameter]:
+def select_trainable(model: PreTrainedModel, settings: RecoverySection) -> list[torch.nn.Parameter]:
     """Set ``requires_grad`` per the recipe and return the trainable parameters in a fixed order."""
     if settings.method == "lora":
         return [p for p in model.parameters() if p.requires_grad]  # peft froze everything but the adapters
@@ -163,11 +162,18 @@ def select_trainable(model, settings: RecoverySection) -> list[torch.nn.Paramete
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _trainable_state(model) -> dict[str, torch.Tensor]:
+def _trainable_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_state(state_dir: Path, model, optimizer, scheduler, step: int, log_lines: list[str]) -> None:
+def save_state(
+    state_dir: Path,
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    step: int,
+    log_lines: list[str],
+) -> None:
     """Write the resumable state and the log, each atomically (temporary file, then rename)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     state = {
@@ -178,20 +184,22 @@ def save_state(state_dir: Path, model, optimizer, scheduler, step: int, log_line
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
-    temporary = state_dir / "state.pt.partial"
-    torch.save(state, temporary)
-    os.replace(temporary, state_dir / "state.pt")
-    temporary = state_dir / "log.jsonl.partial"
-    temporary.write_text("".join(log_lines))
-    os.replace(temporary, state_dir / "log.jsonl")
+    with atomic_path(state_dir / "state.pt") as temporary:
+        torch.save(state, temporary)
+    atomic_write_text(state_dir / "log.jsonl", "".join(log_lines))
 
 
-def load_state(state_dir: Path, model, optimizer, scheduler) -> tuple[int, list[str]]:
+def load_state(
+    state_dir: Path,
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple[int, list[str]]:
     """Restore the last saved state into ``model`` / ``optimizer`` / ``scheduler``; returns (step, log lines)."""
     path = state_dir / "state.pt"
     if not path.is_file():
         return 0, []
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state["trainable"].items():
@@ -207,19 +215,18 @@ def load_state(state_dir: Path, model, optimizer, scheduler) -> tuple[int, list[
 
 
 def recover(
-    student,
-    teacher,
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
     windows: torch.Tensor,
-    heldout_tokens: torch.Tensor,
-    heldout_seqlen: int,
+    heldout_perplexity: Callable[[torch.nn.Module], float],
     settings: RecoverySection,
     state_dir: Path,
     progress: bool = True,
 ):
     """Train ``student`` as ``settings`` say; returns (the trained model, RecoveryOutcome).
 
-    ``windows``: LongTensor [n, seqlen] of training text; ``heldout_tokens``: LongTensor [n_tokens],
-    whose perplexity (windows of ``heldout_seqlen``) is logged every ``eval_every`` steps and at both ends.
+    ``windows``: LongTensor [n, seqlen] of training text; ``heldout_perplexity(model)`` is the held-out
+    perplexity of the model, logged every ``eval_every`` steps and at both ends.
     ``state_dir`` holds the resumable state; it is left in place (the caller removes it when done).
     The returned model is ``student`` itself for ``distill`` and the merged base model for ``lora``,
     in the dtype ``student`` came in.
@@ -255,13 +262,13 @@ def recover(
         nonlocal evaluating_seconds
         evaluation_started = time.perf_counter()
         student.eval()
-        result = perplexity(student, heldout_tokens, heldout_seqlen, None, progress=False)
+        value = heldout_perplexity(student)
         student.train()
         log(
             {
                 "step": step,
                 "tokens": step * settings.batch_size * settings.seqlen,
-                "heldout_perplexity": result["perplexity"],
+                "heldout_perplexity": value,
             }
         )
         evaluating_seconds += time.perf_counter() - evaluation_started

@@ -23,19 +23,24 @@ Scorers of whole units (``aggregate`` ignored):
   reconstruct without.
 
 A KV group's weights are its k/v rows plus all weights of its query heads.
+
+Every scorer is one entry of :data:`SCORERS`: a function that scores one layer's units and the
+statistics it needs (:class:`prune.statistics.Statistic`). Adding a scorer is one function and one
+entry; the recipe's allowed names and the statistics pass follow from the registry.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from transformers import PreTrainedModel
 
 from prune.blocks import LINEAR_NAMES, BlockShape, decoder_layers, layer_linears
 from prune.reconstruct import removal_errors, second_moment
-from prune.statistics import INPUT_SITE_OF_LINEAR, ActivationStatistics, row_col_reductions
-
-NEEDS_COVARIANCES = ("obs", "activation-obs")
+from prune.statistics import INPUT_SITE_OF_LINEAR, ActivationStatistics, Statistic, row_col_reductions
 
 
 @dataclass
@@ -45,6 +50,30 @@ class LayerScores:
     query_heads: torch.Tensor  # [n_query_heads]
     kv_groups: torch.Tensor  # [n_kv_heads]: k/v rows plus the group's query heads
     ffn_channels: torch.Tensor  # [ffn_channels]
+
+
+@dataclass(frozen=True)
+class ScoringInputs:
+    """What a scorer may read: the dense model, its shape, the statistics and the recipe's settings."""
+
+    model: nn.Module
+    shape: BlockShape
+    statistics: ActivationStatistics | None
+    aggregate: str
+    """``sum``, ``mean`` or ``max``: how per-weight scores combine into a unit's score."""
+    damping: float
+    """Relative ridge term of the least-squares refit (``pruning.damping``)."""
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """A scoring method: scores the units of one layer, from what it declares it needs."""
+
+    score_layer: Callable[[ScoringInputs, int], LayerScores]
+    needs: frozenset[Statistic]
+    """What the statistics pass must collect for it."""
+    objective: str | None = None
+    """The objective D it requires (``scoring.objective``), or None when any will do."""
 
 
 def _aggregate(sums: torch.Tensor, maxima: torch.Tensor, count: int, aggregate: str) -> torch.Tensor:
@@ -86,55 +115,8 @@ def units_from_reductions(
     )
 
 
-def weight_scores(
-    model, method: str, statistics: ActivationStatistics | None, layer: int
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Row/column reductions of the per-weight score of ``method`` for each linear of one layer."""
-    if method in ("activation", "taylor"):
-        prefix = "taylor_" if method == "taylor" else ""
-        return {
-            name: {
-                k: statistics.get(layer, f"{name}.{prefix}{k}") for k in ("row_sum", "row_max", "col_sum", "col_max")
-            }
-            for name in LINEAR_NAMES
-        }
-    linears = layer_linears(decoder_layers(model)[layer])
-    if method == "magnitude":
-        return {name: row_col_reductions(linear.weight.detach().double().square()) for name, linear in linears.items()}
-    if method == "flap":
-        reductions = {}
-        for name, linear in linears.items():
-            if name in ("o_proj", "down_proj"):
-                site = INPUT_SITE_OF_LINEAR[name]
-                mean = statistics.get(layer, f"{site}.x_sum").double() / statistics.tokens
-                variance = (
-                    statistics.get(layer, f"{site}.x_sumsq").double() / statistics.tokens - mean.square()
-                ).clamp_min(0)
-                fluctuation = variance * linear.weight.detach().double().square().sum(0).cpu()
-                reductions[name] = {"col_sum": fluctuation, "col_max": fluctuation}
-            else:
-                zeros_in, zeros_out = (
-                    torch.zeros(linear.in_features, dtype=torch.float64),
-                    torch.zeros(linear.out_features, dtype=torch.float64),
-                )
-                reductions[name] = {
-                    "row_sum": zeros_out,
-                    "row_max": zeros_out,
-                    "col_sum": zeros_in,
-                    "col_max": zeros_in,
-                }
-        return reductions
-    if method == "wanda-sp":
-        result = {}
-        for name, linear in linears.items():
-            input_norm = statistics.get(layer, f"{INPUT_SITE_OF_LINEAR[name]}.x_sumsq").sqrt().to(linear.weight.device)
-            result[name] = row_col_reductions(linear.weight.detach().double().abs() * input_norm.double())
-        return result
-    raise ValueError(f"unknown scoring method {method!r}")
-
-
 def reconstruction_error_scores(
-    model, shape: BlockShape, statistics: ActivationStatistics, layer: int, damping: float
+    model: PreTrainedModel, shape: BlockShape, statistics: ActivationStatistics, layer: int, damping: float
 ) -> LayerScores:
     """``obs`` scores of one layer: output error of o_proj (query heads, KV groups) and down_proj (FFN channels)."""
     widths, d = shape.layers[layer], shape.head_dim
@@ -147,7 +129,8 @@ def reconstruction_error_scores(
         )
         return removal_errors(linear.weight, second, groups, damping)
 
-    o_proj, down_proj = layer_module.self_attn.o_proj, layer_module.mlp.down_proj
+    linears = layer_linears(layer_module)
+    o_proj, down_proj = linears["o_proj"], linears["down_proj"]
     head_columns = torch.arange(widths.query_heads * d).view(widths.query_heads, d)
     return LayerScores(
         query_heads=errors(o_proj, "o_in", head_columns),
@@ -160,42 +143,112 @@ def _relative(values: torch.Tensor) -> torch.Tensor:
     return values / values.mean()
 
 
+def gradient_reductions(statistics: ActivationStatistics, layer: int, prefix: str = "") -> dict:
+    """The statistics pass's row/column reductions of one layer's linears (``taylor_`` prefix: Taylor term)."""
+    names = ("row_sum", "row_max", "col_sum", "col_max")
+    return {name: {k: statistics.get(layer, f"{name}.{prefix}{k}") for k in names} for name in LINEAR_NAMES}
+
+
+def activation_scores(inputs: ScoringInputs, layer: int) -> LayerScores:
+    """The paper's metric: mean over samples of |w * dD/dw|, aggregated over the unit's weights."""
+    assert inputs.statistics is not None
+    return units_from_reductions(gradient_reductions(inputs.statistics, layer), inputs.shape, layer, inputs.aggregate)
+
+
+def taylor_scores(inputs: ScoringInputs, layer: int) -> LayerScores:
+    """LLM-Pruner's first-order Taylor score |w * sum_s dNLL(s)/dw|, aggregated over the unit's weights."""
+    assert inputs.statistics is not None
+    reductions = gradient_reductions(inputs.statistics, layer, prefix="taylor_")
+    return units_from_reductions(reductions, inputs.shape, layer, inputs.aggregate)
+
+
+def magnitude_scores(inputs: ScoringInputs, layer: int) -> LayerScores:
+    """L2 norm of the unit's weights (``aggregate`` ignored)."""
+    linears = layer_linears(decoder_layers(inputs.model)[layer])
+    reductions = {
+        name: row_col_reductions(linear.weight.detach().double().square()) for name, linear in linears.items()
+    }
+    squares = units_from_reductions(reductions, inputs.shape, layer, "sum")
+    return LayerScores(squares.query_heads.sqrt(), squares.kv_groups.sqrt(), squares.ffn_channels.sqrt())
+
+
+def wanda_scores(inputs: ScoringInputs, layer: int) -> LayerScores:
+    """Structured Wanda: |W_ij| * ||X_j||_2 over the unit's weights, X the input of that linear."""
+    assert inputs.statistics is not None
+    reductions = {}
+    for name, linear in layer_linears(decoder_layers(inputs.model)[layer]).items():
+        input_norm = inputs.statistics.get(layer, f"{INPUT_SITE_OF_LINEAR[name]}.x_sumsq").sqrt()
+        weighted = linear.weight.detach().double().abs() * input_norm.to(linear.weight.device).double()
+        reductions[name] = row_col_reductions(weighted)
+    return units_from_reductions(reductions, inputs.shape, layer, inputs.aggregate)
+
+
+def flap_scores(inputs: ScoringInputs, layer: int) -> LayerScores:
+    """FLAP's fluctuation Var_tokens(X_j) * ||W[:, j]||^2 of the o_proj / down_proj input columns j."""
+    statistics = inputs.statistics
+    assert statistics is not None
+    reductions = {}
+    for name, linear in layer_linears(decoder_layers(inputs.model)[layer]).items():
+        if name in ("o_proj", "down_proj"):
+            site = INPUT_SITE_OF_LINEAR[name]
+            mean = statistics.get(layer, f"{site}.x_sum").double() / statistics.tokens
+            mean_square = statistics.get(layer, f"{site}.x_sumsq").double() / statistics.tokens
+            variance = (mean_square - mean.square()).clamp_min(0)
+            fluctuation = variance * linear.weight.detach().double().square().sum(0).cpu()
+            reductions[name] = {"col_sum": fluctuation, "col_max": fluctuation}
+        else:
+            zeros_in = torch.zeros(linear.in_features, dtype=torch.float64)
+            zeros_out = torch.zeros(linear.out_features, dtype=torch.float64)
+            reductions[name] = {"row_sum": zeros_out, "row_max": zeros_out, "col_sum": zeros_in, "col_max": zeros_in}
+    return units_from_reductions(reductions, inputs.shape, layer, inputs.aggregate)
+
+
+def obs_scores(inputs: ScoringInputs, layer: int) -> LayerScores:
+    """Output error of o_proj / down_proj when the unit's columns go and the rest is refit (``aggregate`` ignored)."""
+    assert inputs.statistics is not None
+    return reconstruction_error_scores(inputs.model, inputs.shape, inputs.statistics, layer, inputs.damping)
+
+
+def activation_obs_scores(inputs: ScoringInputs, layer: int) -> LayerScores:
+    """``activation`` / its layer mean times ``obs`` / its layer mean, per unit kind."""
+    activation, errors = activation_scores(inputs, layer), obs_scores(inputs, layer)
+    return LayerScores(
+        *(
+            _relative(getattr(activation, name)) * _relative(getattr(errors, name))
+            for name in ("query_heads", "kv_groups", "ffn_channels")
+        )
+    )
+
+
+GRADIENT_PRODUCTS, SUMMED_GRADIENTS = Statistic.GRADIENT_PRODUCTS, Statistic.SUMMED_GRADIENTS
+INPUT_SUMS, SECOND_MOMENTS = Statistic.INPUT_SUMS, Statistic.SECOND_MOMENTS
+SCORERS: dict[str, Scorer] = {
+    "activation": Scorer(activation_scores, frozenset({GRADIENT_PRODUCTS})),
+    "activation-obs": Scorer(activation_obs_scores, frozenset({GRADIENT_PRODUCTS, INPUT_SUMS, SECOND_MOMENTS})),
+    "obs": Scorer(obs_scores, frozenset({INPUT_SUMS, SECOND_MOMENTS})),
+    "magnitude": Scorer(magnitude_scores, frozenset()),
+    "wanda-sp": Scorer(wanda_scores, frozenset({INPUT_SUMS})),
+    "flap": Scorer(flap_scores, frozenset({INPUT_SUMS})),
+    "taylor": Scorer(taylor_scores, frozenset({SUMMED_GRADIENTS}), objective="nll"),
+}
+"""Scoring methods by recipe name (``scoring.method``)."""
+
+
 def score_units(
-    model, shape: BlockShape, method: str, aggregate: str, statistics: ActivationStatistics | None, damping: float = 0.0
-) -> list[LayerScores]:
-    """Unit scores of every layer for a scoring method.
-
-    ``activation`` and ``wanda-sp`` need statistics; ``obs`` and ``activation-obs`` need statistics with
-    covariances and use ``damping`` (relative, as ``pruning.damping``).
-    """
-    return [
-        _layer_scores(model, shape, method, aggregate, statistics, damping, layer) for layer in range(shape.num_layers)
-    ]
-
-
-def _layer_scores(
-    model,
+    model: nn.Module,
     shape: BlockShape,
     method: str,
     aggregate: str,
     statistics: ActivationStatistics | None,
-    damping: float,
-    layer: int,
-) -> LayerScores:
-    if method == "obs":
-        return reconstruction_error_scores(model, shape, statistics, layer, damping)
-    if method == "activation-obs":
-        errors = reconstruction_error_scores(model, shape, statistics, layer, damping)
-        activation = units_from_reductions(
-            weight_scores(model, "activation", statistics, layer), shape, layer, aggregate
-        )
-        return LayerScores(
-            *(
-                _relative(getattr(activation, name)) * _relative(getattr(errors, name))
-                for name in ("query_heads", "kv_groups", "ffn_channels")
-            )
-        )
-    if method == "magnitude":
-        squares = units_from_reductions(weight_scores(model, method, statistics, layer), shape, layer, "sum")
-        return LayerScores(squares.query_heads.sqrt(), squares.kv_groups.sqrt(), squares.ffn_channels.sqrt())
-    return units_from_reductions(weight_scores(model, method, statistics, layer), shape, layer, aggregate)
+    damping: float = 0.0,
+) -> list[LayerScores]:
+    """Unit scores of every layer by the scorer ``method`` of :data:`SCORERS`.
+
+    ``statistics`` must provide what the scorer needs (None for scorers that need nothing).
+    """
+    scorer = SCORERS[method]
+    missing = scorer.needs - (statistics.provides if statistics is not None else frozenset())
+    if missing:
+        raise ValueError(f"scorer {method!r} needs {', '.join(sorted(m.value for m in missing))} from the statistics")
+    inputs = ScoringInputs(model, shape, statistics, aggregate, damping)
+    return [scorer.score_layer(inputs, layer) for layer in range(shape.num_layers)]

@@ -1,7 +1,9 @@
-"""Activation statistics: one pass over the calibration samples that every scorer and allocator reads.
+"""Activation statistics: the passes over the calibration samples that every scorer and allocator reads.
 
-Per calibration sample s (one backward pass each, so the absolute value is taken per sample, as in
-the paper), for every weight w of the 7 linear layers of every decoder block:
+What is collected is what the recipe's methods declare they need (:class:`Statistic`; the registries in
+``scoring.py``, ``allocation.py`` and ``reconstruct.py``). Per calibration sample s (one backward pass
+each, so the absolute value is taken per sample, as in the paper), for every weight w of the 7 linear
+layers of every decoder block:
 
     A(s, w) = |w * dD(s)/dw|        D = largest next-token logit at the last position ("max_logit")
                                     or the mean token NLL of the sample ("nll")
@@ -11,36 +13,41 @@ is ready and frees the gradient, so at most one gradient exists at a time, and e
 is checkpointed (its activations are recomputed in the backward pass instead of kept). After the
 pass the per-weight mean over samples is reduced to what the later stages need and the accumulators
 are dropped; then a second, forward-only pass over the same samples collects the input statistics
-(so the input second moments never coexist with the accumulators):
+(so the input second moments never coexist with the accumulators). Tensors, by what provides them:
 
-- ``layers.{i}.{linear}.row_sum`` / ``row_max`` [out_features]: sum / max over each output row of mean A;
-- ``layers.{i}.{linear}.col_sum`` / ``col_max`` [in_features]: the same over each input column;
-- ``layers.{i}.log10_hist`` [HIST_BINS]: histogram of log10(mean A) over all weights of the layer's
+- gradient products: ``layers.{i}.{linear}.row_sum`` / ``row_max`` [out_features]: sum / max over each
+  output row of mean A; ``col_sum`` / ``col_max`` [in_features]: the same over each input column;
+  ``layers.{i}.log10_hist`` [HIST_BINS]: histogram of log10(mean A) over all weights of the layer's
   7 linears (bins of HIST_WIDTH decades from HIST_MIN), from which the number of weights above any
   threshold is read;
-- ``layers.{i}.{site}.x_sum`` / ``x_sumsq`` [features]: sum and sum of squares over calibration
-  tokens of the input of a linear (sites: ``attn_in`` = q/k/v input, ``o_in``, ``mlp_in`` = gate/up
-  input, ``down_in``), for input-aware scores (wanda-sp) and bias compensation; with covariances,
-  ``xxt`` [features, features] (sum of x xᵀ) for ``o_in`` and ``down_in``;
-- ``layers.{i}.cos_sum`` [1]: sum over tokens of cos(layer input, layer output) (Block Influence).
+- summed gradients: ``layers.{i}.{linear}.taylor_row_sum`` etc.: the same reductions of
+  |w * mean_s dD(s)/dw| (LLM-Pruner's first-order Taylor term);
+- input sums: ``layers.{i}.{site}.x_sum`` / ``x_sumsq`` [features]: sum and sum of squares over
+  calibration tokens of the input of a linear (sites: ``attn_in`` = q/k/v input, ``o_in``, ``mlp_in``
+  = gate/up input, ``down_in``);
+- second moments: ``layers.{i}.{site}.xxt`` [features, features] (sum of x xᵀ) for ``o_in`` and ``down_in``;
+- layer cosines: ``layers.{i}.cos_sum`` [1]: sum over tokens of cos(layer input, layer output) (Block Influence).
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
-import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
+from transformers import PreTrainedModel
 
 from prune.blocks import LINEAR_NAMES, decoder_layers, layer_linears
+from prune.paths import atomic_path
 
 STATS_VERSION = 2
 HIST_MIN = -20.0
@@ -60,6 +67,33 @@ INPUT_SITES = {site: linear for linear, site in reversed(INPUT_SITE_OF_LINEAR.it
 COVARIANCE_SITES = ("o_in", "down_in")
 
 
+class Statistic(enum.Enum):
+    """What a method can ask of the statistics pass (the value names it in messages and reports)."""
+
+    GRADIENT_PRODUCTS = "gradient products"
+    """Backward pass: reductions and log10 histogram of mean_s |w * dD(s)/dw| (the activation metric)."""
+    SUMMED_GRADIENTS = "summed gradients"
+    """Backward pass: reductions of |w * mean_s dD(s)/dw| (first-order Taylor of D summed over samples)."""
+    INPUT_SUMS = "input sums"
+    """Forward pass: sum and sum of squares of every linear's input over the calibration tokens."""
+    SECOND_MOMENTS = "second moments"
+    """Forward pass: sum of x xᵀ of the o_proj and down_proj inputs."""
+    LAYER_COSINES = "layer cosines"
+    """Forward pass: sum over tokens of cos(input, output) of every decoder layer."""
+
+
+BACKWARD = frozenset({Statistic.GRADIENT_PRODUCTS, Statistic.SUMMED_GRADIENTS})
+FORWARD = frozenset({Statistic.INPUT_SUMS, Statistic.SECOND_MOMENTS, Statistic.LAYER_COSINES})
+MARKER_TENSORS = {
+    Statistic.GRADIENT_PRODUCTS: "layers.0.log10_hist",
+    Statistic.SUMMED_GRADIENTS: "layers.0.q_proj.taylor_row_sum",
+    Statistic.INPUT_SUMS: "layers.0.attn_in.x_sum",
+    Statistic.SECOND_MOMENTS: f"layers.0.{COVARIANCE_SITES[0]}.xxt",
+    Statistic.LAYER_COSINES: "layers.0.cos_sum",
+}
+"""A tensor whose presence shows that a statistic was collected."""
+
+
 @dataclass
 class ActivationStatistics:
     """Reduced statistics (CPU tensors, names as in the module docstring) and how they were made."""
@@ -74,30 +108,26 @@ class ActivationStatistics:
         return self.tensors[f"layers.{layer}.{name}"]
 
     @property
-    def has_covariances(self) -> bool:
-        return f"layers.0.{COVARIANCE_SITES[0]}.xxt" in self.tensors
+    def provides(self) -> frozenset[Statistic]:
+        """The statistics these tensors hold."""
+        return frozenset(kind for kind, marker in MARKER_TENSORS.items() if marker in self.tensors)
 
-    @property
-    def has_taylor(self) -> bool:
-        return "layers.0.q_proj.taylor_row_sum" in self.tensors
+    def merged(self, other: ActivationStatistics) -> ActivationStatistics:
+        """These tensors and ``other``'s (same samples, tokens and objective), ``other`` winning on a clash."""
+        if (self.samples, self.tokens, self.objective) != (other.samples, other.tokens, other.objective):
+            raise ValueError("statistics of different calibration data cannot be merged")
+        return ActivationStatistics(self.tensors | other.tensors, self.samples, self.tokens, self.objective)
 
     def save(self, path: Path) -> None:
         """Write atomically as safetensors (metadata: samples, tokens, objective, version)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {
             "samples": str(self.samples),
             "tokens": str(self.tokens),
             "objective": self.objective,
             "version": str(STATS_VERSION),
         }
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_path(path) as temporary:
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(temporary), metadata=metadata)
 
     @classmethod
     def load(cls, path: Path) -> ActivationStatistics:
@@ -121,7 +151,7 @@ def cache_key(model_fingerprint: str, dtype: str, calibration: dict, data_finger
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def objective_value(model, input_ids: torch.Tensor, objective: str) -> torch.Tensor:
+def objective_value(model: PreTrainedModel, input_ids: torch.Tensor, objective: str) -> torch.Tensor:
     """D for a batch [B, T] of token ids, summed over the batch (a scalar that carries gradients)."""
     if objective == "max_logit":
         hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state[:, -1, :]
@@ -163,7 +193,7 @@ def checkpointed_layers(layers):
             del layer.forward  # the class's forward again
 
 
-def decoder_linear_weights(model) -> dict[tuple[int, str], torch.nn.Parameter]:
+def decoder_linear_weights(model: nn.Module) -> dict[tuple[int, str], torch.Tensor]:
     """{(layer index, linear name): weight [out, in]} for the 7 linears of every decoder layer."""
     return {
         (i, name): linear.weight
@@ -173,7 +203,7 @@ def decoder_linear_weights(model) -> dict[tuple[int, str], torch.nn.Parameter]:
 
 
 def weight_gradient_products(
-    model, samples, objective: str, consume, progress: bool, desc: str, checkpoint_layers: bool = True
+    model: PreTrainedModel, samples, objective: str, consume, progress: bool, desc: str, checkpoint_layers: bool = True
 ) -> None:
     """One backward pass of D per sample; ``consume(s, (layer, linear), w * dD(s)/dw)`` for every decoder linear.
 
@@ -190,7 +220,7 @@ def weight_gradient_products(
 
     def hook_for(key):
         def hook(param: torch.Tensor) -> None:
-            consume(current[0], key, param.detach().float() * param.grad.float())
+            consume(current[0], key, param.detach().float() * cast(torch.Tensor, param.grad).float())
             param.grad = None
 
         return hook
@@ -223,7 +253,7 @@ def mean_activation_reductions(
     ``accumulators``: {(layer, linear): summed |w * grad| [out, in]}; consumed (emptied) to free memory early.
     ``prefix`` goes before the reduction names (``taylor_`` for the signed Taylor sums, no histogram then).
     """
-    tensors = {}
+    tensors: dict[str, torch.Tensor] = {}
     for i in range(num_layers):
         histogram = torch.zeros(HIST_BINS, dtype=torch.float64)
         for name in LINEAR_NAMES:
@@ -236,38 +266,42 @@ def mean_activation_reductions(
 
 
 def gradient_statistics(
-    model, samples: torch.Tensor, objective: str, taylor: bool, progress: bool
+    model: PreTrainedModel, samples: torch.Tensor, objective: str, products: bool, summed: bool, progress: bool
 ) -> dict[str, torch.Tensor]:
-    """The backward pass: per-layer reductions of mean A (and of the signed Taylor term when ``taylor``)."""
+    """The backward pass: per-layer reductions of mean A (``products``) and of the Taylor term (``summed``)."""
     layers = decoder_layers(model)
     weights = decoder_linear_weights(model)
-    accumulators = {key: torch.zeros_like(w, dtype=torch.float32) for key, w in weights.items()}
-    signed = {key: torch.zeros_like(w, dtype=torch.float32) for key, w in weights.items()} if taylor else {}
+    accumulators = {key: torch.zeros_like(w, dtype=torch.float32) for key, w in weights.items()} if products else {}
+    signed = {key: torch.zeros_like(w, dtype=torch.float32) for key, w in weights.items()} if summed else {}
 
     def accumulate(sample: int, key, product: torch.Tensor) -> None:
-        if taylor:
+        if summed:
             signed[key].add_(product)
-        accumulators[key].add_(product.abs_())
+        if products:
+            accumulators[key].add_(product.abs_())
 
     weight_gradient_products(model, samples, objective, accumulate, progress, f"activation statistics (D={objective})")
-    tensors = mean_activation_reductions(accumulators, len(samples), len(layers))
-    if taylor:
+    tensors = mean_activation_reductions(accumulators, len(samples), len(layers)) if products else {}
+    if summed:
         tensors |= mean_activation_reductions(signed, len(samples), len(layers), prefix="taylor_")
     return tensors
 
 
 @torch.no_grad()
-def input_statistics(model, samples: torch.Tensor, covariances: bool, progress: bool) -> dict[str, torch.Tensor]:
-    """The forward-only pass through the decoder (no head): input sums (and ``xxt``) per site, cosine sums per layer."""
+def input_statistics(
+    model: PreTrainedModel, samples: torch.Tensor, sums: bool, covariances: bool, cosines: bool, progress: bool
+) -> dict[str, torch.Tensor]:
+    """The forward-only pass through the decoder (no head): input sums (``sums``; with ``covariances`` also
+    ``xxt`` of the o_proj / down_proj inputs) per site, and cosine sums per layer (``cosines``)."""
     device = next(model.parameters()).device
     layers = decoder_layers(model)
-    sums: dict[str, torch.Tensor] = {}
+    accumulated: dict[str, torch.Tensor] = {}
 
     def add(key: str, value: torch.Tensor) -> None:
-        if key in sums:
-            sums[key].add_(value)  # in place: a fresh sum per sample would churn the allocator
+        if key in accumulated:
+            accumulated[key].add_(value)  # in place: a fresh sum per sample would churn the allocator
         else:
-            sums[key] = value
+            accumulated[key] = value
 
     def accumulate_input(prefix, with_covariance):
         def hook(module, args):
@@ -291,29 +325,50 @@ def input_statistics(model, samples: torch.Tensor, covariances: bool, progress: 
     handles = []
     try:
         for i, layer in enumerate(layers):
-            handles.append(layer.register_forward_hook(accumulate_cosine(f"layers.{i}.cos_sum")))
-            linears = layer_linears(layer)
-            for site, linear_name in INPUT_SITES.items():
-                hook = accumulate_input(f"layers.{i}.{site}", covariances and site in COVARIANCE_SITES)
-                handles.append(linears[linear_name].register_forward_pre_hook(hook))
+            if cosines:
+                handles.append(layer.register_forward_hook(accumulate_cosine(f"layers.{i}.cos_sum")))
+            if sums:
+                linears = layer_linears(layer)
+                for site, linear_name in INPUT_SITES.items():
+                    hook = accumulate_input(f"layers.{i}.{site}", covariances and site in COVARIANCE_SITES)
+                    handles.append(linears[linear_name].register_forward_pre_hook(hook))
         for sample in tqdm(samples, desc="input statistics", unit="sample", disable=not progress):
             model.model(input_ids=sample.unsqueeze(0).to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
-    return {k: v.float().cpu() for k, v in sums.items()}
+    return {k: v.float().cpu() for k, v in accumulated.items()}
 
 
 def collect_statistics(
-    model, samples: torch.Tensor, objective: str, covariances: bool = False, taylor: bool = False, progress: bool = True
+    model: PreTrainedModel, samples: torch.Tensor, objective: str, needs: frozenset[Statistic], progress: bool = True
 ) -> ActivationStatistics:
-    """Run the statistics passes over ``samples`` [N, T] (one sample per backward pass, then a forward-only pass).
+    """Run the statistics passes over ``samples`` [N, T] that ``needs`` asks for: one backward pass per sample
+    (gradient products, summed gradients), then one forward-only pass (input sums, second moments, cosines).
 
-    ``covariances`` adds the ``xxt`` sums, ``taylor`` the Taylor reductions (one more float32 copy of the
-    linear weights during the backward pass).
-
-    The model's ``requires_grad`` flags are restored afterwards; its weights are not modified.
+    Second moments come with the input sums they are centred by. Summed gradients cost one more float32
+    copy of the linear weights during the backward pass. The model's ``requires_grad`` flags are restored
+    afterwards; its weights are not modified.
     """
-    tensors = gradient_statistics(model, samples, objective, taylor, progress)
-    tensors |= input_statistics(model, samples, covariances, progress)
+    if Statistic.SECOND_MOMENTS in needs:
+        needs = needs | {Statistic.INPUT_SUMS}
+    tensors: dict[str, torch.Tensor] = {}
+    if needs & BACKWARD:
+        tensors = gradient_statistics(
+            model,
+            samples,
+            objective,
+            Statistic.GRADIENT_PRODUCTS in needs,
+            Statistic.SUMMED_GRADIENTS in needs,
+            progress,
+        )
+    if needs & FORWARD:
+        tensors |= input_statistics(
+            model,
+            samples,
+            Statistic.INPUT_SUMS in needs,
+            Statistic.SECOND_MOMENTS in needs,
+            Statistic.LAYER_COSINES in needs,
+            progress,
+        )
     return ActivationStatistics(tensors, samples=len(samples), tokens=samples.numel(), objective=objective)

@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from eval.report import (
+    AllocationReport,
+    ExportReport,
+    LayerReport,
+    MethodReport,
+    ModelReport,
+    ParameterCounts,
+    ParametersReport,
+    Report,
+    WidthsReport,
+)
+from prune.recipe import Recipe, recipe_to_dict
+from prune.statistics import Statistic
+
 REPO = Path(__file__).resolve().parents[1]
+ALL_STATISTICS = frozenset(Statistic)
+BASIC_STATISTICS = ALL_STATISTICS - {Statistic.SECOND_MOMENTS, Statistic.SUMMED_GRADIENTS}
+"""Everything but the two costly extras: gradient products, input sums and layer cosines."""
 
 
 def tiny_config(
@@ -77,3 +95,117 @@ def shared_dir(name: str) -> Path | None:
 @pytest.fixture
 def fresh_output(tmp_path) -> Path:
     return tmp_path / "out"
+
+
+def layer_row(index: int, dense: tuple[int, int, int], pruned: tuple[int, int, int] | None, **facts) -> LayerReport:
+    """A report row: (query heads, KV groups, FFN channels) dense and pruned (None: the layer was removed)."""
+    return LayerReport(
+        index,
+        WidthsReport(*dense),
+        None if pruned is None else WidthsReport(*pruned),
+        facts.pop("requested_sparsity", 0.3),
+        **facts,
+    )
+
+
+def make_report(**sections) -> Report:
+    """A report of a made-up run (3 layers, 100 -> 70 parameters); ``sections`` replace its fields."""
+    fields = {
+        "recipe": recipe_to_dict(Recipe()),
+        "model": ModelReport("tiny", "directory", "/models/tiny", "llama"),
+        "method": MethodReport(
+            0.3, "activation-obs", "max_logit", "sum", "activation-density", "query_head", 8, "lstsq"
+        ),
+        "parameters": ParametersReport(ParameterCounts(100, 80), ParameterCounts(70, 50), 30, 30, 0.3),
+        "layers": [layer_row(i, (6, 2, 64), (4, 2, 32)) for i in range(3)],
+        "allocation": AllocationReport("activation-density", None),
+        "statistics": None,
+        "perplexity": None,
+        "zeroshot": None,
+        "speed": None,
+        "engine": None,
+        "recovery": None,
+        "exports": [ExportReport("hf", "model", 1000, remote_code=True)],
+        "stage_seconds": {},
+        "notes": [],
+    }
+    return Report(**(fields | sections))
+
+
+WORDS = [
+    "the",
+    "cat",
+    "dog",
+    "runs",
+    "over",
+    "a",
+    "small",
+    "green",
+    "field",
+    "while",
+    "birds",
+    "sing",
+    "in",
+    "trees",
+    "and",
+    "rain",
+    "falls",
+    "on",
+    "quiet",
+    "roads",
+]
+
+
+def word_text(words: int, seed: int) -> str:
+    """Seeded text of ``words`` words from a small lexicon, with a full stop now and then."""
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) + ("." if rng.random() < 0.1 else "") for _ in range(words))
+
+
+def byte_level_tokenizer(vocab: int = 300):
+    """A GPT-2 style byte-level BPE tokenizer trained in code on :func:`word_text` (``vocab`` ids, EOS last special)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([word_text(3000, seed=0)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random-weight LLaMA checkpoint with a real tokenizer (``model``), and calibration and evaluation
+    texts (``calibration``, ``evaluation``): what a run of the whole pipeline needs, in seconds."""
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = byte_level_tokenizer()
+    model = tiny_model("llama", vocab=len(tokenizer), layers=3, ffn=64)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "calibration.txt").write_text(word_text(4000, seed=1))
+    (root / "evaluation.txt").write_text(word_text(2000, seed=2))
+    return {"model": root / "model", "calibration": root / "calibration.txt", "evaluation": root / "evaluation.txt"}
+
+
+def tiny_recipe(files: dict[str, Path], output: Path, cache: Path) -> dict:
+    """A recipe mapping that runs every stage on :func:`tiny_files` in seconds (zero-shot off)."""
+    return {
+        "output": str(output),
+        "cache_dir": str(cache),
+        "model": {"source": str(files["model"]), "dtype": "float32", "device": "cpu"},
+        "calibration": {"source": str(files["calibration"]), "samples": 4, "seqlen": 32},
+        "pruning": {"target": 0.2, "round_to": 8, "min_ffn_channels": 8},
+        "evaluation": {
+            "perplexity": {"dataset": str(files["evaluation"]), "seqlen": 64, "windows": 2},
+            "zeroshot": {"enabled": False},
+            "speed": {"prompt_tokens": 8, "new_tokens": 4, "warmup": 0, "repeats": 1},
+            "engine": {"threads": 1, "prompt_tokens": 8, "new_tokens": 4, "warmup": 0, "repeats": 1},
+        },
+    }

@@ -17,6 +17,7 @@ from prune.allocation import (
     solve_budget,
 )
 from prune.blocks import block_shape
+from prune.recipe import AllocationSection, PruningSection
 from prune.scoring import LayerScores
 from prune.statistics import HIST_MIN, HIST_WIDTH, log10_histogram
 
@@ -31,6 +32,15 @@ SMOLLM2 = LlamaConfig(
     tie_word_embeddings=True,
 )
 SMOLLM2_TOTAL = 134_515_008  # embeddings (tied) + 30 blocks + norms
+
+
+def _allocate(
+    shape, scores, to_remove, strategy, unit, round_to, min_ffn, statistics=None, protected=frozenset(), **kw
+):
+    """allocate() with the recipe sections built from plain arguments."""
+    settings = AllocationSection(strategy=strategy, **kw)
+    pruning = PruningSection(attention_unit=unit, round_to=round_to, min_ffn_channels=min_ffn)
+    return allocate(shape, scores, to_remove, settings, pruning, statistics, protected)
 
 
 def _random_scores(shape, seed=0):
@@ -60,7 +70,9 @@ def test_budget_lands_just_above_target(unit, target, strategy):
     )
     steps, kept = solve_budget(shape, layer_sparsity, to_remove, unit, 8, 64)
     plans = [layer_plan(shape, i, s, steps[i], unit, kept[i]) for i, s in enumerate(_random_scores(shape))]
-    removed = sum(shape.layer_params(w) - shape.layer_params(p.widths) for w, p in zip(shape.layers, plans))
+    removed = sum(
+        shape.layer_params(w) - shape.layer_params(p.widths) for w, p in zip(shape.layers, plans, strict=True)
+    )
     assert to_remove <= removed < to_remove + 8 * shape.ffn_channel_params()
     assert abs(removed - to_remove) / SMOLLM2_TOTAL < 0.005
     for plan in plans:
@@ -121,7 +133,7 @@ def test_lowest_scoring_units_are_removed():
 def test_allocate_uniform_total_matches_plans():
     shape = block_shape(SMOLLM2)
     to_remove = round(0.3 * SMOLLM2_TOTAL)
-    allocation = allocate(shape, _random_scores(shape), to_remove, "uniform", "query_head", 8, 64)
+    allocation = _allocate(shape, _random_scores(shape), to_remove, "uniform", "query_head", 8, 64)
     kept_total = SMOLLM2_TOTAL - allocation.removed_parameters
     assert kept_total <= 0.70 * SMOLLM2_TOTAL
     assert math.isclose(kept_total / SMOLLM2_TOTAL, 0.70, abs_tol=0.005)
@@ -155,7 +167,7 @@ def test_widths_that_are_not_multiples_of_round_to():
 def test_global_ranking_meets_the_budget_and_respects_minimums(unit, target):
     shape = block_shape(SMOLLM2)
     to_remove = round(target * SMOLLM2_TOTAL)
-    allocation = allocate(shape, _random_scores(shape, seed=3), to_remove, "global", unit, 8, 64)
+    allocation = _allocate(shape, _random_scores(shape, seed=3), to_remove, "global", unit, 8, 64)
     largest_step = max(shape.kv_group_params(0), 3 * shape.query_head_params())
     assert to_remove <= allocation.removed_parameters < to_remove + largest_step
     for plan in allocation.plans:
@@ -170,7 +182,7 @@ def test_global_ranking_takes_the_units_furthest_below_their_layer_first():
     outliers[torch.arange(0, 1536, 9)[:160]] = -100.0  # 160 channels far below the rest of their layer
     scores[7] = LayerScores(scores[7].query_heads, scores[7].kv_groups, outliers)
     to_remove = 20 * 8 * shape.ffn_channel_params()
-    allocation = allocate(shape, scores, to_remove, "global", "query_head", 8, 64)
+    allocation = _allocate(shape, scores, to_remove, "global", "query_head", 8, 64)
     assert len(allocation.plans[7].kept_ffn_channels) == 1536 - 160
     assert not set(torch.arange(0, 1536, 9)[:160].tolist()) & set(allocation.plans[7].kept_ffn_channels)
     assert all(
@@ -191,7 +203,7 @@ def test_protected_layers_stay_whole(strategy):
     stats = type(
         "Stats", (), {"get": lambda self, i, name: hist[i] if name == "log10_hist" else torch.ones(1), "tokens": 1}
     )()
-    allocation = allocate(
+    allocation = _allocate(
         shape,
         _random_scores(shape),
         to_remove,
@@ -200,16 +212,16 @@ def test_protected_layers_stay_whole(strategy):
         8,
         64,
         stats,
+        protected,
         gamma=0.1,
         gamma_mode="absolute",
-        protected=protected,
     )
     assert allocation.removed_parameters >= to_remove
     for i, plan in enumerate(allocation.plans):
         whole = plan.widths == shape.layers[i]
         assert whole if i in protected else not whole
     with pytest.raises(ImpossibleTargetError, match="6 layers are protected"):
-        allocate(
+        _allocate(
             shape,
             _random_scores(shape),
             removable_parameters(shape, "query_head", 8, 64, protected) + 1,
@@ -218,7 +230,7 @@ def test_protected_layers_stay_whole(strategy):
             8,
             64,
             stats,
+            protected,
             gamma=0.1,
             gamma_mode="absolute",
-            protected=protected,
         )

@@ -11,12 +11,13 @@ import torch
 from conftest import REPO, CharTokenizer, random_tokens, shared_dir, tiny_model
 
 from prune import similarity
-from prune.analysis_data import domain_samples, read_sentence_pairs, task_prompt
-from prune.analyze import deep_layer_range, domain_similarity_pairs
+from prune.analysis.data import domain_samples, read_sentence_pairs, task_prompt
+from prune.analysis.patterns import CountSketch, domain_patterns, pattern_similarities, sketch_cosines
+from prune.analysis.recipe import load_analysis_recipe
+from prune.analysis.run import deep_layer_range, domain_similarity_pairs
 from prune.blocks import decoder_layers, layer_linears
 from prune.calibration import DataSourceError
-from prune.patterns import CountSketch, domain_patterns, pattern_similarities, sketch_cosines
-from prune.recipe import RecipeError, load_analysis_recipe
+from prune.recipe import RecipeError
 from prune.statistics import HIST_MIN, HIST_WIDTH, objective_value
 
 DATA = shared_dir("PRUNE_DATA_DIR")
@@ -43,7 +44,7 @@ def test_pattern_of_an_input_with_itself_has_cosine_one_and_matches_brute_force(
     assert torch.allclose(cosines[0], torch.ones(3, dtype=torch.float64), atol=1e-6)
     pa, pb = brute_force_patterns(model, [a, b])
     expected = torch.stack(
-        [torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=0) for x, y in zip(pa, pb)]
+        [torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=0) for x, y in zip(pa, pb, strict=True)]
     )
     assert torch.allclose(cosines[1], expected, atol=1e-6)
     assert (cosines[1] < 0.999).all()  # two random inputs do not share a pattern
@@ -172,8 +173,10 @@ def test_domain_samples_are_seeded_distinct_and_cut(monkeypatch):
     tokenizer = CharTokenizer()
     boolq = domain_samples(tokenizer, "boolq", 8, 40, seed=0)
     assert len(boolq) == 8 and all(len(s) <= 40 for s in boolq)
-    assert all(torch.equal(x, y) for x, y in zip(boolq, domain_samples(tokenizer, "boolq", 8, 40, seed=0)))
-    assert not all(torch.equal(x, y) for x, y in zip(boolq, domain_samples(tokenizer, "boolq", 8, 40, seed=1)))
+    assert all(torch.equal(x, y) for x, y in zip(boolq, domain_samples(tokenizer, "boolq", 8, 40, seed=0), strict=True))
+    assert not all(
+        torch.equal(x, y) for x, y in zip(boolq, domain_samples(tokenizer, "boolq", 8, 40, seed=1), strict=True)
+    )
     c4 = domain_samples(tokenizer, "c4", 3, 50, seed=0)
     assert [len(s) for s in c4] == [50, 50, 50]
     with pytest.raises(DataSourceError, match="openbookqa has only 500 items"):
@@ -223,7 +226,7 @@ def test_analyze_command_on_smollm2(tmp_path):
         [
             sys.executable,
             "-m",
-            "prune.analyze",
+            "prune.analysis",
             "recipes/analysis_domains.yaml",
             *[arg for o in overrides for arg in ("--set", o)],
         ],
@@ -269,7 +272,7 @@ def test_analyze_command_on_smollm2(tmp_path):
         [
             sys.executable,
             "-m",
-            "prune.analyze",
+            "prune.analysis",
             "recipes/analysis_domains.yaml",
             *[arg for o in overrides for arg in ("--set", o)],
         ],

@@ -28,7 +28,8 @@ def test_samples_are_seeded_and_reproducible(jsonl_source):
 
 def test_every_sample_is_a_window_of_one_document(jsonl_source):
     tokenizer = CharTokenizer()
-    documents = [line for line in open(jsonl_source.location)]
+    with open(jsonl_source.location) as f:
+        documents = list(f)
     texts = [json.loads(line)["text"] for line in documents]
     for sample in calibration_samples(tokenizer, jsonl_source, 5, 30, seed=0):
         window = "".join(chr(i) for i in sample.tolist())

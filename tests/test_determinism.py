@@ -4,12 +4,13 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from conftest import random_tokens, tiny_model
+from conftest import ALL_STATISTICS, random_tokens, tiny_model
 
 from prune.blocks import block_shape, count_parameters
 from prune.checkpoint import save_checkpoint
+from prune.prepare import Prepared
 from prune.recipe import Recipe
-from prune.run import Prepared, prune_as_recipe_says
+from prune.run import prune_as_recipe_says
 from prune.statistics import collect_statistics
 
 
@@ -39,7 +40,7 @@ def _prune_and_save(recipe: Recipe, directory: Path) -> str:
         model,
         random_tokens(4, 16, seed=recipe.calibration.seed),
         recipe.scoring.objective,
-        covariances=True,
+        ALL_STATISTICS,
         progress=False,
     )
     pruned, _ = prune_as_recipe_says(prepared, model, statistics, {})

@@ -3,10 +3,10 @@
 import math
 
 import torch
-from conftest import random_tokens, tiny_config, tiny_model
+from conftest import BASIC_STATISTICS, layer_row, make_report, random_tokens, tiny_config, tiny_model
 
 from eval.perplexity import perplexity, window_count
-from eval.speed import measure_speed, prefill_and_decode
+from eval.speed import greedy_decode, measure_speed
 
 
 def test_perplexity_equals_token_by_token_computation():
@@ -38,10 +38,29 @@ def test_decode_loop_is_greedy_generation_with_cache():
         return original(*args, **kwargs)
 
     model.forward = recording_forward
-    prefill_s, decode_s = prefill_and_decode(model, prompt, new_tokens=6)
+    prefill_s, decode_s, tokens = greedy_decode(model, prompt, new_tokens=5)
     assert prefill_s > 0 and decode_s > 0
-    assert torch.equal(seen[0], prompt) and all(t.shape == (2, 1) for t in seen[1:])
-    assert torch.equal(torch.cat(seen[1:], dim=1), expected[:, 9:])
+    assert torch.equal(seen[0], prompt) and all(t.shape == (2, 1) for t in seen[1:]) and len(seen) == 6
+    assert torch.equal(torch.cat(seen[1:], dim=1), expected[:, 9:14]) and torch.equal(tokens, expected[:, 9:])
+
+
+def test_static_cache_loop_gives_the_dynamic_loops_tokens_with_per_layer_widths():
+    from prune.pruner import LayerPlan, prune_model
+
+    model = tiny_model(layers=4)
+    plans = [
+        LayerPlan((0, 1, 2), (0,), tuple(range(0, 64, 2))),
+        None,
+        LayerPlan((0, 2, 3, 5), (0, 1), tuple(range(40))),
+        LayerPlan(tuple(range(6)), (0, 1), tuple(range(64))),
+    ]
+    pruned = prune_model(model, plans, output_bias=True)
+    prompt = random_tokens(2, 9)
+    _, _, dynamic = greedy_decode(pruned, prompt, new_tokens=12, loop="dynamic")
+    _, _, static = greedy_decode(pruned, prompt, new_tokens=12, loop="static")
+    assert dynamic.shape == (2, 13) and torch.equal(static, dynamic)
+    pruned.generation_config.eos_token_id = None
+    assert torch.equal(pruned.generate(prompt, max_new_tokens=13, do_sample=False)[:, 9:], dynamic)
 
 
 def test_measure_speed_reports_every_model():
@@ -63,43 +82,23 @@ def test_measure_speed_reports_every_model():
 
 
 def test_report_of_a_layer_removal_run_names_the_removed_layers():
-    from eval.report import render_markdown
-    from prune.allocation import remove_layers
+    from eval.report import MethodReport, render_markdown
+    from prune.allocation import allocate
     from prune.blocks import block_shape
-    from prune.recipe import Recipe, recipe_to_dict
+    from prune.recipe import AllocationSection, PruningSection
     from prune.run import layer_table
     from prune.statistics import collect_statistics
 
     model = tiny_model()
     shape = block_shape(model.config)
-    stats = collect_statistics(model, random_tokens(2, 8), "max_logit", progress=False)
-    allocation = remove_layers(shape, stats, 1)
+    stats = collect_statistics(model, random_tokens(2, 8), "max_logit", BASIC_STATISTICS, progress=False)
+    allocation = allocate(shape, None, 1, AllocationSection("shortgpt"), PruningSection(reconstruct="none"), stats)
     influence = allocation.block_influence
     assert allocation.plans[influence.index(min(influence))] is None and sum(p is None for p in allocation.plans) == 1
-    rows = layer_table(shape, allocation)
-    recipe = Recipe()
-    recipe.scoring.method, recipe.pruning.reconstruct = "shortgpt", "none"
-    report = {
-        "model": {"source": "tiny", "model_type": "llama"},
-        "recipe": recipe_to_dict(recipe),
-        "parameters": {
-            "dense": {"total": 10, "decoder_blocks": 8},
-            "pruned": {"total": 9, "decoder_blocks": 7},
-            "removed_fraction": 0.1,
-        },
-        "layers": rows,
-        "perplexity": None,
-        "speed": None,
-        "statistics": None,
-        "notes": [],
-        "checkpoint": {"path": "x", "remote_code": False},
-        "stage_seconds": {},
-    }
-    text = render_markdown(report)
+    method = MethodReport(0.1, None, None, None, "shortgpt", "query_head", 8, "none")
+    text = render_markdown(make_report(layers=layer_table(shape, allocation), method=method))
     removed = influence.index(min(influence))
-    assert (
-        f"| {removed} | removed | removed | removed |" in text and "whole layers, lowest Block Influence first" in text
-    )
+    assert f"| {removed} | removed | removed | removed |" in text and "shortgpt: whole layers removed" in text
 
 
 def test_linear_macs_per_token_counts_every_linear_and_the_lm_head():
@@ -113,20 +112,15 @@ def test_linear_macs_per_token_counts_every_linear_and_the_lm_head():
     assert linear_macs_per_token(pruned) == 3 * (64 * 96 + 2 * 32 * 96 + 96 * 64 + 3 * 32 * 96) + 128 * 96
 
 
-def _layer_row(dense: tuple[int, int, int], pruned: tuple[int, int, int] | None) -> dict:
-    keys = ("query_heads", "kv_groups", "ffn_channels")
-    return {"dense": dict(zip(keys, dense)), "pruned": None if pruned is None else dict(zip(keys, pruned))}
-
-
 def test_transferred_widths_follow_relative_depth_and_attention_layout():
     from eval.speed import transferred_widths
     from prune.blocks import block_shape
 
     # source: 3 layers of 9 heads / 3 KV groups / 1536 channels; middle layer removed
     rows = [
-        _layer_row((9, 3, 1536), (6, 3, 768)),
-        _layer_row((9, 3, 1536), None),
-        _layer_row((9, 3, 1536), (3, 1, 1536)),
+        layer_row(0, (9, 3, 1536), (6, 3, 768)),
+        layer_row(1, (9, 3, 1536), None),
+        layer_row(2, (9, 3, 1536), (3, 1, 1536)),
     ]
     mha = block_shape(tiny_config(layers=5, hidden=128, heads=8, kv_heads=8, ffn=1000))
     widths = transferred_widths(rows, mha, round_to=64)
@@ -154,7 +148,7 @@ def test_shape_only_model_has_exactly_the_planned_shapes():
     model = random_model(config, widths, torch.float32, torch.device("cpu"), output_bias=True)
     layers = decoder_layers(model)
     assert len(layers) == 2
-    for layer, w in zip(layers, [widths[0], widths[2]]):
+    for layer, w in zip(layers, [widths[0], widths[2]], strict=True):
         attn, mlp = layer.self_attn, layer.mlp
         assert attn.q_proj.weight.shape == (16 * w.query_heads, 96) and attn.k_proj.weight.shape == (
             16 * w.kv_heads,
@@ -190,11 +184,12 @@ def test_shape_only_command_times_dense_and_transferred_widths(tmp_path, capsys)
     from eval.speed import main
 
     tiny_config(layers=2, hidden=96, heads=6, kv_heads=2, ffn=64).save_pretrained(tmp_path / "shape")
-    report = {
-        "recipe": {"pruning": {"round_to": 8, "reconstruct": "lstsq"}},
-        "layers": [_layer_row((9, 3, 1536), (6, 3, 768)), _layer_row((9, 3, 1536), (9, 3, 1536))],
-    }
-    (tmp_path / "report.json").write_text(json.dumps(report))
+    from eval.report import write_report
+
+    write_report(
+        make_report(layers=[layer_row(0, (9, 3, 1536), (6, 3, 768)), layer_row(1, (9, 3, 1536), (9, 3, 1536))]),
+        tmp_path,
+    )
     assert (
         main(
             [
@@ -235,63 +230,26 @@ def test_shape_only_command_times_dense_and_transferred_widths(tmp_path, capsys)
 
 
 def test_report_writes_linked_figures_and_the_zero_shot_table(tmp_path):
-    from eval.report import write_report
-    from prune.recipe import Recipe, recipe_to_dict
+    from eval.report import PerplexityReport, TaskAccuracy, ZeroshotReport, ZeroshotScores, read_report, write_report
 
     layers = [
-        {
-            "index": i,
-            "dense": {"query_heads": 9, "kv_groups": 3, "ffn_channels": 1536},
-            "pruned": None if i == 1 else {"query_heads": 6, "kv_groups": 3, "ffn_channels": 1000 - 100 * i},
-            "requested_sparsity": 0.1 * i,
-            "activated_weights": 1000.0 * (i + 1),
-            "block_influence": None,
-        }
+        layer_row(
+            i,
+            (9, 3, 1536),
+            None if i == 1 else (6, 3, 1000 - 100 * i),
+            requested_sparsity=0.1 * i,
+            activated_weights=1000.0 * (i + 1),
+        )
         for i in range(3)
     ]
-    tasks = {
-        "dense": {
-            "tasks": {"piqa": {"acc": 0.70, "acc_norm": 0.68, "items": 100}, "boolq": {"acc": 0.60, "items": 100}},
-            "mean": 0.65,
-        },
-        "pruned": {
-            "tasks": {"piqa": {"acc": 0.61, "acc_norm": 0.60, "items": 100}, "boolq": {"acc": 0.55, "items": 100}},
-            "mean": 0.58,
-        },
-    }
-    report = {
-        "model": {"source": "tiny", "model_type": "llama"},
-        "recipe": recipe_to_dict(Recipe()),
-        "parameters": {
-            "dense": {"total": 100, "decoder_blocks": 80},
-            "pruned": {"total": 70, "decoder_blocks": 50},
-            "removed_fraction": 0.3,
-        },
-        "layers": layers,
-        "perplexity": {
-            "dataset": "wikitext2",
-            "seqlen": 2048,
-            "windows": 16,
-            "dense": 20.7,
-            "pruned": 45.4,
-            "dense_reused_from": "/cache/p.json",
-        },
-        "zeroshot": {
-            "source": "local",
-            "data_dir": "/data",
-            "limit": 100,
-            "seed": 0,
-            "mean_metric": "acc",
-            "mean_tasks": ["boolq", "piqa"],
-            "dense_reused_from": None,
-            **tasks,
-        },
-        "speed": None,
-        "statistics": None,
-        "notes": [],
-        "checkpoint": {"path": "x", "remote_code": True},
-        "stage_seconds": {"zero-shot": 1.0},
-    }
+    dense = ZeroshotScores({"piqa": TaskAccuracy(0.70, 100, 0.68), "boolq": TaskAccuracy(0.60, 100)}, 0.65)
+    pruned = ZeroshotScores({"piqa": TaskAccuracy(0.61, 100, 0.60), "boolq": TaskAccuracy(0.55, 100)}, 0.58)
+    report = make_report(
+        layers=layers,
+        perplexity=PerplexityReport("wikitext2", 2048, 16, 32752, 20.7, 45.4, None, "/cache/p.json"),
+        zeroshot=ZeroshotReport("local", "/data", 100, 0, "acc", ["boolq", "piqa"], dense, pruned, None),
+        stage_seconds={"zero-shot": 1.0},
+    )
     write_report(report, tmp_path)
     text = (tmp_path / "report.md").read_text()
     for name in ("headline.png", "widths.png", "allocation.png"):
@@ -300,3 +258,4 @@ def test_report_writes_linked_figures_and_the_zero_shot_table(tmp_path):
     assert "| zero-shot mean acc (2 tasks, first 100 items each) | 65.00 | 58.00 | 0.892x |" in text
     assert "| piqa | 100 | 70.0 | 61.0 | 68.0 | 60.0 |" in text and "| boolq | 100 | 60.0 | 55.0 | - | - |" in text
     assert "Dense perplexity reused from `/cache/p.json`" in text and "Dense zeroshot reused" not in text
+    assert read_report(tmp_path) == report  # report.json reads back into the same typed report

@@ -10,6 +10,7 @@ from eval.speed import cache_keyword
 from prune.allocation import allocate
 from prune.blocks import block_shape, count_parameters, decoder_layers
 from prune.pruner import LayerPlan, check_plan, has_layer_widths, keep_everything, prune_model
+from prune.recipe import AllocationSection, PruningSection
 from prune.scoring import score_units
 
 FAMILIES = ["llama", "mistral", "qwen2"]
@@ -20,7 +21,9 @@ def test_target_zero_changes_no_logit(family):
     model = tiny_model(family)
     shape = block_shape(model.config)
     scores = score_units(model, shape, "magnitude", "sum", None)
-    allocation = allocate(shape, scores, 0, "uniform", "query_head", 8, 8)
+    allocation = allocate(
+        shape, scores, 0, AllocationSection("uniform"), PruningSection(round_to=8, min_ffn_channels=8)
+    )
     assert allocation.removed_parameters == 0
     pruned = prune_model(model, allocation.plans)
     x = random_tokens(2, 12)
@@ -67,10 +70,11 @@ def test_gqa_invariants_after_pruning(family, unit):
     shape = block_shape(model.config)
     scores = score_units(model, shape, "magnitude", "sum", None)
     total = count_parameters(model)["total"]
-    pruned = prune_model(model, allocate(shape, scores, int(0.4 * total), "uniform", unit, 8, 8).plans)
+    pruning = PruningSection(attention_unit=unit, round_to=8, min_ffn_channels=8)
+    pruned = prune_model(model, allocate(shape, scores, int(0.4 * total), AllocationSection("uniform"), pruning).plans)
     pruned_shape = block_shape(pruned.config)
     assert pruned_shape.head_dim == shape.head_dim
-    for layer, widths in zip(decoder_layers(pruned), pruned_shape.layers):
+    for layer, widths in zip(decoder_layers(pruned), pruned_shape.layers, strict=True):
         attn, d = layer.self_attn, shape.head_dim
         assert widths.query_heads % widths.kv_heads == 0
         assert attn.num_key_value_groups == widths.query_heads // widths.kv_heads

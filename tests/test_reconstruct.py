@@ -1,7 +1,7 @@
 """Reconstruction of o_proj / down_proj outputs: exact cases and a measured improvement."""
 
 import torch
-from conftest import random_tokens, tiny_model
+from conftest import ALL_STATISTICS, random_tokens, tiny_model
 
 from prune.blocks import block_shape, decoder_layers
 from prune.pruner import LayerPlan, prune_model
@@ -51,7 +51,7 @@ def test_reconstruction_brings_layer_outputs_closer_to_dense():
     model = tiny_model()
     shape = block_shape(model.config)
     samples = random_tokens(8, 16)
-    statistics = collect_statistics(model, samples, "max_logit", covariances=True, progress=False)
+    statistics = collect_statistics(model, samples, "max_logit", ALL_STATISTICS, progress=False)
     plans = [LayerPlan((0, 2, 3, 5), (0, 1), tuple(range(0, 64, 2)))] * 3
     models = {"none": prune_model(model, plans, output_bias=True)}
     for method in ("bias", "lstsq"):

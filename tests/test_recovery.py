@@ -10,12 +10,18 @@ from conftest import random_tokens, tiny_model
 from transformers import AutoModelForCausalLM
 
 import prune.recovery as recovery
+from eval.perplexity import perplexity
 from prune.blocks import block_shape
 from prune.calibration import TextSource
 from prune.checkpoint import save_checkpoint
 from prune.pruner import LayerPlan, keep_everything, prune_model
 from prune.recipe import RecipeError, RecoverySection, load_recipe
 from prune.recovery import add_lora_adapters, batch_indices, distillation_loss, recover, training_loss, training_windows
+
+
+def _heldout(tokens):
+    """The held-out perplexity callable recover() logs: windows of 16 tokens of ``tokens``."""
+    return lambda model: perplexity(model, tokens, 16, None, progress=False)["perplexity"]
 
 
 def test_distillation_loss_is_zero_for_identical_logits_and_matches_kl_formula():
@@ -80,18 +86,18 @@ def _pruned_pair():
 
 
 def _settings(**overrides) -> RecoverySection:
-    values = dict(
-        method="distill",
-        tokens=6 * 2 * 16,
-        seqlen=16,
-        batch_size=2,
-        learning_rate=0.01,
-        warmup_steps=2,
-        eval_every=2,
-        save_every=2,
-        heldout_windows=1,
-        train="all",
-    )
+    values = {
+        "method": "distill",
+        "tokens": 6 * 2 * 16,
+        "seqlen": 16,
+        "batch_size": 2,
+        "learning_rate": 0.01,
+        "warmup_steps": 2,
+        "eval_every": 2,
+        "save_every": 2,
+        "heldout_windows": 1,
+        "train": "all",
+    }
     return RecoverySection(**(values | overrides))
 
 
@@ -102,7 +108,7 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path
     settings = _settings(method=method, learning_rate={"distill": 0.002, "lora": 0.01}[method])
 
     uninterrupted, expected = recover(
-        copy.deepcopy(student), teacher, windows, heldout, 16, settings, tmp_path / "a", progress=False
+        copy.deepcopy(student), teacher, windows, _heldout(heldout), settings, tmp_path / "a", progress=False
     )
     assert expected.steps == 6 and expected.resumed_from_step == 0 and len(expected.curve) == 4
     with torch.no_grad():  # it learned: the distillation loss on the training windows went down
@@ -121,10 +127,10 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path
 
     monkeypatch.setattr(recovery, "training_loss", dies_in_step_five)
     with pytest.raises(KeyboardInterrupt):
-        recover(copy.deepcopy(student), teacher, windows, heldout, 16, settings, tmp_path / "b", progress=False)
+        recover(copy.deepcopy(student), teacher, windows, _heldout(heldout), settings, tmp_path / "b", progress=False)
     monkeypatch.setattr(recovery, "training_loss", real_loss)
     resumed, outcome = recover(
-        copy.deepcopy(student), teacher, windows, heldout, 16, settings, tmp_path / "b", progress=False
+        copy.deepcopy(student), teacher, windows, _heldout(heldout), settings, tmp_path / "b", progress=False
     )
 
     assert outcome.resumed_from_step == 4
@@ -145,8 +151,7 @@ def test_training_leaves_the_teacher_untouched(tmp_path, train):
         student,
         teacher,
         random_tokens(5, 16, seed=2),
-        random_tokens(1, 16, seed=3)[0],
-        16,
+        _heldout(random_tokens(1, 16, seed=3)[0]),
         _settings(train=train, tokens=64),
         tmp_path,
         progress=False,
@@ -168,8 +173,7 @@ def test_decoder_layers_setting_leaves_embeddings_unchanged(tmp_path):
         student,
         teacher,
         random_tokens(5, 16, seed=2),
-        random_tokens(1, 16, seed=3)[0],
-        16,
+        _heldout(random_tokens(1, 16, seed=3)[0]),
         _settings(train="decoder_layers", tokens=64),
         tmp_path,
         progress=False,

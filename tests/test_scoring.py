@@ -1,7 +1,7 @@
 """Unit scores against loops over the units' weights."""
 
 import torch
-from conftest import random_tokens, tiny_model
+from conftest import ALL_STATISTICS, BASIC_STATISTICS, random_tokens, tiny_model
 
 from prune.blocks import block_shape, decoder_layers
 from prune.reconstruct import second_moment
@@ -43,7 +43,7 @@ def _unit_weights(layer, d, g):
 def test_magnitude_and_wanda_sp_match_loops():
     model = tiny_model()
     shape = block_shape(model.config)
-    stats = collect_statistics(model, random_tokens(2, 8), "max_logit", progress=False)
+    stats = collect_statistics(model, random_tokens(2, 8), "max_logit", BASIC_STATISTICS, progress=False)
     magnitude = score_units(model, shape, "magnitude", "sum", None)
     wanda = score_units(model, shape, "wanda-sp", "sum", stats)
     for i, layer in enumerate(decoder_layers(model)):
@@ -52,7 +52,7 @@ def test_magnitude_and_wanda_sp_match_loops():
         def norm(pieces):
             return sum(float(w.detach().double().square().sum()) for w, _, _ in pieces) ** 0.5
 
-        def wanda_sum(pieces):
+        def wanda_sum(pieces, i=i):
             total = 0.0
             for w, site, cols in pieces:
                 x_norm = stats.get(i, f"{site}.x_sumsq").double().sqrt()
@@ -81,7 +81,7 @@ def test_magnitude_and_wanda_sp_match_loops():
 def test_activation_aggregates_are_consistent():
     model = tiny_model()
     shape = block_shape(model.config)
-    stats = collect_statistics(model, random_tokens(2, 8), "max_logit", progress=False)
+    stats = collect_statistics(model, random_tokens(2, 8), "max_logit", BASIC_STATISTICS, progress=False)
     total = score_units(model, shape, "activation", "sum", stats)
     mean = score_units(model, shape, "activation", "mean", stats)
     peak = score_units(model, shape, "activation", "max", stats)
@@ -113,13 +113,13 @@ def _refit_error(weight: torch.Tensor, second: torch.Tensor, removed: list[int],
 def test_obs_scores_equal_the_error_of_an_explicit_refit():
     model = tiny_model()
     shape = block_shape(model.config)
-    stats = collect_statistics(model, random_tokens(3, 16), "max_logit", covariances=True, progress=False)
+    stats = collect_statistics(model, random_tokens(3, 16), "max_logit", ALL_STATISTICS, progress=False)
     damping = 0.01
     obs = score_units(model, shape, "obs", "sum", stats, damping)
     d = shape.head_dim
     for i, layer in enumerate(decoder_layers(model)):
 
-        def second(site):
+        def second(site, i=i):
             return second_moment(stats.get(i, f"{site}.xxt"), stats.get(i, f"{site}.x_sum"), stats.tokens)
 
         o_weight, down_weight = layer.self_attn.o_proj.weight.detach(), layer.mlp.down_proj.weight.detach()
@@ -147,11 +147,11 @@ def test_obs_scores_equal_the_error_of_an_explicit_refit():
 def test_activation_obs_is_the_product_of_relative_scores():
     model = tiny_model()
     shape = block_shape(model.config)
-    stats = collect_statistics(model, random_tokens(3, 16), "max_logit", covariances=True, progress=False)
+    stats = collect_statistics(model, random_tokens(3, 16), "max_logit", ALL_STATISTICS, progress=False)
     activation = score_units(model, shape, "activation", "mean", stats)
     obs = score_units(model, shape, "obs", "mean", stats, 0.01)
     combined = score_units(model, shape, "activation-obs", "mean", stats, 0.01)
-    for a, e, c in zip(activation, obs, combined):
+    for a, e, c in zip(activation, obs, combined, strict=True):
         for name in ("query_heads", "kv_groups", "ffn_channels"):
             x, y = getattr(a, name), getattr(e, name)
             torch.testing.assert_close(getattr(c, name), (x / x.mean()) * (y / y.mean()))
@@ -160,12 +160,12 @@ def test_activation_obs_is_the_product_of_relative_scores():
 def test_flap_scores_match_a_loop_over_columns():
     model = tiny_model()
     shape = block_shape(model.config)
-    stats = collect_statistics(model, random_tokens(2, 8), "max_logit", progress=False)
+    stats = collect_statistics(model, random_tokens(2, 8), "max_logit", BASIC_STATISTICS, progress=False)
     flap = score_units(model, shape, "flap", "sum", stats)
     d, n = shape.head_dim, stats.tokens
     for i, layer in enumerate(decoder_layers(model)):
 
-        def fluctuation(site, weight, column):
+        def fluctuation(site, weight, column, i=i):
             mean = float(stats.get(i, f"{site}.x_sum")[column]) / n
             variance = float(stats.get(i, f"{site}.x_sumsq")[column]) / n - mean * mean
             return variance * float(weight[:, column].double().square().sum())

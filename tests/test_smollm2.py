@@ -8,6 +8,8 @@ import sys
 import pytest
 from conftest import REPO, shared_dir
 
+from eval.report import read_report
+
 pytestmark = [
     pytest.mark.smollm2,
     pytest.mark.skipif(
@@ -52,17 +54,18 @@ def _run(output, cache, *overrides):
         env=os.environ.copy(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((output / "report.json").read_text())
+    return read_report(output)
 
 
 def test_default_recipe_end_to_end(tmp_path, cache):
     output = tmp_path / "s30"
     report = _run(output, cache)
-    dense, pruned = report["parameters"]["dense"], report["parameters"]["pruned"]
-    assert dense["total"] == 134_515_008
-    assert 0.695 <= pruned["total"] / dense["total"] <= 0.70
-    assert report["checkpoint"]["remote_code"] is True
-    assert report["statistics"]["reused"] is False
+    dense, pruned = report.parameters.dense, report.parameters.pruned
+    assert dense.total == 134_515_008
+    assert 0.695 <= pruned.total / dense.total <= 0.70
+    hf = report.export("hf")
+    assert hf is not None and hf.remote_code is True and hf.path == "model"
+    assert report.statistics is not None and report.statistics.reused is False
     assert sorted(os.listdir(output)) == [
         "activation_stats.safetensors",
         "allocation.png",
@@ -75,15 +78,17 @@ def test_default_recipe_end_to_end(tmp_path, cache):
     assert {"model.safetensors", "config.json", "modeling_pruned.py", "tokenizer.json"} <= set(
         os.listdir(output / "model")
     )
-    layers = report["layers"]
-    assert len(layers) == 30 and all(row["pruned"]["query_heads"] % row["pruned"]["kv_groups"] == 0 for row in layers)
-    assert report["speed"]["pruned"]["decode_tokens_per_s_median"] > 0
-    assert report["perplexity"]["pruned"] > report["perplexity"]["dense"] > 1
-    zeroshot = report["zeroshot"]
-    assert zeroshot["source"] == "local" and zeroshot["mean_tasks"] == ["piqa", "winogrande"]
-    for side in ("dense", "pruned"):
-        assert {t: m["items"] for t, m in zeroshot[side]["tasks"].items()} == {"piqa": 3, "winogrande": 3}
-        assert all(0 <= m["acc"] <= 1 for m in zeroshot[side]["tasks"].values())
+    layers = report.layers
+    assert len(layers) == 30 and all(
+        row.pruned and row.pruned.query_heads % row.pruned.kv_groups == 0 for row in layers
+    )
+    assert report.speed and report.speed.pruned.decode_tokens_per_s_median > 0
+    assert report.perplexity and report.perplexity.pruned > report.perplexity.dense > 1
+    zeroshot = report.zeroshot
+    assert zeroshot and zeroshot.source == "local" and zeroshot.mean_tasks == ["piqa", "winogrande"]
+    for scores in (zeroshot.dense, zeroshot.pruned):
+        assert {t: m.items for t, m in scores.tasks.items()} == {"piqa": 3, "winogrande": 3}
+        assert all(0 <= m.acc <= 1 for m in scores.tasks.values())
 
     check = subprocess.run(
         [
@@ -103,8 +108,8 @@ def test_default_recipe_end_to_end(tmp_path, cache):
     assert "trust_remote_code" not in check.stdout + check.stderr  # the tokenizer loads without a prompt
     independent = json.loads(check.stdout.strip().splitlines()[-1])
     assert independent["class"] == "PrunedLlamaForCausalLM" and independent["cache_agrees"]
-    assert independent["parameters"] == pruned["total"]
-    assert abs(independent["perplexity"] / report["perplexity"]["pruned"] - 1) < 0.01
+    assert independent["parameters"] == pruned.total
+    assert abs(independent["perplexity"] / report.perplexity.pruned - 1) < 0.01
 
     # same model and calibration, another target: the statistics are reused, not recomputed; with one step of recovery
     second = _run(
@@ -120,17 +125,17 @@ def test_default_recipe_end_to_end(tmp_path, cache):
         "recovery.learning_rate=0.0002",
         "recovery.warmup_steps=0",
     )
-    recovery = second["recovery"]
-    assert recovery["steps"] == 1 and recovery["tokens_seen"] == 128 and recovery["resumed_from_step"] == 0
-    assert [point["step"] for point in recovery["curve"]] == [0, 1]
-    assert recovery["curve"][1]["perplexity"] != recovery["curve"][0]["perplexity"]  # the weights did change
-    assert not os.path.exists(recovery["state_dir"])  # the resumable state is removed after success
+    recovery = second.recovery
+    assert recovery and recovery.steps == 1 and recovery.tokens_seen == 128 and recovery.resumed_from_step == 0
+    assert [point.step for point in recovery.curve] == [0, 1]
+    assert recovery.curve[1].perplexity != recovery.curve[0].perplexity  # the weights did change
+    assert not os.path.exists(recovery.state_dir)  # the resumable state is removed after success
     assert {"recovery.png", "recovery_log.jsonl"} <= set(os.listdir(tmp_path / "s20"))
-    assert second["perplexity"]["before_recovery"] != second["perplexity"]["pruned"]
-    assert second["statistics"]["reused"] is True
+    assert second.perplexity and second.perplexity.before_recovery != second.perplexity.pruned
+    assert second.statistics and second.statistics.reused is True
     # ... and so are the dense model's evaluations
-    assert second["perplexity"]["dense_reused_from"] and second["zeroshot"]["dense_reused_from"]
-    assert second["perplexity"]["dense"] == report["perplexity"]["dense"]
-    assert second["zeroshot"]["dense"] == report["zeroshot"]["dense"]
-    assert second["statistics"]["cache_path"] == report["statistics"]["cache_path"]
-    assert 0.795 <= second["parameters"]["pruned"]["total"] / dense["total"] <= 0.80
+    assert second.perplexity.dense_reused_from and second.zeroshot and second.zeroshot.dense_reused_from
+    assert second.perplexity.dense == report.perplexity.dense
+    assert second.zeroshot.dense == report.zeroshot.dense
+    assert second.statistics.cache_path == report.statistics.cache_path
+    assert 0.795 <= second.parameters.pruned.total / dense.total <= 0.80

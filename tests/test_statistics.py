@@ -2,22 +2,24 @@
 
 import pytest
 import torch
-from conftest import random_tokens, tiny_model
+from conftest import ALL_STATISTICS, BASIC_STATISTICS, random_tokens, tiny_model
 
 from prune.allocation import activated_count
 from prune.blocks import LINEAR_NAMES, decoder_layers, layer_linears
-from prune.statistics import HIST_MIN, HIST_WIDTH, ActivationStatistics, collect_statistics, objective_value
+from prune.statistics import HIST_MIN, HIST_WIDTH, ActivationStatistics, Statistic, collect_statistics, objective_value
 
 
 def _brute_force_mean_activation(model, samples, objective):
     """mean_s |w * dD(s)/dw| for every decoder linear weight, one autograd.grad call per sample."""
     weights = {
-        (i, n): l.weight for i, layer in enumerate(decoder_layers(model)) for n, l in layer_linears(layer).items()
+        (i, n): linear.weight
+        for i, layer in enumerate(decoder_layers(model))
+        for n, linear in layer_linears(layer).items()
     }
     total = {k: torch.zeros_like(w) for k, w in weights.items()}
     for sample in samples:
         grads = torch.autograd.grad(objective_value(model, sample[None], objective), list(weights.values()))
-        for (k, w), g in zip(weights.items(), grads):
+        for (k, w), g in zip(weights.items(), grads, strict=True):
             total[k] += (w.detach() * g).abs()
     return {k: v / len(samples) for k, v in total.items()}
 
@@ -28,7 +30,7 @@ def test_reduced_activation_matches_brute_force(objective, family):
     model = tiny_model(family)
     samples = random_tokens(3, 10)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    stats = collect_statistics(model, samples, objective, progress=False)
+    stats = collect_statistics(model, samples, objective, BASIC_STATISTICS, progress=False)
     brute = _brute_force_mean_activation(model, samples, objective)
     for (i, name), mean in brute.items():
         torch.testing.assert_close(stats.get(i, f"{name}.row_sum"), mean.sum(1), rtol=1e-4, atol=1e-7)
@@ -44,7 +46,7 @@ def test_reduced_activation_matches_brute_force(objective, family):
 def test_histogram_counts_match_brute_force():
     model = tiny_model()
     samples = random_tokens(2, 8)
-    stats = collect_statistics(model, samples, "max_logit", progress=False)
+    stats = collect_statistics(model, samples, "max_logit", BASIC_STATISTICS, progress=False)
     brute = _brute_force_mean_activation(model, samples, "max_logit")
     for layer in range(3):
         values = torch.cat([brute[(layer, n)].flatten() for n in LINEAR_NAMES]).double()
@@ -60,7 +62,7 @@ def test_histogram_counts_match_brute_force():
 def test_input_statistics_match_hidden_states():
     model = tiny_model()
     samples = random_tokens(2, 8)
-    stats = collect_statistics(model, samples, "nll", progress=False)
+    stats = collect_statistics(model, samples, "nll", BASIC_STATISTICS, progress=False)
     expected_sum = torch.zeros(96, dtype=torch.float64)
     expected_sumsq = torch.zeros(96, dtype=torch.float64)
     with torch.no_grad():
@@ -76,7 +78,7 @@ def test_input_statistics_match_hidden_states():
 
 
 def test_save_and_load_round_trip(tmp_path):
-    stats = collect_statistics(tiny_model(), random_tokens(2, 6), "max_logit", progress=False)
+    stats = collect_statistics(tiny_model(), random_tokens(2, 6), "max_logit", BASIC_STATISTICS, progress=False)
     stats.save(tmp_path / "s.safetensors")
     loaded = ActivationStatistics.load(tmp_path / "s.safetensors")
     assert (loaded.samples, loaded.tokens, loaded.objective) == (2, 12, "max_logit")
@@ -88,26 +90,32 @@ def test_save_and_load_round_trip(tmp_path):
 def test_taylor_reductions_match_brute_force():
     model = tiny_model()
     samples = random_tokens(3, 10)
-    stats = collect_statistics(model, samples, "nll", taylor=True, progress=False)
+    stats = collect_statistics(model, samples, "nll", ALL_STATISTICS, progress=False)
     weights = {
-        (i, n): l.weight for i, layer in enumerate(decoder_layers(model)) for n, l in layer_linears(layer).items()
+        (i, n): linear.weight
+        for i, layer in enumerate(decoder_layers(model))
+        for n, linear in layer_linears(layer).items()
     }
     summed = {k: torch.zeros_like(w) for k, w in weights.items()}
     for sample in samples:
         grads = torch.autograd.grad(objective_value(model, sample[None], "nll"), list(weights.values()))
-        for k, g in zip(weights, grads):
+        for k, g in zip(weights, grads, strict=True):
             summed[k] += g
     for (i, name), g in summed.items():
         score = (weights[(i, name)].detach() * g / len(samples)).abs()
         torch.testing.assert_close(stats.get(i, f"{name}.taylor_row_sum"), score.sum(1), rtol=1e-4, atol=1e-8)
         torch.testing.assert_close(stats.get(i, f"{name}.taylor_col_max"), score.amax(0), rtol=1e-4, atol=1e-8)
-    assert stats.has_taylor and not collect_statistics(model, samples[:1], "nll", progress=False).has_taylor
+    assert Statistic.SUMMED_GRADIENTS in stats.provides
+    assert (
+        Statistic.SUMMED_GRADIENTS
+        not in collect_statistics(model, samples[:1], "nll", BASIC_STATISTICS, progress=False).provides
+    )
 
 
 def test_block_influence_matches_hidden_state_cosines():
     model = tiny_model()
     samples = random_tokens(2, 8)
-    stats = collect_statistics(model, samples, "max_logit", progress=False)
+    stats = collect_statistics(model, samples, "max_logit", BASIC_STATISTICS, progress=False)
     expected = torch.zeros(3, dtype=torch.float64)
     with torch.no_grad():
         for sample in samples:

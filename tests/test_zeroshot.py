@@ -1,4 +1,4 @@
-"""Zero-shot evaluation: the shipped task definitions, and lm-eval's log-likelihoods against an independent computation."""
+"""Zero-shot evaluation: the shipped task definitions; lm-eval's log-likelihoods against an independent computation."""
 
 import json
 import string
@@ -8,9 +8,9 @@ import torch
 from conftest import shared_dir
 
 from eval.tasks.local_tasks import choices, joined
-from eval.zeroshot import MEAN_TASKS, local_task_config, resolve_source
+from eval.zeroshot import LOCAL_TASKS, MEAN_TASKS, local_task_config, resolve_source
 from prune.calibration import DataSourceError
-from prune.recipe import ZEROSHOT_TASKS, RecipeError, load_recipe
+from prune.recipe import RecipeError, load_recipe
 
 
 def test_choices_are_joined_by_a_space_unless_they_start_with_punctuation():
@@ -39,7 +39,7 @@ def test_local_task_configs_read_files_from_the_data_directory(tmp_path, monkeyp
 def test_every_local_task_has_a_definition_and_seven_feed_the_mean():
     from eval.zeroshot import TASK_DIR
 
-    assert sorted(p.stem for p in TASK_DIR.glob("*.yaml")) == sorted(ZEROSHOT_TASKS)
+    assert sorted(p.stem for p in TASK_DIR.glob("*.yaml")) == sorted(LOCAL_TASKS)
     assert MEAN_TASKS == ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
 
@@ -54,7 +54,7 @@ def test_recipe_rejects_unknown_local_tasks():
 
 
 def _log_likelihood(model, tokenizer, context: str, continuation: str) -> float:
-    """log P(continuation | context): the whole text tokenized once, the continuation being the tokens after the context's."""
+    """log P(continuation | context): the whole text tokenized once; the continuation = tokens after the context's."""
     whole = tokenizer(context + continuation).input_ids
     n_context = len(tokenizer(context).input_ids)
     with torch.no_grad():

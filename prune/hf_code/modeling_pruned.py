@@ -10,6 +10,8 @@ outputs), ``o_proj`` and ``down_proj`` carry a bias. Everything else (RoPE, KV c
 is stock.
 """
 
+from typing import Any
+
 from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
@@ -35,7 +37,8 @@ def set_layer_widths(
     """
     if query_heads % kv_heads:
         raise ValueError(f"{query_heads} query heads cannot be split over {kv_heads} KV heads")
-    attn, mlp = layer.self_attn, layer.mlp
+    attn: Any = layer.self_attn  # the family's attention and MLP modules, reached by name
+    mlp: Any = layer.mlp
     head_dim, hidden = attn.head_dim, attn.q_proj.in_features
     attn.q_proj = _resized_linear(attn.q_proj, hidden, query_heads * head_dim)
     attn.k_proj = _resized_linear(attn.k_proj, hidden, kv_heads * head_dim)
@@ -49,9 +52,12 @@ def set_layer_widths(
 
 
 def _apply_layer_widths(model: nn.Module, config) -> None:
-    widths = zip(config.layer_num_attention_heads, config.layer_num_key_value_heads, config.layer_intermediate_size)
+    widths = zip(
+        config.layer_num_attention_heads, config.layer_num_key_value_heads, config.layer_intermediate_size, strict=True
+    )
     output_bias = getattr(config, "output_projection_bias", False)
-    for layer, (query_heads, kv_heads, ffn_channels) in zip(model.model.layers, widths):
+    layers: Any = model.get_submodule("model.layers")
+    for layer, (query_heads, kv_heads, ffn_channels) in zip(layers, widths, strict=True):
         set_layer_widths(layer, query_heads, kv_heads, ffn_channels, output_bias)
 
 

@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from eval.zeroshot import local_data_file
 from prune.calibration import LOCAL_FILES, DataSourceError, calibration_samples, resolve_text_source
 from prune.paths import data_dir
-from prune.recipe import ZEROSHOT_TASKS
 
-DOMAINS = tuple(ZEROSHOT_TASKS) + tuple(LOCAL_FILES)
 PAIR_DATASETS = {"stsb-test": "stsb/sts-test.csv", "stsb-dev": "stsb/sts-dev.csv"}
 
 
@@ -56,7 +55,9 @@ def task_prompts(task: str) -> list[str]:
         return [task_prompt(task, json.loads(line)) for line in f if line.strip()]
 
 
-def domain_samples(tokenizer, domain: str, samples: int, max_tokens: int, seed: int) -> list[torch.Tensor]:
+def domain_samples(
+    tokenizer: PreTrainedTokenizerBase, domain: str, samples: int, max_tokens: int, seed: int
+) -> list[torch.Tensor]:
     """``samples`` inputs of a domain as token ids [<= max_tokens], reproducible for a seed.
 
     Tasks: a seeded sample of distinct items, each prompt cut to its last ``max_tokens`` tokens (the

@@ -1,6 +1,6 @@
-"""Command line: ``python -m prune.analyze RECIPE.yaml [--set key=value ...] [--overwrite]``.
+"""Command line: ``python -m prune.analysis RECIPE.yaml [--set key=value ...] [--overwrite]``.
 
-The paper's three findings on a model (METHOD.md section 1), from the same backward pass as the
+The paper's three findings on a model (docs/METHOD.md §1), from the same backward pass as the
 pruning statistics:
 
 - ``domains`` (findings 1 and 2): per domain, activated weights per layer of the mean A, and LLMDcos
@@ -20,17 +20,21 @@ import itertools
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from scipy.stats import spearmanr
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from prune.analysis_data import domain_samples, read_sentence_pairs, resolve_pair_dataset, sample_pairs, task_prompts
-from prune.analysis_report import write_analysis
+from prune.analysis.data import domain_samples, read_sentence_pairs, resolve_pair_dataset, sample_pairs, task_prompts
+from prune.analysis.patterns import CountSketch, domain_patterns, similarities, sketch_cosines
+from prune.analysis.recipe import AnalysisRecipe, load_analysis_recipe
+from prune.analysis.report import write_analysis
 from prune.calibration import LOCAL_FILES, DataSourceError, resolve_text_source
 from prune.models import ModelSourceError, load_model, resolve_model_source
 from prune.paths import cache_dir, staged_directory
-from prune.patterns import CountSketch, domain_patterns, similarities, sketch_cosines
-from prune.recipe import AnalysisRecipe, RecipeError, load_analysis_recipe, recipe_to_dict
+from prune.recipe import RecipeError
+from prune.schema import to_mapping
 
 USER_ERRORS = (RecipeError, ModelSourceError, DataSourceError)
 
@@ -49,7 +53,8 @@ def pair_key(a: str, b: str) -> str:
 
 
 def domain_similarity_pairs(sketches_a: torch.Tensor, sketches_b: torch.Tensor | None) -> torch.Tensor:
-    """LLMDcos per pair and layer [pairs, layers]: sample i of a with sample i of b, or (b None) a's first half with its second."""
+    """LLMDcos per pair and layer [pairs, layers]: sample i of a with sample i of b, or (b None) a's first half
+    with its second half."""
     if sketches_b is None:
         half = len(sketches_a) // 2
         return sketch_cosines(sketches_a[:half], sketches_a[half : 2 * half])
@@ -57,7 +62,9 @@ def domain_similarity_pairs(sketches_a: torch.Tensor, sketches_b: torch.Tensor |
     return sketch_cosines(sketches_a[:count], sketches_b[:count])
 
 
-def analyze_domains(recipe: AnalysisRecipe, model, tokenizer, deep: tuple[int, int]) -> dict:
+def analyze_domains(
+    recipe: AnalysisRecipe, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, deep: tuple[int, int]
+) -> dict:
     """Findings 1 and 2 over ``recipe.domains.names``; the result is JSON-ready."""
     d = recipe.domains
     sketch = CountSketch(d.sketch_size, d.seed)
@@ -100,7 +107,13 @@ def analyze_domains(recipe: AnalysisRecipe, model, tokenizer, deep: tuple[int, i
     }
 
 
-def analyze_similarity(recipe: AnalysisRecipe, model, tokenizer, deep: tuple[int, int], pair_file: Path) -> dict:
+def analyze_similarity(
+    recipe: AnalysisRecipe,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    deep: tuple[int, int],
+    pair_file: Path,
+) -> dict:
     """Finding 3: Spearman correlation of LLMDcos (per layer, and mean over the deep layers) with gold scores."""
     s = recipe.similarity
     pairs = sample_pairs(read_sentence_pairs(pair_file), s.pairs, s.seed)
@@ -145,29 +158,30 @@ def execute(recipe: AnalysisRecipe, overwrite: bool) -> Path:
     source = resolve_model_source(recipe.model.source, cache)
     model, tokenizer = load_model(source, recipe.model.dtype, recipe.model.device, cache)
     deep = deep_layer_range(recipe.deep_layers, model.config.num_hidden_layers)
-    result = {
-        "recipe": recipe_to_dict(recipe),
+    seconds: dict[str, float] = {}
+    result: dict[str, Any] = {
+        "recipe": to_mapping(recipe),
         "model": {"source": recipe.model.source, "location": source.location},
         "objective": recipe.objective,
         "deep_layers": list(deep),
-        "seconds": {},
+        "seconds": seconds,
     }
     with staged_directory(output) as partial:
         if recipe.domains.enabled:
             start = time.perf_counter()
             result["domains"] = analyze_domains(recipe, model, tokenizer, deep)
-            result["seconds"]["domains"] = time.perf_counter() - start
-        if recipe.similarity.enabled:
+            seconds["domains"] = time.perf_counter() - start
+        if pair_file is not None:  # similarity.enabled
             start = time.perf_counter()
             result["similarity"] = analyze_similarity(recipe, model, tokenizer, deep, pair_file)
-            result["seconds"]["similarity"] = time.perf_counter() - start
+            seconds["similarity"] = time.perf_counter() - start
         write_analysis(result, partial)
     return output
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m prune.analyze",
+        prog="python -m prune.analysis",
         description="Activation-pattern analysis: density per layer, cross-domain and sentence-pair similarity.",
     )
     parser.add_argument("recipe", help="YAML analysis recipe (see README, 'Activation-pattern analysis')")

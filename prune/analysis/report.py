@@ -22,7 +22,7 @@ def density_figure(domains: dict, path: Path) -> None:
     )
     for ax, key, title in panels:
         for name in domains["names"]:
-            ax.plot(layers, [n / w for n, w in zip(domains[key][name], weights)], marker=".", label=name)
+            ax.plot(layers, [n / w for n, w in zip(domains[key][name], weights, strict=True)], marker=".", label=name)
         ax.set_title(title)
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("activated fraction of the layer's weights")
@@ -55,7 +55,7 @@ def boxplot_figure(domains: dict, path: Path) -> None:
     """Finding 2: per-layer distributions of LLMDcos over the sample pairs of chosen domain pairs."""
     pairs = list(domains["boxplots"])
     fig, axes = plt.subplots(len(pairs), 1, figsize=(11, 2.6 * len(pairs)), sharex=True, squeeze=False)
-    for ax, key in zip(axes[:, 0], pairs):
+    for ax, key in zip(axes[:, 0], pairs, strict=True):
         per_layer = domains["boxplots"][key]
         ax.boxplot(per_layer, positions=list(range(len(per_layer))), widths=0.6, showfliers=False)
         a, b = key.split("|")
@@ -154,7 +154,8 @@ def analysis_markdown(result: dict) -> str:
             "## Finding 2: cross-domain similarity per layer",
             "",
             f"LLMDcos between input i of one domain and input i of another ({domains['samples']} pairs; same domain: "
-            f"first half against second half), estimated from count sketches of {domains['sketch_size']} buckets per layer.",
+            f"first half against second half), estimated from count sketches of {domains['sketch_size']} buckets "
+            "per layer.",
             "",
             "![by layer](similarity_by_layer.png)",
             "",
@@ -165,7 +166,7 @@ def analysis_markdown(result: dict) -> str:
             _row(["---"] * 3),
         ]
         for layer, (same, cross) in enumerate(
-            zip(domains["same_domain_mean_per_layer"], domains["cross_domain_mean_per_layer"])
+            zip(domains["same_domain_mean_per_layer"], domains["cross_domain_mean_per_layer"], strict=True)
         ):
             lines.append(_row([layer, f"{same:.3f}", f"{cross:.3f}"]))
         lines.append("")
@@ -188,6 +189,7 @@ def analysis_markdown(result: dict) -> str:
                 similarity["spearman_per_layer"],
                 similarity["p_value_per_layer"],
                 similarity["mean_similarity_per_layer"],
+                strict=True,
             )
         ):
             lines.append(_row([layer, f"{rho:.3f}", f"{p:.2g}", f"{mean:.3f}"]))

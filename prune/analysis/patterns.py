@@ -1,4 +1,4 @@
-"""Activation patterns of single inputs (METHOD.md section 1), on top of the statistics pass's backward loop.
+"""Activation patterns of single inputs (docs/METHOD.md §1), on top of the statistics pass's backward loop.
 
 For an input s, the pattern of decoder layer l is the vector A_l(s) of A(s, w) = |w * dD(s)/dw| over
 every weight of the layer's 7 linears (one backward pass per input, the same code as the pruning
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prune.allocation import activated_count, activation_threshold
 from prune.blocks import block_shape
@@ -81,7 +82,7 @@ class DomainPatterns:
 
 
 def domain_patterns(
-    model,
+    model: PreTrainedModel,
     samples: list[torch.Tensor],
     objective: str,
     gamma: float,
@@ -129,41 +130,54 @@ def sketch_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def pattern_similarities(
-    model, pairs: list[tuple[torch.Tensor, torch.Tensor]], objective: str = "max_logit", progress: bool = True
+    model: PreTrainedModel,
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    objective: str = "max_logit",
+    progress: bool = True,
 ) -> torch.Tensor:
     """Exact LLMDcos per layer for pairs of inputs (token ids [T] each): [pairs, layers] float64.
 
     Two backward passes per pair; the first input's pattern is kept (4 bytes per decoder linear
     weight), the second's is compared with it as its gradients arrive.
     """
-    weights = decoder_linear_weights(model)
-    num_layers = 1 + max(layer for layer, _ in weights)
+    num_layers = 1 + max(layer for layer, _ in decoder_linear_weights(model))
     result = torch.zeros(len(pairs), num_layers, dtype=torch.float64)
     for p, (ids_a, ids_b) in enumerate(tqdm(pairs, desc="pattern similarity", unit="pair", disable=not progress)):
-        first: dict = {}
-        dot = torch.zeros(num_layers, dtype=torch.float64)
-        norm_a = torch.zeros(num_layers, dtype=torch.float64)
-        norm_b = torch.zeros(num_layers, dtype=torch.float64)
-
-        def consume(sample: int, key, product: torch.Tensor) -> None:
-            activation = product.abs_().flatten()
-            layer = key[0]
-            if sample == 0:
-                first[key] = activation
-                norm_a[layer] += float(torch.dot(activation, activation))
-            else:
-                dot[layer] += float(torch.dot(first.pop(key), activation))
-                norm_b[layer] += float(torch.dot(activation, activation))
-
-        weight_gradient_products(
-            model, [ids_a, ids_b], objective, consume, progress=False, desc="", checkpoint_layers=False
-        )
-        result[p] = dot / (norm_a.sqrt() * norm_b.sqrt()).clamp_min(1e-300)
+        result[p] = _pair_similarity(model, ids_a, ids_b, objective, num_layers)
     return result
 
 
+def _pair_similarity(
+    model: PreTrainedModel, ids_a: torch.Tensor, ids_b: torch.Tensor, objective: str, num_layers: int
+) -> torch.Tensor:
+    """LLMDcos per layer [num_layers] of two inputs' patterns (float64)."""
+    first: dict = {}
+    dot = torch.zeros(num_layers, dtype=torch.float64)
+    norm_a = torch.zeros(num_layers, dtype=torch.float64)
+    norm_b = torch.zeros(num_layers, dtype=torch.float64)
+
+    def consume(sample: int, key, product: torch.Tensor) -> None:
+        activation = product.abs_().flatten()
+        layer = key[0]
+        if sample == 0:
+            first[key] = activation
+            norm_a[layer] += float(torch.dot(activation, activation))
+        else:
+            dot[layer] += float(torch.dot(first.pop(key), activation))
+            norm_b[layer] += float(torch.dot(activation, activation))
+
+    weight_gradient_products(
+        model, [ids_a, ids_b], objective, consume, progress=False, desc="", checkpoint_layers=False
+    )
+    return dot / (norm_a.sqrt() * norm_b.sqrt()).clamp_min(1e-300)
+
+
 def similarities(
-    model, tokenizer, pairs: list[tuple[str, str]], objective: str = "max_logit", progress: bool = True
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[tuple[str, str]],
+    objective: str = "max_logit",
+    progress: bool = True,
 ) -> torch.Tensor:
     """LLMDcos per decoder layer for each pair of texts: [pairs, layers] float64 (see :func:`pattern_similarities`)."""
 
@@ -174,7 +188,12 @@ def similarities(
 
 
 def similarity(
-    model, tokenizer, text_a: str, text_b: str, layers: list[int] | None = None, objective: str = "max_logit"
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    text_a: str,
+    text_b: str,
+    layers: list[int] | None = None,
+    objective: str = "max_logit",
 ) -> float:
     """Mean LLMDcos over ``layers`` (decoder layer indices; None = all) of two texts' activation patterns.
 

@@ -1,0 +1,166 @@
+"""GGUF files run in llama.cpp, through its Python binding (``llama-cpp-python``, the optional ``engine`` extra).
+
+What a deployed model is judged by, measured in the engine itself:
+
+- :func:`engine_logits` / :func:`greedy_tokens`: next-token logits of a token sequence and greedy
+  generation (argmax of the last position, one token at a time);
+- :func:`engine_perplexity`: the perplexity protocol of ``eval/perplexity.py`` (non-overlapping
+  windows, each predicting its tokens 2..seqlen) on the engine's logits;
+- :func:`engine_speed`: prompt processing (one batched evaluation of the prompt) and generation
+  (greedy decode steps after it) in tokens per second, several files interleaved, warm-up repeats
+  discarded, median and spread of the timed repeats.
+
+Comparisons with the PyTorch model use a float32 KV cache (``exact_cache``), since the engine's default
+float16 cache rounds keys and values; speed uses the engine's defaults, as a deployment would.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from eval.report import EngineSpeed
+
+GGML_TYPE_F32 = 0
+"""ggml's type id of float32 (the KV cache type for exact comparisons)."""
+
+
+def engine_available() -> bool:
+    """Whether the llama.cpp binding is installed."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextmanager
+def open_gguf(path: Path, context: int, threads: int, all_logits: bool, exact_cache: bool) -> Iterator[Any]:
+    """A llama.cpp model of the GGUF file ``path`` with a context of ``context`` tokens, closed on exit.
+
+    ``all_logits``: keep the logits of every evaluated position (``Llama.scores``); ``exact_cache``: a float32
+    KV cache instead of the engine's default float16.
+    """
+    from llama_cpp import Llama
+
+    cache_type = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if exact_cache else {}
+    llm = Llama(
+        str(path),
+        n_ctx=context,
+        n_batch=context,
+        n_ubatch=context,
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=all_logits,
+        verbose=False,
+        **cache_type,
+    )
+    try:
+        yield llm
+    finally:
+        llm.close()
+
+
+def engine_logits(llm: Any, ids: list[int]) -> np.ndarray:
+    """Next-token logits [len(ids), vocab] (float32) of a fresh sequence (needs ``all_logits``)."""
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: llm.n_tokens])
+
+
+def _last_logits(llm: Any) -> np.ndarray:
+    return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+
+
+def greedy_tokens(llm: Any, ids: list[int], new_tokens: int) -> list[int]:
+    """``new_tokens`` greedy tokens after ``ids`` (argmax of the last position's logits, one decode step each)."""
+    llm.reset()
+    llm.eval(ids)
+    generated = []
+    for _ in range(new_tokens):
+        token = int(np.argmax(_last_logits(llm)))
+        generated.append(token)
+        llm.eval([token])
+    return generated
+
+
+def engine_perplexity(
+    llm: Any, tokens: torch.Tensor, seqlen: int, windows: int | None, progress: bool = True
+) -> dict[str, float]:
+    """Perplexity of the engine's logits on ``tokens`` [n_tokens]: the first ``windows`` non-overlapping windows
+    of ``seqlen`` tokens (all when None), exp(total NLL / predicted tokens); needs ``all_logits``.
+
+    Returns ``{"perplexity", "windows", "predicted_tokens", "mean_nll"}`` (NLL in nats per token).
+    """
+    available = len(tokens) // seqlen
+    count = available if windows is None else min(windows, available)
+    total, predicted = 0.0, 0
+    for k in tqdm(range(count), desc="engine perplexity", unit="window", disable=not progress):
+        window = tokens[k * seqlen : (k + 1) * seqlen].tolist()
+        logits = torch.from_numpy(engine_logits(llm, window)[:-1]).double()
+        targets = torch.tensor(window[1:])
+        total -= float(torch.log_softmax(logits, -1).gather(1, targets[:, None]).sum())
+        predicted += seqlen - 1
+    mean_nll = total / predicted
+    return {"perplexity": math.exp(mean_nll), "windows": count, "predicted_tokens": predicted, "mean_nll": mean_nll}
+
+
+def engine_speed(
+    paths: dict[str, Path],
+    prompt_tokens: int,
+    new_tokens: int,
+    warmup: int,
+    repeats: int,
+    threads: int,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, EngineSpeed]:
+    """Speed of every file of ``paths`` (name -> GGUF file), interleaved repeat by repeat, in one process.
+
+    Each run: the context is cleared, a random prompt of ``prompt_tokens`` tokens is evaluated in one batch
+    (prompt processing), then ``new_tokens`` greedy decode steps follow (generation).
+    """
+    context = prompt_tokens + new_tokens + 8
+    with ExitStack() as stack:
+        models = {
+            name: stack.enter_context(open_gguf(path, context, threads, all_logits=False, exact_cache=False))
+            for name, path in paths.items()
+        }
+        vocab = min(llm.n_vocab() for llm in models.values())
+        prompt = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(seed)).tolist()
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+        runs = [(r, name) for r in range(warmup + repeats) for name in models]
+        for r, name in tqdm(runs, desc="engine speed", unit="run", disable=not progress):
+            llm = models[name]
+            llm.reset()
+            start = time.perf_counter()
+            llm.eval(prompt)
+            prompted = time.perf_counter()
+            for _ in range(new_tokens):
+                llm.eval([int(np.argmax(_last_logits(llm)))])
+            done = time.perf_counter()
+            if r >= warmup:
+                times[name].append((prompted - start, done - prompted))
+    results = {}
+    for name, runs_of_file in times.items():
+        prompt_rates = [prompt_tokens / p for p, _ in runs_of_file]
+        decode_rates = [new_tokens / d for _, d in runs_of_file]
+        results[name] = EngineSpeed(
+            statistics.median(prompt_rates),
+            min(prompt_rates),
+            max(prompt_rates),
+            statistics.median(decode_rates),
+            min(decode_rates),
+            max(decode_rates),
+            paths[name].stat().st_size,
+        )
+    return results

@@ -1,0 +1,166 @@
+"""Export: the pruned model written in the formats the recipe's ``export.formats`` names, and the command
+that exports a finished run or any model source afterwards.
+
+Each format is one entry of :data:`EXPORTERS`: a function that writes the model into the run
+directory and returns its report entry.
+
+- ``hf``: a Hugging Face checkpoint in ``model/`` (``prune/checkpoint.py``);
+- ``gguf``: one GGUF file for llama.cpp, ``model-<type>.gguf`` (``prune/gguf_export.py``).
+
+Command line::
+
+    python -m prune.export RUN_DIR [--type q8_0] [--output FILE] [--overwrite]
+    python -m prune.export MODEL_SOURCE --output FILE [--type f16]     # e.g. the dense model, like for like
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from eval.report import ExportReport, read_report
+from prune.blocks import SUPPORTED_MODEL_TYPES
+from prune.checkpoint import save_checkpoint
+from prune.gguf_export import TENSOR_TYPES, GgufExportError, write_gguf
+from prune.models import ModelSource, ModelSourceError, load_config, load_model, resolve_model_source
+from prune.paths import cache_dir
+from prune.pruner import has_layer_widths
+
+if TYPE_CHECKING:
+    from prune.recipe import ExportSection
+
+
+@dataclass(frozen=True)
+class ExportInputs:
+    """What an exporter reads: the model to write, its tokenizer, where it came from, the run directory and the
+    recipe's ``export`` section."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: ModelSource
+    directory: Path
+    """The run directory (being staged); an exporter writes inside it."""
+    settings: ExportSection
+
+
+def directory_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (or of the file ``path``)."""
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def export_hf(inputs: ExportInputs) -> ExportReport:
+    """The Hugging Face checkpoint: ``model/`` with safetensors, config, tokenizer (and modeling code if needed)."""
+    directory = inputs.directory / "model"
+    save_checkpoint(inputs.model, inputs.tokenizer, directory)
+    return ExportReport(
+        format="hf",
+        path=directory.name,
+        bytes=directory_bytes(directory),
+        remote_code=has_layer_widths(inputs.model.config),
+    )
+
+
+def gguf_tokenizer_source(source: ModelSource) -> Path | None:
+    """The GGUF file whose tokenizer keys an export copies: the model's own source file, when it is one."""
+    path = Path(source.location)
+    return path if source.kind == "gguf" and path.is_file() else None
+
+
+def export_gguf(inputs: ExportInputs) -> ExportReport:
+    """One GGUF file for llama.cpp, ``model-<type>.gguf``, in the tensor type ``export.gguf_type``."""
+    tensor_type = inputs.settings.gguf_type
+    path = inputs.directory / f"model-{tensor_type}.gguf"
+    written = write_gguf(
+        inputs.model,
+        inputs.tokenizer,
+        path,
+        tensor_type,
+        gguf_tokenizer_source(inputs.source),
+        name=f"{Path(inputs.source.location).stem} (pruned)",
+    )
+    return ExportReport("gguf", path.name, path.stat().st_size, tensor_type=tensor_type, notes=written.notes)
+
+
+EXPORTERS: dict[str, Callable[[ExportInputs], ExportReport]] = {"hf": export_hf, "gguf": export_gguf}
+"""Exporters by recipe name (``export.formats``)."""
+
+
+class ExportError(ValueError):
+    """A bad argument of the export command; the message names it."""
+
+
+def _source_of(target: Path | str) -> tuple[ModelSource, Path | None, str]:
+    """The model to export: a run directory's checkpoint (and its source GGUF, if it still exists), or a model
+    source as a recipe names one. Returns (source, GGUF file to copy the tokenizer from, a name)."""
+    run = Path(target).expanduser()
+    if (run / "report.json").is_file():
+        try:
+            report = read_report(run)
+        except ValueError as error:
+            raise ExportError(str(error)) from None
+        checkpoint = run / "model"
+        if not (checkpoint / "config.json").is_file():
+            raise ExportError(f"{run}: the run has no Hugging Face checkpoint (model/) to export")
+        origin = ModelSource(report.model.kind, report.model.location)
+        name = f"{Path(report.model.source).stem} (pruned {report.parameters.removed_fraction:.0%})"
+        return ModelSource("directory", str(checkpoint)), gguf_tokenizer_source(origin), name
+    source = resolve_model_source(str(target), cache_dir(None))
+    return source, gguf_tokenizer_source(source), Path(source.location).stem
+
+
+def export_command(target: str, tensor_type: str, output: Path | None, overwrite: bool) -> Path:
+    """``python -m prune.export``: write a GGUF file of a run or of a model source; returns its path."""
+    if tensor_type not in TENSOR_TYPES:
+        raise ExportError(f"--type: {tensor_type!r} is not one of {', '.join(TENSOR_TYPES)}")
+    source, tokenizer_source, name = _source_of(target)
+    run = Path(target).expanduser()
+    if output is None:
+        if not (run / "report.json").is_file():
+            raise ExportError(f"--output: required when {target!r} is not a run directory")
+        output = run / f"model-{tensor_type}.gguf"
+    if output.exists() and not overwrite:
+        raise ExportError(f"--output: {output} already exists; choose another or pass --overwrite")
+    if not output.parent.is_dir():
+        raise ExportError(f"--output: the directory {output.parent} does not exist")
+    model_type = load_config(source).model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ExportError(
+            f"{target}: model type {model_type!r} is not one the toolkit prunes ({', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    model, tokenizer = load_model(source, "float32", "cpu", cache_dir(None))
+    written = write_gguf(model, tokenizer, output, tensor_type, tokenizer_source, name)
+    for note in written.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m prune.export",
+        description="Write a pruned run (or any model source) as a GGUF file that llama.cpp runs.",
+    )
+    parser.add_argument("source", help="a run directory, or a model source as in a recipe (to export a dense model)")
+    parser.add_argument("--format", default="gguf", help="gguf (the only format this command writes)")
+    parser.add_argument("--type", default="f16", help=f"tensor type of the weight matrices: {', '.join(TENSOR_TYPES)}")
+    parser.add_argument("--output", type=Path, help="the file to write (default for a run: RUN_DIR/model-TYPE.gguf)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    args = parser.parse_args(argv)
+    try:
+        if args.format != "gguf":
+            raise ExportError(f"--format: {args.format!r} is not one this command writes (gguf)")
+        path = export_command(args.source, args.type, args.output, args.overwrite)
+    except (ExportError, GgufExportError, ModelSourceError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"done: {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

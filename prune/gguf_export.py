@@ -1,0 +1,341 @@
+"""GGUF export: a pruned (or dense) model as one file that llama.cpp runs, every layer with its own widths.
+
+The file uses llama.cpp's ``deci`` architecture, whose attention head counts and FFN widths are
+per-layer arrays (``deci.attention.head_count``, ``deci.attention.head_count_kv``,
+``deci.feed_forward_length``, one entry per block). A dense model is written the same way, so that a
+dense / pruned comparison in the engine runs one graph builder. What the engine requires of the file:
+
+- the head size comes from ``deci.attention.key_length`` / ``value_length`` and must equal
+  ``deci.rope.dimension_count`` (otherwise it is derived from layer 0's head count);
+- the rotary layout: llama.cpp rotates adjacent pairs, Hugging Face models rotate halves, so the rows
+  of ``q_proj`` / ``k_proj`` (and their biases) are permuted head by head, with each layer's own
+  head counts (:func:`to_rotate_pairs`; :func:`to_rotate_halves` undoes it);
+- every tensor in the file must be used: layers removed whole are dropped and the rest renumbered;
+  ``output.weight`` is omitted when the output head is tied to the embeddings;
+- ``attn_output.bias`` and ``ffn_down.bias`` (what a reconstruction adds) and q/k/v biases (Qwen2) are
+  optional tensors the graph adds;
+- a layer must keep attention heads and FFN channels (the engine drops the attention output of a
+  layer without FFN channels); the toolkit's pruner never removes either completely.
+
+Tensor types: weight matrices in ``f32``, ``f16``, ``bf16`` or ``q8_0`` (quantized here by the ``gguf``
+package), or ``q4_k_m`` / ``q6_k`` (written as f16, then quantized by llama.cpp's own quantizer, which
+needs the optional ``llama-cpp-python`` binding); norms and biases always float32. A matrix whose rows
+do not split into whole blocks of the type (32 values for q8_0, 256 for k-quants) is written in a
+fallback type, which the result lists. Tokenizer metadata is copied from the source GGUF file when
+the model came from one, otherwise built from the Hugging Face tokenizer (byte-level BPE tokenizers),
+as llama.cpp's converter does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from prune.blocks import block_shape, decoder_layers, layer_linears
+from prune.paths import atomic_path
+
+ARCHITECTURE = "deci"
+GGUF_EXPORT_VERSION = 1
+"""Bumped when the export writes different bytes for the same model (it keys cached dense exports)."""
+
+
+class GgufExportError(ValueError):
+    """A model, tokenizer or tensor type the GGUF export cannot write; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class TensorType:
+    """A GGUF tensor type of the weight matrices."""
+
+    matrix_type: GGMLQuantizationType
+    """The type written by this module (k-quants: f16, then llama.cpp's quantizer)."""
+    file_type: LlamaFileType
+    engine_quantized: bool = False
+    """True when llama.cpp's quantizer (``llama-cpp-python``) produces the final type."""
+
+
+TENSOR_TYPES = {
+    "f32": TensorType(GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
+    "f16": TensorType(GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
+    "bf16": TensorType(GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
+    "q8_0": TensorType(GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q6_k": TensorType(GGMLQuantizationType.F16, LlamaFileType.MOSTLY_Q6_K, engine_quantized=True),
+    "q4_k_m": TensorType(GGMLQuantizationType.F16, LlamaFileType.MOSTLY_Q4_K_M, engine_quantized=True),
+}
+"""Tensor types by name (``export.gguf_type``, ``--type``)."""
+
+
+@dataclass
+class GgufWritten:
+    """What :func:`write_gguf` wrote."""
+
+    path: Path
+    tensor_type: str
+    layers: int
+    """Blocks in the file (layers removed whole are not)."""
+    tensor_types: dict[str, int]
+    """Tensors per GGUF type in the file, e.g. ``{"Q8_0": 211, "F32": 61}``."""
+    notes: list[str] = field(default_factory=list)
+    """Fallback types and where the tokenizer metadata came from."""
+
+
+def to_rotate_pairs(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of ``q_proj`` / ``k_proj`` ([heads * head_dim, ...], or a bias [heads * head_dim]) reordered from
+    the rotate-halves layout of Hugging Face models to llama.cpp's adjacent-pairs layout, head by head."""
+    rest = weight.shape[1:]
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *rest).swapaxes(1, 2).reshape(weight.shape)
+
+
+def to_rotate_halves(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of :func:`to_rotate_pairs`."""
+    rest = weight.shape[1:]
+    return weight.reshape(heads, weight.shape[0] // heads // 2, 2, *rest).swapaxes(1, 2).reshape(weight.shape)
+
+
+def block_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """Every tensor of the file by its GGUF name, in Hugging Face orientation ([out, in]; GGUF reverses it)."""
+    shape = block_shape(model.config)
+    embeddings = model.get_input_embeddings().weight
+    tensors = {"token_embd.weight": embeddings}
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() != embeddings.data_ptr():
+        tensors["output.weight"] = output.weight
+    tensors["output_norm.weight"] = model.get_submodule("model.norm").weight
+    names = {
+        "q_proj": "attn_q",
+        "k_proj": "attn_k",
+        "v_proj": "attn_v",
+        "o_proj": "attn_output",
+        "gate_proj": "ffn_gate",
+        "up_proj": "ffn_up",
+        "down_proj": "ffn_down",
+    }
+    for i, layer in enumerate(decoder_layers(model)):
+        widths = shape.layers[i]
+        heads = {"q_proj": widths.query_heads, "k_proj": widths.kv_heads}
+        tensors[f"blk.{i}.attn_norm.weight"] = layer.get_submodule("input_layernorm").weight
+        tensors[f"blk.{i}.ffn_norm.weight"] = layer.get_submodule("post_attention_layernorm").weight
+        for hf_name, linear in layer_linears(layer).items():
+            for kind in ("weight", "bias"):
+                value = getattr(linear, kind)
+                if value is None:
+                    continue
+                if hf_name in heads:
+                    value = to_rotate_pairs(value, heads[hf_name])
+                tensors[f"blk.{i}.{names[hf_name]}.{kind}"] = value
+    return tensors
+
+
+def _check_layers(model: PreTrainedModel) -> None:
+    shape = block_shape(model.config)
+    if shape.head_dim % 2:
+        raise GgufExportError(f"head_dim {shape.head_dim} is odd; rotary embeddings need an even head size")
+    for i, widths in enumerate(shape.layers):
+        if widths.query_heads == 0 or widths.kv_heads == 0 or widths.ffn_channels == 0:
+            raise GgufExportError(f"layer {i} has no attention heads or no FFN channels; the engine cannot run it")
+
+
+def _rope_theta(config: Any) -> float:
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = parameters.get("rope_type", parameters.get("type", "default"))
+    if rope_type != "default":
+        raise GgufExportError(f"rope scaling {rope_type!r} is not supported by the GGUF export (only plain RoPE)")
+    theta = parameters.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None:
+        raise GgufExportError("the configuration names no rope_theta")
+    return float(theta)
+
+
+def add_hyperparameters(writer: gguf.GGUFWriter, model: PreTrainedModel, tensor_type: TensorType) -> None:
+    """The ``deci.*`` keys: sizes, per-layer head counts and FFN widths, head size, RoPE, norm epsilon."""
+    config, shape = model.config, block_shape(model.config)
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(shape.hidden_size)
+    writer.add_block_count(shape.num_layers)
+    writer.add_feed_forward_length([int(w.ffn_channels) for w in shape.layers])
+    writer.add_head_count([int(w.query_heads) for w in shape.layers])
+    writer.add_head_count_kv([int(w.kv_heads) for w in shape.layers])
+    writer.add_key_length(shape.head_dim)
+    writer.add_value_length(shape.head_dim)
+    writer.add_rope_dimension_count(shape.head_dim)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(int(config.vocab_size))
+    writer.add_file_type(tensor_type.file_type)
+
+
+def copy_tokenizer(writer: gguf.GGUFWriter, source: Path) -> None:
+    """Every ``tokenizer.*`` key of the GGUF file ``source``, with its type."""
+    reader = gguf.GGUFReader(source)
+    for name, value in reader.fields.items():
+        if name.startswith("tokenizer."):
+            sub_type = value.types[-1] if value.types[0] == GGUFValueType.ARRAY else None
+            writer.add_key_value(name, value.contents(), value.types[0], sub_type)
+
+
+def pre_tokenizer_name(tokenizer_json: dict) -> str | None:
+    """llama.cpp's name of a byte-level BPE tokenizer's pre-tokenizer, or None when not recognised.
+
+    Plain byte-level splitting is ``gpt-2``; single digits split first, then byte-level, is ``smollm``.
+    """
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm"
+    return None
+
+
+def add_hf_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> str:
+    """The ``tokenizer.*`` keys of a Hugging Face byte-level BPE tokenizer (``gpt2`` model in llama.cpp).
+
+    Token types as llama.cpp's converter sets them: special added tokens CONTROL, other added tokens
+    USER_DEFINED, ids the tokenizer lacks (the model's vocabulary may be larger) UNUSED, the rest NORMAL.
+    Merges, special token ids and the chat template come from ``gguf.SpecialVocab``. Returns a note on
+    the pre-tokenizer.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise GgufExportError("the tokenizer is not a fast (tokenizers) tokenizer; the GGUF export needs one")
+    description = json.loads(backend.to_str())
+    if description["model"]["type"] != "BPE" or (description.get("decoder") or {}).get("type") != "ByteLevel":
+        raise GgufExportError(
+            f"the tokenizer is {description['model']['type']} without byte-level decoding; the GGUF export "
+            "writes byte-level BPE tokenizers (GPT-2 style) only"
+        )
+    added = {token.content: token for token in tokenizer.added_tokens_decoder.values()}
+    by_id = {i: token for token, i in backend.get_vocab(with_added_tokens=True).items()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = by_id.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif token in added:
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL if added[token].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL)
+    pre = pre_tokenizer_name(description)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre or "default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    with tempfile.TemporaryDirectory() as directory:
+        tokenizer.save_pretrained(directory)
+        gguf.SpecialVocab(directory, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+    bos = tokenizer.bos_token_id
+    writer.add_add_bos_token(bos is not None and tokenizer("a").input_ids[:1] == [bos])
+    if pre is None:
+        return "tokenizer: its pre-tokenizer is not one the export recognises; llama.cpp's default is written"
+    return f"tokenizer: from the Hugging Face tokenizer (byte-level BPE, pre-tokenizer {pre})"
+
+
+def _matrix_data(tensor: torch.Tensor, tensor_type: TensorType) -> tuple[np.ndarray, GGMLQuantizationType]:
+    """The bytes of one weight matrix in the export's type, or in float16 when its rows do not split into blocks."""
+    values = tensor.detach().to(torch.float32).cpu().numpy()
+    wanted = tensor_type.matrix_type
+    if wanted == GGMLQuantizationType.F32:
+        return values, wanted
+    if wanted == GGMLQuantizationType.F16:
+        return values.astype(np.float16), wanted
+    block, _ = gguf.GGML_QUANT_SIZES[wanted]
+    if values.shape[-1] % block:
+        return values.astype(np.float16), GGMLQuantizationType.F16
+    return gguf.quants.quantize(values, wanted), wanted
+
+
+def _engine_quantize(source: Path, target: Path, file_type: LlamaFileType, threads: int = 0) -> None:
+    """llama.cpp's quantizer (``llama-cpp-python``): ``source`` (f16) to ``file_type`` in ``target``."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise GgufExportError(
+            "k-quant types need llama.cpp's quantizer: pip install 'prune[engine]' (see README, 'Deploy')"
+        ) from None
+    parameters = llama_cpp.llama_model_quantize_default_params()
+    parameters.ftype = int(file_type)
+    parameters.nthread = threads
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(parameters))
+    if status != 0:
+        raise GgufExportError(f"llama.cpp's quantizer failed on {source.name} (status {status})")
+
+
+def write_gguf(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    tensor_type: str,
+    tokenizer_source: Path | None = None,
+    name: str | None = None,
+) -> GgufWritten:
+    """Write ``model`` (a causal LM of a supported family, any per-layer widths) as a GGUF file at ``path``.
+
+    ``tokenizer_source``: a GGUF file whose tokenizer keys are copied (the model's own source file);
+    otherwise the keys are built from ``tokenizer``. ``name`` goes into ``general.name``. The file is
+    written atomically: a failed export leaves nothing at ``path``.
+    """
+    if tensor_type not in TENSOR_TYPES:
+        raise GgufExportError(f"tensor type {tensor_type!r} is not one of {', '.join(TENSOR_TYPES)}")
+    kind = TENSOR_TYPES[tensor_type]
+    _check_layers(model)
+    notes: list[str] = []
+    with atomic_path(path) as temporary:
+        written = temporary.with_name(temporary.name + ".f16") if kind.engine_quantized else temporary
+        try:
+            writer = gguf.GGUFWriter(written, arch=ARCHITECTURE)
+            writer.add_name(name or type(model).__name__)
+            add_hyperparameters(writer, model, kind)
+            if tokenizer_source is not None:
+                copy_tokenizer(writer, tokenizer_source)
+                notes.append(f"tokenizer: copied from {tokenizer_source.name}")
+            else:
+                notes.append(add_hf_tokenizer(writer, tokenizer, int(model.config.vocab_size)))
+            fallback = []
+            for tensor_name, tensor in block_tensors(model).items():
+                if tensor.dim() == 1:
+                    writer.add_tensor(tensor_name, tensor.detach().to(torch.float32).cpu().numpy())
+                    continue
+                data, data_type = _matrix_data(tensor, kind)
+                if data_type != kind.matrix_type:
+                    fallback.append(tensor_name)
+                writer.add_tensor(tensor_name, data, raw_dtype=data_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            if fallback:
+                notes.append(
+                    f"{len(fallback)} matrices in F16 (rows not a multiple of the {tensor_type} block): "
+                    + ", ".join(fallback[:4])
+                    + (", ..." if len(fallback) > 4 else "")
+                )
+            if kind.engine_quantized:
+                _engine_quantize(written, temporary, kind.file_type)
+        finally:
+            if written != temporary:
+                written.unlink(missing_ok=True)
+        types = tensor_type_counts(temporary)
+    if kind.engine_quantized:
+        notes.append("types after llama.cpp's quantizer: " + ", ".join(f"{t} {n}" for t, n in types.items()))
+    return GgufWritten(path, tensor_type, block_shape(model.config).num_layers, types, notes)
+
+
+def tensor_type_counts(path: Path) -> dict[str, int]:
+    """Tensors per GGUF type in a file, most frequent first."""
+    counts = Counter(tensor.tensor_type.name for tensor in gguf.GGUFReader(path).tensors)
+    return dict(counts.most_common())

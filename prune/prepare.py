@@ -1,0 +1,160 @@
+"""Preparing a run: a recipe checked against the files, the model's configuration and the output
+directory, before any weight is loaded or anything is written; and what the run will need.
+
+:func:`prepare` resolves every source, reads the model's configuration, derives the parameter budget
+and refuses an impossible one; :func:`dry_run_text` prints what it resolved (``--dry-run``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from eval.zeroshot import local_task_configs, resolve_source
+from prune.allocation import ALLOCATIONS, ImpossibleTargetError
+from prune.blocks import BlockShape, block_shape, count_parameters
+from prune.calibration import DataSourceError, TextSource, resolve_text_source
+from prune.models import ModelSource, ModelSourceError, load_config, resolve_model_source
+from prune.paths import cache_dir
+from prune.pruner import model_class_for
+from prune.recipe import Recipe, RecipeError, recipe_to_dict
+from prune.reconstruct import RECONSTRUCTIONS
+from prune.scoring import SCORERS
+from prune.statistics import Statistic
+
+USER_ERRORS = (RecipeError, ModelSourceError, DataSourceError, ImpossibleTargetError)
+"""Errors that mean "the recipe or its inputs are wrong": one line, exit code 2."""
+
+
+def statistics_needs(recipe: Recipe) -> frozenset[Statistic]:
+    """What the statistics pass must collect for the recipe's scorer, allocation and reconstruction."""
+    strategy = ALLOCATIONS[recipe.allocation.strategy]
+    scorer_needs = SCORERS[recipe.scoring.method].needs if strategy.uses_scores else frozenset()
+    return scorer_needs | strategy.needs | RECONSTRUCTIONS[recipe.pruning.reconstruct].needs
+
+
+@dataclass
+class Prepared:
+    """A validated recipe with everything resolved that can be resolved without loading weights."""
+
+    recipe: Recipe
+    output: Path
+    cache: Path
+    model_source: ModelSource
+    shape: BlockShape
+    dense_parameters: dict[str, int]
+    params_to_remove: int
+    calibration_source: TextSource
+    evaluation_source: TextSource
+    recovery_source: TextSource | None
+
+    @property
+    def needs(self) -> frozenset[Statistic]:
+        return statistics_needs(self.recipe)
+
+    @property
+    def protected(self) -> frozenset[int]:
+        """Layers outside ``allocation.layer_range``: they are not pruned."""
+        return protected_layers(self.recipe, self.shape)
+
+    @property
+    def budget(self) -> int:
+        """Parameters the allocation removes: the target plus the biases reconstruction adds."""
+        return self.params_to_remove + added_bias_parameters(self.recipe, self.shape)
+
+
+def added_bias_parameters(recipe: Recipe, shape: BlockShape) -> int:
+    """Biases that reconstruction adds to o_proj and down_proj; the budget solver removes that much more."""
+    refit = RECONSTRUCTIONS[recipe.pruning.reconstruct].refit
+    return 0 if refit is None else 2 * shape.hidden_size * shape.num_layers
+
+
+def protected_layers(recipe: Recipe, shape: BlockShape) -> frozenset[int]:
+    """Layers outside ``allocation.layer_range``: they are not pruned."""
+    if recipe.allocation.layer_range is None:
+        return frozenset()
+    first, end = recipe.allocation.layer_range
+    return frozenset(i for i in range(shape.num_layers) if not first <= i < end)
+
+
+def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
+    """Validate a recipe against the files, the model's configuration and the output directory.
+
+    Writes nothing outside the cache (a missing ``smollm2-135m`` file is fetched into it).
+    Raises one of USER_ERRORS with a message naming the key or path at fault.
+    """
+    output = Path(recipe.output).expanduser()
+    if output.exists() and not overwrite:
+        raise RecipeError(f"output: {output} already exists; choose another (--set output=...) or pass --overwrite")
+    cache = cache_dir(recipe.cache_dir)
+    model_source = resolve_model_source(recipe.model.source, cache)
+    config = load_config(model_source)
+    evaluation_source = resolve_text_source(recipe.evaluation.perplexity.dataset, "evaluation.perplexity.dataset")
+    calibration_source = resolve_text_source(recipe.calibration.source, "calibration.source")
+    recovery_source = None
+    if recipe.recovery.method != "none":
+        recovery_source = resolve_text_source(recipe.recovery.source, "recovery.source")
+        if recovery_source.fingerprint() == evaluation_source.fingerprint():
+            raise RecipeError(
+                f"recovery.source: {recipe.recovery.source!r} is the perplexity text "
+                "(evaluation.perplexity.dataset); recovery must train on other text"
+            )
+    try:
+        shape = block_shape(config)
+    except ValueError as error:
+        raise RecipeError(f"model.source: {error}") from None
+    with torch.device("meta"):
+        dense_parameters = count_parameters(model_class_for(config)(config))
+    params_to_remove = round(recipe.pruning.target * dense_parameters["total"])
+    p = recipe.pruning
+    layer_range = recipe.allocation.layer_range
+    if layer_range is not None and layer_range[1] > shape.num_layers:
+        raise RecipeError(
+            f"allocation.layer_range: end {layer_range[1]} is beyond the model's {shape.num_layers} layers"
+        )
+    protected = protected_layers(recipe, shape)
+    most = ALLOCATIONS[recipe.allocation.strategy].most_removable(shape, p, protected)
+    if params_to_remove + added_bias_parameters(recipe, shape) > most:
+        raise ImpossibleTargetError(
+            f"pruning.target: {p.target} asks to remove {params_to_remove:,} parameters but at most {most:,} "
+            f"({most / dense_parameters['total']:.1%}) can go while every layer keeps 1 KV group, 1 query head "
+            f"per group and {p.min_ffn_channels} FFN channels"
+        )
+    zs = recipe.evaluation.zeroshot
+    if zs.enabled and resolve_source(zs.tasks, zs.source) == "local":
+        local_task_configs(zs.tasks)  # raises DataSourceError naming a missing directory or file
+    return Prepared(
+        recipe,
+        output,
+        cache,
+        model_source,
+        shape,
+        dense_parameters,
+        params_to_remove,
+        calibration_source,
+        evaluation_source,
+        recovery_source,
+    )
+
+
+def dry_run_text(prepared: Prepared) -> str:
+    """The resolved recipe, the parameter budget it implies and what the statistics pass will collect."""
+    dense = prepared.dense_parameters
+    kept = dense["total"] - prepared.params_to_remove
+    decoder_linears = sum(prepared.shape.linear_weight_count(w) for w in prepared.shape.layers)
+    budget = {
+        "model": f"{prepared.model_source.kind}: {prepared.model_source.location}",
+        "dense_total_parameters": dense["total"],
+        "dense_decoder_block_parameters": dense["decoder_blocks"],
+        "parameters_to_remove": prepared.params_to_remove,
+        "parameters_kept": kept,
+        "kept_fraction": round(kept / dense["total"], 6),
+        "implied_decoder_linear_sparsity": round(prepared.params_to_remove / decoder_linears, 6),
+        "statistics": sorted(need.value for need in prepared.needs),
+    }
+    return yaml.safe_dump({"recipe": recipe_to_dict(prepared.recipe)}, sort_keys=False) + yaml.safe_dump(
+        {"budget": budget}, sort_keys=False
+    )

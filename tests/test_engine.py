@@ -1,0 +1,78 @@
+"""Exported GGUF files in llama.cpp (needs the optional llama-cpp-python binding; skipped without it)."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import byte_level_tokenizer, tiny_model, word_text
+
+from eval.engine import engine_available, engine_logits, engine_perplexity, engine_speed, greedy_tokens, open_gguf
+from eval.perplexity import perplexity
+from prune.gguf_export import write_gguf
+from prune.pruner import LayerPlan, prune_model
+
+pytestmark = [
+    pytest.mark.engine,
+    pytest.mark.skipif(
+        not engine_available(), reason="llama-cpp-python is not installed (pip install 'prune[engine]')"
+    ),
+]
+
+
+def _pruned(family: str):
+    tokenizer = byte_level_tokenizer()
+    model = tiny_model(family, layers=4, vocab=len(tokenizer), ffn=64)
+    plans = [
+        LayerPlan((0, 1, 2), (0,), tuple(range(0, 64, 2))),
+        None,
+        LayerPlan((0, 2, 3, 5), (0, 1), tuple(range(40))),
+        LayerPlan(tuple(range(6)), (0, 1), tuple(range(64))),
+    ]
+    pruned = prune_model(model, plans, output_bias=True)
+    with torch.no_grad():
+        for layer in pruned.model.layers:
+            layer.self_attn.o_proj.bias.normal_(0, 0.1)
+            layer.mlp.down_proj.bias.normal_(0, 0.1)
+    return pruned, tokenizer
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_f32_file_gives_the_models_logits_and_greedy_tokens(tmp_path, family):
+    pruned, tokenizer = _pruned(family)
+    write_gguf(pruned, tokenizer, tmp_path / "m.gguf", "f32")
+    prompts = [tokenizer(word_text(12, seed=s)).input_ids for s in range(8)]
+    with open_gguf(tmp_path / "m.gguf", 128, 1, all_logits=True, exact_cache=True) as llm:
+        logits = engine_logits(llm, prompts[0])
+        engine_tokens = [greedy_tokens(llm, ids, 16) for ids in prompts]
+    pruned.generation_config.eos_token_id = None  # the engine's loop does not stop at an end token either
+    with torch.no_grad():
+        expected = pruned(torch.tensor([prompts[0]])).logits[0].numpy()
+        model_tokens = [
+            pruned.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :].tolist()
+            for ids in prompts
+        ]
+    assert np.abs(logits - expected).max() < 1e-4 * np.abs(expected).max()
+    assert engine_tokens == model_tokens
+
+
+def test_perplexity_in_the_engine_equals_the_models(tmp_path):
+    pruned, tokenizer = _pruned("llama")
+    write_gguf(pruned, tokenizer, tmp_path / "m.gguf", "f32")
+    text = torch.tensor(tokenizer(word_text(400, seed=5)).input_ids)
+    expected = perplexity(pruned, text, 32, 4, progress=False)
+    with open_gguf(tmp_path / "m.gguf", 32, 1, all_logits=True, exact_cache=True) as llm:
+        measured = engine_perplexity(llm, text, 32, 4, progress=False)
+    assert measured["windows"] == 4 and measured["predicted_tokens"] == expected["predicted_tokens"]
+    assert abs(measured["perplexity"] / expected["perplexity"] - 1) < 1e-4
+
+
+def test_speed_reports_every_file(tmp_path):
+    pruned, tokenizer = _pruned("llama")
+    write_gguf(pruned, tokenizer, tmp_path / "a.gguf", "f16")
+    write_gguf(pruned, tokenizer, tmp_path / "b.gguf", "q8_0")
+    paths = {"a": tmp_path / "a.gguf", "b": tmp_path / "b.gguf"}
+    results = engine_speed(paths, prompt_tokens=16, new_tokens=4, warmup=1, repeats=2, threads=1, progress=False)
+    for name, result in results.items():
+        assert result.prompt_tokens_per_s_min <= result.prompt_tokens_per_s_median <= result.prompt_tokens_per_s_max
+        assert 0 < result.decode_tokens_per_s_min <= result.decode_tokens_per_s_max
+        assert result.file_bytes == paths[name].stat().st_size
+    assert results["b"].file_bytes < results["a"].file_bytes

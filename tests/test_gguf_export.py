@@ -1,0 +1,147 @@
+"""GGUF export without the engine: the file read back with gguf.GGUFReader equals the checkpoint's tensors."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import byte_level_tokenizer, tiny_model
+
+from prune.gguf_export import GgufExportError, to_rotate_halves, to_rotate_pairs, write_gguf
+from prune.pruner import LayerPlan, prune_model
+
+
+def _rope_halves(x: torch.Tensor, position: int, base: float = 10000.0) -> torch.Tensor:
+    """Hugging Face RoPE of one head [head_dim]: dimension i rotates with i + head_dim/2 (rotate_half)."""
+    half = x.shape[0] // 2
+    angle = position * base ** (-torch.arange(half, dtype=torch.float64) * 2 / x.shape[0])
+    first, second = x[:half], x[half:]
+    return torch.cat([first * angle.cos() - second * angle.sin(), second * angle.cos() + first * angle.sin()])
+
+
+def _rope_pairs(x: torch.Tensor, position: int, base: float = 10000.0) -> torch.Tensor:
+    """llama.cpp's normal RoPE of one head [head_dim]: dimensions 2i and 2i+1 rotate together."""
+    half = x.shape[0] // 2
+    angle = position * base ** (-torch.arange(half, dtype=torch.float64) * 2 / x.shape[0])
+    even, odd = x[0::2], x[1::2]
+    out = torch.empty_like(x)
+    out[0::2], out[1::2] = even * angle.cos() - odd * angle.sin(), odd * angle.cos() + even * angle.sin()
+    return out
+
+
+def test_permuted_rows_under_the_engines_rope_give_the_models_rope():
+    heads, head_dim, hidden = 3, 8, 5
+    weight = torch.randn(heads * head_dim, hidden, dtype=torch.float64)
+    x = torch.randn(hidden, dtype=torch.float64)
+    for position in (0, 3, 17):
+        hf = torch.cat([_rope_halves(h, position) for h in (weight @ x).view(heads, head_dim)])
+        engine = torch.cat(
+            [_rope_pairs(h, position) for h in (to_rotate_pairs(weight, heads) @ x).view(heads, head_dim)]
+        )
+        torch.testing.assert_close(engine, to_rotate_pairs(hf, heads))  # same vector, the engine's row order
+    assert torch.equal(to_rotate_halves(to_rotate_pairs(weight, heads), heads), weight)
+    assert not torch.equal(to_rotate_pairs(weight, heads), weight)
+
+
+def _pruned(family="llama", output_bias=True):
+    """A tiny pruned model: per-layer widths, the middle of 4 layers removed, output biases filled."""
+    tokenizer = byte_level_tokenizer()
+    model = tiny_model(family, layers=4, vocab=len(tokenizer), ffn=64)
+    plans = [
+        LayerPlan((0, 1, 2), (0,), tuple(range(0, 64, 2))),
+        None,
+        LayerPlan((0, 2, 3, 5), (0, 1), tuple(range(40))),
+        LayerPlan(tuple(range(6)), (0, 1), tuple(range(64))),
+    ]
+    pruned = prune_model(model, plans, output_bias=output_bias)
+    if output_bias:
+        with torch.no_grad():
+            for layer in pruned.model.layers:
+                layer.self_attn.o_proj.bias.normal_(0, 0.1)
+                layer.mlp.down_proj.bias.normal_(0, 0.1)
+    return pruned, tokenizer
+
+
+def _fields(reader: gguf.GGUFReader) -> dict:
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_f32_file_holds_the_checkpoint_exactly(tmp_path, family):
+    pruned, tokenizer = _pruned(family)
+    written = write_gguf(pruned, tokenizer, tmp_path / "m.gguf", "f32")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    fields = _fields(reader)
+    assert fields["general.architecture"] == "deci" and written.layers == 3
+    assert fields["deci.block_count"] == 3
+    assert fields["deci.attention.head_count"] == [3, 4, 6]
+    assert fields["deci.attention.head_count_kv"] == [1, 2, 2]
+    assert fields["deci.feed_forward_length"] == [32, 40, 64]
+    assert fields["deci.attention.key_length"] == fields["deci.rope.dimension_count"] == 16
+    assert fields["deci.embedding_length"] == 96 and fields["deci.vocab_size"] == 300
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" not in tensors  # tied to the embeddings
+    assert not any(name.startswith("blk.3.") for name in tensors)  # renumbered after the removed layer
+
+    def read(name):
+        t = tensors[name]
+        return torch.from_numpy(np.array(t.data)).reshape([int(n) for n in reversed(t.shape)])
+
+    layers = pruned.model.layers
+    for i, layer in enumerate(layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        heads, kv_heads = attn.q_proj.weight.shape[0] // 16, attn.k_proj.weight.shape[0] // 16
+        assert torch.equal(to_rotate_halves(read(f"blk.{i}.attn_q.weight"), heads), attn.q_proj.weight)
+        assert torch.equal(to_rotate_halves(read(f"blk.{i}.attn_k.weight"), kv_heads), attn.k_proj.weight)
+        assert torch.equal(read(f"blk.{i}.attn_v.weight"), attn.v_proj.weight)
+        assert torch.equal(read(f"blk.{i}.attn_output.weight"), attn.o_proj.weight)
+        assert torch.equal(read(f"blk.{i}.attn_output.bias"), attn.o_proj.bias)
+        assert torch.equal(read(f"blk.{i}.ffn_down.weight"), mlp.down_proj.weight)
+        assert torch.equal(read(f"blk.{i}.ffn_down.bias"), mlp.down_proj.bias)
+        assert torch.equal(read(f"blk.{i}.ffn_gate.weight"), mlp.gate_proj.weight)
+        assert torch.equal(read(f"blk.{i}.attn_norm.weight"), layer.input_layernorm.weight)
+        if family == "qwen2":
+            assert torch.equal(to_rotate_halves(read(f"blk.{i}.attn_q.bias"), heads), attn.q_proj.bias)
+            assert torch.equal(to_rotate_halves(read(f"blk.{i}.attn_k.bias"), kv_heads), attn.k_proj.bias)
+    assert torch.equal(read("token_embd.weight"), pruned.model.embed_tokens.weight)
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert (
+        fields["tokenizer.ggml.tokens"][:3] == ["<|endoftext|>", "!", '"']
+        and len(fields["tokenizer.ggml.tokens"]) == 300
+    )
+    assert fields["tokenizer.ggml.token_type"][0] == gguf.TokenType.CONTROL
+    assert len(fields["tokenizer.ggml.merges"]) == 300 - 257  # 256 bytes + one special token, the rest merges
+    assert fields["tokenizer.ggml.eos_token_id"] == 0 and fields["tokenizer.ggml.add_bos_token"] is False
+
+
+def test_q8_0_quantizes_what_splits_into_blocks_and_names_the_rest(tmp_path):
+    pruned, tokenizer = _pruned()
+    written = write_gguf(pruned, tokenizer, tmp_path / "m.gguf", "q8_0")
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert tensors["blk.0.ffn_gate.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0  # rows of 96 = 3 blocks
+    assert tensors["blk.1.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F16  # rows of 40 channels
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert any("blk.1.ffn_down.weight" in note for note in written.notes)
+    gate = tensors["blk.0.ffn_gate.weight"]
+    values = gguf.quants.dequantize(np.array(gate.data), gguf.GGMLQuantizationType.Q8_0)
+    expected = pruned.model.layers[0].mlp.gate_proj.weight.detach().numpy()
+    assert np.abs(values.reshape(expected.shape) - expected).max() < 0.01 * np.abs(expected).max()
+    # the two matrices with rows not a multiple of 32: layer 1's down_proj (40) and layer 0's o_proj (3 heads of 16)
+    assert tensors["blk.0.attn_output.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    assert written.tensor_types["Q8_0"] == 20 and written.tensor_types["F16"] == 2
+
+
+def test_tokenizer_keys_copy_from_a_source_file_and_bad_types_are_refused(tmp_path):
+    pruned, tokenizer = _pruned()
+    write_gguf(pruned, tokenizer, tmp_path / "source.gguf", "f16")
+    written = write_gguf(pruned, tokenizer, tmp_path / "copy.gguf", "f16", tokenizer_source=tmp_path / "source.gguf")
+    source, copy = (_fields(gguf.GGUFReader(tmp_path / f)) for f in ("source.gguf", "copy.gguf"))
+    assert {k: v for k, v in source.items() if k.startswith("tokenizer.")} == {
+        k: v for k, v in copy.items() if k.startswith("tokenizer.")
+    }
+    assert written.notes[0] == "tokenizer: copied from source.gguf"
+    with pytest.raises(GgufExportError, match="tensor type 'q3' is not one of f32, f16"):
+        write_gguf(pruned, tokenizer, tmp_path / "bad.gguf", "q3")
+    assert not (tmp_path / "bad.gguf").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "copy.gguf",
+        "source.gguf",
+    ]

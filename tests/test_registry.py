@@ -1,0 +1,105 @@
+"""Methods declare what they need: a new scorer is one function and one registry entry, end to end."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_files, tiny_recipe  # noqa: F401 (fixture)
+from safetensors.torch import load_file
+
+from prune.prepare import prepare, statistics_needs
+from prune.recipe import RecipeError, load_recipe
+from prune.run import execute
+from prune.scoring import SCORERS, LayerScores, Scorer, ScoringInputs
+from prune.statistics import Statistic
+
+
+def _recipe(tmp_path, files, **sections):
+    data = tiny_recipe(files, tmp_path / "out", tmp_path / "cache")
+    for key, value in sections.items():
+        data[key] = data.get(key, {}) | value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def by_index(inputs: ScoringInputs, layer: int) -> LayerScores:
+    """A toy scorer: later units are more important (so the first ones go)."""
+    widths = inputs.shape.layers[layer]
+    return LayerScores(
+        torch.arange(widths.query_heads, dtype=torch.float64),
+        torch.arange(widths.kv_heads, dtype=torch.float64),
+        torch.arange(widths.ffn_channels, dtype=torch.float64),
+    )
+
+
+def test_a_registered_scorer_runs_end_to_end(tmp_path, tiny_files, monkeypatch):  # noqa: F811
+    monkeypatch.setitem(SCORERS, "by-index", Scorer(by_index, frozenset()))
+    recipe = load_recipe(
+        _recipe(tmp_path, tiny_files),
+        ["scoring.method=by-index", "allocation.strategy=uniform", "pruning.reconstruct=none"],
+    )
+    prepared = prepare(recipe)
+    assert prepared.needs == frozenset()  # nothing to collect: no statistics pass at all
+    report = execute(prepared)
+    assert report.method.scoring == "by-index" and report.statistics is None
+    assert not (tmp_path / "out" / "activation_stats.safetensors").exists()
+    dense = load_file(tiny_files["model"] / "model.safetensors")
+    pruned = load_file(tmp_path / "out" / "model" / "model.safetensors")
+    for row in report.layers:
+        kept = row.pruned.ffn_channels
+        assert kept < row.dense.ffn_channels  # something went, and it was the first channels
+        gone = row.dense.ffn_channels - kept
+        down = f"model.layers.{row.index}.mlp.down_proj.weight"
+        assert torch.equal(pruned[down], dense[down][:, gone:])
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["method"]["scoring"] == "by-index"
+
+
+def test_an_unregistered_name_lists_the_registered_ones(tmp_path, tiny_files):  # noqa: F811
+    with pytest.raises(RecipeError, match="^scoring.method: must be one of activation, activation-obs"):
+        load_recipe(_recipe(tmp_path, tiny_files), ["scoring.method=by-index"])
+
+
+@pytest.mark.parametrize(
+    "overrides, needs",
+    [
+        (["scoring.method=magnitude", "allocation.strategy=uniform", "pruning.reconstruct=none"], set()),
+        (["scoring.method=wanda-sp", "allocation.strategy=uniform", "pruning.reconstruct=none"], {"input sums"}),
+        (["allocation.strategy=shortgpt", "pruning.reconstruct=none"], {"layer cosines"}),
+        (
+            ["scoring.method=taylor", "scoring.objective=nll", "allocation.strategy=uniform"],
+            {"summed gradients", "input sums", "second moments"},
+        ),
+        ([], {"gradient products", "input sums", "second moments"}),
+    ],
+)
+def test_the_statistics_pass_collects_what_the_methods_declare(tmp_path, tiny_files, overrides, needs):  # noqa: F811
+    recipe = load_recipe(_recipe(tmp_path, tiny_files), overrides)
+    assert {need.value for need in statistics_needs(recipe)} == needs
+
+
+def test_a_cache_missing_a_statistic_is_completed_not_recomputed(tmp_path, tiny_files):  # noqa: F811
+    first = execute(
+        prepare(load_recipe(_recipe(tmp_path, tiny_files), ["scoring.method=activation", "pruning.reconstruct=bias"]))
+    )
+    assert first.statistics and not first.statistics.reused
+    assert set(first.statistics.collected) == {"gradient products", "input sums"}
+    second = execute(prepare(load_recipe(_recipe(tmp_path, tiny_files), []), overwrite=True))
+    assert (
+        second.statistics
+        and not second.statistics.reused
+        and second.statistics.cache_path == first.statistics.cache_path
+    )
+    assert set(second.statistics.collected) == {"gradient products", "input sums", "second moments"}
+    third = execute(
+        prepare(
+            load_recipe(_recipe(tmp_path, tiny_files), ["allocation.strategy=shortgpt", "pruning.reconstruct=none"]),
+            overwrite=True,
+        )
+    )
+    assert third.statistics and Statistic.LAYER_COSINES.value in third.statistics.collected
+    again = execute(prepare(load_recipe(_recipe(tmp_path, tiny_files), []), overwrite=True))
+    assert again.statistics and again.statistics.reused
+    assert again.layers == second.layers and again.perplexity.pruned == second.perplexity.pruned
