@@ -89,7 +89,7 @@ def main() -> None:
         recipe = load_recipe(args.recipe, [f"calibration.samples={args.samples}", f"calibration.source={source}"])
         prepared = prepare(recipe, overwrite=True)
         statistics, _ = obtain_statistics(prepared, model, tokenizer)
-        pruned, _ = prune_as_recipe_says(prepared, model, statistics, {})
+        pruned, _ = prune_as_recipe_says(recipe, model, prepared.params_to_remove, statistics, {})
         row = {"calibration": name, "items": used.get(name), **evaluate(pruned, name)}
         results["rows"].append(row)
         print(json.dumps(row), flush=True)

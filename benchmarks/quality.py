@@ -107,7 +107,7 @@ def main() -> None:
             statistics, info = obtain_statistics(prepared, model, tokenizer) if prepared.needs else (None, None)
             stage_seconds: dict[str, float] = {}
             start = time.perf_counter()
-            pruned, _ = prune_as_recipe_says(prepared, model, statistics, stage_seconds)
+            pruned, _ = prune_as_recipe_says(recipe, model, prepared.params_to_remove, statistics, stage_seconds)
             seconds = time.perf_counter() - start
             result = perplexity(pruned, tokens, ppl_recipe.seqlen, ppl_recipe.windows, f"{name} {target:.0%}")
             kept = count_parameters(pruned)["total"]

@@ -7,8 +7,8 @@ What a deployed model is judged by, measured in the engine itself:
 - :func:`engine_perplexity`: the perplexity protocol of ``eval/perplexity.py`` (non-overlapping
   windows, each predicting its tokens 2..seqlen) on the engine's logits;
 - :func:`engine_speed`: prompt processing (one batched evaluation of the prompt) and generation
-  (greedy decode steps after it) in tokens per second, several files interleaved, warm-up repeats
-  discarded, median and spread of the timed repeats.
+  (greedy decode steps after it) in tokens per second by the engine's own timers, several files
+  interleaved, warm-up repeats discarded, median and spread of the timed repeats.
 
 Comparisons with the PyTorch model use a float32 KV cache (``exact_cache``), since the engine's default
 float16 cache rounds keys and values; speed uses the engine's defaults, as a deployment would.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -127,8 +126,12 @@ def engine_speed(
     """Speed of every file of ``paths`` (name -> GGUF file), interleaved repeat by repeat, in one process.
 
     Each run: the context is cleared, a random prompt of ``prompt_tokens`` tokens is evaluated in one batch
-    (prompt processing), then ``new_tokens`` greedy decode steps follow (generation).
+    (prompt processing), then ``new_tokens`` greedy decode steps follow (generation). Times are the engine's
+    own (``llama_perf_context``: from the start of each evaluation to its end, as llama.cpp reports tokens
+    per second), so the Python loop around the engine does not count.
     """
+    import llama_cpp
+
     context = prompt_tokens + new_tokens + 8
     with ExitStack() as stack:
         models = {
@@ -142,14 +145,16 @@ def engine_speed(
         for r, name in tqdm(runs, desc="engine speed", unit="run", disable=not progress):
             llm = models[name]
             llm.reset()
-            start = time.perf_counter()
+            llama_cpp.llama_perf_context_reset(llm.ctx)
             llm.eval(prompt)
-            prompted = time.perf_counter()
             for _ in range(new_tokens):
                 llm.eval([int(np.argmax(_last_logits(llm)))])
-            done = time.perf_counter()
+            llama_cpp.llama_synchronize(llm.ctx)  # the engine books a decode's time when it finishes
+            timers = llama_cpp.llama_perf_context(llm.ctx)
+            if timers.n_p_eval != prompt_tokens or timers.n_eval != new_tokens:
+                raise RuntimeError(f"llama.cpp counted {timers.n_p_eval} + {timers.n_eval} evaluated tokens")
             if r >= warmup:
-                times[name].append((prompted - start, done - prompted))
+                times[name].append((timers.t_p_eval_ms / 1000, timers.t_eval_ms / 1000))
     results = {}
     for name, runs_of_file in times.items():
         prompt_rates = [prompt_tokens / p for p, _ in runs_of_file]

@@ -28,6 +28,11 @@ class ModelReport:
     """``gguf``, ``directory`` or ``hub``."""
     location: str
     model_type: str
+    base_model: str
+    """Hub id of the dense model when known, else its file or directory name (the model card's ``base_model``)."""
+    license: str | None
+    """The dense model's license, when its source states one."""
+    author: str | None
 
 
 @dataclass
@@ -400,15 +405,19 @@ def _engine_section(engine: EngineReport, ppl: PerplexityReport | None) -> list[
     return [*lines, ""]
 
 
-def _method_line(report: Report) -> str:
-    method = report.method
+def method_description(method: MethodReport) -> str:
+    """What was done, in words: ``activation-obs scores, activation-density allocation, ...``."""
     if method.scoring is None:
-        how = f"{method.allocation}: whole layers removed"
-    else:
-        how = (
-            f"{method.scoring} scores, {method.allocation} allocation, {method.attention_unit} attention units, "
-            f"{method.reconstruction} reconstruction"
-        )
+        return f"{method.allocation}: whole layers removed"
+    return (
+        f"{method.scoring} scores, {method.allocation} allocation, {method.attention_unit} attention units, "
+        f"{method.reconstruction} reconstruction"
+    )
+
+
+def _method_line(report: Report) -> str:
+    how = method_description(report.method)
+    method = report.method
     return (
         f"Target: remove {method.target:.1%} of total parameters ({how}). "
         f"Removed: **{report.parameters.removed_fraction:.2%}** of total parameters."

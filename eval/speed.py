@@ -14,7 +14,6 @@ onto it. This measures 7B-class speedups without their weights. See README, "Spe
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import inspect
 import json
@@ -321,11 +320,16 @@ def speed_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from prune.models import resolve_device, resolve_dtype
-    from prune.paths import cache_dir
+class SpeedArgumentError(ValueError):
+    """A bad argument of ``python -m eval.speed``; the message names it."""
 
-    parser = argparse.ArgumentParser(
+
+def main(argv: list[str] | None = None) -> int:
+    from prune.cli import ArgumentParser, non_negative_int, positive_int, run_command
+    from prune.models import ModelSourceError, resolve_device, resolve_dtype
+    from prune.paths import atomic_write_text, cache_dir
+
+    parser = ArgumentParser(
         prog="python -m eval.speed",
         description="Shape-only speed benchmark: a random-weight dense model vs the same with a run's layer widths.",
     )
@@ -342,15 +346,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--round-to",
-        type=int,
+        type=positive_int,
         default=None,
         help="FFN widths rounded to this multiple (default: the run's pruning.round_to)",
     )
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1])
+    parser.add_argument("--prompt-tokens", type=positive_int, default=128)
+    parser.add_argument("--new-tokens", type=positive_int, default=64)
+    parser.add_argument("--warmup", type=non_negative_int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument(
         "--dtype",
         default="auto",
@@ -368,62 +372,65 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results (JSON) here")
     args = parser.parse_args(argv)
 
-    report_path = args.allocation / "report.json" if args.allocation.is_dir() else args.allocation
-    if not report_path.is_file():
-        print(f"error: --allocation: no report.json at {report_path}", file=sys.stderr)
-        return 2
-    try:
-        report = read_report(report_path)
-    except ValueError as error:
-        print(f"error: --allocation: {error}", file=sys.stderr)
-        return 2
-    round_to = args.round_to or report.method.round_to
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    models, widths = shape_only_models(shaped_config(args.config, cache_dir(None)), report, dtype, device, round_to)
-    parameters = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
-    device_name = (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    )
-    rows = []
-    for batch_size in args.batch_sizes:
-        results = measure_speed(
-            models, args.prompt_tokens, batch_size, args.new_tokens, args.warmup, args.repeats, args.decode_loop
+    def benchmark() -> str:
+        report_path = args.allocation / "report.json" if args.allocation.is_dir() else args.allocation
+        if not report_path.is_file():
+            raise SpeedArgumentError(f"--allocation: no report.json at {report_path}")
+        if args.json and not args.json.parent.is_dir():
+            raise SpeedArgumentError(f"--json: the directory {args.json.parent} does not exist")
+        try:
+            report = read_report(report_path)
+        except ValueError as error:
+            raise SpeedArgumentError(f"--allocation: {error}") from None
+        round_to = args.round_to or report.method.round_to
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        models, widths = shape_only_models(shaped_config(args.config, cache_dir(None)), report, dtype, device, round_to)
+        parameters = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
+        device_name = (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
         )
-        rows.append(
-            {
-                "batch_size": batch_size,
-                "parameters": parameters,
-                "results": {name: asdict(result) for name, result in results.items()},
-            }
+        rows = []
+        for batch_size in args.batch_sizes:
+            results = measure_speed(
+                models, args.prompt_tokens, batch_size, args.new_tokens, args.warmup, args.repeats, args.decode_loop
+            )
+            rows.append(
+                {
+                    "batch_size": batch_size,
+                    "parameters": parameters,
+                    "results": {name: asdict(result) for name, result in results.items()},
+                }
+            )
+        summary = {
+            "config": args.config,
+            "allocation": str(report_path),
+            "round_to": round_to,
+            "device": device_name,
+            "dtype": str(dtype).removeprefix("torch."),
+            "decode_loop": resolve_decode_loop(args.decode_loop, device),
+            "prompt_tokens": args.prompt_tokens,
+            "new_tokens": args.new_tokens,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "torch": torch.__version__,
+            "pruned_widths": [None if w is None else asdict(w) for w in widths],
+            "removed_fraction": 1 - parameters["pruned"] / parameters["dense"],
+            "rows": rows,
+        }
+        if args.json:
+            atomic_write_text(args.json, json.dumps(summary, indent=2) + "\n")
+        print(
+            f"{args.config} shapes, {summary['dtype']} on {device_name}, {summary['decode_loop']} decode loop; "
+            f"widths from {report_path} "
+            f"(FFN rounded to {round_to}); {summary['removed_fraction']:.1%} of parameters removed; "
+            f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
+            f"{args.warmup} warm-up + {args.repeats} repeats"
         )
-    summary = {
-        "config": args.config,
-        "allocation": str(report_path),
-        "round_to": round_to,
-        "device": device_name,
-        "dtype": str(dtype).removeprefix("torch."),
-        "decode_loop": resolve_decode_loop(args.decode_loop, device),
-        "prompt_tokens": args.prompt_tokens,
-        "new_tokens": args.new_tokens,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "torch": torch.__version__,
-        "pruned_widths": [None if w is None else asdict(w) for w in widths],
-        "removed_fraction": 1 - parameters["pruned"] / parameters["dense"],
-        "rows": rows,
-    }
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
-    print(
-        f"{args.config} shapes, {summary['dtype']} on {device_name}, {summary['decode_loop']} decode loop; "
-        f"widths from {report_path} "
-        f"(FFN rounded to {round_to}); {summary['removed_fraction']:.1%} of parameters removed; "
-        f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
-        f"{args.warmup} warm-up + {args.repeats} repeats"
-    )
-    print(speed_table(rows))
-    return 0
+        print(speed_table(rows))
+        return "done"
+
+    return run_command(benchmark, (SpeedArgumentError, ModelSourceError))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ The in-memory model is wrapped in lm-eval's ``HFLM`` and evaluated with ``lm_eva
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
+import sys
 from pathlib import Path
 
 import yaml
@@ -146,14 +148,11 @@ def zeroshot_accuracy(
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import json
-    import sys
-
+    from prune.cli import ArgumentParser, positive_int, run_command
     from prune.models import ModelSourceError, load_model, resolve_model_source
-    from prune.paths import cache_dir
+    from prune.paths import atomic_write_text, cache_dir
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m eval.zeroshot", description="Zero-shot accuracy of one model through lm-eval-harness."
     )
     parser.add_argument(
@@ -161,33 +160,38 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tasks", nargs="+", default=list(LOCAL_TASKS))
     parser.add_argument("--source", default="auto", choices=["auto", "local", "harness"])
-    parser.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--limit", type=positive_int, default=None, help="items per task (default: all)")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, help="also write the result (JSON) here")
     args = parser.parse_args(argv)
-    try:
+
+    def evaluate() -> str:
+        unknown = [t for t in args.tasks if t not in LOCAL_TASKS]
+        if unknown and args.source != "harness":
+            raise DataSourceError(f"--tasks: {', '.join(unknown)} not among the local tasks; use --source harness")
+        if args.json and not args.json.parent.is_dir():
+            raise DataSourceError(f"--json: the directory {args.json.parent} does not exist")
         cache = cache_dir(None)
         model, tokenizer = load_model(resolve_model_source(args.model, cache), args.dtype, args.device, cache)
         result = zeroshot_accuracy(model, tokenizer, args.tasks, args.source, args.limit, args.batch_size, args.seed)
-    except (ModelSourceError, DataSourceError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{args.model}: {result['source']} tasks, limit {args.limit}")
-    print("| task | items | acc | acc_norm |\n|---|---:|---:|---:|")
-    for task, metrics in result["tasks"].items():
-        norm = f"{100 * metrics['acc_norm']:.2f}" if "acc_norm" in metrics else "-"
-        print(f"| {task} | {metrics['items']} | {100 * metrics['acc']:.2f} | {norm} |")
-    if result["mean"] is not None:
-        print(f"| mean {result['mean_metric']} ({len(result['mean_tasks'])} tasks) | | {100 * result['mean']:.2f} | |")
-    return 0
+        if args.json:
+            atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        print(f"{args.model}: {result['source']} tasks, limit {args.limit}")
+        print("| task | items | acc | acc_norm |\n|---|---:|---:|---:|")
+        for task, metrics in result["tasks"].items():
+            norm = f"{100 * metrics['acc_norm']:.2f}" if "acc_norm" in metrics else "-"
+            print(f"| {task} | {metrics['items']} | {100 * metrics['acc']:.2f} | {norm} |")
+        if result["mean"] is not None:
+            print(
+                f"| mean {result['mean_metric']} ({len(result['mean_tasks'])} tasks) | | {100 * result['mean']:.2f} | |"
+            )
+        return "done"
+
+    return run_command(evaluate, (ModelSourceError, DataSourceError))
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

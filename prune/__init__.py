@@ -1,8 +1,10 @@
 """Activation-guided structured pruning for decoder language models.
 
-Command line: ``python -m prune.run RECIPE.yaml`` (pruning), ``python -m prune.analysis RECIPE.yaml``
-(the activation-pattern analysis). In Python: :func:`load_recipe`, :func:`read_report`, and the
-pattern similarity of two texts, :func:`similarity` / :func:`similarities`.
+Command line: ``python -m prune.run RECIPE.yaml`` (pruning; installed as ``prune-run``),
+``python -m prune.export`` (GGUF files; ``prune-export``), ``python -m prune.analysis RECIPE.yaml`` (the
+activation-pattern analysis; ``prune-analyze``). In Python: :func:`run_recipe` (the command line's run),
+:func:`prune_loaded_model` (a recipe's method on a model in memory), :func:`load_recipe`,
+:func:`read_report`, and the pattern similarity of two texts, :func:`similarity` / :func:`similarities`.
 
 The names below are imported on first use, so that ``import prune.<stage>`` stays light and the
 toolkit's modules can import each other's foundations without a cycle through this file.
@@ -14,6 +16,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 PUBLIC = {
+    "run_recipe": "prune.api",
+    "prune_loaded_model": "prune.api",
+    "PrunedModel": "prune.api",
     "Recipe": "prune.recipe",
     "RecipeError": "prune.recipe",
     "load_recipe": "prune.recipe",
@@ -29,6 +34,7 @@ __all__ = sorted(PUBLIC)
 if TYPE_CHECKING:  # the same names, for type checkers and editors
     from eval.report import Report, read_report  # noqa: F401
     from prune.analysis.patterns import similarities, similarity  # noqa: F401
+    from prune.api import PrunedModel, prune_loaded_model, run_recipe  # noqa: F401
     from prune.recipe import Recipe, RecipeError, load_recipe  # noqa: F401
 
 

@@ -41,6 +41,8 @@ class TextSource:
     name: str
     kind: str
     location: str
+    key: str = "text source"
+    """The recipe key that named it (for messages)."""
 
     def fingerprint(self) -> str:
         """Identity of the text: path, size and modification time of a local file; the name of a hub data set."""
@@ -57,7 +59,7 @@ def resolve_text_source(name: str, key: str) -> TextSource:
         data = data_dir()
         if data and (data / LOCAL_FILES[name]).is_file():
             path = data / LOCAL_FILES[name]
-            return TextSource(name, "jsonl" if path.suffix == ".jsonl" else "txt", str(path))
+            return checked(TextSource(name, "jsonl" if path.suffix == ".jsonl" else "txt", str(path), key))
         try:
             import datasets  # noqa: F401
         except ImportError:
@@ -65,22 +67,36 @@ def resolve_text_source(name: str, key: str) -> TextSource:
                 f"{key}: {name!r} is not in $PRUNE_DATA_DIR ({data or 'unset'}) and the 'datasets' package "
                 "is not installed (pip install 'prune[online]')"
             ) from None
-        return TextSource(name, "hub", name)
+        return TextSource(name, "hub", name, key)
     path = Path(name).expanduser()
     if path.suffix not in (".txt", ".jsonl", ".raw"):
         raise DataSourceError(f"{key}: {name!r} is neither c4, wikitext2 nor a .txt/.jsonl file")
     if not path.is_file():
         raise DataSourceError(f"{key}: file not found: {path}")
-    return TextSource(name, "jsonl" if path.suffix == ".jsonl" else "txt", str(path))
+    return checked(TextSource(name, "jsonl" if path.suffix == ".jsonl" else "txt", str(path), key))
 
 
 def read_documents(source: TextSource) -> list[str]:
-    """The source's texts: one per document for document corpora, a single running text otherwise."""
+    """The source's texts: one per document for document corpora, a single running text otherwise.
+
+    A local file that is not UTF-8, or a ``.jsonl`` line that is not a JSON object with a string ``text``,
+    raises DataSourceError naming the file and line.
+    """
     if source.kind == "jsonl":
+        documents = []
         with open(source.location, encoding="utf-8") as f:
-            return [json.loads(line)["text"] for line in f if line.strip()]
+            try:
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        documents.append(_document_text(line, source, number))
+            except UnicodeDecodeError:
+                raise DataSourceError(f"{source.key}: {source.location} is not UTF-8 text") from None
+        return documents
     if source.kind == "txt":
-        return [Path(source.location).read_text(encoding="utf-8")]
+        try:
+            return [Path(source.location).read_text(encoding="utf-8")]
+        except UnicodeDecodeError:
+            raise DataSourceError(f"{source.key}: {source.location} is not UTF-8 text") from None
     import datasets
 
     if source.location == "c4":
@@ -90,6 +106,23 @@ def read_documents(source: TextSource) -> list[str]:
         return list(rows["text"])
     rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
     return ["".join(rows["text"])]
+
+
+def _document_text(line: str, source: TextSource, number: int) -> str:
+    try:
+        document = json.loads(line)
+    except json.JSONDecodeError:
+        document = None
+    if not isinstance(document, dict) or not isinstance(document.get("text"), str):
+        raise DataSourceError(f'{source.key}: {source.location}:{number}: expected a JSON object with a "text" string')
+    return document["text"]
+
+
+def checked(source: TextSource) -> TextSource:
+    """``source`` after checking that it holds text: DataSourceError for an empty or unreadable file."""
+    if not any(text.strip() for text in read_documents(source)):
+        raise DataSourceError(f"{source.key}: {source.location} holds no text")
+    return source
 
 
 def evaluation_tokens(tokenizer: PreTrainedTokenizerBase, source: TextSource) -> torch.Tensor:

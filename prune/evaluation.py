@@ -25,12 +25,13 @@ from eval.speed import linear_macs_per_token, measure_speed, resolve_decode_loop
 from eval.zeroshot import local_data_file, resolve_source, zeroshot_accuracy
 from prune.export import gguf_tokenizer_source
 from prune.gguf_export import GGUF_EXPORT_VERSION, write_gguf
-from prune.paths import atomic_write_text, data_dir, file_identity
+from prune.models import ModelSourceError, check_gguf
+from prune.paths import DamagedCacheError, atomic_write_text, data_dir, file_identity, recomputing
 from prune.prepare import Prepared
 from prune.recipe import Recipe
 from prune.schema import from_mapping
 
-DENSE_EVALUATION_VERSION = 1
+DENSE_EVALUATION_VERSION = 2
 """Part of the key of cached dense-model evaluations; bump when evaluation code changes its numbers."""
 
 
@@ -75,10 +76,34 @@ def cached_dense_evaluation(
     )
     path = prepared.cache / "dense_evaluation" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.is_file():
-        return json.loads(path.read_text()), str(path)
+        try:
+            return read_checked_json(path), str(path)
+        except DamagedCacheError as error:
+            recomputing(path, error)
     result = compute()
-    atomic_write_text(path, json.dumps(result))
+    write_checked_json(path, result)
     return result, None
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def write_checked_json(path: Path, value: Any) -> None:
+    """Write ``value`` as JSON with its format version and checksum, atomically."""
+    atomic_write_text(path, json.dumps({"version": DENSE_EVALUATION_VERSION, "sha256": _digest(value), "value": value}))
+
+
+def read_checked_json(path: Path) -> Any:
+    """The value :func:`write_checked_json` wrote; DamagedCacheError when the file is damaged or of another version."""
+    try:
+        stored = json.loads(path.read_text())
+        value, version, digest = stored["value"], stored["version"], stored["sha256"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise DamagedCacheError(f"not a readable cache file ({type(error).__name__})") from None
+    if version != DENSE_EVALUATION_VERSION or digest != _digest(value):
+        raise DamagedCacheError("its content does not match its checksum or version")
+    return value
 
 
 def evaluate_perplexity(inputs: EvaluationInputs) -> PerplexityReport:
@@ -186,9 +211,14 @@ def dense_gguf(prepared: Prepared, dense: nn.Module, tokenizer: Any, tensor_type
         sort_keys=True,
     )
     path = prepared.cache / "gguf" / f"dense-{hashlib.sha256(key.encode()).hexdigest()[:16]}-{tensor_type}.gguf"
-    if not path.is_file():
-        source = prepared.model_source
-        write_gguf(dense, tokenizer, path, tensor_type, gguf_tokenizer_source(source), Path(source.location).stem)
+    if path.is_file():
+        try:
+            check_gguf(path)
+            return path
+        except ModelSourceError as error:
+            recomputing(path, DamagedCacheError(str(error).removeprefix("model.source: ")))
+    source = prepared.model_source
+    write_gguf(dense, tokenizer, path, tensor_type, gguf_tokenizer_source(source), Path(source.location).stem)
     return path
 
 

@@ -15,7 +15,6 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from eval.report import ExportReport, read_report
 from prune.blocks import SUPPORTED_MODEL_TYPES
 from prune.checkpoint import save_checkpoint
+from prune.cli import ArgumentParser, run_command
 from prune.gguf_export import TENSOR_TYPES, GgufExportError, write_gguf
 from prune.models import ModelSource, ModelSourceError, load_config, load_model, resolve_model_source
 from prune.paths import cache_dir
@@ -141,7 +141,7 @@ def export_command(target: str, tensor_type: str, output: Path | None, overwrite
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m prune.export",
         description="Write a pruned run (or any model source) as a GGUF file that llama.cpp runs.",
     )
@@ -151,15 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="the file to write (default for a run: RUN_DIR/model-TYPE.gguf)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
     args = parser.parse_args(argv)
-    try:
+
+    def export() -> str:
         if args.format != "gguf":
             raise ExportError(f"--format: {args.format!r} is not one this command writes (gguf)")
-        path = export_command(args.source, args.type, args.output, args.overwrite)
-    except (ExportError, GgufExportError, ModelSourceError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"done: {path}", file=sys.stderr)
-    return 0
+        return f"done: {export_command(args.source, args.type, args.output, args.overwrite)}"
+
+    return run_command(export, (ExportError, GgufExportError, ModelSourceError))
 
 
 if __name__ == "__main__":

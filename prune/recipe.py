@@ -17,7 +17,7 @@ from prune.allocation import ALLOCATIONS
 from prune.export import EXPORTERS
 from prune.gguf_export import TENSOR_TYPES
 from prune.reconstruct import RECONSTRUCTIONS
-from prune.schema import SchemaError, from_mapping, raise_first_failure, read_yaml_mapping, to_mapping
+from prune.schema import SchemaError, apply_override, from_mapping, raise_first_failure, read_yaml_mapping, to_mapping
 from prune.scoring import SCORERS
 
 
@@ -301,14 +301,25 @@ def _check_ranges(recipe: Recipe) -> None:
     raise_first_failure(recipe, checks)
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe (no file: the defaults). Raises RecipeError naming the key or file."""
+def recipe_from_mapping(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """A validated recipe from a parsed mapping, with ``--set`` style overrides applied; RecipeError names the key."""
     try:
-        recipe = from_mapping(Recipe, read_yaml_mapping(path, overrides))
+        for assignment in overrides:
+            apply_override(data, assignment)
+        recipe = from_mapping(Recipe, data)
         _check_ranges(recipe)
     except SchemaError as error:
         raise RecipeError(str(error)) from None
     return recipe
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe (no file: the defaults). Raises RecipeError naming the key or file."""
+    try:
+        data = read_yaml_mapping(path)
+    except SchemaError as error:
+        raise RecipeError(str(error)) from None
+    return recipe_from_mapping(data, overrides)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

@@ -13,9 +13,9 @@ into windows of ``seqlen`` tokens; step ``s`` takes positions ``s*B .. s*B+B-1``
 sequence of seeded permutations of the windows (one per epoch), so the data position is the step.
 
 Every ``save_every`` steps the state (trainable weights, optimizer, scheduler, step, RNG states) is
-written atomically to ``state_dir/state.pt`` and the log to ``state_dir/log.jsonl``; the same call
-with the same arguments then continues from the last save and ends with the same weights as an
-uninterrupted run. Device placement and mixed precision (bfloat16 autocast on CUDA, float32 on
+written atomically to ``state_dir/state.pt``, then its checksum and the log to ``state_dir/state.json``;
+the same call with the same arguments then continues from the last save and ends with the same weights
+as an uninterrupted run. Device placement and mixed precision (bfloat16 autocast on CUDA, float32 on
 CPU) go through ``accelerate``.
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,10 +38,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from prune.blocks import LINEAR_NAMES
 from prune.calibration import DataSourceError, TextSource, read_documents
-from prune.paths import atomic_path, atomic_write_text
+from prune.paths import DamagedCacheError, atomic_path, atomic_write_text, file_sha256, recomputing
 
 if TYPE_CHECKING:
     from prune.recipe import RecoverySection
+
+STATE_VERSION = 1
+"""Format version of the resumable state; a state of another version is not used."""
 
 SCHEDULER_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 """Recipe ``schedule`` -> ``transformers.get_scheduler`` name (all with linear warm-up)."""
@@ -174,7 +178,9 @@ def save_state(
     step: int,
     log_lines: list[str],
 ) -> None:
-    """Write the resumable state and the log, each atomically (temporary file, then rename)."""
+    """Write the resumable state (``state.pt``), then its description (``state.json``: format version, step, the
+    state file's checksum and the log so far), each atomically. A state without a matching description is
+    never used."""
     state_dir.mkdir(parents=True, exist_ok=True)
     state = {
         "step": step,
@@ -186,7 +192,9 @@ def save_state(
     }
     with atomic_path(state_dir / "state.pt") as temporary:
         torch.save(state, temporary)
-    atomic_write_text(state_dir / "log.jsonl", "".join(log_lines))
+        checksum = file_sha256(temporary)
+    description = {"version": STATE_VERSION, "step": step, "sha256": checksum, "log": log_lines}
+    atomic_write_text(state_dir / "state.json", json.dumps(description))
 
 
 def load_state(
@@ -195,11 +203,22 @@ def load_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> tuple[int, list[str]]:
-    """Restore the last saved state into ``model`` / ``optimizer`` / ``scheduler``; returns (step, log lines)."""
+    """Restore the last saved state into ``model`` / ``optimizer`` / ``scheduler``; returns (step, log lines).
+
+    A state that fails its check (damaged, half-written, another format version) is reported in one line and
+    set aside: training starts again from step 0, and ends with the weights an uninterrupted run ends with.
+    """
     path = state_dir / "state.pt"
     if not path.is_file():
         return 0, []
-    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
+    try:
+        description = json.loads((state_dir / "state.json").read_text())
+        if description["version"] != STATE_VERSION or description["sha256"] != file_sha256(path):
+            raise DamagedCacheError("the state does not match its description (damaged or half-written)")
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, pickle.UnpicklingError) as error:
+        recomputing(path, error)
+        return 0, []
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state["trainable"].items():
@@ -209,9 +228,7 @@ def load_state(
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    log_path = state_dir / "log.jsonl"
-    lines = log_path.read_text().splitlines(keepends=True) if log_path.is_file() else []
-    return state["step"], lines
+    return state["step"], list(description["log"])
 
 
 def recover(

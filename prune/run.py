@@ -8,7 +8,6 @@ renames it to ``<output>`` only when every stage has succeeded.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
@@ -19,9 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from eval.model_card import model_card
 from eval.perplexity import perplexity, window_count
 from eval.report import (
     AllocationReport,
@@ -39,20 +38,21 @@ from eval.report import (
     write_report,
 )
 from prune.allocation import ALLOCATIONS, Allocation, allocate
-from prune.blocks import BlockShape, count_parameters
-from prune.calibration import calibration_samples, evaluation_tokens
+from prune.blocks import BlockShape, block_shape, count_parameters
+from prune.calibration import DataSourceError, calibration_samples, evaluation_tokens
+from prune.cli import ArgumentParser, run_command
 from prune.evaluation import EVALUATIONS, EvaluationInputs
 from prune.export import EXPORTERS, ExportInputs
 from prune.memory import current_bytes, make_resident, peak_bytes, reset_peak
-from prune.models import load_model
-from prune.paths import atomic_write_text, staged_directory
-from prune.prepare import USER_ERRORS, Prepared, dry_run_text, prepare
+from prune.models import ModelSourceError, base_model_facts, check_finite, load_model
+from prune.paths import DamagedCacheError, atomic_write_text, recomputing, staged_directory
+from prune.prepare import USER_ERRORS, Prepared, added_bias_parameters, dry_run_text, prepare, protected_layers
 from prune.pruner import prune_model
-from prune.recipe import load_recipe, recipe_to_dict
+from prune.recipe import Recipe, load_recipe, recipe_to_dict
 from prune.reconstruct import RECONSTRUCTIONS, reconstruct_outputs
 from prune.recovery import recover, training_windows
 from prune.scoring import score_units
-from prune.statistics import BACKWARD, ActivationStatistics, cache_key, collect_statistics
+from prune.statistics import BACKWARD, ActivationStatistics, cache_key, check_statistics, collect_statistics
 
 
 @contextmanager
@@ -65,7 +65,7 @@ def timed(stage_seconds: dict[str, float], name: str) -> Iterator[None]:
 
 
 def obtain_statistics(
-    prepared: Prepared, model: nn.Module, tokenizer: PreTrainedTokenizerBase
+    prepared: Prepared, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[ActivationStatistics, StatisticsReport]:
     """The statistics the recipe needs: from the cache, else computed (only what the cache lacks) and cached.
 
@@ -80,7 +80,12 @@ def obtain_statistics(
         recipe.scoring.objective,
     )
     path = prepared.cache / "stats" / f"{key}.safetensors"
-    cached = ActivationStatistics.load(path) if path.is_file() else None
+    cached = None
+    if path.is_file():
+        try:
+            cached = ActivationStatistics.load(path)
+        except DamagedCacheError as error:
+            recomputing(path, error)
     missing = prepared.needs - (cached.provides if cached else frozenset())
     info = StatisticsReport(
         source=recipe.calibration.source,
@@ -120,6 +125,31 @@ def obtain_statistics(
     return statistics, info
 
 
+def check_tokenizer(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> None:
+    """ModelSourceError when the tokenizer lacks a token a stage of the recipe needs."""
+    if tokenizer.eos_token_id is None and recipe.recovery.method != "none":
+        raise ModelSourceError(
+            "model.source: its tokenizer has no end-of-text token, which recovery needs between documents"
+        )
+    if tokenizer.eos_token_id is None and tokenizer.pad_token_id is None and recipe.evaluation.zeroshot.enabled:
+        raise ModelSourceError(
+            "model.source: its tokenizer has neither a padding nor an end-of-text token, which lm-eval pads "
+            "batches with; set evaluation.zeroshot.enabled: false"
+        )
+
+
+def perplexity_text(prepared: Prepared, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """The perplexity text tokenized once [n_tokens]; DataSourceError when it holds no whole window."""
+    text = evaluation_tokens(tokenizer, prepared.evaluation_source)
+    seqlen = prepared.recipe.evaluation.perplexity.seqlen
+    if window_count(len(text), seqlen, None) == 0:
+        raise DataSourceError(
+            f"evaluation.perplexity.dataset: {prepared.evaluation_source.name} has {len(text):,} tokens, "
+            f"fewer than one window of {seqlen}"
+        )
+    return text
+
+
 def layer_table(shape: BlockShape, allocation: Allocation) -> list[LayerReport]:
     """Per dense layer: dense and pruned widths (``pruned`` None for a removed layer) and allocation facts."""
     rows = []
@@ -142,13 +172,17 @@ def layer_table(shape: BlockShape, allocation: Allocation) -> list[LayerReport]:
 
 
 def prune_as_recipe_says(
-    prepared: Prepared, model: nn.Module, statistics: ActivationStatistics | None, stage_seconds: dict[str, float]
-) -> tuple[nn.Module, Allocation]:
-    """Scoring, allocation, physical pruning and reconstruction; ``model`` is left untouched.
-
-    Adds each stage's wall time to ``stage_seconds``.
+    recipe: Recipe,
+    model: PreTrainedModel,
+    params_to_remove: int,
+    statistics: ActivationStatistics | None,
+    stage_seconds: dict[str, float],
+) -> tuple[PreTrainedModel, Allocation]:
+    """Scoring, allocation, physical pruning and reconstruction of ``params_to_remove`` parameters (the target)
+    as ``recipe`` says; ``model`` is left untouched. Adds each stage's wall time to ``stage_seconds``.
     """
-    recipe, shape = prepared.recipe, prepared.shape
+    shape = block_shape(model.config)
+    budget = params_to_remove + added_bias_parameters(recipe, shape)
     scores = None
     if ALLOCATIONS[recipe.allocation.strategy].uses_scores:
         with timed(stage_seconds, "scoring"):
@@ -157,7 +191,7 @@ def prune_as_recipe_says(
             )
     with timed(stage_seconds, "allocation"):
         allocation = allocate(
-            shape, scores, prepared.budget, recipe.allocation, recipe.pruning, statistics, prepared.protected
+            shape, scores, budget, recipe.allocation, recipe.pruning, statistics, protected_layers(recipe, shape)
         )
     reconstruct = recipe.pruning.reconstruct
     refits = RECONSTRUCTIONS[reconstruct].refit is not None
@@ -192,13 +226,13 @@ def recovery_state_dir(prepared: Prepared) -> Path:
 
 def recover_as_recipe_says(
     prepared: Prepared,
-    dense: nn.Module,
-    pruned: nn.Module,
+    dense: PreTrainedModel,
+    pruned: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     evaluation_text: torch.Tensor,
     run_directory: Path,
     notes: list[str],
-) -> tuple[nn.Module, RecoveryReport]:
+) -> tuple[PreTrainedModel, RecoveryReport]:
     """The recovery stage: trains ``pruned`` toward ``dense``; writes ``recovery_log.jsonl`` into ``run_directory``.
 
     Returns the recovered model and the report's ``recovery`` section. The held-out slice of the curve is
@@ -255,6 +289,21 @@ def recover_as_recipe_says(
     return recovered, section
 
 
+def model_report(prepared: Prepared) -> ModelReport:
+    """Where the dense model came from and what its source says about it."""
+    source = prepared.model_source
+    facts = base_model_facts(prepared.recipe.model.source, source)
+    return ModelReport(
+        prepared.recipe.model.source,
+        source.kind,
+        source.location,
+        prepared.shape.model_type,
+        facts.base_model,
+        facts.license,
+        facts.author,
+    )
+
+
 def method_report(prepared: Prepared, statistics: ActivationStatistics | None) -> MethodReport:
     """What the run did, by registry names (no scorer when the allocation scores no units)."""
     recipe = prepared.recipe
@@ -282,18 +331,21 @@ def execute(prepared: Prepared) -> Report:
             model, tokenizer = load_model(
                 prepared.model_source, recipe.model.dtype, recipe.model.device, prepared.cache
             )
+            check_finite(model)
+            check_tokenizer(recipe, tokenizer)
+            text = perplexity_text(prepared, tokenizer)
         statistics, statistics_info = None, None
         if prepared.needs:
             with timed(stage_seconds, "activation statistics"):
                 statistics, statistics_info = obtain_statistics(prepared, model, tokenizer)
+                check_statistics(statistics)
                 statistics.save(partial / "activation_stats.safetensors")
             if recipe.calibration.source == "wikitext2" and recipe.evaluation.perplexity.dataset == "wikitext2":
                 notes.append(
                     "Calibration text and perplexity text are both WikiText-2 (test split): "
                     "the perplexity is optimistic."
                 )
-        pruned, allocation = prune_as_recipe_says(prepared, model, statistics, stage_seconds)
-        text = evaluation_tokens(tokenizer, prepared.evaluation_source)
+        pruned, allocation = prune_as_recipe_says(recipe, model, prepared.params_to_remove, statistics, stage_seconds)
         recovery, before_recovery = None, None
         if recipe.recovery.method != "none":
             ppl = recipe.evaluation.perplexity
@@ -316,9 +368,7 @@ def execute(prepared: Prepared) -> Report:
         dense_parameters, pruned_parameters = prepared.dense_parameters, count_parameters(pruned)
         report = Report(
             recipe=recipe_to_dict(recipe),
-            model=ModelReport(
-                recipe.model.source, prepared.model_source.kind, prepared.model_source.location, shape.model_type
-            ),
+            model=model_report(prepared),
             method=method_report(prepared, statistics),
             parameters=ParametersReport(
                 dense=ParameterCounts(**dense_parameters),
@@ -340,13 +390,15 @@ def execute(prepared: Prepared) -> Report:
             notes=notes,
         )
         write_report(report, partial)
+        if report.export("hf"):
+            atomic_write_text(partial / "model" / "README.md", model_card(report, prepared.output.name))
     if recovery:
         shutil.rmtree(recovery.state_dir, ignore_errors=True)
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prune.run", description="Prune a model as a recipe says.")
+    parser = ArgumentParser(prog="python -m prune.run", description="Prune a model as a recipe says.")
     parser.add_argument("recipe", help="YAML recipe (see README, 'Recipe reference')")
     parser.add_argument(
         "--set",
@@ -360,17 +412,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> str:
         prepared = prepare(load_recipe(args.recipe, args.set), overwrite=args.overwrite)
         if args.dry_run:
             print(dry_run_text(prepared), end="")
-            return 0
+            return "dry run: nothing was written"
         execute(prepared)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"done: {prepared.output}/report.md", file=sys.stderr)
-    return 0
+        return f"done: {prepared.output}/report.md"
+
+    return run_command(run, USER_ERRORS)
 
 
 if __name__ == "__main__":

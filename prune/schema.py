@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -35,6 +36,8 @@ def _type_name(hint: Any) -> str:
         return f"a mapping to {_type_name(typing.get_args(hint)[1])}"
     if dataclasses.is_dataclass(hint):
         return "a mapping of keys"
+    if hint is float:
+        return "a finite number"
     return {type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
@@ -63,7 +66,7 @@ def convert(value: Any, hint: Any, key: str) -> Any:
         if value is None:
             return None
     elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):

@@ -34,12 +34,14 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -47,9 +49,9 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from prune.blocks import LINEAR_NAMES, decoder_layers, layer_linears
-from prune.paths import atomic_path
+from prune.paths import DamagedCacheError, atomic_path, sha256_bytes
 
-STATS_VERSION = 2
+STATS_VERSION = 3
 HIST_MIN = -20.0
 HIST_WIDTH = 0.01
 HIST_BINS = 2500  # log10(A) from -20 to +5 in 0.01-decade bins; values outside are clamped into the end bins
@@ -118,24 +120,66 @@ class ActivationStatistics:
             raise ValueError("statistics of different calibration data cannot be merged")
         return ActivationStatistics(self.tensors | other.tensors, self.samples, self.tokens, self.objective)
 
+    def checksum(self) -> str:
+        """SHA-256 of the tensors' names, shapes, dtypes and bytes, in name order."""
+        chunks = []
+        for name in sorted(self.tensors):
+            tensor = self.tensors[name].contiguous()
+            chunks += [
+                f"{name}:{list(tensor.shape)}:{tensor.dtype}".encode(),
+                tensor.view(-1).view(torch.uint8).numpy(),
+            ]
+        return sha256_bytes(chunks)
+
     def save(self, path: Path) -> None:
-        """Write atomically as safetensors (metadata: samples, tokens, objective, version)."""
+        """Write atomically as safetensors (metadata: samples, tokens, objective, format version, checksum)."""
         metadata = {
             "samples": str(self.samples),
             "tokens": str(self.tokens),
             "objective": self.objective,
             "version": str(STATS_VERSION),
+            "sha256": self.checksum(),
         }
         with atomic_path(path) as temporary:
             save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(temporary), metadata=metadata)
 
     @classmethod
     def load(cls, path: Path) -> ActivationStatistics:
-        from safetensors import safe_open
+        """Read a file :meth:`save` wrote; DamagedCacheError when it is truncated, altered or of another version."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            tensors = load_file(str(path))
+        except Exception as error:  # safetensors reports a damaged file with its own exception types
+            raise DamagedCacheError(f"not a readable statistics file ({type(error).__name__})") from None
+        if metadata.get("version") != str(STATS_VERSION) or "sha256" not in metadata:
+            raise DamagedCacheError(f"statistics of format version {metadata.get('version')}, not {STATS_VERSION}")
+        statistics = cls(tensors, int(metadata["samples"]), int(metadata["tokens"]), metadata["objective"])
+        if statistics.checksum() != metadata["sha256"]:
+            raise DamagedCacheError("the statistics do not match their checksum")
+        return statistics
 
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata()
-        return cls(load_file(str(path)), int(metadata["samples"]), int(metadata["tokens"]), metadata["objective"])
+
+class StatisticsError(ValueError):
+    """Statistics from which no unit can be told from another (all zero, or not finite); the message says which."""
+
+
+def check_statistics(statistics: ActivationStatistics) -> None:
+    """StatisticsError when what was collected is not finite, or is zero everywhere (no unit could be ranked)."""
+    totals = {
+        Statistic.GRADIENT_PRODUCTS: ("row_sum", "every |w * dD/dw| is zero: D does not depend on the weights"),
+        Statistic.SUMMED_GRADIENTS: ("taylor_row_sum", "every summed gradient product is zero"),
+        Statistic.INPUT_SUMS: ("x_sumsq", "every linear layer's input is zero on the calibration text"),
+    }
+    for kind, (suffix, zero_message) in totals.items():
+        if kind not in statistics.provides:
+            continue
+        values = [v for name, v in statistics.tensors.items() if name.endswith(suffix)]
+        total = sum(float(v.double().sum()) for v in values)
+        if not math.isfinite(total):
+            raise StatisticsError(f"activation statistics: {kind.value} hold NaN or infinite values")
+        if total == 0:
+            raise StatisticsError(f"activation statistics: {zero_message}")
 
 
 def cache_key(model_fingerprint: str, dtype: str, calibration: dict, data_fingerprint: str, objective: str) -> str:

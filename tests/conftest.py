@@ -112,7 +112,7 @@ def make_report(**sections) -> Report:
     """A report of a made-up run (3 layers, 100 -> 70 parameters); ``sections`` replace its fields."""
     fields = {
         "recipe": recipe_to_dict(Recipe()),
-        "model": ModelReport("tiny", "directory", "/models/tiny", "llama"),
+        "model": ModelReport("tiny", "directory", "/models/tiny", "llama", "tiny", "apache-2.0", None),
         "method": MethodReport(
             0.3, "activation-obs", "max_logit", "sum", "activation-density", "query_head", 8, "lstsq"
         ),

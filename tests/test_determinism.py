@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 from conftest import ALL_STATISTICS, random_tokens, tiny_model
 
-from prune.blocks import block_shape, count_parameters
+from prune.blocks import count_parameters
 from prune.checkpoint import save_checkpoint
-from prune.prepare import Prepared
 from prune.recipe import Recipe
 from prune.run import prune_as_recipe_says
 from prune.statistics import collect_statistics
@@ -22,20 +21,7 @@ class NoTokenizer:
 def _prune_and_save(recipe: Recipe, directory: Path) -> str:
     """Statistics, pruning and checkpoint from scratch; returns the sha256 of the weights file."""
     model = tiny_model("qwen2")
-    shape = block_shape(model.config)
     total = count_parameters(model)["total"]
-    prepared = Prepared(
-        recipe,
-        directory,
-        directory,
-        None,
-        shape,
-        {"total": total},
-        round(recipe.pruning.target * total),
-        None,
-        None,
-        None,
-    )
     statistics = collect_statistics(
         model,
         random_tokens(4, 16, seed=recipe.calibration.seed),
@@ -43,7 +29,7 @@ def _prune_and_save(recipe: Recipe, directory: Path) -> str:
         ALL_STATISTICS,
         progress=False,
     )
-    pruned, _ = prune_as_recipe_says(prepared, model, statistics, {})
+    pruned, _ = prune_as_recipe_says(recipe, model, round(recipe.pruning.target * total), statistics, {})
     save_checkpoint(pruned, NoTokenizer(), directory)
     return hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
 

@@ -54,6 +54,17 @@ def test_f32_file_gives_the_models_logits_and_greedy_tokens(tmp_path, family):
     assert engine_tokens == model_tokens
 
 
+def test_zero_channels_that_pad_the_ffn_change_no_logit(tmp_path):
+    pruned, tokenizer = _pruned("llama")
+    write_gguf(pruned, tokenizer, tmp_path / "m.gguf", "f32", ffn_multiple=48)  # widths 32, 40, 64 -> 48, 48, 96
+    ids = tokenizer(word_text(20, seed=3)).input_ids
+    with open_gguf(tmp_path / "m.gguf", 64, 1, all_logits=True, exact_cache=True) as llm:
+        logits = engine_logits(llm, ids)
+    with torch.no_grad():
+        expected = pruned(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(logits - expected).max() < 1e-4 * np.abs(expected).max()
+
+
 def test_perplexity_in_the_engine_equals_the_models(tmp_path):
     pruned, tokenizer = _pruned("llama")
     write_gguf(pruned, tokenizer, tmp_path / "m.gguf", "f32")

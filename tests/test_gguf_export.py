@@ -113,21 +113,26 @@ def test_f32_file_holds_the_checkpoint_exactly(tmp_path, family):
     assert fields["tokenizer.ggml.eos_token_id"] == 0 and fields["tokenizer.ggml.add_bos_token"] is False
 
 
-def test_q8_0_quantizes_what_splits_into_blocks_and_names_the_rest(tmp_path):
+def test_q8_0_pads_ffn_widths_quantizes_what_splits_into_blocks_and_names_the_rest(tmp_path):
     pruned, tokenizer = _pruned()
     written = write_gguf(pruned, tokenizer, tmp_path / "m.gguf", "q8_0")
-    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
-    assert tensors["blk.0.ffn_gate.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0  # rows of 96 = 3 blocks
-    assert tensors["blk.1.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F16  # rows of 40 channels
-    assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
-    assert any("blk.1.ffn_down.weight" in note for note in written.notes)
-    gate = tensors["blk.0.ffn_gate.weight"]
-    values = gguf.quants.dequantize(np.array(gate.data), gguf.GGMLQuantizationType.Q8_0)
-    expected = pruned.model.layers[0].mlp.gate_proj.weight.detach().numpy()
-    assert np.abs(values.reshape(expected.shape) - expected).max() < 0.01 * np.abs(expected).max()
-    # the two matrices with rows not a multiple of 32: layer 1's down_proj (40) and layer 0's o_proj (3 heads of 16)
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    tensors = {t.name: t for t in reader.tensors}
+    # FFN widths 32, 40, 64 padded with zero channels to multiples of 32; every ffn_down row then takes q8_0
+    assert reader.fields["deci.feed_forward_length"].contents() == [32, 64, 64]
+    assert tensors["blk.1.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert [int(n) for n in tensors["blk.1.ffn_up.weight"].shape] == [96, 64]
+    assert any("padded with 24 zero channels" in note for note in written.notes)
+    down = gguf.quants.dequantize(np.array(tensors["blk.1.ffn_down.weight"].data), gguf.GGMLQuantizationType.Q8_0)
+    up = gguf.quants.dequantize(np.array(tensors["blk.1.ffn_up.weight"].data), gguf.GGMLQuantizationType.Q8_0)
+    assert not down.reshape(96, 64)[:, 40:].any() and not up.reshape(64, 96)[40:].any()  # the padding is zero
+    expected = pruned.model.layers[1].mlp.down_proj.weight.detach().numpy()
+    assert np.abs(down.reshape(96, 64)[:, :40] - expected).max() < 0.01 * np.abs(expected).max()
+    # o_proj of layer 0 reads 3 heads of 16 = 48 columns: no multiple of 32, so float16, and the notes say so
     assert tensors["blk.0.attn_output.weight"].tensor_type == gguf.GGMLQuantizationType.F16
-    assert written.tensor_types["Q8_0"] == 20 and written.tensor_types["F16"] == 2
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert any("1 matrices in F16" in note and "blk.0.attn_output.weight" in note for note in written.notes)
+    assert written.tensor_types["Q8_0"] == 21 and written.tensor_types["F16"] == 1
 
 
 def test_tokenizer_keys_copy_from_a_source_file_and_bad_types_are_refused(tmp_path):

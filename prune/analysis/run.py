@@ -15,7 +15,6 @@ Writes ``analysis.json``, ``analysis.md`` and PNG figures into the recipe's ``ou
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 import time
@@ -31,6 +30,7 @@ from prune.analysis.patterns import CountSketch, domain_patterns, similarities, 
 from prune.analysis.recipe import AnalysisRecipe, load_analysis_recipe
 from prune.analysis.report import write_analysis
 from prune.calibration import LOCAL_FILES, DataSourceError, resolve_text_source
+from prune.cli import ArgumentParser, run_command
 from prune.models import ModelSourceError, load_model, resolve_model_source
 from prune.paths import cache_dir, staged_directory
 from prune.recipe import RecipeError
@@ -180,7 +180,7 @@ def execute(recipe: AnalysisRecipe, overwrite: bool) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m prune.analysis",
         description="Activation-pattern analysis: density per layer, cross-domain and sentence-pair similarity.",
     )
@@ -194,13 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
-    try:
-        output = execute(load_analysis_recipe(args.recipe, args.set), args.overwrite)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"done: {output}/analysis.md", file=sys.stderr)
-    return 0
+    return run_command(
+        lambda: f"done: {execute(load_analysis_recipe(args.recipe, args.set), args.overwrite)}/analysis.md",
+        USER_ERRORS,
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,77 @@
+"""What every command of the toolkit shares: one-line errors, exit codes, and interruptions that leave
+nothing half-written.
+
+Exit codes: 0 done; 2 bad input (recipe, arguments, files), with one ``error:`` line naming the key or
+path; 1 an I/O failure while working (a full disk, say), with one line; 130 interrupted (Ctrl-C,
+SIGINT), 143 terminated (SIGTERM, as ``timeout`` and schedulers send). Outputs are staged and caches
+written atomically (``prune/paths.py``), so an error or an interruption unwinds them: nothing
+half-written stays behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import NoReturn
+
+EXIT_DONE, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` whose errors are one line, ``error: <message>``, with exit code 2 (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer > 0."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived; raised like KeyboardInterrupt so that staged outputs unwind."""
+
+
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
+
+
+def run_command(body: Callable[[], str], user_errors: tuple[type[Exception], ...]) -> int:
+    """Run a command's ``body`` (which returns its closing message) and map its end to an exit code and one
+    line on stderr: ``user_errors`` exit 2, an OSError exits 1, SIGINT 130, SIGTERM 143."""
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        message = body()
+    except user_errors as error:
+        return _fail(EXIT_BAD_INPUT, f"error: {error}")
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        return _fail(EXIT_FAILED, f"error: {error.strerror or error}{where}; nothing was written")
+    except KeyboardInterrupt:
+        return _fail(EXIT_INTERRUPTED, "interrupted: nothing was written")
+    except Terminated:
+        return _fail(EXIT_TERMINATED, "terminated: nothing was written")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(message, file=sys.stderr)
+    return EXIT_DONE
+
+
+def _fail(code: int, line: str) -> int:
+    print(line, file=sys.stderr)
+    return code
