@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
+from prune.placement import input_device
+
 
 def window_count(n_tokens: int, seqlen: int, windows: int | None) -> int:
     """Number of windows evaluated: all complete ones, capped at ``windows``."""
@@ -37,7 +39,7 @@ def perplexity(
     count = window_count(len(tokens), seqlen, windows)
     if count == 0:
         raise ValueError(f"the evaluation text has {len(tokens)} tokens, fewer than one window of {seqlen}")
-    device = next(model.parameters()).device
+    device = input_device(model)
     total_nll, predicted = 0.0, 0
     for k in tqdm(range(count), desc=f"perplexity {label}".strip(), unit="window", disable=not progress):
         ids = tokens[k * seqlen : (k + 1) * seqlen].to(device).unsqueeze(0)

@@ -25,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prune.calibration import DataSourceError
 from prune.paths import data_dir
+from prune.placement import input_device
 
 TASK_DIR = Path(__file__).parent / "tasks"
 MEAN_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -114,7 +115,7 @@ def zeroshot_accuracy(
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     used = resolve_source(tasks, source)
     specs = local_task_configs(tasks) if used == "local" else list(tasks)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(input_device(model)))
     output = lm_eval.simple_evaluate(
         model=lm,
         tasks=specs,

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from eval.report import LayerReport, Report
 from prune.blocks import block_shape, count_parameters
 from prune.calibration import calibration_samples, resolve_text_source
-from prune.prepare import parameters_to_remove, prepare, statistics_needs
+from prune.prepare import check_memory_plan, parameters_to_remove, prepare, statistics_needs
 from prune.recipe import Recipe, load_recipe, recipe_from_mapping, recipe_to_dict
 from prune.run import execute, layer_table, prune_as_recipe_says
 from prune.statistics import collect_statistics
@@ -39,9 +39,12 @@ def run_recipe(
     recipe: Recipe | str | Path | None = None, overrides: Sequence[str] = (), overwrite: bool = False
 ) -> Report:
     """Prune as a recipe says, exactly as ``python -m prune.run`` does: everything is checked before anything
-    is written, the output directory is staged and renamed when every stage has succeeded. Returns its report.
+    is written, the output directory is staged and renamed when every stage has succeeded, and a run whose
+    estimated peak memory exceeds the device's available memory is refused (MemoryPlanError). Returns its report.
     """
-    return execute(prepare(resolve_recipe(recipe, overrides), overwrite))
+    prepared = prepare(resolve_recipe(recipe, overrides), overwrite)
+    check_memory_plan(prepared)
+    return execute(prepared)
 
 
 @dataclass

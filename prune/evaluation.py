@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -27,6 +28,7 @@ from prune.export import gguf_tokenizer_source
 from prune.gguf_export import GGUF_EXPORT_VERSION, write_gguf
 from prune.models import ModelSourceError, check_gguf
 from prune.paths import DamagedCacheError, atomic_write_text, data_dir, file_identity, recomputing
+from prune.placement import input_device
 from prune.prepare import Prepared
 from prune.recipe import Recipe
 from prune.schema import from_mapping
@@ -53,6 +55,25 @@ class EvaluationInputs:
     exports: list[ExportReport]
     notes: list[str]
     """The report's notes; a stage may add one."""
+    dense_parts: dict[str, Any]
+    """Dense parts already computed (:func:`dense_first`), by stage section; the others are computed here."""
+
+    def dense_part(self, stage: EvaluationStage) -> Any:
+        """The stage's dense part: computed before pruning in place, else now (from the cache when it holds it)."""
+        if stage.section in self.dense_parts:
+            return self.dense_parts[stage.section]
+        assert stage.dense is not None
+        return stage.dense(DenseInputs(self.prepared, self.dense, self.tokenizer, self.text))
+
+
+@dataclass(frozen=True)
+class DenseInputs:
+    """What the dense part of an evaluation stage reads."""
+
+    prepared: Prepared
+    dense: nn.Module
+    tokenizer: Any
+    text: torch.Tensor
 
 
 def cached_dense_evaluation(
@@ -68,7 +89,7 @@ def cached_dense_evaluation(
             "version": DENSE_EVALUATION_VERSION,
             "model": prepared.model_source.fingerprint(),
             "dtype": str(parameter.dtype),
-            "device": parameter.device.type,
+            "device": input_device(model).type,
             "name": name,
             "settings": settings,
         },
@@ -106,17 +127,23 @@ def read_checked_json(path: Path) -> Any:
     return value
 
 
-def evaluate_perplexity(inputs: EvaluationInputs) -> PerplexityReport:
-    """Perplexity of the dense (cached) and the pruned model on the recipe's windows of the evaluation text."""
+def dense_perplexity(inputs: DenseInputs) -> tuple[dict, str | None]:
+    """The dense model's perplexity (cached) and the cache file it was reused from (None when computed)."""
     prepared, settings = inputs.prepared, inputs.prepared.recipe.evaluation.perplexity
     key = {"text": prepared.evaluation_source.fingerprint(), "seqlen": settings.seqlen, "windows": settings.windows}
-    dense, reused = cached_dense_evaluation(
+    return cached_dense_evaluation(
         prepared,
         inputs.dense,
         "perplexity",
         key,
         lambda: perplexity(inputs.dense, inputs.text, settings.seqlen, settings.windows, "dense"),
     )
+
+
+def evaluate_perplexity(inputs: EvaluationInputs) -> PerplexityReport:
+    """Perplexity of the dense (cached) and the pruned model on the recipe's windows of the evaluation text."""
+    settings = inputs.prepared.recipe.evaluation.perplexity
+    dense, reused = inputs.dense_part(PERPLEXITY)
     pruned = perplexity(inputs.pruned, inputs.text, settings.seqlen, settings.windows, "pruned")
     return PerplexityReport(
         dataset=settings.dataset,
@@ -130,8 +157,14 @@ def evaluate_perplexity(inputs: EvaluationInputs) -> PerplexityReport:
     )
 
 
-def evaluate_zeroshot(inputs: EvaluationInputs) -> ZeroshotReport:
-    """Zero-shot accuracy of the dense (cached) and the pruned model through lm-eval."""
+def _zeroshot(model: nn.Module, tokenizer: Any, recipe: Recipe) -> dict:
+    zs = recipe.evaluation.zeroshot
+    source = resolve_source(zs.tasks, zs.source)
+    return zeroshot_accuracy(model, tokenizer, zs.tasks, source, zs.limit, zs.batch_size, zs.seed)
+
+
+def dense_zeroshot(inputs: DenseInputs) -> tuple[dict, str | None]:
+    """The dense model's zero-shot accuracy (cached) and the cache file it was reused from (None when computed)."""
     zs = inputs.prepared.recipe.evaluation.zeroshot
     source = resolve_source(zs.tasks, zs.source)
     data = data_dir()
@@ -144,14 +177,19 @@ def evaluate_zeroshot(inputs: EvaluationInputs) -> ZeroshotReport:
         "batch_size": zs.batch_size,
         "seed": zs.seed,
     }
-
-    def accuracy(model: nn.Module) -> dict:
-        return zeroshot_accuracy(model, inputs.tokenizer, zs.tasks, source, zs.limit, zs.batch_size, zs.seed)
-
-    dense, reused = cached_dense_evaluation(
-        inputs.prepared, inputs.dense, "zeroshot", key, lambda: accuracy(inputs.dense)
+    return cached_dense_evaluation(
+        inputs.prepared,
+        inputs.dense,
+        "zeroshot",
+        key,
+        lambda: _zeroshot(inputs.dense, inputs.tokenizer, inputs.prepared.recipe),
     )
-    pruned = accuracy(inputs.pruned)
+
+
+def evaluate_zeroshot(inputs: EvaluationInputs) -> ZeroshotReport:
+    """Zero-shot accuracy of the dense (cached) and the pruned model through lm-eval."""
+    dense, reused = inputs.dense_part(ZEROSHOT)
+    pruned = _zeroshot(inputs.pruned, inputs.tokenizer, inputs.prepared.recipe)
 
     def scores(result: dict) -> ZeroshotScores:
         return from_mapping(ZeroshotScores, {"tasks": result["tasks"], "mean": result["mean"]}, "zeroshot")
@@ -222,21 +260,29 @@ def dense_gguf(prepared: Prepared, dense: nn.Module, tokenizer: Any, tensor_type
     return path
 
 
+def dense_engine(inputs: DenseInputs) -> dict[str, Any] | None:
+    """The dense model's GGUF file of the recipe's type (cached) and its linear multiply-adds per token; None
+    when llama.cpp's binding is not installed."""
+    if not engine_available():
+        return None
+    tensor_type = inputs.prepared.recipe.export.gguf_type
+    return {
+        "file": dense_gguf(inputs.prepared, inputs.dense, inputs.tokenizer, tensor_type),
+        "macs": linear_macs_per_token(inputs.dense),
+    }
+
+
 def evaluate_engine(inputs: EvaluationInputs) -> EngineReport | None:
     """Speed of the exported GGUF file in llama.cpp against the dense model's file of the same type, and its
-    perplexity from the engine's logits; None (with a note) when the file or the engine is missing."""
+    perplexity from the engine's logits; None (with a note) when the engine is not installed."""
     exported = next((e for e in inputs.exports if e.format == "gguf"), None)
-    if exported is None or exported.tensor_type is None:
-        return None
-    if not engine_available():
+    dense = inputs.dense_part(ENGINE)
+    if exported is None or exported.tensor_type is None or dense is None:
         inputs.notes.append("llama.cpp is not installed: the engine stage was skipped (pip install 'prune[engine]').")
         return None
     settings, ppl = inputs.prepared.recipe.evaluation.engine, inputs.prepared.recipe.evaluation.perplexity
     threads = settings.threads or torch.get_num_threads()
-    paths = {
-        "dense": dense_gguf(inputs.prepared, inputs.dense, inputs.tokenizer, exported.tensor_type),
-        "pruned": inputs.directory / exported.path,
-    }
+    paths = {"dense": dense["file"], "pruned": inputs.directory / exported.path}
     speed = engine_speed(paths, settings.prompt_tokens, settings.new_tokens, settings.warmup, settings.repeats, threads)
     measured = None
     if settings.perplexity:
@@ -253,7 +299,7 @@ def evaluate_engine(inputs: EvaluationInputs) -> EngineReport | None:
         dense=speed["dense"],
         pruned=speed["pruned"],
         dense_file=str(paths["dense"]),
-        linear_macs_ratio=linear_macs_per_token(inputs.dense) / linear_macs_per_token(inputs.pruned),
+        linear_macs_ratio=dense["macs"] / linear_macs_per_token(inputs.pruned),
         perplexity=measured,
     )
 
@@ -266,17 +312,33 @@ class EvaluationStage:
     """The :class:`eval.report.Report` field it fills."""
     enabled: Callable[[Recipe], bool]
     run: Callable[[EvaluationInputs], Any]
+    dense: Callable[[DenseInputs], Any] | None = None
+    """Its part that needs the dense model, which a run pruning in place computes before pruning."""
 
 
-EVALUATIONS = (
-    EvaluationStage("perplexity", "perplexity", lambda recipe: True, evaluate_perplexity),
-    EvaluationStage("zero-shot", "zeroshot", lambda recipe: recipe.evaluation.zeroshot.enabled, evaluate_zeroshot),
-    EvaluationStage("speed", "speed", lambda recipe: recipe.evaluation.speed.enabled, evaluate_speed),
-    EvaluationStage(
-        "engine (llama.cpp)",
-        "engine",
-        lambda recipe: recipe.evaluation.engine.enabled and "gguf" in recipe.export.formats,
-        evaluate_engine,
-    ),
+PERPLEXITY = EvaluationStage("perplexity", "perplexity", lambda recipe: True, evaluate_perplexity, dense_perplexity)
+ZEROSHOT = EvaluationStage(
+    "zero-shot", "zeroshot", lambda recipe: recipe.evaluation.zeroshot.enabled, evaluate_zeroshot, dense_zeroshot
 )
+SPEED = EvaluationStage("speed", "speed", lambda recipe: recipe.evaluation.speed.enabled, evaluate_speed)
+ENGINE = EvaluationStage(
+    "engine (llama.cpp)",
+    "engine",
+    lambda recipe: recipe.evaluation.engine.enabled and "gguf" in recipe.export.formats,
+    evaluate_engine,
+    dense_engine,
+)
+EVALUATIONS = (PERPLEXITY, ZEROSHOT, SPEED, ENGINE)
 """The evaluation stages, in the order they run."""
+
+
+def dense_first(inputs: DenseInputs, stage_seconds: dict[str, float]) -> dict[str, Any]:
+    """The dense part of every enabled stage, computed now (before pruning in place), by section; adds the time
+    of each to ``stage_seconds`` under ``<stage> (dense)``."""
+    parts = {}
+    for stage in EVALUATIONS:
+        if stage.dense is not None and stage.enabled(inputs.prepared.recipe):
+            start = time.perf_counter()
+            parts[stage.section] = stage.dense(inputs)
+            stage_seconds[f"{stage.name} (dense)"] = time.perf_counter() - start
+    return parts

@@ -47,6 +47,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prune.blocks import block_shape, decoder_layers, layer_linears
 from prune.paths import atomic_path
+from prune.placement import resident
 
 ARCHITECTURE = "deci"
 GGUF_EXPORT_VERSION = 1
@@ -348,14 +349,15 @@ def write_gguf(
             else:
                 notes.append(add_hf_tokenizer(writer, tokenizer, int(model.config.vocab_size)))
             fallback = []
-            for tensor_name, tensor in block_tensors(model, ffn_multiple).items():
-                if tensor.dim() == 1:
-                    writer.add_tensor(tensor_name, tensor.detach().to(torch.float32).cpu().numpy())
-                    continue
-                data, data_type = _matrix_data(tensor, kind)
-                if data_type != kind.matrix_type:
-                    fallback.append(tensor_name)
-                writer.add_tensor(tensor_name, data, raw_dtype=data_type)
+            with resident(model.modules(), torch.device("cpu")):  # offloaded weights (device_map) read into memory
+                for tensor_name, tensor in block_tensors(model, ffn_multiple).items():
+                    if tensor.dim() == 1:
+                        writer.add_tensor(tensor_name, tensor.detach().to(torch.float32).cpu().numpy())
+                        continue
+                    data, data_type = _matrix_data(tensor, kind)
+                    if data_type != kind.matrix_type:
+                        fallback.append(tensor_name)
+                    writer.add_tensor(tensor_name, data, raw_dtype=data_type)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()

@@ -24,6 +24,7 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from prune.paths import DamagedCacheError, atomic_directory, atomic_path, file_identity, recomputing
+from prune.placement import resident
 
 
 class ModelSourceError(RuntimeError):
@@ -207,10 +208,14 @@ def _one_line_hub_error(source: ModelSource, error: Exception) -> str:
 
 
 def check_finite(model: PreTrainedModel) -> None:
-    """ModelSourceError naming the first parameter that holds NaN or infinite values."""
-    for name, parameter in model.named_parameters():
-        if not bool(torch.isfinite(parameter).all()):
-            raise ModelSourceError(f"model.source: the weights {name} hold NaN or infinite values")
+    """ModelSourceError naming the first parameter that holds NaN or infinite values (offloaded weights are read
+    one module at a time)."""
+    for module_name, module in model.named_modules():
+        with resident([module]):
+            for name, parameter in module.named_parameters(recurse=False):
+                if not bool(torch.isfinite(parameter).all()):
+                    where = f"{module_name}.{name}" if module_name else name
+                    raise ModelSourceError(f"model.source: the weights {where} hold NaN or infinite values")
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -278,17 +283,51 @@ def check_manifest(directory: Path) -> None:
 
 
 def load_model(
-    source: ModelSource, dtype: str, device: str, cache: Path
+    source: ModelSource,
+    dtype: str,
+    device: str,
+    cache: Path,
+    device_map: str | dict[str, int | str] | None = None,
+    max_memory: dict[str, str] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM in eval mode on the recipe's device and dtype, and its tokenizer."""
+    """Load a causal LM in eval mode on the recipe's device and dtype, and its tokenizer.
+
+    ``device_map`` (with ``max_memory``, keys ``cpu`` or ``cuda:N``): spread over devices by accelerate's
+    big-model dispatch instead (``device`` is then unused); weights offloaded to disk go under
+    ``<cache>/offload/``."""
     _quiet_hub_errors()
-    torch_device = resolve_device(device)
+    torch_device = resolve_device("auto" if device_map is not None else device)
     location = str(_converted_gguf_dir(source, cache)) if source.kind == "gguf" else source.location
+    placement: dict = {}
+    if device_map is not None:
+        digest = hashlib.sha256(source.fingerprint().encode()).hexdigest()[:12]
+        placement = {
+            "device_map": {k: _accelerate_device(v) for k, v in device_map.items()}
+            if isinstance(device_map, dict)
+            else device_map,
+            "offload_folder": str(cache / "offload" / digest),
+        }
+        if max_memory is not None:
+            placement["max_memory"] = {_accelerate_device(k): v for k, v in max_memory.items()}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=resolve_dtype(dtype, torch_device), trust_remote_code=source.kind == "directory"
+            location,
+            dtype=resolve_dtype(dtype, torch_device),
+            trust_remote_code=source.kind == "directory",
+            **placement,
         )
         tokenizer = AutoTokenizer.from_pretrained(location)
     except OSError as error:
         raise ModelSourceError(_one_line_hub_error(source, error)) from None
-    return model.to(torch_device).eval(), tokenizer
+    if device_map is None:
+        model = model.to(torch_device)
+    return model.eval(), tokenizer
+
+
+def _accelerate_device(device: int | str) -> int | str:
+    """A device as accelerate's device maps name it: ``cuda:N`` and ``N`` as the integer N, ``cuda`` as 0."""
+    if isinstance(device, str) and device.startswith("cuda"):
+        return int(device.partition(":")[2] or 0)
+    if isinstance(device, str) and device.isdigit():
+        return int(device)
+    return device

@@ -17,7 +17,8 @@ from eval.zeroshot import local_task_configs, resolve_source
 from prune.allocation import ALLOCATIONS, ImpossibleTargetError
 from prune.blocks import BlockShape, block_shape, count_parameters
 from prune.calibration import DataSourceError, TextSource, resolve_text_source
-from prune.models import ModelSource, ModelSourceError, load_config, resolve_model_source
+from prune.estimate import MemoryPlanError, StageMemory, available_bytes, check_memory, estimate_memory
+from prune.models import ModelSource, ModelSourceError, load_config, resolve_device, resolve_model_source
 from prune.paths import cache_dir
 from prune.pruner import model_class_for
 from prune.recipe import Recipe, RecipeError, recipe_to_dict
@@ -25,7 +26,7 @@ from prune.reconstruct import RECONSTRUCTIONS
 from prune.scoring import SCORERS
 from prune.statistics import Statistic, StatisticsError
 
-USER_ERRORS = (RecipeError, ModelSourceError, DataSourceError, ImpossibleTargetError, StatisticsError)
+USER_ERRORS = (RecipeError, ModelSourceError, DataSourceError, ImpossibleTargetError, StatisticsError, MemoryPlanError)
 """Errors that mean "the recipe or its inputs are wrong": one line, exit code 2."""
 
 
@@ -34,6 +35,12 @@ def statistics_needs(recipe: Recipe) -> frozenset[Statistic]:
     strategy = ALLOCATIONS[recipe.allocation.strategy]
     scorer_needs = SCORERS[recipe.scoring.method].needs if strategy.uses_scores else frozenset()
     return scorer_needs | strategy.needs | RECONSTRUCTIONS[recipe.pruning.reconstruct].needs
+
+
+def needs_dense_after_pruning(recipe: Recipe) -> bool:
+    """Whether a stage after pruning needs the whole dense model: the recovery's teacher, or the speed stage
+    (which times both models side by side). Otherwise the run prunes in place, after the dense parts."""
+    return recipe.recovery.method != "none" or recipe.evaluation.speed.enabled
 
 
 @dataclass
@@ -50,6 +57,8 @@ class Prepared:
     calibration_source: TextSource
     evaluation_source: TextSource
     recovery_source: TextSource | None
+    memory: list[StageMemory]
+    """Estimated peak memory of every stage (:mod:`prune.estimate`)."""
 
     @property
     def needs(self) -> frozenset[Statistic]:
@@ -123,6 +132,9 @@ def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
     zs = recipe.evaluation.zeroshot
     if zs.enabled and resolve_source(zs.tasks, zs.source) == "local":
         local_task_configs(zs.tasks)  # raises DataSourceError naming a missing directory or file
+    needs = statistics_needs(recipe)
+    in_place = not needs_dense_after_pruning(recipe)
+    memory = estimate_memory(recipe, shape, config.vocab_size, dense_parameters["total"], needs, in_place)
     return Prepared(
         recipe,
         output,
@@ -134,7 +146,17 @@ def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
         calibration_source,
         evaluation_source,
         recovery_source,
+        memory,
     )
+
+
+def check_memory_plan(prepared: Prepared) -> None:
+    """MemoryPlanError when a stage's estimated peak exceeds the memory available on the recipe's device now.
+    Not checked with ``model.device_map``: accelerate places the model within ``model.max_memory``."""
+    if prepared.recipe.model.device_map is not None:
+        return
+    device = resolve_device(prepared.recipe.model.device)
+    check_memory(prepared.memory, available_bytes(device), str(device))
 
 
 def dry_run_text(prepared: Prepared) -> str:
@@ -152,6 +174,9 @@ def dry_run_text(prepared: Prepared) -> str:
         "implied_decoder_linear_sparsity": round(prepared.params_to_remove / decoder_linears, 6),
         "statistics": sorted(need.value for need in prepared.needs),
     }
-    return yaml.safe_dump({"recipe": recipe_to_dict(prepared.recipe)}, sort_keys=False) + yaml.safe_dump(
-        {"budget": budget}, sort_keys=False
+    memory = {stage.stage: stage.describe() for stage in prepared.memory}
+    return (
+        yaml.safe_dump({"recipe": recipe_to_dict(prepared.recipe)}, sort_keys=False)
+        + yaml.safe_dump({"budget": budget}, sort_keys=False)
+        + yaml.safe_dump({"estimated_peak_memory": memory}, sort_keys=False)
     )

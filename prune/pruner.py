@@ -10,10 +10,13 @@ reloaded checkpoint are one implementation.
 from __future__ import annotations
 
 import copy
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
+from accelerate import dispatch_model
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -26,6 +29,7 @@ from transformers import (
 
 from prune.blocks import BlockShape, LayerWidths, block_shape, decoder_layers, layer_linears
 from prune.hf_code import modeling_pruned
+from prune.placement import is_offloaded, outside_layers, resident
 
 STOCK_CLASSES = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}
 PRUNED_CLASSES = {
@@ -186,25 +190,64 @@ def model_class_for(config: PretrainedConfig) -> type[PreTrainedModel]:
     return (PRUNED_CLASSES if has_layer_widths(config) else STOCK_CLASSES)[config.model_type]
 
 
-def prune_model(model: PreTrainedModel, plans: list[LayerPlan | None], output_bias: bool = False) -> PreTrainedModel:
-    """A new model holding only the kept units of ``model`` (which is left untouched); ``None`` plans drop layers.
+def _release(layer: nn.Module) -> None:
+    """Free a dense layer's linear weights and biases (the layer is unusable after)."""
+    for linear in layer_linears(layer).values():
+        linear.weight = nn.Parameter(linear.weight.new_empty(0), requires_grad=False)
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(linear.bias.new_empty(0), requires_grad=False)
+
+
+LayerRefit = Callable[[int, nn.Module, "LayerPlan"], dict[str, torch.Tensor]]
+"""``refit(dense layer index, dense layer, plan)`` -> replacement state-dict entries (relative to the layer)."""
+
+
+def prune_model(
+    model: PreTrainedModel,
+    plans: list[LayerPlan | None],
+    output_bias: bool = False,
+    refit: LayerRefit | None = None,
+    in_place: bool = False,
+) -> PreTrainedModel:
+    """A new model holding only the kept units of ``model``; ``None`` plans drop layers.
 
     Weights are sliced on the model's device and keep its dtype. Embeddings, norms, lm_head and the
     rotary embedding are shared with ``model`` (no copy). ``output_bias``: o_proj and down_proj get a
-    bias, zero until a reconstruction fills it.
+    bias, zero unless ``refit`` gives it. ``refit``: called for every kept layer after slicing, its entries
+    replace the sliced ones (a reconstruction of the layer's outputs). ``model`` is left untouched, unless
+    ``in_place``: then each dense layer's linear weights are released as soon as the layer is sliced and
+    refit, so that memory holds the dense model and one layer more at most, and ``model`` is unusable after.
     """
     shape = block_shape(model.config)
     check_plan(shape, plans)
     config = pruned_config(model.config, [None if plan is None else plan.widths for plan in plans], output_bias)
     config._attn_implementation = model.config._attn_implementation
-    state = {
-        name: tensor.detach() for name, tensor in model.state_dict().items() if not name.startswith("model.layers.")
-    }
-    kept_layers = [(layer, plan) for layer, plan in zip(decoder_layers(model), plans, strict=True) if plan is not None]
-    for i, (layer, plan) in enumerate(kept_layers):
-        prefix = f"model.layers.{i}."
-        state |= {prefix + k: v for k, v in layer.state_dict().items() if "_proj." not in k}
-        state |= {prefix + k: v for k, v in _sliced_linear_tensors(layer, plan, shape.head_dim, output_bias).items()}
+    outside = outside_layers(model)
+    with resident(outside):
+        state = {
+            name: _kept_where_it_lives(tensor.detach(), is_offloaded(outside))
+            for name, tensor in model.state_dict().items()
+            if not name.startswith("model.layers.")
+        }
+    kept_layers = [
+        (index, layer, plan)
+        for index, (layer, plan) in enumerate(zip(decoder_layers(model), plans, strict=True))
+        if plan is not None
+    ]
+    for i, (index, layer, plan) in enumerate(kept_layers):
+        offloaded = is_offloaded(layer.modules())
+        with resident(layer.modules()):  # its offloaded weights loaded once (device_map)
+            tensors = {k: v.detach() for k, v in layer.state_dict().items() if "_proj." not in k}
+            tensors |= _sliced_linear_tensors(layer, plan, shape.head_dim, output_bias)
+            if refit is not None:
+                tensors |= refit(index, layer, plan)
+            state |= {f"model.layers.{i}.{k}": _kept_where_it_lives(v, offloaded) for k, v in tensors.items()}
+        if in_place:
+            _release(layer)
+    if in_place:
+        for layer, kept in zip(decoder_layers(model), plans, strict=True):
+            if kept is None:
+                _release(layer)
     with torch.device("meta"):
         pruned = model_class_for(config)(config)
     pruned.load_state_dict(state, assign=True, strict=True)
@@ -212,4 +255,31 @@ def prune_model(model: PreTrainedModel, plans: list[LayerPlan | None], output_bi
     if config.tie_word_embeddings:
         pruned.lm_head.weight = pruned.model.embed_tokens.weight
     pruned.generation_config = copy.deepcopy(model.generation_config)
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map is not None:
+        dispatch_model(pruned, pruned_device_map(device_map, plans))
     return pruned.eval()
+
+
+def _kept_where_it_lives(tensor: torch.Tensor, offloaded: bool) -> torch.Tensor:
+    """A pruned model's tensor: in CPU memory when the dense module was offloaded (the dispatch offloads it again),
+    else where it is."""
+    return tensor.cpu() if offloaded else tensor
+
+
+def pruned_device_map(device_map: dict[str, Any], plans: list[LayerPlan | None]) -> dict[str, Any]:
+    """The dense model's device map (accelerate: module name -> device) for the pruned model: kept layers
+    renumbered, removed layers dropped, disk offload turned into CPU offload (the pruned tensors are in memory)."""
+    new_index: dict[int, int] = {}
+    for index, plan in enumerate(plans):
+        if plan is not None:
+            new_index[index] = len(new_index)
+    pruned_map = {}
+    for name, device in device_map.items():
+        device = "cpu" if device == "disk" else device
+        match = re.fullmatch(r"model\.layers\.(\d+)(\..*)?", name)
+        if match is None:
+            pruned_map[name] = device
+        elif int(match.group(1)) in new_index:
+            pruned_map[f"model.layers.{new_index[int(match.group(1))]}{match.group(2) or ''}"] = device
+    return pruned_map

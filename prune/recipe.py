@@ -8,6 +8,7 @@ allowed method names come from the registries of the stages (``SCORERS``, ``ALLO
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,6 +34,11 @@ class ModelSection:
     """``auto``: bfloat16 on CUDA, float32 on CPU."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
+    device_map: str | dict[str, int | str] | None = None
+    """Spread the model over devices with accelerate: ``auto``, ``balanced``, ``balanced_low_0``, ``sequential``
+    or a mapping of module name to ``cuda:N`` / N, ``cpu`` or ``disk``; null: the whole model on ``device``."""
+    max_memory: dict[str, str] | None = None
+    """With ``device_map``: memory each device may take, e.g. ``{cuda:0: 20GiB, cpu: 60GiB}``."""
 
 
 @dataclass
@@ -296,9 +302,57 @@ def _check_ranges(recipe: Recipe) -> None:
             recipe.model.device in ("auto", "cpu", "cuda") or recipe.model.device.startswith("cuda:"),
             "must be auto, cpu, cuda or cuda:N",
         ),
+        *_placement_checks(recipe),
         ("output", bool(recipe.output.strip()), "must not be empty"),
     ]
     raise_first_failure(recipe, checks)
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+MEMORY_SIZE = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B|B)")
+
+
+def _is_device(device: int | str, disk: bool) -> bool:
+    if isinstance(device, int):
+        return device >= 0
+    return bool(re.fullmatch(r"cpu|cuda|cuda:\d+|\d+", device)) or (disk and device == "disk")
+
+
+def _placement_checks(recipe: Recipe) -> list[tuple[str, bool, str]]:
+    """Checks of ``model.device_map`` and ``model.max_memory``, and of the stages a device map excludes."""
+    model = recipe.model
+    device_map, spread = model.device_map, model.device_map is not None
+    return [
+        (
+            "model.device_map",
+            device_map is None
+            or (
+                (device_map in DEVICE_MAP_STRATEGIES if isinstance(device_map, str) else bool(device_map))
+                and (isinstance(device_map, str) or all(_is_device(d, disk=True) for d in device_map.values()))
+            ),
+            f"must be null, one of {', '.join(DEVICE_MAP_STRATEGIES)}, or a mapping of module name to a device "
+            "(cuda:N, N, cpu or disk)",
+        ),
+        ("model.device", not spread or model.device == "auto", "must be auto when model.device_map is set"),
+        ("model.max_memory", spread or model.max_memory is None, "needs model.device_map"),
+        (
+            "model.max_memory",
+            model.max_memory is None
+            or all(_is_device(k, disk=False) and MEMORY_SIZE.fullmatch(v) for k, v in model.max_memory.items()),
+            "must map devices (cuda:N, cpu) to sizes such as 20GiB",
+        ),
+        (
+            "recovery.method",
+            not spread or recipe.recovery.method == "none",
+            "must be none with model.device_map (recovery trains on one device)",
+        ),
+        (
+            "evaluation.speed.enabled",
+            not spread or not recipe.evaluation.speed.enabled,
+            "must be false with model.device_map (it times whole models on one device; the engine stage and "
+            "python -m eval.speed measure the pruned shape)",
+        ),
+    ]
 
 
 def recipe_from_mapping(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -25,11 +25,12 @@ from typing import cast
 import torch
 from torch import nn
 
-from prune.blocks import BlockShape, decoder_layers
 from prune.pruner import LayerPlan, head_rows
 from prune.statistics import ActivationStatistics, Statistic
 
 RECONSTRUCTED_LINEARS = {"self_attn.o_proj": "o_in", "mlp.down_proj": "down_in"}
+GROUP_COLUMNS = 512
+"""Columns of S⁻¹ solved at a time by :func:`removal_errors`."""
 
 
 def compensated_bias(
@@ -51,14 +52,14 @@ def second_moment(
     second[:features, :features] = xxt.to(device, torch.float64)
     second[:features, features] = second[features, :features] = x_sum.to(device, torch.float64)
     second[features, features] = tokens
-    return second / tokens
+    return second.div_(tokens)
 
 
 def damp(second: torch.Tensor, features: torch.Tensor, damping: float) -> torch.Tensor:
-    """A copy of ``second`` with ``damping`` times the mean of its diagonal at ``features`` added there."""
-    damped = second.clone()
-    damped[features, features] += damping * float(second[features, features].mean())
-    return damped
+    """``second`` itself, with ``damping`` times the mean of its diagonal at ``features`` added there (in place:
+    these matrices are [F+1, F+1] float64, 1 GB for a 7B model's FFN)."""
+    second[features, features] += damping * float(second[features, features].mean())
+    return second
 
 
 def least_squares_refit(
@@ -77,14 +78,16 @@ def least_squares_refit(
     features, device = weight.shape[1], weight.device
     second = second_moment(xxt, x_sum, tokens, device)
     columns = torch.cat([kept.to(device), torch.tensor([features], device=device)])
-    gram = damp(second[columns][:, columns], torch.arange(len(kept), device=device), damping)
     old_bias = (
         bias.to(device, torch.float64)
         if bias is not None
         else torch.zeros(weight.shape[0], dtype=torch.float64, device=device)
     )
     full = torch.cat([weight.double(), old_bias[:, None]], 1)
-    target = full @ second[:, columns]  # [out, |K|+1]
+    target = full @ second[:, columns]  # [out, |K|+1]; the [F+1, |K|+1] gather is freed before the gram's
+    del full
+    gram = damp(second[columns[:, None], columns[None, :]], torch.arange(len(kept), device=device), damping)
+    del second
     solution = torch.linalg.solve(gram, target.T).T
     return solution[:, :-1], solution[:, -1]
 
@@ -92,17 +95,32 @@ def least_squares_refit(
 def removal_errors(weight: torch.Tensor, second: torch.Tensor, groups: torch.Tensor, damping: float) -> torch.Tensor:
     """Output error [n_groups] of removing each group of input columns alone, the others refit (float64, CPU).
 
-    ``weight`` [out, F]; ``second`` [F+1, F+1] from :func:`second_moment`; ``groups`` [n_groups, size]
+    ``weight`` [out, F]; ``second`` [F+1, F+1] from :func:`second_moment` (damped and factorised in place: pass it
+    without keeping a reference, so that one [F+1, F+1] matrix exists at a time); ``groups`` [n_groups, size]
     column indices. With S the damped second moment (damping on the F input features), the least-squares
     refit of the other columns and the bias leaves the mean squared output error per token (Optimal Brain
     Surgeon, for a group R of columns)
 
         E_R = trace(W_R (S⁻¹[R, R])⁻¹ W_Rᵀ)
+
+    S⁻¹[:, R] is solved from the LU factors of S for GROUP_COLUMNS columns at a time, never the whole inverse.
     """
     features = weight.shape[1]
-    inverse = torch.linalg.inv(damp(second.cpu(), torch.arange(features), damping))
+    damped = damp(second.cpu(), torch.arange(features), damping)
+    del second
+    factors, pivots = torch.linalg.lu_factor(damped)
+    del damped
     w_groups = weight.detach().cpu().double()[:, groups].permute(1, 2, 0)  # [n_groups, size, out]
-    blocks = inverse[groups[:, :, None], groups[:, None, :]]  # [n_groups, size, size] = S⁻¹[R, R] per group
+    n_groups, size = groups.shape
+    per_chunk = max(1, GROUP_COLUMNS // size)
+    blocks = torch.empty(n_groups, size, size, dtype=torch.float64)  # S⁻¹[R, R] per group
+    for first in range(0, n_groups, per_chunk):
+        chunk = groups[first : first + per_chunk]  # [count, size]
+        count, columns = len(chunk), chunk.flatten()
+        unit = torch.zeros(features + 1, len(columns), dtype=torch.float64)
+        unit[columns, torch.arange(len(columns))] = 1
+        solved = torch.linalg.lu_solve(factors, pivots, unit)[columns]  # S⁻¹[columns, columns]
+        blocks[first : first + count] = solved.view(count, size, count, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
     return (w_groups * torch.linalg.solve(blocks, w_groups)).sum(dim=(1, 2))
 
 
@@ -152,40 +170,37 @@ RECONSTRUCTIONS: dict[str, Reconstruction] = {
 """Reconstructions by recipe name (``pruning.reconstruct``)."""
 
 
-def reconstruct_outputs(
-    pruned: nn.Module,
-    dense: nn.Module,
-    shape: BlockShape,
-    plans: list[LayerPlan | None],
+def reconstructed_layer(
+    index: int,
+    dense_layer: nn.Module,
+    plan: LayerPlan,
+    head_dim: int,
     statistics: ActivationStatistics,
     method: str,
     damping: float,
-) -> None:
-    """Overwrite the pruned model's o_proj / down_proj weights and biases by the reconstruction ``method``.
+) -> dict[str, torch.Tensor]:
+    """The refit o_proj / down_proj weights and biases of one pruned layer (state-dict entries relative to the
+    layer, in the dense weights' dtype), by the reconstruction ``method``; nothing for ``none``.
 
-    ``pruned`` must have been built from ``dense`` with ``plans`` and output biases; ``dense`` is the model the
-    statistics came from. Layers removed whole (None plans) have nothing to reconstruct.
+    ``index``: the layer's index in ``dense_layer``'s model, whose statistics are used.
     """
     refit = RECONSTRUCTIONS[method].refit
     if refit is None:
-        return
-    kept_layers = [
-        (i, layer, plan) for i, (layer, plan) in enumerate(zip(decoder_layers(dense), plans, strict=True)) if plan
-    ]
-    for (i, dense_layer, plan), pruned_layer in zip(kept_layers, decoder_layers(pruned), strict=True):
-        kept_inputs = {
-            "self_attn.o_proj": head_rows(plan.kept_query_heads, shape.head_dim),
-            "mlp.down_proj": torch.tensor(plan.kept_ffn_channels),
-        }
-        for name, site in RECONSTRUCTED_LINEARS.items():
-            source = cast(nn.Linear, dense_layer.get_submodule(name))
-            target = cast(nn.Linear, pruned_layer.get_submodule(name))
-            xxt = statistics.tensors.get(f"layers.{i}.{site}.xxt")
-            inputs = LinearInputs(statistics.get(i, f"{site}.x_sum"), xxt, statistics.tokens)
-            weight, bias = refit(source.weight, _bias(source), kept_inputs[name], inputs, damping)
-            with torch.no_grad():
-                target.weight.copy_(weight.to(target.weight.dtype))
-                target.bias.copy_(bias.to(target.bias.dtype))
+        return {}
+    kept_inputs = {
+        "self_attn.o_proj": head_rows(plan.kept_query_heads, head_dim),
+        "mlp.down_proj": torch.tensor(plan.kept_ffn_channels),
+    }
+    tensors = {}
+    for name, site in RECONSTRUCTED_LINEARS.items():
+        source = cast(nn.Linear, dense_layer.get_submodule(name))
+        x_sum, xxt = statistics.get(index, f"{site}.x_sum"), statistics.find(index, f"{site}.xxt")
+        inputs = LinearInputs(x_sum, xxt, statistics.tokens)
+        weight, bias = refit(source.weight, _bias(source), kept_inputs[name], inputs, damping)
+        device, dtype = source.weight.device, source.weight.dtype
+        tensors[f"{name}.weight"] = weight.to(device, dtype).contiguous()
+        tensors[f"{name}.bias"] = bias.to(device, dtype).contiguous()
+    return tensors
 
 
 def _bias(linear: nn.Linear) -> torch.Tensor | None:

@@ -295,35 +295,35 @@ def recover(
         heldout(0)
     student.train()
     bar = tqdm(total=steps, initial=start_step, desc=f"recovery ({settings.method})", unit="step", disable=not progress)
-    for step in range(start_step, steps):
-        ids = windows[batch_indices(step, settings.batch_size, len(windows), settings.seed)].to(accelerator.device)
-        loss, parts = training_loss(student, teacher, ids, settings)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
-        learning_rate = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        elapsed = time.perf_counter() - started - evaluating_seconds
-        tokens_per_second = (done - start_step) * settings.batch_size * settings.seqlen / elapsed
-        log(
-            {
-                "step": done,
-                "tokens": done * settings.batch_size * settings.seqlen,
-                "loss": float(loss.detach()),
-                **parts,
-                "learning_rate": learning_rate,
-                "tokens_per_second": tokens_per_second,
-            }
-        )
-        bar.set_postfix(loss=f"{float(loss.detach()):.4f}", tok_s=f"{tokens_per_second:,.0f}")
-        bar.update()
-        if done % settings.eval_every == 0 or done == steps:
-            heldout(done)
-        if done % settings.save_every == 0 or done == steps:
-            save_state(state_dir, accelerator.unwrap_model(student), optimizer, scheduler, done, log_lines)
-    bar.close()
+    with bar:  # closed before an error or a signal is reported
+        for step in range(start_step, steps):
+            ids = windows[batch_indices(step, settings.batch_size, len(windows), settings.seed)].to(accelerator.device)
+            loss, parts = training_loss(student, teacher, ids, settings)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
+            learning_rate = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            elapsed = time.perf_counter() - started - evaluating_seconds
+            tokens_per_second = (done - start_step) * settings.batch_size * settings.seqlen / elapsed
+            log(
+                {
+                    "step": done,
+                    "tokens": done * settings.batch_size * settings.seqlen,
+                    "loss": float(loss.detach()),
+                    **parts,
+                    "learning_rate": learning_rate,
+                    "tokens_per_second": tokens_per_second,
+                }
+            )
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", tok_s=f"{tokens_per_second:,.0f}")
+            bar.update()
+            if done % settings.eval_every == 0 or done == steps:
+                heldout(done)
+            if done % settings.save_every == 0 or done == steps:
+                save_state(state_dir, accelerator.unwrap_model(student), optimizer, scheduler, done, log_lines)
     seconds = time.perf_counter() - started
     training_seconds = seconds - evaluating_seconds
     student = accelerator.unwrap_model(student)

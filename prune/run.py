@@ -12,12 +12,14 @@ import hashlib
 import json
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from eval.model_card import model_card
@@ -41,18 +43,35 @@ from prune.allocation import ALLOCATIONS, Allocation, allocate
 from prune.blocks import BlockShape, block_shape, count_parameters
 from prune.calibration import DataSourceError, calibration_samples, evaluation_tokens
 from prune.cli import ArgumentParser, run_command
-from prune.evaluation import EVALUATIONS, EvaluationInputs
+from prune.evaluation import EVALUATIONS, DenseInputs, EvaluationInputs, dense_first
 from prune.export import EXPORTERS, ExportInputs
 from prune.memory import current_bytes, make_resident, peak_bytes, reset_peak
 from prune.models import ModelSourceError, base_model_facts, check_finite, load_model
 from prune.paths import DamagedCacheError, atomic_write_text, recomputing, staged_directory
-from prune.prepare import USER_ERRORS, Prepared, added_bias_parameters, dry_run_text, prepare, protected_layers
-from prune.pruner import prune_model
+from prune.placement import input_device
+from prune.prepare import (
+    USER_ERRORS,
+    Prepared,
+    added_bias_parameters,
+    check_memory_plan,
+    dry_run_text,
+    needs_dense_after_pruning,
+    prepare,
+    protected_layers,
+)
+from prune.pruner import LayerPlan, prune_model
 from prune.recipe import Recipe, load_recipe, recipe_to_dict
-from prune.reconstruct import RECONSTRUCTIONS, reconstruct_outputs
+from prune.reconstruct import RECONSTRUCTIONS, reconstructed_layer
 from prune.recovery import recover, training_windows
 from prune.scoring import score_units
-from prune.statistics import BACKWARD, ActivationStatistics, cache_key, check_statistics, collect_statistics
+from prune.statistics import (
+    BACKWARD,
+    SUMMARY_FILE,
+    ActivationStatistics,
+    cache_key,
+    check_statistics,
+    collect_statistics,
+)
 
 
 @contextmanager
@@ -79,13 +98,14 @@ def obtain_statistics(
         prepared.calibration_source.fingerprint(),
         recipe.scoring.objective,
     )
-    path = prepared.cache / "stats" / f"{key}.safetensors"
+    path = prepared.cache / "stats" / key
     cached = None
-    if path.is_file():
+    if (path / SUMMARY_FILE).is_file():
         try:
             cached = ActivationStatistics.load(path)
         except DamagedCacheError as error:
             recomputing(path, error)
+            shutil.rmtree(path, ignore_errors=True)
     missing = prepared.needs - (cached.provides if cached else frozenset())
     info = StatisticsReport(
         source=recipe.calibration.source,
@@ -107,11 +127,17 @@ def obtain_statistics(
         recipe.calibration.seqlen,
         recipe.calibration.seed,
     )
-    device = next(model.parameters()).device
+    device = input_device(model)
     make_resident(model)
     reset_peak(device)
     before = current_bytes(device)
-    statistics = collect_statistics(model, samples, recipe.scoring.objective, missing)
+    path.mkdir(parents=True, exist_ok=True)
+    scratch_root = prepared.cache / "scratch"
+    scratch_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch_root) as scratch:
+        statistics = collect_statistics(
+            model, samples, recipe.scoring.objective, missing, store=path, scratch=Path(scratch)
+        )
     peak = peak_bytes(device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     info.peak_memory_bytes = peak
@@ -177,9 +203,12 @@ def prune_as_recipe_says(
     params_to_remove: int,
     statistics: ActivationStatistics | None,
     stage_seconds: dict[str, float],
+    in_place: bool = False,
 ) -> tuple[PreTrainedModel, Allocation]:
     """Scoring, allocation, physical pruning and reconstruction of ``params_to_remove`` parameters (the target)
-    as ``recipe`` says; ``model`` is left untouched. Adds each stage's wall time to ``stage_seconds``.
+    as ``recipe`` says. ``model`` is left untouched, unless ``in_place``: its layers are then released one by
+    one as they are pruned (``prune_model``) and it is unusable after. Adds each stage's wall time to
+    ``stage_seconds``.
     """
     shape = block_shape(model.config)
     budget = params_to_remove + added_bias_parameters(recipe, shape)
@@ -193,14 +222,16 @@ def prune_as_recipe_says(
         allocation = allocate(
             shape, scores, budget, recipe.allocation, recipe.pruning, statistics, protected_layers(recipe, shape)
         )
-    reconstruct = recipe.pruning.reconstruct
-    refits = RECONSTRUCTIONS[reconstruct].refit is not None
-    with timed(stage_seconds, "pruning"):
-        pruned = prune_model(model, allocation.plans, output_bias=refits)
-    if refits:
+    method = recipe.pruning.reconstruct
+    refit = None
+    if RECONSTRUCTIONS[method].refit is not None:
         assert statistics is not None  # the reconstruction's needs were collected
-        with timed(stage_seconds, f"reconstruction ({reconstruct})"):
-            reconstruct_outputs(pruned, model, shape, allocation.plans, statistics, reconstruct, recipe.pruning.damping)
+
+        def refit(index: int, layer: nn.Module, plan: LayerPlan) -> dict[str, torch.Tensor]:
+            return reconstructed_layer(index, layer, plan, shape.head_dim, statistics, method, recipe.pruning.damping)
+
+    with timed(stage_seconds, "pruning" if refit is None else f"pruning + reconstruction ({method})"):
+        pruned = prune_model(model, allocation.plans, output_bias=refit is not None, refit=refit, in_place=in_place)
     return pruned, allocation
 
 
@@ -329,7 +360,12 @@ def execute(prepared: Prepared) -> Report:
     with staged_directory(prepared.output) as partial:
         with timed(stage_seconds, "load model"):
             model, tokenizer = load_model(
-                prepared.model_source, recipe.model.dtype, recipe.model.device, prepared.cache
+                prepared.model_source,
+                recipe.model.dtype,
+                recipe.model.device,
+                prepared.cache,
+                recipe.model.device_map,
+                recipe.model.max_memory,
             )
             check_finite(model)
             check_tokenizer(recipe, tokenizer)
@@ -339,13 +375,19 @@ def execute(prepared: Prepared) -> Report:
             with timed(stage_seconds, "activation statistics"):
                 statistics, statistics_info = obtain_statistics(prepared, model, tokenizer)
                 check_statistics(statistics)
-                statistics.save(partial / "activation_stats.safetensors")
+                statistics.save_tensors(partial / "activation_stats.safetensors")
             if recipe.calibration.source == "wikitext2" and recipe.evaluation.perplexity.dataset == "wikitext2":
                 notes.append(
                     "Calibration text and perplexity text are both WikiText-2 (test split): "
                     "the perplexity is optimistic."
                 )
-        pruned, allocation = prune_as_recipe_says(recipe, model, prepared.params_to_remove, statistics, stage_seconds)
+        in_place = not needs_dense_after_pruning(recipe)
+        dense_parts = {}
+        if in_place:  # nothing after pruning needs the whole dense model: its parts of the evaluation first
+            dense_parts = dense_first(DenseInputs(prepared, model, tokenizer, text), stage_seconds)
+        pruned, allocation = prune_as_recipe_says(
+            recipe, model, prepared.params_to_remove, statistics, stage_seconds, in_place
+        )
         recovery, before_recovery = None, None
         if recipe.recovery.method != "none":
             ppl = recipe.evaluation.perplexity
@@ -359,7 +401,9 @@ def execute(prepared: Prepared) -> Report:
                 exports.append(
                     EXPORTERS[name](ExportInputs(pruned, tokenizer, prepared.model_source, partial, recipe.export))
                 )
-        inputs = EvaluationInputs(prepared, model, pruned, tokenizer, text, before_recovery, partial, exports, notes)
+        inputs = EvaluationInputs(
+            prepared, model, pruned, tokenizer, text, before_recovery, partial, exports, notes, dense_parts
+        )
         sections = {}
         for stage in EVALUATIONS:
             if stage.enabled(recipe):
@@ -411,6 +455,11 @@ def main(argv: list[str] | None = None) -> int:
         "--dry-run", action="store_true", help="print the resolved recipe and its parameter budget, then stop"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument(
+        "--ignore-memory-estimate",
+        action="store_true",
+        help="run even when a stage's estimated peak memory exceeds what the device has available",
+    )
     args = parser.parse_args(argv)
 
     def run() -> str:
@@ -418,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(dry_run_text(prepared), end="")
             return "dry run: nothing was written"
+        if not args.ignore_memory_estimate:
+            check_memory_plan(prepared)
         execute(prepared)
         return f"done: {prepared.output}/report.md"
 

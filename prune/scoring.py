@@ -39,6 +39,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from prune.blocks import LINEAR_NAMES, BlockShape, decoder_layers, layer_linears
+from prune.placement import resident
 from prune.reconstruct import removal_errors, second_moment
 from prune.statistics import INPUT_SITE_OF_LINEAR, ActivationStatistics, Statistic, row_col_reductions
 
@@ -124,10 +125,14 @@ def reconstruction_error_scores(
     layer_module = decoder_layers(model)[layer]
 
     def errors(linear, site: str, groups: torch.Tensor) -> torch.Tensor:
-        second = second_moment(
-            statistics.get(layer, f"{site}.xxt"), statistics.get(layer, f"{site}.x_sum"), statistics.tokens
+        x_sum = statistics.get(layer, f"{site}.x_sum")
+        # passed without a name, so that removal_errors holds the only reference and frees it once factorised
+        return removal_errors(
+            linear.weight,
+            second_moment(statistics.get(layer, f"{site}.xxt"), x_sum, statistics.tokens),
+            groups,
+            damping,
         )
-        return removal_errors(linear.weight, second, groups, damping)
 
     linears = layer_linears(layer_module)
     o_proj, down_proj = linears["o_proj"], linears["down_proj"]
@@ -251,4 +256,8 @@ def score_units(
     if missing:
         raise ValueError(f"scorer {method!r} needs {', '.join(sorted(m.value for m in missing))} from the statistics")
     inputs = ScoringInputs(model, shape, statistics, aggregate, damping)
-    return [scorer.score_layer(inputs, layer) for layer in range(shape.num_layers)]
+    scores = []
+    for index, layer in enumerate(decoder_layers(model)):
+        with resident(layer.modules()):  # its offloaded weights loaded once (device_map)
+            scores.append(scorer.score_layer(inputs, index))
+    return scores

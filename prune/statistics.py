@@ -8,12 +8,14 @@ layers of every decoder block:
     A(s, w) = |w * dD(s)/dw|        D = largest next-token logit at the last position ("max_logit")
                                     or the mean token NLL of the sample ("nll")
 
-A parameter hook adds |w * grad| into a float32 accumulator the moment the gradient of that weight
-is ready and frees the gradient, so at most one gradient exists at a time, and every decoder layer
-is checkpointed (its activations are recomputed in the backward pass instead of kept). After the
-pass the per-weight mean over samples is reduced to what the later stages need and the accumulators
-are dropped; then a second, forward-only pass over the same samples collects the input statistics
-(so the input second moments never coexist with the accumulators). Tensors, by what provides them:
+The pass goes layer by layer, never through the whole model at once: every sample's hidden state
+passes decoder layer 0, then layer 1, ... (the input statistics of a layer are collected as all
+samples pass it; each layer's inputs are kept, in scratch files when given a directory); then, from
+the top, layer i's forward is recomputed from its kept inputs and differentiated for every sample,
+the gradient with respect to its input carried down to layer i - 1. So at any time one layer's
+weight gradients, one layer's per-weight sums and one layer's second moments exist, and a layer's
+per-weight mean is reduced to what the later stages need as soon as every sample has passed it.
+Tensors, by what provides them:
 
 - gradient products: ``layers.{i}.{linear}.row_sum`` / ``row_max`` [out_features]: sum / max over each
   output row of mean A; ``col_sum`` / ``col_max`` [in_features]: the same over each input column;
@@ -35,23 +37,24 @@ import enum
 import hashlib
 import json
 import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from prune.blocks import LINEAR_NAMES, decoder_layers, layer_linears
-from prune.paths import DamagedCacheError, atomic_path, sha256_bytes
+from prune.paths import DamagedCacheError, atomic_path, file_sha256, sha256_bytes
+from prune.placement import input_device, module_device, resident
 
-STATS_VERSION = 3
+STATS_VERSION = 4
 HIST_MIN = -20.0
 HIST_WIDTH = 0.01
 HIST_BINS = 2500  # log10(A) from -20 to +5 in 0.01-decade bins; values outside are clamped into the end bins
@@ -86,66 +89,105 @@ class Statistic(enum.Enum):
 
 BACKWARD = frozenset({Statistic.GRADIENT_PRODUCTS, Statistic.SUMMED_GRADIENTS})
 FORWARD = frozenset({Statistic.INPUT_SUMS, Statistic.SECOND_MOMENTS, Statistic.LAYER_COSINES})
-MARKER_TENSORS = {
-    Statistic.GRADIENT_PRODUCTS: "layers.0.log10_hist",
-    Statistic.SUMMED_GRADIENTS: "layers.0.q_proj.taylor_row_sum",
-    Statistic.INPUT_SUMS: "layers.0.attn_in.x_sum",
-    Statistic.SECOND_MOMENTS: f"layers.0.{COVARIANCE_SITES[0]}.xxt",
-    Statistic.LAYER_COSINES: "layers.0.cos_sum",
-}
-"""A tensor whose presence shows that a statistic was collected."""
+
+
+SECOND_MOMENTS_FILE = "second-moments-{layer}.safetensors"
+"""File of one layer's second moments in a statistics directory (when they are not kept in memory)."""
+SUMMARY_FILE = "summary.safetensors"
 
 
 @dataclass
 class ActivationStatistics:
-    """Reduced statistics (CPU tensors, names as in the module docstring) and how they were made."""
+    """Reduced statistics (CPU tensors, names as in the module docstring) and how they were made.
+
+    The second moments (``xxt``, [features, features] per site and layer; 17.6 GB for a 7B model in
+    float32) are either in ``tensors`` or, when ``directory`` is set, in one file per layer there,
+    read one tensor at a time by :meth:`get`; everything else is always in ``tensors``.
+    """
 
     tensors: dict[str, torch.Tensor]
     samples: int
     tokens: int
     """Calibration tokens that fed the input statistics (samples x seqlen)."""
     objective: str
+    provides: frozenset[Statistic]
+    """The statistics these hold."""
+    directory: Path | None = None
+    """The directory holding the second moments, one file per layer, when they are not in ``tensors``."""
+
+    def find(self, layer: int, name: str) -> torch.Tensor | None:
+        """The tensor ``layers.{layer}.{name}``, or None when these statistics do not hold it."""
+        key = f"layers.{layer}.{name}"
+        if key in self.tensors:
+            return self.tensors[key]
+        path = None if self.directory is None else self.directory / SECOND_MOMENTS_FILE.format(layer=layer)
+        if path is None or not name.endswith(".xxt") or not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            names = f.keys()
+            return f.get_tensor(key) if key in names else None
 
     def get(self, layer: int, name: str) -> torch.Tensor:
-        return self.tensors[f"layers.{layer}.{name}"]
-
-    @property
-    def provides(self) -> frozenset[Statistic]:
-        """The statistics these tensors hold."""
-        return frozenset(kind for kind, marker in MARKER_TENSORS.items() if marker in self.tensors)
+        tensor = self.find(layer, name)
+        if tensor is None:
+            raise KeyError(f"layers.{layer}.{name}")
+        return tensor
 
     def merged(self, other: ActivationStatistics) -> ActivationStatistics:
-        """These tensors and ``other``'s (same samples, tokens and objective), ``other`` winning on a clash."""
-        if (self.samples, self.tokens, self.objective) != (other.samples, other.tokens, other.objective):
+        """These statistics and ``other``'s (same samples, tokens, objective and directory), ``other`` winning."""
+        same = (self.samples, self.tokens, self.objective) == (other.samples, other.tokens, other.objective)
+        if not same or (self.directory and other.directory and self.directory != other.directory):
             raise ValueError("statistics of different calibration data cannot be merged")
-        return ActivationStatistics(self.tensors | other.tensors, self.samples, self.tokens, self.objective)
+        return ActivationStatistics(
+            self.tensors | other.tensors,
+            self.samples,
+            self.tokens,
+            self.objective,
+            self.provides | other.provides,
+            self.directory or other.directory,
+        )
 
     def checksum(self) -> str:
-        """SHA-256 of the tensors' names, shapes, dtypes and bytes, in name order."""
+        """SHA-256 of the in-memory tensors' names, shapes, dtypes and bytes, in name order."""
         chunks = []
         for name in sorted(self.tensors):
             tensor = self.tensors[name].contiguous()
-            chunks += [
-                f"{name}:{list(tensor.shape)}:{tensor.dtype}".encode(),
-                tensor.view(-1).view(torch.uint8).numpy(),
-            ]
+            description = f"{name}:{list(tensor.shape)}:{tensor.dtype}".encode()
+            chunks += [description, tensor.view(-1).view(torch.uint8).numpy()]
         return sha256_bytes(chunks)
 
-    def save(self, path: Path) -> None:
-        """Write atomically as safetensors (metadata: samples, tokens, objective, format version, checksum)."""
+    def save_tensors(self, path: Path) -> None:
+        """The in-memory tensors as one safetensors file, written atomically (metadata: samples, tokens, objective,
+        what they provide, format version, checksum, and the SHA-256 of each second-moment file beside them)."""
+        files = {}
+        if self.directory is not None:
+            files = {f.name: file_sha256(f) for f in sorted(self.directory.glob(SECOND_MOMENTS_FILE.format(layer="*")))}
         metadata = {
             "samples": str(self.samples),
             "tokens": str(self.tokens),
             "objective": self.objective,
+            "provides": json.dumps(sorted(kind.value for kind in self.provides)),
+            "second_moment_files": json.dumps(files),
             "version": str(STATS_VERSION),
             "sha256": self.checksum(),
         }
         with atomic_path(path) as temporary:
             save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(temporary), metadata=metadata)
 
+    def save(self, directory: Path) -> None:
+        """Write into the statistics directory ``directory`` (which already holds any second-moment files)."""
+        if self.directory not in (None, directory):
+            raise ValueError(f"statistics whose second moments are in {self.directory} are saved there")
+        directory.mkdir(parents=True, exist_ok=True)
+        ActivationStatistics(
+            self.tensors, self.samples, self.tokens, self.objective, self.provides, directory
+        ).save_tensors(directory / SUMMARY_FILE)
+
     @classmethod
-    def load(cls, path: Path) -> ActivationStatistics:
-        """Read a file :meth:`save` wrote; DamagedCacheError when it is truncated, altered or of another version."""
+    def load(cls, directory: Path) -> ActivationStatistics:
+        """Read what :meth:`save` wrote; DamagedCacheError when a file is missing, truncated, altered or of another
+        format version."""
+        path = directory / SUMMARY_FILE
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
@@ -154,9 +196,17 @@ class ActivationStatistics:
             raise DamagedCacheError(f"not a readable statistics file ({type(error).__name__})") from None
         if metadata.get("version") != str(STATS_VERSION) or "sha256" not in metadata:
             raise DamagedCacheError(f"statistics of format version {metadata.get('version')}, not {STATS_VERSION}")
-        statistics = cls(tensors, int(metadata["samples"]), int(metadata["tokens"]), metadata["objective"])
+        provides = frozenset(Statistic(value) for value in json.loads(metadata["provides"]))
+        statistics = cls(
+            tensors, int(metadata["samples"]), int(metadata["tokens"]), metadata["objective"], provides, directory
+        )
         if statistics.checksum() != metadata["sha256"]:
             raise DamagedCacheError("the statistics do not match their checksum")
+        for name, digest in json.loads(metadata["second_moment_files"]).items():
+            if not (directory / name).is_file():
+                raise DamagedCacheError(f"{name} is missing")
+            if file_sha256(directory / name) != digest:
+                raise DamagedCacheError(f"{name} does not match its checksum")
         return statistics
 
 
@@ -195,14 +245,24 @@ def cache_key(model_fingerprint: str, dtype: str, calibration: dict, data_finger
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def objective_value(model: PreTrainedModel, input_ids: torch.Tensor, objective: str) -> torch.Tensor:
-    """D for a batch [B, T] of token ids, summed over the batch (a scalar that carries gradients)."""
+def objective_from_normed(
+    model: PreTrainedModel, normed: torch.Tensor, input_ids: torch.Tensor, objective: str
+) -> torch.Tensor:
+    """D from the decoder's final normed hidden states [B, T, H] for token ids [B, T], summed over the batch."""
     if objective == "max_logit":
-        hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state[:, -1, :]
-        return model.lm_head(hidden).max(dim=-1).values.sum()
+        return model.lm_head(normed[:, -1, :]).max(dim=-1).values.sum()
     if objective == "nll":
-        return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss * input_ids.shape[0]
+        logits = model.lm_head(normed)
+        loss = model.loss_function(logits=logits, labels=input_ids, vocab_size=model.config.vocab_size)
+        return loss * input_ids.shape[0]
     raise ValueError(f"unknown objective {objective!r}")
+
+
+def objective_value(model: PreTrainedModel, input_ids: torch.Tensor, objective: str) -> torch.Tensor:
+    """D for a batch [B, T] of token ids, summed over the batch (a scalar that carries gradients), by the model's
+    whole forward pass: the reference the layer-by-layer pass is checked against."""
+    normed = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+    return objective_from_normed(model, normed, input_ids, objective)
 
 
 def row_col_reductions(score: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -216,25 +276,12 @@ def row_col_reductions(score: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def log10_histogram(values: torch.Tensor) -> torch.Tensor:
-    """Counts of log10(values) in HIST_BINS bins of HIST_WIDTH decades from HIST_MIN (float64, on CPU)."""
-    logs = values.float().clamp_min(1e-38).log10().clamp(HIST_MIN, HIST_MIN + HIST_BINS * HIST_WIDTH - HIST_WIDTH / 2)
-    bins = ((logs - HIST_MIN) / HIST_WIDTH).floor().long()
+    """Counts of log10(values) in HIST_BINS bins of HIST_WIDTH decades from HIST_MIN (float64, on CPU).
+
+    Computed in place on one float32 copy of ``values`` (a layer's weights can be large)."""
+    logs = values.float().clamp_min(1e-38).log10_().clamp_(HIST_MIN, HIST_MIN + HIST_BINS * HIST_WIDTH - HIST_WIDTH / 2)
+    bins = logs.sub_(HIST_MIN).div_(HIST_WIDTH).floor_().long()
     return torch.bincount(bins.flatten(), minlength=HIST_BINS).double().cpu()
-
-
-@contextmanager
-def checkpointed_layers(layers):
-    """Run every decoder layer under (non-reentrant) activation checkpointing while inside the block."""
-    for layer in layers:
-        original = layer.forward
-        layer.forward = lambda *args, _forward=original, **kwargs: checkpoint(
-            _forward, *args, use_reentrant=False, **kwargs
-        )
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward  # the class's forward again
 
 
 def decoder_linear_weights(model: nn.Module) -> dict[tuple[int, str], torch.Tensor]:
@@ -246,99 +293,255 @@ def decoder_linear_weights(model: nn.Module) -> dict[tuple[int, str], torch.Tens
     }
 
 
-def weight_gradient_products(
-    model: PreTrainedModel, samples, objective: str, consume, progress: bool, desc: str, checkpoint_layers: bool = True
-) -> None:
-    """One backward pass of D per sample; ``consume(s, (layer, linear), w * dD(s)/dw)`` for every decoder linear.
+class _Captured(Exception):
+    """Ends a forward pass once the first decoder layer's inputs are captured."""
 
-    ``samples``: token-id tensors [T] (a [N, T] tensor or a list of unequal lengths). The product
-    [out, in] is float32, a fresh tensor ``consume`` may modify; the gradient is freed right after,
-    so at most one exists at a time. With ``checkpoint_layers`` the decoder layers' activations are
-    recomputed in the backward pass instead of kept (about a quarter more compute; worth it for long
-    samples). The model's ``requires_grad`` flags are restored and its weights are not modified.
-    """
-    device = next(model.parameters()).device
+
+def layer_arguments(model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The hidden state [1, T, H] that enters the first decoder layer for token ids [T], and the keyword arguments
+    (attention mask, position embeddings, ...) the model passes every decoder layer for them."""
+    captured: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Captured
+
+    device = input_device(model)
+    handle = decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.model(input_ids=input_ids.unsqueeze(0).to(device), use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return captured["hidden"], captured["kwargs"]
+
+
+def call_layer(layer: nn.Module, hidden: torch.Tensor, arguments: dict[str, Any]) -> torch.Tensor:
+    """One decoder layer's output [1, T, H] for ``hidden`` [1, T, H], on the layer's device."""
+    device = module_device(layer)
+    arguments = {k: _to(v, device) for k, v in arguments.items()}
+    output = layer(hidden.to(device), **arguments)
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+class Boundaries:
+    """Every sample's hidden state [1, T, H] entering a decoder layer, one layer at a time, kept in memory or, with
+    a ``scratch`` directory, in a file per layer there (so that only the layer being worked on is in memory)."""
+
+    def __init__(self, scratch: Path | None):
+        self.scratch = scratch
+        self.kept: dict[int, list[torch.Tensor]] = {}
+
+    def put(self, layer: int, states: list[torch.Tensor]) -> None:
+        if self.scratch is None:
+            self.kept[layer] = states
+        else:
+            torch.save([state.cpu() for state in states], self.scratch / f"boundary-{layer}.pt")
+
+    def take(self, layer: int) -> list[torch.Tensor]:
+        if self.scratch is None:
+            return self.kept.pop(layer)
+        path = self.scratch / f"boundary-{layer}.pt"
+        states = torch.load(path, weights_only=True)
+        path.unlink()
+        return states
+
+
+def forward_through_layers(
+    model: PreTrainedModel,
+    samples: list[torch.Tensor],
+    layer_hooks: Callable[[int, nn.Module], list],
+    layer_done: Callable[[int], None],
+    keep: Boundaries | None,
+    progress: bool,
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Every sample's hidden state through the decoder layers, layer by layer (every sample through layer i before
+    layer i + 1), for token ids ``samples`` (each [T]); returns the last layer's outputs and every sample's layer
+    keyword arguments (:func:`layer_arguments`). ``layer_hooks(i, layer)`` installs hooks for layer i (their
+    handles are removed after it), ``layer_done(i)`` follows each layer, ``keep`` receives each layer's inputs.
+    Two boundaries' hidden states are in memory at a time (a layer's inputs and outputs)."""
     layers = decoder_layers(model)
-    weights = decoder_linear_weights(model)
-    current = [0]
+    hidden, arguments = [], []
+    for ids in samples:
+        state, kwargs = layer_arguments(model, ids)
+        hidden.append(state)
+        arguments.append(kwargs)
+    bar = tqdm(total=len(layers) * len(hidden), desc="forward, layer by layer", unit="sample", disable=not progress)
+    with bar, torch.no_grad():  # the bar is closed before an error or a signal is reported
+        for i, layer in enumerate(layers):
+            if keep is not None:
+                keep.put(i, hidden)
+            handles = layer_hooks(i, layer)
+            try:
+                outputs = []
+                with resident(layer.modules()):
+                    for state, kwargs in zip(hidden, arguments, strict=True):
+                        outputs.append(call_layer(layer, state, kwargs))
+                        bar.update()
+            finally:
+                for handle in handles:
+                    handle.remove()
+            hidden = outputs
+            layer_done(i)
+    return hidden, arguments
 
-    def hook_for(key):
-        def hook(param: torch.Tensor) -> None:
-            consume(current[0], key, param.detach().float() * cast(torch.Tensor, param.grad).float())
-            param.grad = None
 
-        return hook
+def backward_through_layers(
+    model: PreTrainedModel,
+    samples: list[torch.Tensor],
+    arguments: list[dict[str, Any]],
+    last: list[torch.Tensor],
+    inputs: Boundaries,
+    objective: str,
+    consume: Callable[[int, tuple[int, str], torch.Tensor], None],
+    layer_done: Callable[[int], None],
+    progress: bool,
+    desc: str,
+) -> None:
+    """dD(s)/dw for every sample s and decoder linear weight w, from the top layer down, one layer at a time:
+    ``consume(s, (layer, linear), w * dD(s)/dw)`` (float32 [out, in], a fresh tensor ``consume`` may modify),
+    then ``layer_done(layer)`` once every sample has passed through that layer.
 
-    previous_flags = {p: p.requires_grad for p in model.parameters()}
-    handles = []
+    ``last``: the last layer's outputs (emptied here, each replaced by its gradient); ``inputs``: every layer's
+    inputs (:func:`forward_through_layers`). Layer i's forward is recomputed from its inputs, and the gradient
+    with respect to them carried down.
+    """
+    layers = decoder_layers(model)
+    gradients = []
+    for ids in samples:
+        state = last.pop(0).detach().requires_grad_(True)
+        with torch.enable_grad():
+            norm = model.get_submodule("model.norm")
+            normed = norm(state.to(module_device(norm)))
+            value = objective_from_normed(model, normed, ids.unsqueeze(0).to(normed.device), objective)
+            (gradient,) = torch.autograd.grad(value, state)
+        gradients.append(gradient)
+    bar = tqdm(total=len(layers) * len(samples), desc=desc, unit="sample", disable=not progress)
+    with bar:  # closed before an error or a signal is reported
+        for i in reversed(range(len(layers))):
+            layer, states = layers[i], inputs.take(i)
+            with resident(layer.modules()):
+                weights = layer_linears(layer)
+                for w in weights.values():
+                    w.weight.requires_grad_(True)
+                try:
+                    for s, (state, kwargs) in enumerate(zip(states, arguments, strict=True)):
+                        state = state.detach().to(module_device(layer)).requires_grad_(True)
+                        with torch.enable_grad():
+                            output = call_layer(layer, state, kwargs)
+                            results = torch.autograd.grad(
+                                output,
+                                [state, *(w.weight for w in weights.values())],
+                                grad_outputs=gradients[s].to(output.device),
+                            )
+                        gradients[s] = results[0]
+                        weight_gradients = list(results[1:])
+                        del results
+                        for name, linear in weights.items():  # each gradient freed as soon as it is consumed
+                            consume(s, (i, name), weight_gradients.pop(0).float().mul_(linear.weight.detach()))
+                        bar.update()
+                finally:
+                    for w in weights.values():
+                        w.weight.requires_grad_(False)
+            del states  # before the next layer's inputs are read
+            layer_done(i)
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Every parameter without gradients inside the block; the ``requires_grad`` flags are restored after it."""
+    flags = {p: p.requires_grad for p in model.parameters()}
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        for key, w in weights.items():
-            w.requires_grad_(True)
-            handles.append(w.register_post_accumulate_grad_hook(hook_for(key)))
-        with torch.enable_grad(), checkpointed_layers(layers if checkpoint_layers else []):
-            for s, sample in enumerate(tqdm(samples, desc=desc, unit="sample", disable=not progress)):
-                current[0] = s
-                objective_value(model, sample.unsqueeze(0).to(device), objective).backward()
+        yield
     finally:
-        for handle in handles:
-            handle.remove()
-        for p, flag in previous_flags.items():
+        for p, flag in flags.items():
             p.requires_grad_(flag)
             p.grad = None
 
 
-def mean_activation_reductions(
-    accumulators: dict, samples: int, num_layers: int, prefix: str = ""
-) -> dict[str, torch.Tensor]:
-    """Row/column reductions and the per-layer log10 histogram of mean A = sum / samples.
+def weight_gradient_products(
+    model: PreTrainedModel,
+    samples,
+    objective: str,
+    consume: Callable[[int, tuple[int, str], torch.Tensor], None],
+    progress: bool,
+    desc: str,
+    layer_done: Callable[[int], None] = lambda layer: None,
+    scratch: Path | None = None,
+) -> None:
+    """One backward pass of D per sample, layer by layer from the top: ``consume(s, (layer, linear), w * dD(s)/dw)``
+    for every decoder linear, then ``layer_done(layer)``.
 
-    ``accumulators``: {(layer, linear): summed |w * grad| [out, in]}; consumed (emptied) to free memory early.
-    ``prefix`` goes before the reduction names (``taylor_`` for the signed Taylor sums, no histogram then).
+    ``samples``: token-id tensors [T] (a [N, T] tensor or a list of unequal lengths). The samples go through the
+    decoder layer by layer (:func:`forward_through_layers`), keeping each layer's inputs (in ``scratch`` files
+    when given), then back (:func:`backward_through_layers`): at any time one layer's gradients exist. The
+    model's ``requires_grad`` flags are restored and its weights are not modified.
     """
+    samples = list(samples)
+    inputs = Boundaries(scratch)
+    with frozen(model):
+        last, arguments = forward_through_layers(model, samples, lambda i, layer: [], lambda i: None, inputs, progress)
+        backward_through_layers(model, samples, arguments, last, inputs, objective, consume, layer_done, progress, desc)
+
+
+def layer_reductions(
+    accumulators: dict[str, torch.Tensor], samples: int, layer: int, prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """Row/column reductions of mean A = sum / samples for one layer's linears, and (without ``prefix``) the layer's
+    log10 histogram. ``accumulators``: {linear: summed |w * grad| [out, in]}, consumed to free memory early.
+    ``prefix`` goes before the reduction names (``taylor_`` for the signed Taylor sums)."""
     tensors: dict[str, torch.Tensor] = {}
-    for i in range(num_layers):
-        histogram = torch.zeros(HIST_BINS, dtype=torch.float64)
-        for name in LINEAR_NAMES:
-            mean = accumulators.pop((i, name)).div_(samples).abs_()
-            tensors |= {f"layers.{i}.{name}.{prefix}{k}": v for k, v in row_col_reductions(mean).items()}
-            histogram += log10_histogram(mean)
+    histogram = torch.zeros(HIST_BINS, dtype=torch.float64)
+    for name in LINEAR_NAMES:
+        mean = accumulators.pop(name).div_(samples).abs_()
+        tensors |= {f"layers.{layer}.{name}.{prefix}{k}": v for k, v in row_col_reductions(mean).items()}
         if not prefix:
-            tensors[f"layers.{i}.log10_hist"] = histogram
+            histogram += log10_histogram(mean)
+    if not prefix:
+        tensors[f"layers.{layer}.log10_hist"] = histogram
     return tensors
 
 
-def gradient_statistics(
-    model: PreTrainedModel, samples: torch.Tensor, objective: str, products: bool, summed: bool, progress: bool
-) -> dict[str, torch.Tensor]:
-    """The backward pass: per-layer reductions of mean A (``products``) and of the Taylor term (``summed``)."""
-    layers = decoder_layers(model)
-    weights = decoder_linear_weights(model)
-    accumulators = {key: torch.zeros_like(w, dtype=torch.float32) for key, w in weights.items()} if products else {}
-    signed = {key: torch.zeros_like(w, dtype=torch.float32) for key, w in weights.items()} if summed else {}
+def collect_statistics(
+    model: PreTrainedModel,
+    samples: torch.Tensor,
+    objective: str,
+    needs: frozenset[Statistic],
+    progress: bool = True,
+    store: Path | None = None,
+    scratch: Path | None = None,
+) -> ActivationStatistics:
+    """The statistics ``needs`` asks for over ``samples`` [N, T], layer by layer: a forward pass through the decoder
+    that collects the input statistics of each layer as all samples pass it, then (for gradient products and
+    summed gradients) one backward pass per sample from the top layer down, reducing each layer's per-weight
+    mean as soon as every sample has passed it. Memory beyond the weights: one layer's per-weight sums, one
+    layer's second moments, and the samples' hidden states at one layer boundary (with ``scratch``; else at
+    every boundary).
 
-    def accumulate(sample: int, key, product: torch.Tensor) -> None:
-        if summed:
-            signed[key].add_(product)
-        if products:
-            accumulators[key].add_(product.abs_())
-
-    weight_gradient_products(model, samples, objective, accumulate, progress, f"activation statistics (D={objective})")
-    tensors = mean_activation_reductions(accumulators, len(samples), len(layers)) if products else {}
-    if summed:
-        tensors |= mean_activation_reductions(signed, len(samples), len(layers), prefix="taylor_")
-    return tensors
-
-
-@torch.no_grad()
-def input_statistics(
-    model: PreTrainedModel, samples: torch.Tensor, sums: bool, covariances: bool, cosines: bool, progress: bool
-) -> dict[str, torch.Tensor]:
-    """The forward-only pass through the decoder (no head): input sums (``sums``; with ``covariances`` also
-    ``xxt`` of the o_proj / down_proj inputs) per site, and cosine sums per layer (``cosines``)."""
-    device = next(model.parameters()).device
-    layers = decoder_layers(model)
+    ``store``: the statistics directory the second moments are written to, one file per layer (None: they
+    stay in memory). Second moments come with the input sums they are centred by. The model's
+    ``requires_grad`` flags are restored afterwards; its weights are not modified.
+    """
+    if Statistic.SECOND_MOMENTS in needs:
+        needs = needs | {Statistic.INPUT_SUMS}
+    sums, covariances = Statistic.INPUT_SUMS in needs, Statistic.SECOND_MOMENTS in needs
+    cosines = Statistic.LAYER_COSINES in needs
+    products, summed = Statistic.GRADIENT_PRODUCTS in needs, Statistic.SUMMED_GRADIENTS in needs
+    samples_list = list(samples)
+    tensors: dict[str, torch.Tensor] = {}
     accumulated: dict[str, torch.Tensor] = {}
 
     def add(key: str, value: torch.Tensor) -> None:
@@ -347,7 +550,7 @@ def input_statistics(
         else:
             accumulated[key] = value
 
-    def accumulate_input(prefix, with_covariance):
+    def input_hook(prefix: str, with_covariance: bool):
         def hook(module, args):
             x = args[0].detach().flatten(0, -2)
             x64 = x.double()
@@ -359,60 +562,74 @@ def input_statistics(
 
         return hook
 
-    def accumulate_cosine(key):
+    def cosine_hook(key: str):
         def hook(module, args, output):
+            output = output[0] if isinstance(output, tuple) else output
             h_in, h_out = args[0].detach().flatten(0, -2).double(), output.detach().flatten(0, -2).double()
             add(key, torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1).sum().reshape(1))
 
         return hook
 
-    handles = []
-    try:
-        for i, layer in enumerate(layers):
-            if cosines:
-                handles.append(layer.register_forward_hook(accumulate_cosine(f"layers.{i}.cos_sum")))
-            if sums:
-                linears = layer_linears(layer)
-                for site, linear_name in INPUT_SITES.items():
-                    hook = accumulate_input(f"layers.{i}.{site}", covariances and site in COVARIANCE_SITES)
-                    handles.append(linears[linear_name].register_forward_pre_hook(hook))
-        for sample in tqdm(samples, desc="input statistics", unit="sample", disable=not progress):
-            model.model(input_ids=sample.unsqueeze(0).to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {k: v.float().cpu() for k, v in accumulated.items()}
+    def layer_hooks(i: int, layer: nn.Module) -> list:
+        handles = []
+        if cosines:
+            handles.append(layer.register_forward_hook(cosine_hook(f"layers.{i}.cos_sum")))
+        if sums:
+            linears = layer_linears(layer)
+            for site, linear_name in INPUT_SITES.items():
+                hook = input_hook(f"layers.{i}.{site}", covariances and site in COVARIANCE_SITES)
+                handles.append(linears[linear_name].register_forward_pre_hook(hook))
+        return handles
 
+    def inputs_done(i: int) -> None:
+        layer_tensors = {k: v.float().cpu() for k, v in accumulated.items()}
+        accumulated.clear()
+        if store is not None and covariances:
+            moments = {k: layer_tensors.pop(k) for k in list(layer_tensors) if k.endswith(".xxt")}
+            with atomic_path(store / SECOND_MOMENTS_FILE.format(layer=i)) as temporary:
+                save_file(moments, str(temporary))
+        tensors.update(layer_tensors)
 
-def collect_statistics(
-    model: PreTrainedModel, samples: torch.Tensor, objective: str, needs: frozenset[Statistic], progress: bool = True
-) -> ActivationStatistics:
-    """Run the statistics passes over ``samples`` [N, T] that ``needs`` asks for: one backward pass per sample
-    (gradient products, summed gradients), then one forward-only pass (input sums, second moments, cosines).
+    per_weight: dict[str, dict[str, torch.Tensor]] = {"products": {}, "signed": {}}
 
-    Second moments come with the input sums they are centred by. Summed gradients cost one more float32
-    copy of the linear weights during the backward pass. The model's ``requires_grad`` flags are restored
-    afterwards; its weights are not modified.
-    """
-    if Statistic.SECOND_MOMENTS in needs:
-        needs = needs | {Statistic.INPUT_SUMS}
-    tensors: dict[str, torch.Tensor] = {}
-    if needs & BACKWARD:
-        tensors = gradient_statistics(
-            model,
-            samples,
-            objective,
-            Statistic.GRADIENT_PRODUCTS in needs,
-            Statistic.SUMMED_GRADIENTS in needs,
-            progress,
-        )
-    if needs & FORWARD:
-        tensors |= input_statistics(
-            model,
-            samples,
-            Statistic.INPUT_SUMS in needs,
-            Statistic.SECOND_MOMENTS in needs,
-            Statistic.LAYER_COSINES in needs,
-            progress,
-        )
-    return ActivationStatistics(tensors, samples=len(samples), tokens=samples.numel(), objective=objective)
+    def accumulate(sample: int, key: tuple[int, str], product: torch.Tensor) -> None:
+        name = key[1]
+        if summed:
+            signed = per_weight["signed"]
+            signed[name] = signed[name].add_(product) if name in signed else product.clone()
+        if products:
+            sums_ = per_weight["products"]
+            absolute = product.abs_()
+            sums_[name] = sums_[name].add_(absolute) if name in sums_ else absolute
+
+    def gradients_done(i: int) -> None:
+        if products:
+            tensors.update(layer_reductions(per_weight["products"], len(samples_list), i))
+        if summed:
+            tensors.update(layer_reductions(per_weight["signed"], len(samples_list), i, prefix="taylor_"))
+
+    inputs = Boundaries(scratch) if products or summed else None
+    with frozen(model):
+        last, arguments = forward_through_layers(model, samples_list, layer_hooks, inputs_done, inputs, progress)
+        if inputs is not None:
+            backward_through_layers(
+                model,
+                samples_list,
+                arguments,
+                last,
+                inputs,
+                objective,
+                accumulate,
+                gradients_done,
+                progress,
+                f"activation statistics (D={objective})",
+            )
+    provided = needs & (BACKWARD | FORWARD)
+    return ActivationStatistics(
+        tensors,
+        samples=len(samples_list),
+        tokens=sum(len(ids) for ids in samples_list),
+        objective=objective,
+        provides=frozenset(provided),
+        directory=store if covariances else None,
+    )

@@ -1,11 +1,23 @@
-"""The CPU memory baseline counts live memory only, not heap memory freed earlier and kept by the allocator."""
+"""Memory: the CPU baseline counts live memory only (not heap memory freed earlier and kept by the allocator); the
+memory plan estimates every stage's peak from the shape and the recipe and stops a run its device cannot hold."""
 
 import platform
+import subprocess
+import sys
 
 import pytest
 import torch
+import yaml
+from conftest import REPO, tiny_files, tiny_recipe  # noqa: F401
+from transformers import AutoConfig
 
+from eval.speed import KNOWN_SHAPES
+from prune.blocks import block_shape
+from prune.estimate import estimate_memory
 from prune.memory import current_bytes, reset_peak
+from prune.prepare import statistics_needs
+from prune.recipe import load_recipe, recipe_from_mapping, recipe_to_dict
+from prune.statistics import Statistic
 
 CPU = torch.device("cpu")
 
@@ -25,3 +37,73 @@ def test_reset_peak_returns_freed_heap_memory_before_the_baseline():
     live = current_bytes(CPU) - start
     assert live < 0.25 * held, f"baseline still holds {live / 2**20:.0f} MiB of {held / 2**20:.0f} MiB"
     del kept  # alive until the baseline is read
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The memory plan: estimates from the shape and the recipe, and the refusal before any weight is loaded
+
+
+def _plan(recipe, in_place=True, needs=None):
+    shape = block_shape(AutoConfig.for_model("llama", **KNOWN_SHAPES["llama-2-7b"]))
+    total = 6_738_415_616  # Llama-2-7B's parameters
+    return {
+        stage.stage: stage
+        for stage in estimate_memory(
+            recipe, shape, 32000, total, statistics_needs(recipe) if needs is None else needs, in_place
+        )
+    }
+
+
+def test_the_plan_follows_the_shape_and_the_recipe():
+    recipe = load_recipe(REPO / "recipes" / "llama_30pct.yaml")
+    plan = _plan(recipe)
+    assert plan["load model"].peak_bytes == 6_738_415_616 * 2  # bfloat16
+    assert list(plan) == [
+        "load model",
+        "activation statistics",
+        "scoring",
+        "pruning",
+        "perplexity",
+        "zero-shot",
+        "speed",
+    ]
+    doubled = _plan(recipe_from_mapping(recipe_to_dict(recipe), ("calibration.samples=256",)))
+    added = doubled["activation statistics"].peak_bytes - plan["activation statistics"].peak_bytes
+    assert added == 2 * 128 * 256 * 4096 * 2  # two layer boundaries of 128 more samples x 256 tokens x 4096 x 2 bytes
+    kept = _plan(recipe, in_place=False)["pruning"].peak_bytes - plan["pruning"].peak_bytes
+    assert kept == round(6_738_415_616 * 2 * 0.7)  # the pruned model beside the dense one
+    assert "second-moment" in plan["scoring"].dominant
+    no_second = _plan(recipe, needs=frozenset({Statistic.GRADIENT_PRODUCTS}))
+    assert "scoring" not in no_second and no_second["pruning"].dominant == "one pruned decoder block"
+    # the statistics pass of the 7B recipe scales with one layer: within 1.3x its weights
+    assert plan["activation statistics"].peak_bytes < 1.3 * plan["load model"].peak_bytes
+    lora = _plan(recipe_from_mapping(recipe_to_dict(recipe), ("recovery.method=lora",)), in_place=False)
+    distill = _plan(recipe_from_mapping(recipe_to_dict(recipe), ("recovery.method=distill",)), in_place=False)
+    assert lora["recovery"].peak_bytes < distill["recovery"].peak_bytes
+
+
+def test_a_run_its_device_cannot_hold_stops_before_loading_the_weights(tmp_path, tiny_files):  # noqa: F811
+    recipe = tiny_recipe(tiny_files, tmp_path / "out", tmp_path / "cache")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    huge = ["--set", "calibration.samples=100000000"]
+    run = subprocess.run(
+        [sys.executable, "-m", "prune.run", str(path), *huge], capture_output=True, text=True, cwd=REPO
+    )
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1, run.stderr  # one line, nothing loaded (no progress bars)
+    assert lines[0].startswith("error: the activation statistics stage needs an estimated ")
+    assert "lower calibration.samples or calibration.seqlen" in lines[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+    dry = subprocess.run(
+        [sys.executable, "-m", "prune.run", str(path), "--dry-run"], capture_output=True, text=True, cwd=REPO
+    )
+    printed = yaml.safe_load(dry.stdout)["estimated_peak_memory"]
+    assert dry.returncode == 0 and list(printed) == [
+        "load model",
+        "activation statistics",
+        "scoring",
+        "pruning",
+        "perplexity",
+        "speed",
+    ]

@@ -5,7 +5,7 @@ from conftest import ALL_STATISTICS, random_tokens, tiny_model
 
 from prune.blocks import block_shape, decoder_layers
 from prune.pruner import LayerPlan, prune_model
-from prune.reconstruct import compensated_bias, least_squares_refit, reconstruct_outputs
+from prune.reconstruct import compensated_bias, least_squares_refit, reconstructed_layer
 from prune.statistics import collect_statistics
 
 
@@ -55,8 +55,11 @@ def test_reconstruction_brings_layer_outputs_closer_to_dense():
     plans = [LayerPlan((0, 2, 3, 5), (0, 1), tuple(range(0, 64, 2)))] * 3
     models = {"none": prune_model(model, plans, output_bias=True)}
     for method in ("bias", "lstsq"):
-        models[method] = prune_model(model, plans, output_bias=True)
-        reconstruct_outputs(models[method], model, shape, plans, statistics, method, damping=0.0)
+
+        def refit(index, layer, plan, method=method):
+            return reconstructed_layer(index, layer, plan, shape.head_dim, statistics, method, damping=0.0)
+
+        models[method] = prune_model(model, plans, output_bias=True, refit=refit)
     # the down_proj output of layer 1 on the dense model's own calibration inputs (what the refit optimises)
     captured = {}
     handle = decoder_layers(model)[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.update(x=a[0]))
@@ -75,3 +78,23 @@ def test_reconstruction_brings_layer_outputs_closer_to_dense():
                 torch.testing.assert_close(out.mean(0), dense_out.mean(0), atol=1e-4, rtol=1e-4)
     # least squares is optimal over kept-column maps with a bias, so it beats bias compensation
     assert errors["lstsq"] < errors["bias"] < errors["none"]
+
+
+def test_pruning_in_place_gives_the_same_model_and_releases_the_dense_layers():
+    model = tiny_model("qwen2", layers=4)
+    shape = block_shape(model.config)
+    statistics = collect_statistics(model, random_tokens(4, 12), "max_logit", ALL_STATISTICS, progress=False)
+    plans = [LayerPlan((0, 2, 3, 5), (0, 1), tuple(range(0, 64, 2))), None] + [
+        LayerPlan((0, 1, 2), (0,), tuple(range(40)))
+    ] * 2
+
+    def refit(index, layer, plan):
+        return reconstructed_layer(index, layer, plan, shape.head_dim, statistics, "lstsq", damping=0.01)
+
+    kept = prune_model(model, plans, output_bias=True, refit=refit)
+    in_place = prune_model(model, plans, output_bias=True, refit=refit, in_place=True)
+    assert kept.state_dict().keys() == in_place.state_dict().keys()
+    assert all(torch.equal(kept.state_dict()[k], v) for k, v in in_place.state_dict().items())
+    assert all(layer.mlp.down_proj.weight.numel() == 0 for layer in decoder_layers(model))  # released
+    x = random_tokens(2, 9)
+    assert torch.equal(kept(x).logits, in_place(x).logits)

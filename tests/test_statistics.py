@@ -6,6 +6,7 @@ from conftest import ALL_STATISTICS, BASIC_STATISTICS, random_tokens, tiny_model
 
 from prune.allocation import activated_count
 from prune.blocks import LINEAR_NAMES, decoder_layers, layer_linears
+from prune.paths import DamagedCacheError
 from prune.statistics import HIST_MIN, HIST_WIDTH, ActivationStatistics, Statistic, collect_statistics, objective_value
 
 
@@ -79,8 +80,8 @@ def test_input_statistics_match_hidden_states():
 
 def test_save_and_load_round_trip(tmp_path):
     stats = collect_statistics(tiny_model(), random_tokens(2, 6), "max_logit", BASIC_STATISTICS, progress=False)
-    stats.save(tmp_path / "s.safetensors")
-    loaded = ActivationStatistics.load(tmp_path / "s.safetensors")
+    stats.save(tmp_path / "s")
+    loaded = ActivationStatistics.load(tmp_path / "s")
     assert (loaded.samples, loaded.tokens, loaded.objective) == (2, 12, "max_logit")
     assert loaded.tensors.keys() == stats.tensors.keys()
     for k, v in stats.tensors.items():
@@ -127,3 +128,34 @@ def test_block_influence_matches_hidden_state_cosines():
     for i in range(2):
         torch.testing.assert_close(stats.get(i, "cos_sum").double(), expected[i : i + 1], rtol=1e-5, atol=1e-6)
     assert float(stats.get(2, "cos_sum")) < 16
+
+
+def test_second_moments_in_layer_files_and_hidden_states_in_scratch_files_change_nothing(tmp_path):
+    model = tiny_model("qwen2")
+    samples = random_tokens(3, 12)
+    in_memory = collect_statistics(model, samples, "nll", ALL_STATISTICS, progress=False)
+    (tmp_path / "scratch").mkdir()
+    on_disk = collect_statistics(
+        model, samples, "nll", ALL_STATISTICS, progress=False, store=tmp_path / "s", scratch=tmp_path / "scratch"
+    )
+    assert not list((tmp_path / "scratch").iterdir())  # every layer's hidden states were read back and removed
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [f"second-moments-{i}.safetensors" for i in range(3)]
+    assert not any(name.endswith(".xxt") for name in on_disk.tensors)
+    assert on_disk.tensors.keys() | {k for k in in_memory.tensors if k.endswith(".xxt")} == in_memory.tensors.keys()
+    for name, tensor in in_memory.tensors.items():
+        layer, rest = int(name.split(".")[1]), name.split(".", 2)[2]
+        assert torch.equal(on_disk.get(layer, rest), tensor), name
+    on_disk.save(tmp_path / "s")
+    loaded = ActivationStatistics.load(tmp_path / "s")
+    assert loaded.provides == frozenset(Statistic) and torch.equal(
+        loaded.get(2, "down_in.xxt"), in_memory.get(2, "down_in.xxt")
+    )
+    layer_file = tmp_path / "s" / "second-moments-1.safetensors"
+    damaged = bytearray(layer_file.read_bytes())
+    damaged[-5] ^= 0x01  # one flipped bit in a layer file is noticed
+    layer_file.write_bytes(bytes(damaged))
+    with pytest.raises(DamagedCacheError, match="second-moments-1.safetensors does not match its checksum"):
+        ActivationStatistics.load(tmp_path / "s")
+    layer_file.unlink()
+    with pytest.raises(DamagedCacheError, match="second-moments-1.safetensors is missing"):
+        ActivationStatistics.load(tmp_path / "s")

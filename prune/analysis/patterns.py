@@ -7,7 +7,7 @@ statistics: :func:`prune.statistics.weight_gradient_products`). Three uses:
 - :func:`domain_patterns`: the mean A over a set of inputs, reduced to per-layer activated-weight
   counts, plus a count sketch of every input's pattern for many-to-many comparisons;
 - :func:`similarities` / :func:`similarity`: exact LLMDcos_l(s1, s2) = <A_l(s1), A_l(s2)> / (|A_l(s1)| |A_l(s2)|)
-  for pairs of texts (one input's full pattern is held while the other's streams past it);
+  for pairs of texts (one layer of the first input's pattern is held while the second's streams past it);
 - :func:`sketch_cosines`: LLMDcos estimated from two sketches.
 
 A count sketch maps each weight to one of ``size`` buckets with a random sign, fixed per (linear name,
@@ -26,13 +26,8 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prune.allocation import activated_count, activation_threshold
-from prune.blocks import block_shape
-from prune.statistics import (
-    ActivationStatistics,
-    decoder_linear_weights,
-    mean_activation_reductions,
-    weight_gradient_products,
-)
+from prune.blocks import block_shape, decoder_layers
+from prune.statistics import ActivationStatistics, Statistic, layer_reductions, weight_gradient_products
 
 
 @dataclass
@@ -96,21 +91,28 @@ def domain_patterns(
     Counts are read from the same per-layer log10 histogram the allocation stage uses (linear within
     the 0.01-decade bin that holds the threshold).
     """
-    weights = decoder_linear_weights(model)
-    num_layers = 1 + max(layer for layer, _ in weights)
+    num_layers = len(decoder_layers(model))
     device = next(model.parameters()).device
-    accumulators = {key: torch.zeros_like(w, dtype=torch.float32) for key, w in weights.items()}
+    accumulators: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
     buffers = torch.zeros(len(samples), num_layers, 2 * sketch.size, device=device)
 
     def consume(sample: int, key, product: torch.Tensor) -> None:
         activation = product.abs_()
-        accumulators[key].add_(activation)
-        sketch.add(buffers[sample, key[0]], key[1], activation)
+        name = key[1]
+        accumulators[name] = accumulators[name].add_(activation) if name in accumulators else activation.clone()
+        sketch.add(buffers[sample, key[0]], name, activation)
 
-    weight_gradient_products(model, samples, objective, consume, progress, desc, checkpoint_layers=False)
-    tensors = mean_activation_reductions(accumulators, len(samples), num_layers)
+    def layer_done(layer: int) -> None:
+        tensors.update(layer_reductions(accumulators, len(samples), layer))
+
+    weight_gradient_products(model, samples, objective, consume, progress, desc, layer_done)
     statistics = ActivationStatistics(
-        tensors, samples=len(samples), tokens=sum(len(s) for s in samples), objective=objective
+        tensors,
+        samples=len(samples),
+        tokens=sum(len(s) for s in samples),
+        objective=objective,
+        provides=frozenset({Statistic.GRADIENT_PRODUCTS}),
     )
     shape = block_shape(model.config)
     threshold = activation_threshold(statistics, shape, gamma_relative, "relative")
@@ -140,7 +142,7 @@ def pattern_similarities(
     Two backward passes per pair; the first input's pattern is kept (4 bytes per decoder linear
     weight), the second's is compared with it as its gradients arrive.
     """
-    num_layers = 1 + max(layer for layer, _ in decoder_linear_weights(model))
+    num_layers = len(decoder_layers(model))
     result = torch.zeros(len(pairs), num_layers, dtype=torch.float64)
     for p, (ids_a, ids_b) in enumerate(tqdm(pairs, desc="pattern similarity", unit="pair", disable=not progress)):
         result[p] = _pair_similarity(model, ids_a, ids_b, objective, num_layers)
@@ -166,9 +168,7 @@ def _pair_similarity(
             dot[layer] += float(torch.dot(first.pop(key), activation))
             norm_b[layer] += float(torch.dot(activation, activation))
 
-    weight_gradient_products(
-        model, [ids_a, ids_b], objective, consume, progress=False, desc="", checkpoint_layers=False
-    )
+    weight_gradient_products(model, [ids_a, ids_b], objective, consume, progress=False, desc="")
     return dot / (norm_a.sqrt() * norm_b.sqrt()).clamp_min(1e-300)
 
 

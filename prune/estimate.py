@@ -1,0 +1,192 @@
+"""Memory plan of a run: the estimated peak memory of every stage, from the model's shape and the recipe alone
+(before any weight is loaded), and the check that stops a run its device cannot hold.
+
+Every estimate is the weights resident at that stage plus the largest set of tensors the stage holds at once
+(bytes). The terms, with b the bytes of the model's dtype, H the hidden size, F the largest FFN width,
+P the weights of the largest decoder block, V the vocabulary, N x T the calibration samples x tokens:
+
+- activation statistics: the samples' hidden states at two layer boundaries (2 N T H b); with gradients,
+  one layer's weight gradients (P b), float32 per-weight sums (4 P, twice with summed gradients) and the
+  log10 histogram's copies of the largest linear (12 H F); with second moments, their float32 sum and one
+  sample's product (8 F^2); one sample's recomputed layer activations (T (4 F + 6 H) b, twice with
+  gradients) and the objective's logits (nll: 12 T V; max_logit: 4 V);
+- scoring and pruning with the second moments: one float64 (F + 1)^2 matrix, its factorisation and its
+  inverse (24 (F + 1)^2) and the float32 matrix read from disk (4 F^2);
+- pruning: one pruned decoder block being built (P b); the whole pruned model besides the dense one
+  when a later stage needs the dense model (recovery, speed);
+- evaluation: the models it needs, and float32 logits of a perplexity window (12 seqlen V) or of a
+  zero-shot batch (12 batch 512 V; lm-eval's requests are assumed to be at most 512 tokens);
+- recovery: the teacher, the student, the student's gradients and AdamW's two moments (float32 for the
+  trained parameters; LoRA adapters only with ``lora``) and the float32 logits of teacher and student.
+
+The estimates are compared with measured peaks in BENCHMARKS.md (scale rehearsal).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from prune.blocks import BlockShape
+from prune.recipe import Recipe
+from prune.statistics import BACKWARD, Statistic
+
+ZEROSHOT_REQUEST_TOKENS = 512
+"""Assumed length of the longest lm-eval request in a zero-shot batch (tokens)."""
+
+
+class MemoryPlanError(ValueError):
+    """A stage's estimated peak exceeds the memory of the device it runs on."""
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """One stage's estimated peak (bytes, weights included), what dominates it beyond the weights, and the recipe
+    keys that lower it."""
+
+    stage: str
+    peak_bytes: int
+    dominant: str | None
+    """The largest part beyond the weights (None: the weights alone)."""
+    advice: str
+
+    def describe(self) -> str:
+        size = f"{self.peak_bytes / 2**30:.2f} GiB"
+        return (
+            f"{size}, the weights alone"
+            if self.dominant is None
+            else f"{size}, most beyond the weights: {self.dominant}"
+        )
+
+
+def planned_dtype(recipe: Recipe) -> torch.dtype:
+    """The dtype the run will load the model in: ``model.dtype``, or for ``auto`` bfloat16 when the run is to
+    use CUDA (``model.device`` cuda..., or auto with CUDA present), else float32."""
+    if recipe.model.dtype != "auto":
+        return getattr(torch, recipe.model.dtype)
+    device = recipe.model.device
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return torch.bfloat16 if on_cuda else torch.float32
+
+
+SMALLER_DTYPE = "load the model in a smaller model.dtype or use a device with more memory"
+
+
+def _largest(terms: dict[str, int]) -> str:
+    return max(terms, key=lambda name: terms[name])
+
+
+def estimate_memory(
+    recipe: Recipe,
+    shape: BlockShape,
+    vocab_size: int,
+    total_parameters: int,
+    needs: frozenset[Statistic],
+    in_place: bool,
+) -> list[StageMemory]:
+    """The estimated peak of each stage the recipe runs, in order (see the module docstring for the terms).
+
+    ``needs``: what the statistics pass collects; ``in_place``: whether pruning modifies the dense model (no later
+    stage needs it)."""
+    b = planned_dtype(recipe).itemsize
+    hidden, vocab = shape.hidden_size, vocab_size
+    weights = total_parameters * b
+    kept_fraction = 1 - recipe.pruning.target
+    pruned_weights = round(weights * kept_fraction)
+    widest = max(max(w.ffn_channels, w.query_heads * shape.head_dim) for w in shape.layers)
+    block = max(shape.linear_weight_count(w) for w in shape.layers)
+    samples, seqlen = recipe.calibration.samples, recipe.calibration.seqlen
+    stages = [StageMemory("load model", weights, None, SMALLER_DTYPE)]
+
+    if needs:
+        backward = bool(needs & BACKWARD)
+        terms = {
+            "hidden states of calibration.samples x calibration.seqlen tokens": 2 * samples * seqlen * hidden * b,
+            "one layer's activations": seqlen * (4 * widest + 6 * hidden) * b * (2 if backward else 1),
+        }
+        if backward:
+            sums = 2 if Statistic.SUMMED_GRADIENTS in needs else 1
+            terms["one layer's weight gradients and per-weight sums"] = block * b + 4 * block * sums
+            terms["the density histogram's copies of one linear"] = 12 * hidden * widest
+            terms["the objective's logits"] = 12 * seqlen * vocab if recipe.scoring.objective == "nll" else 4 * vocab
+        if Statistic.SECOND_MOMENTS in needs:
+            terms["one layer's second moments"] = 8 * widest * widest
+        dominant = _largest(terms)
+        advice = "lower calibration.samples or calibration.seqlen" if "calibration" in dominant else SMALLER_DTYPE
+        stages.append(StageMemory("activation statistics", weights + sum(terms.values()), dominant, advice))
+
+    solve = 24 * (widest + 1) ** 2 + 4 * widest * widest
+    if Statistic.SECOND_MOMENTS in needs:
+        stages.append(StageMemory("scoring", weights + solve, "one float64 second-moment matrix", SMALLER_DTYPE))
+    pruning_terms = {"one pruned decoder block": block * b}
+    if Statistic.SECOND_MOMENTS in needs:
+        pruning_terms["one float64 second-moment matrix"] = solve
+    if not in_place:
+        pruning_terms["the pruned model beside the dense one"] = pruned_weights
+    dominant = _largest(pruning_terms)
+    advice = (
+        "disable evaluation.speed (it keeps the dense model)" if dominant.startswith("the pruned") else SMALLER_DTYPE
+    )
+    stages.append(StageMemory("pruning", weights + sum(pruning_terms.values()), dominant, advice))
+
+    resident = pruned_weights if in_place else weights + pruned_weights
+    if recipe.recovery.method != "none":
+        rec = recipe.recovery
+        trained = pruned_weights if rec.method == "distill" else 0
+        terms = {
+            "gradients and AdamW moments of the trained parameters": trained + 2 * (trained // b) * 4,
+            "teacher and student logits (recovery.batch_size x recovery.seqlen)": 2
+            * 12
+            * rec.batch_size
+            * rec.seqlen
+            * vocab,
+            "the student's activations": rec.batch_size * rec.seqlen * hidden * shape.num_layers * 16 * b,
+        }
+        advice = "lower recovery.batch_size or recovery.seqlen, or use recovery.method: lora"
+        stages.append(StageMemory("recovery", weights + pruned_weights + sum(terms.values()), _largest(terms), advice))
+    logits = 12 * recipe.evaluation.perplexity.seqlen * vocab
+    advice = "lower evaluation.perplexity.seqlen"
+    stages.append(StageMemory("perplexity", resident + logits, "float32 logits of a window", advice))
+    if recipe.evaluation.zeroshot.enabled:
+        batch = 12 * recipe.evaluation.zeroshot.batch_size * ZEROSHOT_REQUEST_TOKENS * vocab
+        advice = "lower evaluation.zeroshot.batch_size"
+        stages.append(StageMemory("zero-shot", resident + batch, "float32 logits of a batch", advice))
+    if recipe.evaluation.speed.enabled:
+        speed = recipe.evaluation.speed
+        tokens = speed.batch_size * (speed.prompt_tokens + speed.new_tokens)
+        kv_cache = 2 * sum(w.kv_heads for w in shape.layers) * shape.head_dim * tokens * b
+        prompt_logits = 4 * speed.batch_size * speed.prompt_tokens * vocab
+        peak = weights + pruned_weights + 2 * kv_cache + prompt_logits
+        advice = "disable evaluation.speed (python -m eval.speed measures the pruned shape on random weights)"
+        stages.append(StageMemory("speed", peak, "the pruned model beside the dense one", advice))
+    return stages
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory a run can use on ``device`` now: free CUDA memory, or the system's available memory (Linux
+    ``MemAvailable``; else the physical memory)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(stages: list[StageMemory], available: int, where: str) -> None:
+    """MemoryPlanError naming the first stage whose estimate exceeds ``available`` bytes on ``where`` and the
+    recipe keys that lower it."""
+    for stage in stages:
+        if stage.peak_bytes > available:
+            raise MemoryPlanError(
+                f"the {stage.stage} stage needs an estimated {stage.describe()}; {where} has "
+                f"{available / 2**30:.2f} GiB available: {stage.advice} (--dry-run prints every stage's estimate; "
+                "--ignore-memory-estimate runs anyway)"
+            )
