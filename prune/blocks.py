@@ -18,7 +18,8 @@ from typing import cast
 from torch import nn
 from transformers import PretrainedConfig
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+from prune.families import family_of
+
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 LINEAR_NAMES = ATTENTION_LINEARS + MLP_LINEARS
@@ -87,13 +88,10 @@ class BlockShape:
 def block_shape(config: PretrainedConfig) -> BlockShape:
     """Read a transformers config (stock or pruned) into a :class:`BlockShape`.
 
-    Raises ValueError for a model family whose decoder block this toolkit does not describe.
+    Raises UnsupportedFamilyError (a ValueError) for a family :data:`prune.families.FAMILIES` does not describe.
     """
     model_type = config.model_type
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model type {config.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    family = family_of(config)
     n = config.num_hidden_layers
     heads = getattr(config, "layer_num_attention_heads", None) or [config.num_attention_heads] * n
     kv = (
@@ -107,7 +105,7 @@ def block_shape(config: PretrainedConfig) -> BlockShape:
         hidden_size=config.hidden_size,
         head_dim=head_dim,
         num_layers=n,
-        attention_bias=model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
+        attention_bias=family.qkv_bias or bool(getattr(config, "attention_bias", False)),
         mlp_bias=bool(getattr(config, "mlp_bias", False)),
         layers=tuple(LayerWidths(int(q), int(k), int(f)) for q, k, f in zip(heads, kv, ffn, strict=True)),
     )

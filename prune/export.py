@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from eval.report import ExportReport, read_report
-from prune.blocks import SUPPORTED_MODEL_TYPES
 from prune.checkpoint import save_checkpoint
 from prune.cli import ArgumentParser, run_command
-from prune.gguf_export import TENSOR_TYPES, GgufExportError, write_gguf
+from prune.families import UnsupportedFamilyError, family_of
+from prune.gguf_export import TENSOR_TYPES, GgufExportError, gguf_coverage, write_gguf
 from prune.models import ModelSource, ModelSourceError, load_config, load_model, resolve_model_source
 from prune.paths import cache_dir
 from prune.pruner import has_layer_widths
@@ -128,11 +128,12 @@ def export_command(target: str, tensor_type: str, output: Path | None, overwrite
         raise ExportError(f"--output: {output} already exists; choose another or pass --overwrite")
     if not output.parent.is_dir():
         raise ExportError(f"--output: the directory {output.parent} does not exist")
-    model_type = load_config(source).model_type
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ExportError(
-            f"{target}: model type {model_type!r} is not one the toolkit prunes ({', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
+    try:
+        family = family_of(load_config(source))
+    except UnsupportedFamilyError as error:
+        raise ExportError(f"{target}: {error}") from None
+    if not family.gguf:
+        raise ExportError(f"{target}: {gguf_coverage(family)}")
     model, tokenizer = load_model(source, "float32", "cpu", cache_dir(None))
     written = write_gguf(model, tokenizer, output, tensor_type, tokenizer_source, name)
     for note in written.notes:

@@ -15,7 +15,13 @@ dense / pruned comparison in the engine runs one graph builder. What the engine 
 - ``attn_output.bias`` and ``ffn_down.bias`` (what a reconstruction adds) and q/k/v biases (Qwen2) are
   optional tensors the graph adds;
 - a layer must keep attention heads and FFN channels (the engine drops the attention output of a
-  layer without FFN channels); the toolkit's pruner never removes either completely.
+  layer without FFN channels); the toolkit's pruner never removes either completely;
+- Llama 3's rope scaling (``rope_type: llama3``) is the optional ``rope_freqs.weight``: one divisor per
+  rotary frequency (:func:`rope_frequency_factors`).
+
+Families: those whose description in ``prune/families.py`` says ``gguf`` (Llama-style blocks: Llama,
+Mistral, Qwen2); the others (Qwen3's per-head norms, Gemma's extra norms, embedding scale and
+soft-capping) are refused with one line.
 
 Tensor types: weight matrices in ``f32``, ``f16``, ``bf16`` or ``q8_0`` (quantized here by the ``gguf``
 package), or ``q4_k_m`` / ``q6_k`` (written as f16, then quantized by llama.cpp's own quantizer, which
@@ -46,6 +52,7 @@ from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prune.blocks import block_shape, decoder_layers, layer_linears
+from prune.families import FAMILIES, Family, family_of
 from prune.paths import atomic_path
 from prune.placement import resident
 
@@ -136,6 +143,9 @@ def block_tensors(model: PreTrainedModel, ffn_multiple: int = 1) -> dict[str, to
     if output is not None and output.weight.data_ptr() != embeddings.data_ptr():
         tensors["output.weight"] = output.weight
     tensors["output_norm.weight"] = model.get_submodule("model.norm").weight
+    factors = rope_frequency_factors(model.config, shape.head_dim)
+    if factors is not None:
+        tensors["rope_freqs.weight"] = factors
     names = {
         "q_proj": "attn_q",
         "k_proj": "attn_k",
@@ -165,7 +175,16 @@ def block_tensors(model: PreTrainedModel, ffn_multiple: int = 1) -> dict[str, to
     return tensors
 
 
+def gguf_coverage(family: Family) -> str:
+    """Why a family is not exported, and which are."""
+    covered = ", ".join(f.model_type for f in FAMILIES.values() if f.gguf)
+    return f"the GGUF export does not write {family.name} models ({family.model_type}); it covers {covered}"
+
+
 def _check_layers(model: PreTrainedModel) -> None:
+    family = family_of(model.config)
+    if not family.gguf:
+        raise GgufExportError(gguf_coverage(family))
     shape = block_shape(model.config)
     if shape.head_dim % 2:
         raise GgufExportError(f"head_dim {shape.head_dim} is odd; rotary embeddings need an even head size")
@@ -174,15 +193,37 @@ def _check_layers(model: PreTrainedModel) -> None:
             raise GgufExportError(f"layer {i} has no attention heads or no FFN channels; the engine cannot run it")
 
 
-def _rope_theta(config: Any) -> float:
+def _rope_parameters(config: Any) -> dict[str, Any]:
     parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = parameters.get("rope_type", parameters.get("type", "default"))
-    if rope_type != "default":
-        raise GgufExportError(f"rope scaling {rope_type!r} is not supported by the GGUF export (only plain RoPE)")
+    if rope_type not in ("default", "llama3"):
+        raise GgufExportError(f"rope scaling {rope_type!r} is not supported by the GGUF export (plain RoPE and llama3)")
     theta = parameters.get("rope_theta", getattr(config, "rope_theta", None))
     if theta is None:
         raise GgufExportError("the configuration names no rope_theta")
-    return float(theta)
+    return parameters | {"rope_type": rope_type, "rope_theta": float(theta)}
+
+
+def _rope_theta(config: Any) -> float:
+    return float(_rope_parameters(config)["rope_theta"])
+
+
+def rope_frequency_factors(config: Any, head_dim: int) -> torch.Tensor | None:
+    """Llama 3's rope scaling as llama.cpp's ``rope_freqs.weight`` [head_dim / 2] (float32): the divisor of each
+    rotary frequency; None for plain RoPE. 1 for high frequencies, ``factor`` for low ones, and between them
+    the smooth interpolation of transformers' ``llama3`` rope type."""
+    parameters = _rope_parameters(config)
+    if parameters["rope_type"] == "default":
+        return None
+    theta, factor = parameters["rope_theta"], float(parameters["factor"])
+    low, high = float(parameters.get("low_freq_factor", 1.0)), float(parameters.get("high_freq_factor", 4.0))
+    context = float(parameters["original_max_position_embeddings"])
+    frequencies = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wavelengths = 2 * math.pi / frequencies
+    smooth = (context / wavelengths - low) / (high - low)
+    medium = 1 / ((1 - smooth) / factor + smooth)
+    factors = torch.where(wavelengths > context / low, torch.full_like(wavelengths, factor), medium)
+    return torch.where(wavelengths < context / high, torch.ones_like(wavelengths), factors).float()
 
 
 def add_hyperparameters(

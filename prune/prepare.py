@@ -18,6 +18,8 @@ from prune.allocation import ALLOCATIONS, ImpossibleTargetError
 from prune.blocks import BlockShape, block_shape, count_parameters
 from prune.calibration import DataSourceError, TextSource, resolve_text_source
 from prune.estimate import MemoryPlanError, StageMemory, available_bytes, check_memory, estimate_memory
+from prune.families import FAMILIES, family_of
+from prune.gguf_export import gguf_coverage
 from prune.models import ModelSource, ModelSourceError, load_config, resolve_device, resolve_model_source
 from prune.paths import cache_dir
 from prune.pruner import model_class_for
@@ -126,6 +128,9 @@ def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
         shape = block_shape(config)
     except ValueError as error:
         raise RecipeError(f"model.source: {error}") from None
+    family = family_of(config)
+    if "gguf" in recipe.export.formats and not family.gguf:
+        raise RecipeError(f"export.formats: {gguf_coverage(family)}")
     with torch.device("meta"):
         dense_parameters = count_parameters(model_class_for(config)(config))
     params_to_remove = parameters_to_remove(recipe, shape, dense_parameters["total"])
@@ -159,6 +164,19 @@ def check_memory_plan(prepared: Prepared) -> None:
     check_memory(prepared.memory, available_bytes(device), str(device))
 
 
+def unit_description(recipe: Recipe, shape: BlockShape) -> str:
+    """What the recipe removes from this model, in words (``--dry-run``)."""
+    if not ALLOCATIONS[recipe.allocation.strategy].uses_scores:
+        return f"whole decoder layers (of {shape.num_layers})"
+    widths = shape.layers[0]
+    attention = (
+        f"KV groups (of {widths.kv_heads}, each with its {widths.heads_per_group} query heads)"
+        if recipe.pruning.attention_unit == "kv_group"
+        else f"query heads (of {widths.query_heads}; {widths.kv_heads} KV heads stay)"
+    )
+    return f"{attention} and FFN channels (of {widths.ffn_channels}) per layer, {shape.num_layers} layers"
+
+
 def dry_run_text(prepared: Prepared) -> str:
     """The resolved recipe, the parameter budget it implies and what the statistics pass will collect."""
     dense = prepared.dense_parameters
@@ -166,6 +184,8 @@ def dry_run_text(prepared: Prepared) -> str:
     decoder_linears = sum(prepared.shape.linear_weight_count(w) for w in prepared.shape.layers)
     budget = {
         "model": f"{prepared.model_source.kind}: {prepared.model_source.location}",
+        "family": f"{prepared.shape.model_type} ({FAMILIES[prepared.shape.model_type].name})",
+        "units": unit_description(prepared.recipe, prepared.shape),
         "dense_total_parameters": dense["total"],
         "dense_decoder_block_parameters": dense["decoder_blocks"],
         "parameters_to_remove": prepared.params_to_remove,

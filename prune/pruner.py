@@ -20,23 +20,15 @@ from accelerate import dispatch_model
 from torch import nn
 from transformers import (
     AutoConfig,
-    LlamaForCausalLM,
-    MistralForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
-    Qwen2ForCausalLM,
 )
 
 from prune.blocks import BlockShape, LayerWidths, block_shape, decoder_layers, layer_linears
+from prune.families import family_of
 from prune.hf_code import modeling_pruned
 from prune.placement import is_offloaded, outside_layers, resident
 
-STOCK_CLASSES = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}
-PRUNED_CLASSES = {
-    "llama": modeling_pruned.PrunedLlamaForCausalLM,
-    "mistral": modeling_pruned.PrunedMistralForCausalLM,
-    "qwen2": modeling_pruned.PrunedQwen2ForCausalLM,
-}
 PER_LAYER_KEYS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size")
 
 
@@ -187,7 +179,8 @@ def has_layer_widths(config: PretrainedConfig) -> bool:
 
 def model_class_for(config: PretrainedConfig) -> type[PreTrainedModel]:
     """The causal-LM class that builds a model from ``config`` (stock or per-layer)."""
-    return (PRUNED_CLASSES if has_layer_widths(config) else STOCK_CLASSES)[config.model_type]
+    family = family_of(config)
+    return getattr(modeling_pruned, family.pruned_class) if has_layer_widths(config) else family.stock_class
 
 
 def _release(layer: nn.Module) -> None:
@@ -251,7 +244,7 @@ def prune_model(
     with torch.device("meta"):
         pruned = model_class_for(config)(config)
     pruned.load_state_dict(state, assign=True, strict=True)
-    pruned.model.rotary_emb = model.model.rotary_emb  # non-persistent buffers are not in the state dict
+    _share_non_persistent_buffers(model, pruned, [index for index, _, _ in kept_layers])
     if config.tie_word_embeddings:
         pruned.lm_head.weight = pruned.model.embed_tokens.weight
     pruned.generation_config = copy.deepcopy(model.generation_config)
@@ -259,6 +252,19 @@ def prune_model(
     if device_map is not None:
         dispatch_model(pruned, pruned_device_map(device_map, plans))
     return pruned.eval()
+
+
+def _share_non_persistent_buffers(dense: nn.Module, pruned: nn.Module, kept_layers: list[int]) -> None:
+    """Give ``pruned`` the dense model's non-persistent buffers (rotary frequencies, Gemma's embedding scale),
+    which the state dict does not carry; ``kept_layers[i]``: the dense index of pruned layer i."""
+    dense_buffers = dict(dense.named_buffers())
+    for name, buffer in list(pruned.named_buffers()):
+        if buffer.device.type != "meta":
+            continue
+        match = re.fullmatch(r"model\.layers\.(\d+)\.(.*)", name)
+        source = name if match is None else f"model.layers.{kept_layers[int(match.group(1))]}.{match.group(2)}"
+        module_name, _, buffer_name = name.rpartition(".")
+        pruned.get_submodule(module_name).register_buffer(buffer_name, dense_buffers[source], persistent=False)
 
 
 def _kept_where_it_lives(tensor: torch.Tensor, offloaded: bool) -> torch.Tensor:

@@ -49,7 +49,7 @@ def second_moment(
     """S = E[x̃ x̃ᵀ] [F+1, F+1] (float64) of the bias-augmented input x̃ = [x; 1] from Σ x xᵀ, Σ x and the token count."""
     features = len(x_sum)
     second = torch.empty(features + 1, features + 1, dtype=torch.float64, device=device)
-    second[:features, :features] = xxt.to(device, torch.float64)
+    second[:features, :features].copy_(xxt)  # converted while copied: no float64 temporary of Σ x xᵀ
     second[:features, features] = second[features, :features] = x_sum.to(device, torch.float64)
     second[features, features] = tokens
     return second.div_(tokens)

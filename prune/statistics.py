@@ -250,12 +250,20 @@ def objective_from_normed(
 ) -> torch.Tensor:
     """D from the decoder's final normed hidden states [B, T, H] for token ids [B, T], summed over the batch."""
     if objective == "max_logit":
-        return model.lm_head(normed[:, -1, :]).max(dim=-1).values.sum()
+        return output_logits(model, normed[:, -1, :]).max(dim=-1).values.sum()
     if objective == "nll":
-        logits = model.lm_head(normed)
+        logits = output_logits(model, normed)
         loss = model.loss_function(logits=logits, labels=input_ids, vocab_size=model.config.vocab_size)
         return loss * input_ids.shape[0]
     raise ValueError(f"unknown objective {objective!r}")
+
+
+def output_logits(model: PreTrainedModel, normed: torch.Tensor) -> torch.Tensor:
+    """The causal LM's logits [..., V] for final normed hidden states [..., H]: its output head, then the logit
+    soft-capping of the families that have it (Gemma 2: cap * tanh(logits / cap))."""
+    logits = model.lm_head(normed)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def objective_value(model: PreTrainedModel, input_ids: torch.Tensor, objective: str) -> torch.Tensor:
@@ -294,29 +302,47 @@ def decoder_linear_weights(model: nn.Module) -> dict[tuple[int, str], torch.Tens
 
 
 class _Captured(Exception):
-    """Ends a forward pass once the first decoder layer's inputs are captured."""
+    """Ends a forward pass once every decoder layer's arguments are captured."""
 
 
-def layer_arguments(model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+def layer_arguments(model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """The hidden state [1, T, H] that enters the first decoder layer for token ids [T], and the keyword arguments
-    (attention mask, position embeddings, ...) the model passes every decoder layer for them."""
-    captured: dict[str, Any] = {}
+    (attention mask, position embeddings, ...) the model passes each decoder layer for them, by layer (they
+    differ between layers in families with sliding-window or local-attention layers).
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Captured
+    The decoder layers are replaced by stand-ins that record their arguments and pass the hidden state on, so
+    only the embedding and what the model computes before its layers run."""
+    layers = decoder_layers(model)
+    hidden: list[torch.Tensor] = []
+    arguments: list[dict[str, Any]] = []
 
-    device = input_device(model)
-    handle = decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    def stand_in(index: int) -> Callable[..., torch.Tensor]:
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            state = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                hidden.append(state)
+            arguments.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            if index == len(layers) - 1:
+                raise _Captured
+            return state
+
+        return forward
+
+    replaced = [layer.__dict__.get("forward") for layer in layers]  # accelerate's hooks live there
+    for index, layer in enumerate(layers):
+        layer.forward = stand_in(index)
     try:
         with torch.no_grad():
-            model.model(input_ids=input_ids.unsqueeze(0).to(device), use_cache=False)
+            model.model(input_ids=input_ids.unsqueeze(0).to(input_device(model)), use_cache=False)
     except _Captured:
         pass
     finally:
-        handle.remove()
-    return captured["hidden"], captured["kwargs"]
+        for layer, forward in zip(layers, replaced, strict=True):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+    return hidden[0], arguments
 
 
 def call_layer(layer: nn.Module, hidden: torch.Tensor, arguments: dict[str, Any]) -> torch.Tensor:
@@ -365,7 +391,7 @@ def forward_through_layers(
     layer_done: Callable[[int], None],
     keep: Boundaries | None,
     progress: bool,
-) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+) -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
     """Every sample's hidden state through the decoder layers, layer by layer (every sample through layer i before
     layer i + 1), for token ids ``samples`` (each [T]); returns the last layer's outputs and every sample's layer
     keyword arguments (:func:`layer_arguments`). ``layer_hooks(i, layer)`` installs hooks for layer i (their
@@ -387,7 +413,7 @@ def forward_through_layers(
                 outputs = []
                 with resident(layer.modules()):
                     for state, kwargs in zip(hidden, arguments, strict=True):
-                        outputs.append(call_layer(layer, state, kwargs))
+                        outputs.append(call_layer(layer, state, kwargs[i]))
                         bar.update()
             finally:
                 for handle in handles:
@@ -400,7 +426,7 @@ def forward_through_layers(
 def backward_through_layers(
     model: PreTrainedModel,
     samples: list[torch.Tensor],
-    arguments: list[dict[str, Any]],
+    arguments: list[list[dict[str, Any]]],
     last: list[torch.Tensor],
     inputs: Boundaries,
     objective: str,
@@ -439,7 +465,7 @@ def backward_through_layers(
                     for s, (state, kwargs) in enumerate(zip(states, arguments, strict=True)):
                         state = state.detach().to(module_device(layer)).requires_grad_(True)
                         with torch.enable_grad():
-                            output = call_layer(layer, state, kwargs)
+                            output = call_layer(layer, state, kwargs[i])
                             results = torch.autograd.grad(
                                 output,
                                 [state, *(w.weight for w in weights.values())],

@@ -30,6 +30,11 @@ BASIC_STATISTICS = ALL_STATISTICS - {Statistic.SECOND_MOMENTS, Statistic.SUMMED_
 """Everything but the two costly extras: gradient products, input sums and layer cosines."""
 
 
+SLIDING_WINDOW_FAMILIES = ("gemma2", "gemma3_text")
+FAMILY_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+"""Every family the toolkit prunes (``prune.families.FAMILIES``), for tests parametrized over them."""
+
+
 def tiny_config(
     family: str = "llama",
     layers: int = 3,
@@ -39,8 +44,18 @@ def tiny_config(
     ffn: int = 64,
     vocab: int = 128,
     tie: bool = True,
+    rope: dict | None = None,
 ):
-    """A small config of ``family`` (llama, mistral, qwen2) with grouped-query attention and head_dim 16."""
+    """A small config of ``family`` (a model type of ``prune.families.FAMILIES``) with grouped-query attention and
+    head_dim 16. Gemma's sliding-window layers get a window of 4 tokens and alternate with full-attention
+    layers, so that the two kinds of layer see different attention masks in tests. ``rope``: the configuration's
+    ``rope_parameters`` (e.g. Llama 3's scaling)."""
+    extra: dict = {} if rope is None else {"rope_parameters": rope}
+    if family in SLIDING_WINDOW_FAMILIES:
+        extra |= {
+            "sliding_window": 4,
+            "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+        }
     return AutoConfig.for_model(
         family,
         vocab_size=vocab,
@@ -53,6 +68,7 @@ def tiny_config(
         max_position_embeddings=256,
         tie_word_embeddings=tie,
         rms_norm_eps=1e-6,
+        **extra,
     )
 
 

@@ -4,8 +4,9 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
-from conftest import random_tokens, tiny_model
+from conftest import FAMILY_TYPES, random_tokens, tiny_model
 
 from prune.checkpoint import save_checkpoint
 from prune.pruner import LayerPlan, prune_model
@@ -34,8 +35,9 @@ def _reload_in_fresh_process(directory, remote: bool) -> dict:
     return torch.load(directory / "reloaded.pt")
 
 
-def test_per_layer_checkpoint_reloads_in_fresh_process(tmp_path):
-    model = tiny_model("llama")
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_per_layer_checkpoint_reloads_in_fresh_process(tmp_path, family):
+    model = tiny_model(family)
     pruned = prune_model(
         model,
         [
@@ -49,12 +51,12 @@ def test_per_layer_checkpoint_reloads_in_fresh_process(tmp_path):
     assert config["layer_num_attention_heads"] == [3, 4, 6]
     assert config["layer_num_key_value_heads"] == [1, 2, 2]
     assert config["layer_intermediate_size"] == [32, 48, 16]
-    assert config["model_type"] == "llama"
-    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_pruned.PrunedLlamaForCausalLM"}
+    assert config["model_type"] == family
+    assert config["auto_map"] == {"AutoModelForCausalLM": f"modeling_pruned.{type(pruned).__name__}"}
     x = random_tokens(2, 9)
     torch.save(x, tmp_path / "x.pt")
     reloaded = _reload_in_fresh_process(tmp_path, remote=True)
-    assert reloaded["class"] == "PrunedLlamaForCausalLM"
+    assert reloaded["class"] == type(pruned).__name__ and reloaded["class"].startswith("Pruned")
     torch.testing.assert_close(reloaded["logits"], pruned(x).logits, atol=1e-5, rtol=0)
     assert torch.equal(reloaded["generated"], pruned.generate(x, max_new_tokens=8, do_sample=False))
 

@@ -18,9 +18,21 @@ pytestmark = [
 ]
 
 
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,  # head_dim 16: frequencies in each of llama3's three bands
+}
+
+
 def _pruned(family: str):
+    """A pruned tiny model of ``family``; ``llama3``: Llama with Llama 3's rope scaling."""
     tokenizer = byte_level_tokenizer()
-    model = tiny_model(family, layers=4, vocab=len(tokenizer), ffn=64)
+    rope = LLAMA3_ROPE if family == "llama3" else None
+    model = tiny_model(family.replace("llama3", "llama"), layers=4, vocab=len(tokenizer), ffn=64, rope=rope)
     plans = [
         LayerPlan((0, 1, 2), (0,), tuple(range(0, 64, 2))),
         None,
@@ -35,7 +47,7 @@ def _pruned(family: str):
     return pruned, tokenizer
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "llama3", "qwen2"])
 def test_f32_file_gives_the_models_logits_and_greedy_tokens(tmp_path, family):
     pruned, tokenizer = _pruned(family)
     write_gguf(pruned, tokenizer, tmp_path / "m.gguf", "f32")

@@ -376,7 +376,7 @@ def slow_recipe(tmp_path_factory, tiny_files):  # noqa: F811
     data["recovery"] = {
         "method": "distill",
         "source": str(tiny_files["calibration"]),
-        "tokens": 64 * 4 * 200,
+        "tokens": 64 * 4 * 1000,  # 1,000 steps: seconds, so that the signal lands inside the recovery
         "seqlen": 64,
         "batch_size": 4,
         "save_every": 20,
@@ -395,7 +395,7 @@ def slow_recipe(tmp_path_factory, tiny_files):  # noqa: F811
 
 @pytest.mark.parametrize(
     "marker, delay",
-    [("[activation statistics]", 0.5), ("[export (hf)]", 0.0), ("[recovery (distill)]", 2.0), ("[perplexity]", 0.1)],
+    [("[activation statistics]", 0.5), ("[export (hf)]", 0.0), ("[recovery (distill)]", 1.0), ("[perplexity]", 0.1)],
 )
 def test_a_killed_run_rerun_gives_the_uninterrupted_bytes(tmp_path, slow_recipe, marker, delay):
     recipe, expected = slow_recipe

@@ -13,7 +13,14 @@ is stock.
 from typing import Any
 
 from torch import nn
-from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from transformers import (
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+)
 
 
 def _resized_linear(linear: nn.Linear, in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
@@ -74,6 +81,24 @@ class PrunedMistralForCausalLM(MistralForCausalLM):
 
 
 class PrunedQwen2ForCausalLM(Qwen2ForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        _apply_layer_widths(self, config)
+
+
+class PrunedQwen3ForCausalLM(Qwen3ForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        _apply_layer_widths(self, config)
+
+
+class PrunedGemma2ForCausalLM(Gemma2ForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        _apply_layer_widths(self, config)
+
+
+class PrunedGemma3ForCausalLM(Gemma3ForCausalLM):
     def __init__(self, config):
         super().__init__(config)
         _apply_layer_widths(self, config)

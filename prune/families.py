@@ -1,0 +1,87 @@
+"""The model families the toolkit prunes, one description each, as data.
+
+Every family here has the Llama-style decoder block that ``prune/blocks.py`` describes: separate
+``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj`` linears, grouped-query attention, and norms
+over the hidden size. What differs between families is data: the transformers class, whether q/k/v
+always carry biases, norms over ``head_dim`` inside the attention that all heads share (kept whole when
+heads go), and whether the GGUF export writes the family. Everything else a family does differently
+(Gemma's extra norms and embedding scale, logit soft-capping, sliding-window layers, rope scaling) is in
+its stock modeling code and its configuration, which pruning keeps.
+
+Adding a family with this block layout is one entry in :data:`FAMILIES` and one class in
+``prune/hf_code/modeling_pruned.py`` (the stock class with per-layer widths).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import (
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: how its decoder block differs from the plain Llama block, as data."""
+
+    model_type: str
+    """The configuration's ``model_type``."""
+    name: str
+    """What people call it (README, messages)."""
+    stock_class: type[PreTrainedModel]
+    """The transformers causal-LM class of the dense model (and of a pruned one with uniform widths)."""
+    pruned_class: str
+    """The class in ``prune/hf_code/modeling_pruned.py`` that builds per-layer widths."""
+    qkv_bias: bool | None = None
+    """True: q/k/v always carry biases (Qwen2); None: as the configuration's ``attention_bias`` says."""
+    head_norms: tuple[str, ...] = ()
+    """Norms over ``head_dim`` inside the attention module, shared by every head (kept whole)."""
+    gguf: bool = False
+    """Whether the GGUF export (llama.cpp's ``deci`` architecture: Llama blocks with per-layer widths) writes it."""
+
+
+FAMILIES: dict[str, Family] = {
+    family.model_type: family
+    for family in (
+        Family("llama", "Llama 2 / 3.x, SmolLM2", LlamaForCausalLM, "PrunedLlamaForCausalLM", gguf=True),
+        Family("mistral", "Mistral", MistralForCausalLM, "PrunedMistralForCausalLM", gguf=True),
+        Family("qwen2", "Qwen2 / Qwen2.5", Qwen2ForCausalLM, "PrunedQwen2ForCausalLM", qkv_bias=True, gguf=True),
+        Family("qwen3", "Qwen3", Qwen3ForCausalLM, "PrunedQwen3ForCausalLM", head_norms=("q_norm", "k_norm")),
+        Family("gemma2", "Gemma 2", Gemma2ForCausalLM, "PrunedGemma2ForCausalLM"),
+        Family(
+            "gemma3_text",
+            "Gemma 3 (text)",
+            Gemma3ForCausalLM,
+            "PrunedGemma3ForCausalLM",
+            head_norms=("q_norm", "k_norm"),
+        ),
+    )
+}
+"""Supported families by ``model_type``."""
+
+
+class UnsupportedFamilyError(ValueError):
+    """A model whose family the toolkit does not describe; the message lists the supported ones."""
+
+
+def family_of(config: PretrainedConfig) -> Family:
+    """The description of ``config``'s family; UnsupportedFamilyError (listing the supported ones) otherwise."""
+    family = FAMILIES.get(config.model_type)
+    if family is None:
+        raise UnsupportedFamilyError(
+            f"model type {config.model_type!r} is not one the toolkit prunes; supported: {supported_model_types()}"
+        )
+    return family
+
+
+def supported_model_types() -> str:
+    """The supported ``model_type`` values, comma-separated."""
+    return ", ".join(FAMILIES)
