@@ -68,37 +68,21 @@ def _apply_layer_widths(model: nn.Module, config) -> None:
         set_layer_widths(layer, query_heads, kv_heads, ffn_channels, output_bias)
 
 
-class PrunedLlamaForCausalLM(LlamaForCausalLM):
+def _with_layer_widths(stock: type) -> type:
+    """The stock causal-LM class ``stock`` with the per-layer widths of its configuration applied after
+    construction, named ``Pruned<stock name>`` (the name a checkpoint's ``auto_map`` gives)."""
+
     def __init__(self, config):
-        super().__init__(config)
+        stock.__init__(self, config)
         _apply_layer_widths(self, config)
 
-
-class PrunedMistralForCausalLM(MistralForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        _apply_layer_widths(self, config)
+    name = f"Pruned{stock.__name__}"
+    return type(name, (stock,), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
 
 
-class PrunedQwen2ForCausalLM(Qwen2ForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        _apply_layer_widths(self, config)
-
-
-class PrunedQwen3ForCausalLM(Qwen3ForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        _apply_layer_widths(self, config)
-
-
-class PrunedGemma2ForCausalLM(Gemma2ForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        _apply_layer_widths(self, config)
-
-
-class PrunedGemma3ForCausalLM(Gemma3ForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        _apply_layer_widths(self, config)
+PrunedLlamaForCausalLM = _with_layer_widths(LlamaForCausalLM)
+PrunedMistralForCausalLM = _with_layer_widths(MistralForCausalLM)
+PrunedQwen2ForCausalLM = _with_layer_widths(Qwen2ForCausalLM)
+PrunedQwen3ForCausalLM = _with_layer_widths(Qwen3ForCausalLM)
+PrunedGemma2ForCausalLM = _with_layer_widths(Gemma2ForCausalLM)
+PrunedGemma3ForCausalLM = _with_layer_widths(Gemma3ForCausalLM)
