@@ -15,10 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import cast
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from prune.families import family_of
+from prune.families import Family, family_of
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
@@ -117,11 +118,81 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
-    """The 7 linear layers of one decoder block, by name (q_proj ... down_proj)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    return {name: getattr(attn, name) for name in ATTENTION_LINEARS} | {
-        name: getattr(mlp, name) for name in MLP_LINEARS
+    """The 7 linear layers of one decoder block, by name (q_proj ... down_proj), wherever they sit in it (a fused
+    projection split by :func:`split_fused_projections` holds its parts as children)."""
+    found: dict[str, nn.Linear] = {
+        path.rpartition(".")[2]: m for path, m in layer.named_modules() if isinstance(m, nn.Linear)
     }
+    missing = [name for name in LINEAR_NAMES if name not in found]
+    if missing:
+        raise ValueError(
+            f"the decoder layer has no {', '.join(missing)}: split its fused projections first "
+            "(prune.blocks.split_fused_projections)"
+        )
+    return {name: found[name] for name in LINEAR_NAMES}
+
+
+class StackedLinears(nn.Module):
+    """A fused projection split into its linears (children, by name, in stacking order); its output is theirs
+    stacked along the last dimension, as the fused linear's was."""
+
+    def __init__(self, parts: dict[str, nn.Linear]):
+        super().__init__()
+        for name, part in parts.items():
+            self.add_module(name, part)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.children()], dim=-1)
+
+
+def _rows(name: str, widths: LayerWidths, head_dim: int) -> int:
+    """Output rows of one of the 7 linears at the given widths."""
+    if name == "q_proj":
+        return widths.query_heads * head_dim
+    if name in ("k_proj", "v_proj"):
+        return widths.kv_heads * head_dim
+    return widths.ffn_channels
+
+
+def split_fused_projections(model: nn.Module) -> None:
+    """In place: each fused projection of ``model``'s family (:attr:`Family.fused`) replaced by a
+    :class:`StackedLinears` of its linears, whose weights are views of the fused weight's rows (no copy; the
+    same outputs). Nothing to do for families without fused projections, or when already split."""
+    config = cast(PretrainedConfig, model.config)
+    family = family_of(config)
+    if not family.fused:
+        return
+    shape = block_shape(config)
+    for layer, widths in zip(decoder_layers(model), shape.layers, strict=True):
+        for path, names in family.fused:
+            fused = layer.get_submodule(path)
+            if not isinstance(fused, nn.Linear):  # already split
+                continue
+            sizes = [_rows(name, widths, shape.head_dim) for name in names]
+            weights = fused.weight.detach().split(sizes)
+            biases = fused.bias.detach().split(sizes) if fused.bias is not None else [None] * len(names)
+            parts = {}
+            for name, weight, bias in zip(names, weights, biases, strict=True):
+                part = nn.Linear(fused.in_features, weight.shape[0], bias=bias is not None, device="meta")
+                part.weight = nn.Parameter(weight, requires_grad=fused.weight.requires_grad)
+                if bias is not None:
+                    part.bias = nn.Parameter(bias, requires_grad=fused.weight.requires_grad)
+                parts[name] = part
+            parent, _, attribute = path.rpartition(".")
+            setattr(layer.get_submodule(parent), attribute, StackedLinears(parts))
+
+
+def fuse_projections(family: Family, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A decoder layer's state-dict entries with the split linears' weights and biases (``self_attn.q_proj.weight``
+    ...) stacked into the family's fused projections (``self_attn.qkv_proj.weight``), as checkpoints store them."""
+    tensors = dict(tensors)
+    for path, names in family.fused:
+        parent = path.rpartition(".")[0]
+        for kind in ("weight", "bias"):
+            keys = [f"{parent}.{name}.{kind}" for name in names]
+            if all(key in tensors for key in keys):
+                tensors[f"{path}.{kind}"] = torch.cat([tensors.pop(key) for key in keys])
+    return tensors
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

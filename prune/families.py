@@ -1,12 +1,13 @@
 """The model families the toolkit prunes, one description each, as data.
 
-Every family here has the Llama-style decoder block that ``prune/blocks.py`` describes: separate
-``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj`` linears, grouped-query attention, and norms
-over the hidden size. What differs between families is data: the transformers class, whether q/k/v
-always carry biases, norms over ``head_dim`` inside the attention that all heads share (kept whole when
-heads go), and whether the GGUF export writes the family. Everything else a family does differently
-(Gemma's extra norms and embedding scale, logit soft-capping, sliding-window layers, rope scaling) is in
-its stock modeling code and its configuration, which pruning keeps.
+Every family here has the Llama-style decoder block that ``prune/blocks.py`` describes: the linears
+``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``, grouped-query attention, and norms over the
+hidden size. What differs between families is data: the transformers class, whether q/k/v always carry
+biases, norms over ``head_dim`` inside the attention that all heads share (kept whole when heads go),
+projections fused into one linear and the rule that splits them (Phi-3's ``qkv_proj`` stacks q, k and v
+rows; ``gate_up_proj`` gate and up rows), and whether the GGUF export writes the family. Everything else
+a family does differently (Gemma's extra norms and embedding scale, logit soft-capping, sliding-window
+layers, rope scaling) is in its stock modeling code and its configuration, which pruning keeps.
 
 Adding a family with this block layout is one entry in :data:`FAMILIES` and one class in
 ``prune/hf_code/modeling_pruned.py`` (the stock class with per-layer widths).
@@ -21,6 +22,7 @@ from transformers import (
     Gemma3ForCausalLM,
     LlamaForCausalLM,
     MistralForCausalLM,
+    Phi3ForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     Qwen2ForCausalLM,
@@ -46,6 +48,9 @@ class Family:
     """Norms over ``head_dim`` inside the attention module, shared by every head (kept whole)."""
     gguf: bool = False
     """Whether the GGUF export (llama.cpp's ``deci`` architecture: Llama blocks with per-layer widths) writes it."""
+    fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """Fused projections: (module path in the decoder layer, the linears whose output rows it stacks, in order).
+    The stages work on them split (``prune.blocks.split_fused_projections``); checkpoints keep them fused."""
 
 
 FAMILIES: dict[str, Family] = {
@@ -62,6 +67,16 @@ FAMILIES: dict[str, Family] = {
             Gemma3ForCausalLM,
             "PrunedGemma3ForCausalLM",
             head_norms=("q_norm", "k_norm"),
+        ),
+        Family(
+            "phi3",
+            "Phi-3 / Phi-3.5",
+            Phi3ForCausalLM,
+            "PrunedPhi3ForCausalLM",
+            fused=(
+                ("self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                ("mlp.gate_up_proj", ("gate_proj", "up_proj")),
+            ),
         ),
     )
 }

@@ -13,7 +13,7 @@ import copy
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from accelerate import dispatch_model
@@ -24,7 +24,15 @@ from transformers import (
     PreTrainedModel,
 )
 
-from prune.blocks import BlockShape, LayerWidths, block_shape, decoder_layers, layer_linears
+from prune.blocks import (
+    BlockShape,
+    LayerWidths,
+    block_shape,
+    decoder_layers,
+    fuse_projections,
+    layer_linears,
+    split_fused_projections,
+)
 from prune.families import family_of
 from prune.hf_code import modeling_pruned
 from prune.placement import is_offloaded, outside_layers, resident
@@ -96,7 +104,8 @@ def _sliced_linear_tensors(
 
     ``output_bias``: o_proj and down_proj get a bias entry (zeros where the dense layer has none).
     """
-    device = layer_linears(layer)["q_proj"].weight.device
+    linears = layer_linears(layer)
+    device = linears["q_proj"].weight.device
     q_rows = head_rows(plan.kept_query_heads, head_dim).to(device)
     kv_rows = head_rows(plan.kept_kv_heads, head_dim).to(device)
     ffn = torch.tensor(plan.kept_ffn_channels, device=device)
@@ -112,7 +121,7 @@ def _sliced_linear_tensors(
     }
     tensors = {}
     for name, (rows, cols) in selections.items():
-        linear = cast(nn.Linear, layer.get_submodule(name))
+        linear = linears[name.rpartition(".")[2]]
         weight = linear.weight.detach()
         if rows is not None:
             weight = weight.index_select(0, rows)
@@ -210,9 +219,12 @@ def prune_model(
     replace the sliced ones (a reconstruction of the layer's outputs). ``model`` is left untouched, unless
     ``in_place``: then each dense layer's linear weights are released as soon as the layer is sliced and
     refit, so that memory holds the dense model and one layer more at most, and ``model`` is unusable after.
+    Fused projections of ``model`` (Phi-3) are split first (:func:`prune.blocks.split_fused_projections`, the
+    same outputs); the pruned model stores them fused, as its family's checkpoints do.
     """
-    shape = block_shape(model.config)
+    shape, family = block_shape(model.config), family_of(model.config)
     check_plan(shape, plans)
+    split_fused_projections(model)
     config = pruned_config(model.config, [None if plan is None else plan.widths for plan in plans], output_bias)
     config._attn_implementation = model.config._attn_implementation
     outside = outside_layers(model)
@@ -234,6 +246,7 @@ def prune_model(
             tensors |= _sliced_linear_tensors(layer, plan, shape.head_dim, output_bias)
             if refit is not None:
                 tensors |= refit(index, layer, plan)
+            tensors = fuse_projections(family, tensors)
             state |= {f"model.layers.{i}.{k}": _kept_where_it_lives(v, offloaded) for k, v in tensors.items()}
         if in_place:
             _release(layer)

@@ -33,10 +33,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
-from prune.blocks import LINEAR_NAMES
+from prune.blocks import decoder_layers
 from prune.calibration import DataSourceError, TextSource, read_documents
 from prune.paths import DamagedCacheError, atomic_path, atomic_write_text, file_sha256, recomputing
 
@@ -131,14 +132,18 @@ def training_loss(
 
 
 def add_lora_adapters(model: PreTrainedModel, settings: RecoverySection):
-    """``model`` wrapped by peft with LoRA adapters (rank ``lora_rank``, no dropout) on every decoder linear."""
+    """``model`` wrapped by peft with LoRA adapters (rank ``lora_rank``, no dropout) on every decoder linear (by
+    its name in the layer: ``q_proj`` ... ``down_proj``, or a family's fused ``qkv_proj`` / ``gate_up_proj``)."""
     from peft import LoraConfig, get_peft_model
 
+    linears = sorted(
+        {path.rpartition(".")[2] for path, m in decoder_layers(model).named_modules() if isinstance(m, nn.Linear)}
+    )
     config = LoraConfig(
         r=settings.lora_rank,
         lora_alpha=settings.lora_alpha,
         lora_dropout=0.0,
-        target_modules=list(LINEAR_NAMES),
+        target_modules=linears,
         bias="none",
     )
     return get_peft_model(model, config)

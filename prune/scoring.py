@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from prune.blocks import LINEAR_NAMES, BlockShape, decoder_layers, layer_linears
+from prune.blocks import LINEAR_NAMES, BlockShape, decoder_layers, layer_linears, split_fused_projections
 from prune.placement import resident
 from prune.reconstruct import removal_errors, second_moment
 from prune.statistics import INPUT_SITE_OF_LINEAR, ActivationStatistics, Statistic, row_col_reductions
@@ -255,6 +255,7 @@ def score_units(
     missing = scorer.needs - (statistics.provides if statistics is not None else frozenset())
     if missing:
         raise ValueError(f"scorer {method!r} needs {', '.join(sorted(m.value for m in missing))} from the statistics")
+    split_fused_projections(model)  # Phi-3's fused projections as their linears: the same outputs
     inputs = ScoringInputs(model, shape, statistics, aggregate, damping)
     scores = []
     for index, layer in enumerate(decoder_layers(model)):

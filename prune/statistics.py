@@ -50,7 +50,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from prune.blocks import LINEAR_NAMES, decoder_layers, layer_linears
+from prune.blocks import LINEAR_NAMES, decoder_layers, layer_linears, split_fused_projections
 from prune.paths import DamagedCacheError, atomic_path, file_sha256, sha256_bytes
 from prune.placement import input_device, module_device, resident
 
@@ -517,6 +517,7 @@ def weight_gradient_products(
     model's ``requires_grad`` flags are restored and its weights are not modified.
     """
     samples = list(samples)
+    split_fused_projections(model)
     inputs = Boundaries(scratch)
     with frozen(model):
         last, arguments = forward_through_layers(model, samples, lambda i, layer: [], lambda i: None, inputs, progress)
@@ -561,6 +562,7 @@ def collect_statistics(
     stay in memory). Second moments come with the input sums they are centred by. The model's
     ``requires_grad`` flags are restored afterwards; its weights are not modified.
     """
+    split_fused_projections(model)  # Phi-3's qkv_proj and gate_up_proj as their linears: the same outputs
     if Statistic.SECOND_MOMENTS in needs:
         needs = needs | {Statistic.INPUT_SUMS}
     sums, covariances = Statistic.INPUT_SUMS in needs, Statistic.SECOND_MOMENTS in needs

@@ -31,7 +31,7 @@ BASIC_STATISTICS = ALL_STATISTICS - {Statistic.SECOND_MOMENTS, Statistic.SUMMED_
 
 
 SLIDING_WINDOW_FAMILIES = ("gemma2", "gemma3_text")
-FAMILY_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+FAMILY_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 """Every family the toolkit prunes (``prune.families.FAMILIES``), for tests parametrized over them."""
 
 
@@ -51,6 +51,8 @@ def tiny_config(
     layers, so that the two kinds of layer see different attention masks in tests. ``rope``: the configuration's
     ``rope_parameters`` (e.g. Llama 3's scaling)."""
     extra: dict = {} if rope is None else {"rope_parameters": rope}
+    if family == "phi3":  # its default token ids lie beyond a tiny vocabulary
+        extra |= {"pad_token_id": vocab - 1, "eos_token_id": vocab - 1, "bos_token_id": 0}
     if family in SLIDING_WINDOW_FAMILIES:
         extra |= {
             "sliding_window": 4,

@@ -48,7 +48,7 @@ def _recipe(tmp_path, files, name: str, **sections) -> object:
     return path
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3_text", "phi3"])
 def test_a_family_runs_through_the_default_method(tmp_path, family_files, family):
     recipe = _recipe(tmp_path, family_files[family], family)
     report = execute(prepare(load_recipe(recipe)))
@@ -78,7 +78,7 @@ def test_an_unsupported_family_and_an_uncovered_export_are_one_line(tmp_path, fa
     line = capsys.readouterr().err.strip()
     assert line == (
         "error: model.source: model type 'gpt2' is not one the toolkit prunes; "
-        "supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text"
+        "supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3"
     )
     recipe = _recipe(tmp_path, family_files["qwen3"], "gguf", export={"formats": ["hf", "gguf"]})
     assert main([str(recipe)]) == 2

@@ -8,7 +8,7 @@ from conftest import FAMILY_TYPES, random_tokens, tiny_model
 
 from eval.speed import cache_keyword
 from prune.allocation import allocate
-from prune.blocks import block_shape, count_parameters, decoder_layers
+from prune.blocks import block_shape, count_parameters, decoder_layers, layer_linears, split_fused_projections
 from prune.pruner import LayerPlan, check_plan, has_layer_widths, keep_everything, prune_model
 from prune.recipe import AllocationSection, PruningSection
 from prune.scoring import score_units
@@ -74,14 +74,21 @@ def test_gqa_invariants_after_pruning(family, unit):
     pruned = prune_model(model, allocate(shape, scores, int(0.4 * total), AllocationSection("uniform"), pruning).plans)
     pruned_shape = block_shape(pruned.config)
     assert pruned_shape.head_dim == shape.head_dim
+    x = random_tokens(2, 12)
+    logits = pruned(x).logits
+    split_fused_projections(pruned)  # Phi-3: its fused qkv_proj / gate_up_proj as the 7 linears, same outputs
+    torch.testing.assert_close(pruned(x).logits, logits, atol=1e-5, rtol=1e-5)
     for layer, widths in zip(decoder_layers(pruned), pruned_shape.layers, strict=True):
-        attn, d = layer.self_attn, shape.head_dim
+        attn, linears, d = layer.self_attn, layer_linears(layer), shape.head_dim
         assert widths.query_heads % widths.kv_heads == 0
         assert attn.num_key_value_groups == widths.query_heads // widths.kv_heads
-        assert attn.q_proj.weight.shape == (widths.query_heads * d, shape.hidden_size)
-        assert attn.k_proj.weight.shape == attn.v_proj.weight.shape == (widths.kv_heads * d, shape.hidden_size)
-        assert attn.o_proj.weight.shape == (shape.hidden_size, widths.query_heads * d)
-        assert layer.mlp.down_proj.weight.shape == (shape.hidden_size, widths.ffn_channels)
+        assert linears["q_proj"].weight.shape == (widths.query_heads * d, shape.hidden_size)
+        assert (
+            linears["k_proj"].weight.shape == linears["v_proj"].weight.shape == (widths.kv_heads * d, shape.hidden_size)
+        )
+        assert linears["o_proj"].weight.shape == (shape.hidden_size, widths.query_heads * d)
+        assert linears["down_proj"].weight.shape == (shape.hidden_size, widths.ffn_channels)
+        assert linears["gate_proj"].weight.shape == (widths.ffn_channels, shape.hidden_size)
         assert widths.ffn_channels % 8 == 0
         if unit == "kv_group":
             assert widths.heads_per_group == 4

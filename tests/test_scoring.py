@@ -1,5 +1,8 @@
 """Unit scores against loops over the units' weights."""
 
+import copy
+
+import pytest
 import torch
 from conftest import ALL_STATISTICS, BASIC_STATISTICS, random_tokens, tiny_model
 
@@ -10,12 +13,20 @@ from prune.statistics import collect_statistics
 
 
 def _unit_weights(layer, d, g):
-    """Per unit, the list of (weight tensor, input-site name) pieces that belong to it."""
+    """Per unit, the list of (weight tensor, input-site name) pieces that belong to it. A fused ``qkv_proj`` /
+    ``gate_up_proj`` (Phi-3) is cut here by hand: q rows, then k rows, then v rows; gate rows, then up rows."""
     attn, mlp = layer.self_attn, layer.mlp
-    heads = attn.q_proj.weight.shape[0] // d
+    heads = attn.o_proj.weight.shape[1] // d
+    if hasattr(attn, "qkv_proj"):
+        kv_rows = (attn.qkv_proj.weight.shape[0] - heads * d) // 2
+        q_weight, k_weight, v_weight = attn.qkv_proj.weight.split([heads * d, kv_rows, kv_rows])
+        gate_weight, up_weight = mlp.gate_up_proj.weight.chunk(2)
+    else:
+        q_weight, k_weight, v_weight = attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight
+        gate_weight, up_weight = mlp.gate_proj.weight, mlp.up_proj.weight
     query = [
         [
-            (attn.q_proj.weight[h * d : (h + 1) * d], "attn_in", None),
+            (q_weight[h * d : (h + 1) * d], "attn_in", None),
             (attn.o_proj.weight[:, h * d : (h + 1) * d], "o_in", slice(h * d, (h + 1) * d)),
         ]
         for h in range(heads)
@@ -23,16 +34,16 @@ def _unit_weights(layer, d, g):
     groups = []
     for j in range(heads // g):
         pieces = [
-            (attn.k_proj.weight[j * d : (j + 1) * d], "attn_in", None),
-            (attn.v_proj.weight[j * d : (j + 1) * d], "attn_in", None),
+            (k_weight[j * d : (j + 1) * d], "attn_in", None),
+            (v_weight[j * d : (j + 1) * d], "attn_in", None),
         ]
         for h in range(j * g, (j + 1) * g):
             pieces += query[h]
         groups.append(pieces)
     channels = [
         [
-            (mlp.gate_proj.weight[c : c + 1], "mlp_in", None),
-            (mlp.up_proj.weight[c : c + 1], "mlp_in", None),
+            (gate_weight[c : c + 1], "mlp_in", None),
+            (up_weight[c : c + 1], "mlp_in", None),
             (mlp.down_proj.weight[:, c : c + 1], "down_in", slice(c, c + 1)),
         ]
         for c in range(mlp.down_proj.weight.shape[1])
@@ -40,13 +51,15 @@ def _unit_weights(layer, d, g):
     return query, groups, channels
 
 
-def test_magnitude_and_wanda_sp_match_loops():
-    model = tiny_model()
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_magnitude_and_wanda_sp_match_loops(family):
+    model = tiny_model(family)
+    fused = copy.deepcopy(model)  # Phi-3: the reference reads the fused weights (the scorers split a model first)
     shape = block_shape(model.config)
     stats = collect_statistics(model, random_tokens(2, 8), "max_logit", BASIC_STATISTICS, progress=False)
     magnitude = score_units(model, shape, "magnitude", "sum", None)
     wanda = score_units(model, shape, "wanda-sp", "sum", stats)
-    for i, layer in enumerate(decoder_layers(model)):
+    for i, layer in enumerate(decoder_layers(fused)):
         query, groups, channels = _unit_weights(layer, shape.head_dim, 3)
 
         def norm(pieces):

@@ -5,8 +5,10 @@ The configuration is the family's stock one plus three lists of length ``num_hid
 stock fields keep the dense model's values; ``head_dim`` is explicit). The model is the stock
 transformers model of its family; after construction, the linear layers of every decoder layer are
 replaced by ones of that layer's width and the attention module is told its number of query heads
-per KV head. With ``output_projection_bias: true`` (set when the pruner reconstructed the layer
-outputs), ``o_proj`` and ``down_proj`` carry a bias. Everything else (RoPE, KV cache, generation)
+per KV head (a fused ``qkv_proj``, Phi-3's, is split by head counts that the module reads from its
+configuration, so that module gets a :class:`LayerConfig` with its layer's counts). With
+``output_projection_bias: true`` (set when the pruner reconstructed the layer outputs), ``o_proj`` and
+``down_proj`` carry a bias. Everything else (RoPE, KV cache, generation)
 is stock.
 """
 
@@ -18,6 +20,7 @@ from transformers import (
     Gemma3ForCausalLM,
     LlamaForCausalLM,
     MistralForCausalLM,
+    Phi3ForCausalLM,
     Qwen2ForCausalLM,
     Qwen3ForCausalLM,
 )
@@ -46,16 +49,40 @@ def set_layer_widths(
         raise ValueError(f"{query_heads} query heads cannot be split over {kv_heads} KV heads")
     attn: Any = layer.self_attn  # the family's attention and MLP modules, reached by name
     mlp: Any = layer.mlp
-    head_dim, hidden = attn.head_dim, attn.q_proj.in_features
-    attn.q_proj = _resized_linear(attn.q_proj, hidden, query_heads * head_dim)
-    attn.k_proj = _resized_linear(attn.k_proj, hidden, kv_heads * head_dim)
-    attn.v_proj = _resized_linear(attn.v_proj, hidden, kv_heads * head_dim)
+    head_dim, hidden = attn.head_dim, attn.o_proj.out_features
+    if hasattr(attn, "qkv_proj"):  # fused (Phi-3): q, k and v rows stacked; the split reads the head counts
+        attn.qkv_proj = _resized_linear(attn.qkv_proj, hidden, (query_heads + 2 * kv_heads) * head_dim)
+        attn.config = LayerConfig(attn.config, query_heads, kv_heads)
+        attn.num_key_value_heads = kv_heads
+    else:
+        attn.q_proj = _resized_linear(attn.q_proj, hidden, query_heads * head_dim)
+        attn.k_proj = _resized_linear(attn.k_proj, hidden, kv_heads * head_dim)
+        attn.v_proj = _resized_linear(attn.v_proj, hidden, kv_heads * head_dim)
     attn.o_proj = _resized_linear(attn.o_proj, query_heads * head_dim, hidden, output_bias)
     attn.num_key_value_groups = query_heads // kv_heads
-    mlp.gate_proj = _resized_linear(mlp.gate_proj, hidden, ffn_channels)
-    mlp.up_proj = _resized_linear(mlp.up_proj, hidden, ffn_channels)
+    if hasattr(mlp, "gate_up_proj"):  # fused (Phi-3): gate and up rows stacked, split in half
+        mlp.gate_up_proj = _resized_linear(mlp.gate_up_proj, hidden, 2 * ffn_channels)
+    else:
+        mlp.gate_proj = _resized_linear(mlp.gate_proj, hidden, ffn_channels)
+        mlp.up_proj = _resized_linear(mlp.up_proj, hidden, ffn_channels)
     mlp.down_proj = _resized_linear(mlp.down_proj, ffn_channels, hidden, output_bias)
     mlp.intermediate_size = ffn_channels
+
+
+class LayerConfig:
+    """The model's configuration as one attention module sees it: that layer's head counts, everything else
+    read from (and written to) the shared configuration."""
+
+    def __init__(self, shared: Any, num_attention_heads: int, num_key_value_heads: int):
+        self.__dict__.update(
+            shared=shared, num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["shared"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.__dict__["shared"], name, value)
 
 
 def _apply_layer_widths(model: nn.Module, config) -> None:
@@ -86,3 +113,4 @@ PrunedQwen2ForCausalLM = _with_layer_widths(Qwen2ForCausalLM)
 PrunedQwen3ForCausalLM = _with_layer_widths(Qwen3ForCausalLM)
 PrunedGemma2ForCausalLM = _with_layer_widths(Gemma2ForCausalLM)
 PrunedGemma3ForCausalLM = _with_layer_widths(Gemma3ForCausalLM)
+PrunedPhi3ForCausalLM = _with_layer_widths(Phi3ForCausalLM)
