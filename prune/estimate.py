@@ -10,8 +10,9 @@ P the weights of the largest decoder block, V the vocabulary, N x T the calibrat
   log10 histogram's copies of the largest linear (12 H F); with second moments, their float32 sum and one
   sample's product (8 F^2); one sample's recomputed layer activations (T (4 F + 6 H) b, twice with
   gradients) and the objective's logits (nll: 12 T V; max_logit: 4 V);
-- scoring and pruning with the second moments: one float64 (F + 1)^2 matrix, its factorisation and its
-  inverse (24 (F + 1)^2) and the float32 matrix read from disk (4 F^2);
+- scoring and pruning with the second moments: one float64 (F + 1)^2 matrix and its LU factors (scoring),
+  or the float32 matrix read from disk, the float64 one and its gather at the kept columns (the lstsq
+  refit): 18 (F + 1)^2 covers both;
 - pruning: one pruned decoder block being built (P b); the whole pruned model besides the dense one
   when a later stage needs the dense model (recovery, speed);
 - evaluation: the models it needs, and float32 logits of a perplexity window (12 seqlen V) or of a
@@ -117,7 +118,7 @@ def estimate_memory(
         advice = "lower calibration.samples or calibration.seqlen" if "calibration" in dominant else SMALLER_DTYPE
         stages.append(StageMemory("activation statistics", weights + sum(terms.values()), dominant, advice))
 
-    solve = 24 * (widest + 1) ** 2 + 4 * widest * widest
+    solve = 18 * (widest + 1) ** 2
     if Statistic.SECOND_MOMENTS in needs:
         stages.append(StageMemory("scoring", weights + solve, "one float64 second-moment matrix", SMALLER_DTYPE))
     pruning_terms = {"one pruned decoder block": block * b}

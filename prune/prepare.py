@@ -170,7 +170,7 @@ def unit_description(recipe: Recipe, shape: BlockShape) -> str:
         return f"whole decoder layers (of {shape.num_layers})"
     widths = shape.layers[0]
     attention = (
-        f"KV groups (of {widths.kv_heads}, each with its {widths.heads_per_group} query heads)"
+        f"KV groups (of {widths.kv_heads}, each with its query heads: {widths.heads_per_group})"
         if recipe.pruning.attention_unit == "kv_group"
         else f"query heads (of {widths.query_heads}; {widths.kv_heads} KV heads stay)"
     )
