@@ -29,7 +29,7 @@ from prune.calibration import evaluation_tokens
 from prune.models import load_model
 from prune.prepare import prepare
 from prune.recipe import load_recipe
-from prune.run import obtain_statistics, prune_as_recipe_says
+from prune.run import obtain_statistics, prune_as_recipe_says, recipe_calibration
 
 GRADIENT_METHODS = ("activation", "activation-obs", "taylor")
 CONFIGURATIONS = {
@@ -63,12 +63,16 @@ CONFIGURATIONS = {
         "pruning.reconstruct": "lstsq",
     },
     "default recipe": {},
+    "default, sequential lstsq": {"pruning.reconstruct": "lstsq-sequential"},
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="recipes/smollm2_30pct.yaml")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override the base recipe"
+    )
     parser.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.3, 0.5])
     parser.add_argument("--only", nargs="+", choices=list(CONFIGURATIONS), help="run only these rows")
     parser.add_argument(
@@ -81,7 +85,7 @@ def main() -> None:
         print_table([json.loads(line) for path in args.table for line in path.read_text().splitlines() if line.strip()])
         return
     names = args.only or list(CONFIGURATIONS)
-    base = load_recipe(args.recipe)
+    base = load_recipe(args.recipe, args.overrides)
     base_prepared = prepare(base, overwrite=True)
     model, tokenizer = load_model(base_prepared.model_source, base.model.dtype, base.model.device, base_prepared.cache)
     ppl_recipe = base.evaluation.perplexity
@@ -102,12 +106,17 @@ def main() -> None:
     for target in args.targets:
         for name in names:
             overrides = {**CONFIGURATIONS[name], "pruning.target": target}
-            recipe = load_recipe(args.recipe, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+            recipe = load_recipe(
+                args.recipe, [*args.overrides, *(f"{k}={json.dumps(v)}" for k, v in overrides.items())]
+            )
             prepared, calibration = prepare(recipe, overwrite=True), recipe.calibration
             statistics, info = obtain_statistics(prepared, model, tokenizer) if prepared.needs else (None, None)
             stage_seconds: dict[str, float] = {}
+            samples = recipe_calibration(prepared, tokenizer)
             start = time.perf_counter()
-            pruned, _ = prune_as_recipe_says(recipe, model, prepared.params_to_remove, statistics, stage_seconds)
+            pruned, _ = prune_as_recipe_says(
+                recipe, model, prepared.params_to_remove, statistics, stage_seconds, samples=samples
+            )
             seconds = time.perf_counter() - start
             result = perplexity(pruned, tokens, ppl_recipe.seqlen, ppl_recipe.windows, f"{name} {target:.0%}")
             kept = count_parameters(pruned)["total"]
@@ -124,6 +133,7 @@ def main() -> None:
                 "perplexity": result["perplexity"],
                 "dense_perplexity": dense["perplexity"],
                 "seqlen": ppl_recipe.seqlen,
+                "dataset": ppl_recipe.dataset,
                 "windows": result["windows"],
                 "prune_seconds": seconds,
                 "statistics_reused": info.reused if info else None,
@@ -150,7 +160,7 @@ def print_table(rows: list[dict]) -> None:
     first = rows[0]
     dense_zeroshot = next((r["dense_zeroshot_mean"] for r in rows if r.get("dense_zeroshot_mean") is not None), None)
     print(
-        f"\nWikiText-2 perplexity, {first['seqlen']}-token windows x {first['windows']}; "
+        f"\n{first.get('dataset', 'wikitext2')} perplexity, {first['seqlen']}-token windows x {first['windows']}; "
         f"dense {first['dense_perplexity']:.2f}."
         + (
             f" Zero-shot: mean acc of {len(MEAN_TASKS)} tasks; dense {100 * dense_zeroshot:.2f}."
@@ -161,7 +171,7 @@ def print_table(rows: list[dict]) -> None:
     )
     print(
         "| target | method | scoring | allocation | reconstruction | calibration | parameters after (removed) "
-        "| WikiText-2 ppl | 0-shot mean | prune s |"
+        "| perplexity | 0-shot mean | prune s |"
     )
     print("|---:|---|---|---|---|---|---:|---:|---:|---:|")
     for r in rows:

@@ -3,6 +3,7 @@ peak memory of every stage against the weight bytes.
 
     python benchmarks/scale.py [--shapes llama-3.2-1b llama-3.2-3b llama-2-7b llama-3-8b] [--samples 4]
                                [--seqlen 64] [--dtype bfloat16] [--json scale.json]
+    python benchmarks/scale.py --table scale.json       # the table of the shapes a --json file holds
 
 Each shape is built with random weights (``eval.speed``'s shape-only builder) in ``--dtype`` on the CPU (or
 ``--device``) and run through the default recipe's stages in this process: activation statistics (gradient
@@ -126,7 +127,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", type=Path, default=None, help="directory for statistics and scratch files")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--table", type=Path, help="only print the table of a --json file written before")
     args = parser.parse_args()
+    if args.table:
+        print_table(json.loads(args.table.read_text()), args.device)
+        return
     device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
     results = []
     for name in args.shapes:
@@ -134,9 +139,15 @@ def main() -> None:
             results.append(rehearse(name, args.samples, args.seqlen, dtype, device, Path(work)))
         if args.json:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results, args.device)
+
+
+def print_table(results: list[dict], device: str) -> None:
+    """The rehearsal's markdown table (for BENCHMARKS.md): one row per shape, one column per stage."""
     stages = [row["stage"] for row in results[0]["stages"]]
+    first = results[0]
     print(
-        f"\n{args.samples} calibration samples x {args.seqlen} tokens, {args.dtype} on {args.device}; "
+        f"\n{first['samples']} calibration samples x {first['seqlen']} tokens, {first['dtype']} on {device}; "
         "(weights + memory the stage added at its peak) / weights, [the memory plan's estimate], and wall seconds.\n"
     )
     print("| shape | parameters | weights GiB | " + " | ".join(stages) + " |")

@@ -69,8 +69,8 @@ class Prepared:
 
 def added_bias_parameters(recipe: Recipe, shape: BlockShape) -> int:
     """Biases that reconstruction adds to o_proj and down_proj; the budget solver removes that much more."""
-    refit = RECONSTRUCTIONS[recipe.pruning.reconstruct].refit
-    return 0 if refit is None else 2 * shape.hidden_size * shape.num_layers
+    adds_biases = RECONSTRUCTIONS[recipe.pruning.reconstruct].adds_biases
+    return 2 * shape.hidden_size * shape.num_layers if adds_biases else 0
 
 
 def protected_layers(recipe: Recipe, shape: BlockShape) -> frozenset[int]:

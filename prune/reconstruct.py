@@ -160,12 +160,21 @@ class Reconstruction:
 
     refit: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None
     needs: frozenset[Statistic]
+    sequential: bool = False
+    """Refit layer by layer on the calibration inputs of the model as already pruned (:mod:`prune.sequential`,
+    which needs the calibration samples, not statistics) instead of by ``refit``."""
+
+    @property
+    def adds_biases(self) -> bool:
+        """o_proj and down_proj get a bias (the parameters it adds count against the target)."""
+        return self.refit is not None or self.sequential
 
 
 RECONSTRUCTIONS: dict[str, Reconstruction] = {
     "none": Reconstruction(None, frozenset()),
     "bias": Reconstruction(bias_refit, frozenset({Statistic.INPUT_SUMS})),
     "lstsq": Reconstruction(lstsq_refit, frozenset({Statistic.INPUT_SUMS, Statistic.SECOND_MOMENTS})),
+    "lstsq-sequential": Reconstruction(None, frozenset(), sequential=True),
 }
 """Reconstructions by recipe name (``pruning.reconstruct``)."""
 

@@ -64,6 +64,7 @@ from prune.recipe import Recipe, load_recipe, recipe_to_dict
 from prune.reconstruct import RECONSTRUCTIONS, reconstructed_layer
 from prune.recovery import recover, training_windows
 from prune.scoring import score_units
+from prune.sequential import sequential_refit
 from prune.statistics import (
     BACKWARD,
     SUMMARY_FILE,
@@ -81,6 +82,12 @@ def timed(stage_seconds: dict[str, float], name: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     stage_seconds[name] = time.perf_counter() - start
+
+
+def recipe_calibration(prepared: Prepared, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """The recipe's calibration samples: token ids [samples, seqlen]."""
+    c = prepared.recipe.calibration
+    return calibration_samples(tokenizer, prepared.calibration_source, c.samples, c.seqlen, c.seed)
 
 
 def obtain_statistics(
@@ -120,13 +127,7 @@ def obtain_statistics(
     if cached is not None and not missing:
         info.collected = sorted(need.value for need in cached.provides)
         return cached, info
-    samples = calibration_samples(
-        tokenizer,
-        prepared.calibration_source,
-        recipe.calibration.samples,
-        recipe.calibration.seqlen,
-        recipe.calibration.seed,
-    )
+    samples = recipe_calibration(prepared, tokenizer)
     device = input_device(model)
     make_resident(model)
     reset_peak(device)
@@ -204,10 +205,12 @@ def prune_as_recipe_says(
     statistics: ActivationStatistics | None,
     stage_seconds: dict[str, float],
     in_place: bool = False,
+    samples: torch.Tensor | None = None,
 ) -> tuple[PreTrainedModel, Allocation]:
     """Scoring, allocation, physical pruning and reconstruction of ``params_to_remove`` parameters (the target)
     as ``recipe`` says. ``model`` is left untouched, unless ``in_place``: its layers are then released one by
-    one as they are pruned (``prune_model``) and it is unusable after. Adds each stage's wall time to
+    one as they are pruned (``prune_model``) and it is unusable after. ``samples``: the calibration token ids
+    [N, T] a sequential reconstruction runs on (only it reads them). Adds each stage's wall time to
     ``stage_seconds``.
     """
     shape = block_shape(model.config)
@@ -223,8 +226,13 @@ def prune_as_recipe_says(
             shape, scores, budget, recipe.allocation, recipe.pruning, statistics, protected_layers(recipe, shape)
         )
     method = recipe.pruning.reconstruct
+    reconstruction = RECONSTRUCTIONS[method]
     refit = None
-    if RECONSTRUCTIONS[method].refit is not None:
+    if reconstruction.sequential:
+        if samples is None:
+            raise ValueError(f"pruning.reconstruct {method} needs the calibration samples")
+        refit = sequential_refit(model, list(samples), shape.head_dim, recipe.pruning.damping)
+    elif reconstruction.refit is not None:
         assert statistics is not None  # the reconstruction's needs were collected
 
         def refit(index: int, layer: nn.Module, plan: LayerPlan) -> dict[str, torch.Tensor]:
@@ -385,8 +393,11 @@ def execute(prepared: Prepared) -> Report:
         dense_parts = {}
         if in_place:  # nothing after pruning needs the whole dense model: its parts of the evaluation first
             dense_parts = dense_first(DenseInputs(prepared, model, tokenizer, text), stage_seconds)
+        samples = None
+        if RECONSTRUCTIONS[recipe.pruning.reconstruct].sequential:
+            samples = recipe_calibration(prepared, tokenizer)
         pruned, allocation = prune_as_recipe_says(
-            recipe, model, prepared.params_to_remove, statistics, stage_seconds, in_place
+            recipe, model, prepared.params_to_remove, statistics, stage_seconds, in_place, samples
         )
         recovery, before_recovery = None, None
         if recipe.recovery.method != "none":

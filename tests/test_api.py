@@ -63,13 +63,19 @@ def test_model_index_holds_what_lm_eval_measured():
     assert matter["pruning"]["zeroshot_mean_acc"]["pruned"] == 0.581
 
 
-def test_prune_loaded_model_applies_a_recipes_method_in_memory():
+@pytest.mark.parametrize("reconstruct", ["lstsq", "lstsq-sequential"])
+def test_prune_loaded_model_applies_a_recipes_method_in_memory(reconstruct):
     model = tiny_model("mistral", layers=3, ffn=64)
     before = {name: p.clone() for name, p in model.state_dict().items()}
     result = prune.prune_loaded_model(
         model,
         tokenizer=None,
-        overrides=["pruning.target=0.2", "pruning.round_to=8", "pruning.min_ffn_channels=8"],
+        overrides=[
+            "pruning.target=0.2",
+            "pruning.round_to=8",
+            "pruning.min_ffn_channels=8",
+            f"pruning.reconstruct={reconstruct}",
+        ],
         calibration=random_tokens(4, 16),
     )
     assert 0.2 <= result.removed_fraction < 0.23

@@ -77,6 +77,24 @@ def test_a_model_split_by_a_device_map_with_offloaded_layers_gives_the_same_run(
     ).stat().st_size
 
 
+def test_sequential_reconstruction_of_a_model_split_by_a_device_map_gives_the_same_weights(tmp_path, tiny_files):  # noqa: F811
+    split = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu"}
+    split |= {"model.layers.1": "disk", "model.layers.2": "disk", "model.norm": "disk", "lm_head": "cpu"}
+    for name, device_map in (("whole", None), ("split", split)):
+        data = tiny_recipe(tiny_files, tmp_path / name, tmp_path / f"cache-{name}")
+        data["evaluation"] |= {"speed": {"enabled": False}, "zeroshot": {"enabled": False}}
+        data["pruning"]["reconstruct"] = "lstsq-sequential"
+        data["model"] |= {"device": "auto", "device_map": device_map}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(data))
+        report = execute(prepare(load_recipe(tmp_path / f"{name}.yaml")))
+        assert "pruning + reconstruction (lstsq-sequential)" in report.stage_seconds
+    weights = [load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("whole", "split")]
+    assert weights[0].keys() == weights[1].keys()
+    assert any(key.endswith("o_proj.bias") for key in weights[0])
+    for key, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][key], tensor, rtol=1e-5, atol=1e-5, msg=key)
+
+
 def test_device_map_is_refused_with_the_stages_that_need_one_device(tmp_path):
     with pytest.raises(RecipeError, match="evaluation.speed.enabled: must be false with model.device_map"):
         load_recipe(None, ["model.device_map=auto"])

@@ -1,0 +1,102 @@
+"""Sequential reconstruction: exact cases, the least-squares optimality of each refit, and a measured gain."""
+
+import pytest
+import torch
+from conftest import FAMILY_TYPES, random_tokens, tiny_model
+
+from prune.blocks import block_shape, decoder_layers
+from prune.pruner import LayerPlan, keep_everything, prune_model
+from prune.reconstruct import least_squares_refit
+from prune.sequential import sequential_refit
+
+PLAN = LayerPlan((0, 2, 3, 5), (0, 1), tuple(range(0, 64, 2)))
+
+
+def _sequential(model, plans, samples, damping=0.0):
+    refit = sequential_refit(model, list(samples), block_shape(model.config).head_dim, damping, progress=False)
+    return prune_model(model, plans, output_bias=True, refit=refit)
+
+
+def _inputs(model, linear_name, layer, samples):
+    """The input [N*T, F] of one linear of one decoder layer over ``samples``."""
+    captured = []
+    linear = decoder_layers(model)[layer].get_submodule(linear_name)
+    handle = linear.register_forward_pre_hook(lambda m, a: captured.append(a[0].flatten(0, 1)))
+    with torch.no_grad():
+        model(samples)
+    handle.remove()
+    return torch.cat(captured).double()
+
+
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_keeping_everything_changes_no_logit(family):
+    model = tiny_model(family)
+    samples = random_tokens(8, 24)  # 192 tokens: more than the 97 columns of o_proj's augmented input
+    pruned = _sequential(model, keep_everything(block_shape(model.config)), samples)
+    x = random_tokens(2, 11, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x).logits, model(x).logits, atol=2e-4, rtol=1e-4)
+
+
+def test_first_o_proj_refit_equals_the_one_shot_refit():
+    """Layer 0's o_proj sees the same inputs in the dense and the pruned model: the one-shot refit."""
+    model = tiny_model()
+    samples = random_tokens(8, 16)
+    pruned = _sequential(model, [PLAN] * 3, samples, damping=0.01)
+    x = _inputs(model, "self_attn.o_proj", 0, samples)
+    dense_o = decoder_layers(model)[0].self_attn.o_proj
+    columns = torch.cat([torch.arange(h * 16, (h + 1) * 16) for h in PLAN.kept_query_heads])
+    weight, bias = least_squares_refit(dense_o.weight, None, columns, x.T @ x, x.sum(0), len(x), damping=0.01)
+    refit_o = decoder_layers(pruned)[0].self_attn.o_proj
+    torch.testing.assert_close(refit_o.weight, weight.float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(refit_o.bias, bias.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_each_refit_is_the_least_squares_fit_to_the_dense_output_on_the_pruned_input():
+    """Without damping, the residual dense(x) - pruned(x̂) is orthogonal to every kept input and to 1 (the normal
+    equations), for every refit linear of every layer, on the pruned model's own calibration inputs."""
+    model = tiny_model("qwen2")
+    samples = random_tokens(8, 24)
+    plans = [PLAN, LayerPlan((1, 2, 4, 5), (0, 1), tuple(range(30))), PLAN]
+    pruned = _sequential(model, plans, samples)
+    for layer in range(3):
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            x, x_hat = _inputs(model, name, layer, samples), _inputs(pruned, name, layer, samples)
+            dense_linear = decoder_layers(model)[layer].get_submodule(name)
+            pruned_linear = decoder_layers(pruned)[layer].get_submodule(name)
+            with torch.no_grad():
+                residual = dense_linear(x.float()).double() - pruned_linear(x_hat.float()).double()
+            augmented = torch.cat([x_hat, torch.ones(len(x_hat), 1, dtype=torch.float64)], 1)
+            normal = residual.T @ augmented / len(x_hat)
+            assert float(normal.abs().max()) < 1e-4 * float(residual.abs().mean())
+
+
+def test_sequential_output_error_is_below_the_one_shot_one():
+    """On the calibration samples, the last layer's output is closer to the dense one than with one-shot lstsq."""
+    from conftest import ALL_STATISTICS
+
+    from prune.reconstruct import reconstructed_layer
+    from prune.statistics import collect_statistics
+
+    model = tiny_model(layers=4)
+    samples = random_tokens(8, 24)
+    shape = block_shape(model.config)
+    plans = [PLAN] * 4
+    statistics = collect_statistics(model, samples, "max_logit", ALL_STATISTICS, progress=False)
+
+    def one_shot(index, layer, plan):
+        return reconstructed_layer(index, layer, plan, shape.head_dim, statistics, "lstsq", damping=0.0)
+
+    models = {"one-shot": prune_model(model, plans, output_bias=True, refit=one_shot)}
+    models["sequential"] = _sequential(model, plans, samples)
+    with torch.no_grad():
+        dense = model.model(samples).last_hidden_state
+        errors = {k: float((m.model(samples).last_hidden_state - dense).square().mean()) for k, m in models.items()}
+    assert errors["sequential"] < 0.8 * errors["one-shot"]
+
+
+def test_layers_must_come_in_order():
+    model = tiny_model()
+    refit = sequential_refit(model, list(random_tokens(2, 8)), 16, 0.0, progress=False)
+    with pytest.raises(ValueError, match="layer 1 after layer -1"):
+        refit(1, decoder_layers(model)[1], PLAN)
