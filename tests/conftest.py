@@ -21,6 +21,7 @@ from eval.report import (
     Report,
     WidthsReport,
 )
+from prune.pruner import LayerPlan
 from prune.recipe import Recipe, recipe_to_dict
 from prune.statistics import Statistic
 
@@ -31,6 +32,14 @@ BASIC_STATISTICS = ALL_STATISTICS - {Statistic.SECOND_MOMENTS, Statistic.SUMMED_
 
 
 SLIDING_WINDOW_FAMILIES = ("gemma2", "gemma3_text")
+MIXED_PLANS = [
+    LayerPlan((0, 1, 2), (0,), tuple(range(0, 64, 2))),
+    None,
+    LayerPlan((0, 2, 3, 5), (0, 1), tuple(range(40))),
+    LayerPlan(tuple(range(6)), (0, 1), tuple(range(64))),
+]
+"""Plans for a 4-layer tiny model (6 query heads, 2 KV heads, 64 FFN channels) whose layers end with different
+widths: one KV group gone, a removed layer, query heads gone, FFN channels only."""
 FAMILY_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 """Every family the toolkit prunes (``prune.families.FAMILIES``), for tests parametrized over them."""
 

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from conftest import byte_level_tokenizer, tiny_model, word_text
+from conftest import MIXED_PLANS, byte_level_tokenizer, tiny_model, word_text
 
 from eval.engine import engine_available, engine_logits, engine_perplexity, engine_speed, greedy_tokens, open_gguf
 from eval.perplexity import perplexity
 from prune.gguf_export import write_gguf
-from prune.pruner import LayerPlan, prune_model
+from prune.pruner import prune_model
 
 pytestmark = [
     pytest.mark.engine,
@@ -33,12 +33,7 @@ def _pruned(family: str):
     tokenizer = byte_level_tokenizer()
     rope = LLAMA3_ROPE if family == "llama3" else None
     model = tiny_model(family.replace("llama3", "llama"), layers=4, vocab=len(tokenizer), ffn=64, rope=rope)
-    plans = [
-        LayerPlan((0, 1, 2), (0,), tuple(range(0, 64, 2))),
-        None,
-        LayerPlan((0, 2, 3, 5), (0, 1), tuple(range(40))),
-        LayerPlan(tuple(range(6)), (0, 1), tuple(range(64))),
-    ]
+    plans = MIXED_PLANS
     pruned = prune_model(model, plans, output_bias=True)
     with torch.no_grad():
         for layer in pruned.model.layers:

@@ -3,7 +3,7 @@
 import math
 
 import torch
-from conftest import BASIC_STATISTICS, layer_row, make_report, random_tokens, tiny_config, tiny_model
+from conftest import BASIC_STATISTICS, MIXED_PLANS, layer_row, make_report, random_tokens, tiny_config, tiny_model
 
 from eval.perplexity import perplexity, window_count
 from eval.speed import greedy_decode, measure_speed
@@ -45,15 +45,10 @@ def test_decode_loop_is_greedy_generation_with_cache():
 
 
 def test_static_cache_loop_gives_the_dynamic_loops_tokens_with_per_layer_widths():
-    from prune.pruner import LayerPlan, prune_model
+    from prune.pruner import prune_model
 
     model = tiny_model(layers=4)
-    plans = [
-        LayerPlan((0, 1, 2), (0,), tuple(range(0, 64, 2))),
-        None,
-        LayerPlan((0, 2, 3, 5), (0, 1), tuple(range(40))),
-        LayerPlan(tuple(range(6)), (0, 1), tuple(range(64))),
-    ]
+    plans = MIXED_PLANS
     pruned = prune_model(model, plans, output_bias=True)
     prompt = random_tokens(2, 9)
     _, _, dynamic = greedy_decode(pruned, prompt, new_tokens=12, loop="dynamic")

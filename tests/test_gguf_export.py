@@ -4,10 +4,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import byte_level_tokenizer, tiny_model
+from conftest import MIXED_PLANS, byte_level_tokenizer, tiny_model
 
 from prune.gguf_export import GgufExportError, to_rotate_halves, to_rotate_pairs, write_gguf
-from prune.pruner import LayerPlan, prune_model
+from prune.pruner import prune_model
 
 
 def _rope_halves(x: torch.Tensor, position: int, base: float = 10000.0) -> torch.Tensor:
@@ -46,12 +46,7 @@ def _pruned(family="llama", output_bias=True):
     """A tiny pruned model: per-layer widths, the middle of 4 layers removed, output biases filled."""
     tokenizer = byte_level_tokenizer()
     model = tiny_model(family, layers=4, vocab=len(tokenizer), ffn=64)
-    plans = [
-        LayerPlan((0, 1, 2), (0,), tuple(range(0, 64, 2))),
-        None,
-        LayerPlan((0, 2, 3, 5), (0, 1), tuple(range(40))),
-        LayerPlan(tuple(range(6)), (0, 1), tuple(range(64))),
-    ]
+    plans = MIXED_PLANS
     pruned = prune_model(model, plans, output_bias=output_bias)
     if output_bias:
         with torch.no_grad():
