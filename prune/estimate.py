@@ -14,8 +14,8 @@ P the weights of the largest decoder block, V the vocabulary, N x T the calibrat
   or the float32 matrix read from disk, the float64 one and its gather at the kept columns (the lstsq
   refit): 18 (F + 1)^2 covers both;
 - pruning: one pruned decoder block being built (P b); the whole pruned model besides the dense one
-  when a later stage needs the dense model (recovery, speed); a sequential reconstruction's hidden states of
-  both models (2 N T H b), one linear's float64 refit sums (16 (F + 1)^2) and one layer's activations;
+  when a later stage needs the dense model (recovery, speed); a sequential reconstruction's hidden states
+  (N T H b), one linear's input moments (4 F^2), their refit (18 (F + 1)^2) and one layer's activations;
 - evaluation: the models it needs, and float32 logits of a perplexity window (12 seqlen V) or of a
   zero-shot batch (12 batch 512 V; lm-eval's requests are assumed to be at most 512 tokens);
 - recovery: the teacher, the student, the student's gradients and AdamW's two moments (float32 for the
@@ -74,7 +74,7 @@ def planned_dtype(recipe: Recipe) -> torch.dtype:
     return torch.bfloat16 if on_cuda else torch.float32
 
 
-SEQUENTIAL_STATES = "both models' hidden states of calibration.samples x calibration.seqlen tokens"
+SEQUENTIAL_STATES = "the pruned model's hidden states of calibration.samples x calibration.seqlen tokens"
 SMALLER_DTYPE = "load the model in a smaller model.dtype or use a device with more memory"
 
 
@@ -128,9 +128,9 @@ def estimate_memory(
     if Statistic.SECOND_MOMENTS in needs:
         pruning_terms["one float64 second-moment matrix"] = solve
     if RECONSTRUCTIONS[recipe.pruning.reconstruct].sequential:
-        pruning_terms[SEQUENTIAL_STATES] = 2 * samples * seqlen * hidden * b
-        pruning_terms["one linear's refit sums and one layer's activations"] = (
-            16 * (widest + 1) ** 2 + seqlen * (4 * widest + 6 * hidden) * b
+        pruning_terms[SEQUENTIAL_STATES] = samples * seqlen * hidden * b
+        pruning_terms["one linear's input moments, its refit and one layer's activations"] = (
+            4 * widest * widest + solve + seqlen * (4 * widest + 6 * hidden) * b
         )
     if not in_place:
         pruning_terms["the pruned model beside the dense one"] = pruned_weights

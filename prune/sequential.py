@@ -1,22 +1,21 @@
 """Sequential reconstruction: each pruned layer refit on the inputs the model *as already pruned below it* gives.
 
-The one-shot ``lstsq`` refit (:mod:`prune.reconstruct`) fits every layer's ``o_proj`` / ``down_proj`` to the
-dense outputs on the dense model's inputs, so the errors of the layers below are never seen. Here the
-calibration samples go through the model layer by layer, in the dense model and in the model pruned so far
-side by side (SparseGPT / ZipLM order). For layer i, with ``x`` a linear's input in the dense model and
-``x̂`` its input in the pruned one (kept columns K, augmented with 1 for the bias), the refit
+The one-shot ``lstsq`` refit (:mod:`prune.reconstruct`) fits every layer's ``o_proj`` / ``down_proj`` on the
+dense model's inputs, which the pruned model never sees past its first pruned layer. Here the calibration
+samples go through the model pruned so far, layer by layer (SparseGPT / ZipLM order): for layer i, ``x̂`` is a
+linear's input when layer i of the dense model runs on the hidden states the pruned layers below produce, and
+the refit is the one-shot formula with the second moment of ``x̂`` (Ŝ = E[x̂̃ x̂̃ᵀ], x̂̃ = [x̂; 1]):
 
-    [W'_K, b'] = [W, b] · C · (Ĝ + λ·mean(diag Ĝ[K, K])·I)⁻¹      C = Σ x̃ x̂̃_Kᵀ,  Ĝ = Σ x̂̃_K x̂̃_Kᵀ
+    [W'_K, b'] = [W, b] · Ŝ[:, K̃] · (Ŝ[K̃, K̃] + λ·mean(diag Ŝ[K, K])·I)⁻¹      K̃ = K ∪ {bias}
 
-makes the pruned linear's output on the pruned input as close as least squares allows to the dense linear's
-output on the dense input: it also corrects what the layers below left wrong. ``o_proj`` is refit first;
-``down_proj`` then sees inputs that pass through the refit ``o_proj``. The pruned layer is run as the dense
+so the pruned linear matches the dense linear on the inputs the pruned model actually produces. ``o_proj`` is
+refit first; ``down_proj``'s inputs then pass through the refit ``o_proj``. The pruned layer is run as the dense
 layer whose ``o_proj`` / ``down_proj`` outputs are replaced by the refit ones, computed from the kept columns
 only (a removed head's or channel's values are never read), so no pruned module needs to exist yet.
 
-Per layer and sample: the dense layer three times (to ``o_proj``, to ``down_proj``, whole) and the pruned one
-three times; memory beyond the weights: both models' hidden states of every sample at one layer boundary
-(2 x N x T x H values) and one [F+1, |K|+1] pair of sums.
+Per layer and sample: the layer runs three times (to ``o_proj``, to ``down_proj``, whole); memory beyond the
+weights: the hidden states of every sample at one layer boundary (N x T x H values) and one linear's input
+moments (as the statistics pass holds them).
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from transformers import PreTrainedModel
 
 from prune.blocks import layer_linears
 from prune.pruner import LayerPlan, LayerRefit, head_rows
-from prune.reconstruct import damp
+from prune.reconstruct import LinearInputs, lstsq_refit
 from prune.statistics import call_layer, layer_arguments
 
 RefitLinear = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -86,38 +85,42 @@ def linear_input(
     return seen[0]
 
 
+def pruned_inputs(
+    layer: nn.Module,
+    linear: nn.Linear,
+    states: list[torch.Tensor],
+    arguments: list[dict[str, Any]],
+    refits: dict[nn.Linear, RefitLinear],
+) -> LinearInputs:
+    """Σ x̂ xᵀ̂ [F, F] (float32), Σ x̂ [F] (float64) and the token count of ``linear``'s input x̂ when ``layer`` runs
+    on every sample's hidden state ``states`` [1, T, H] with the linears already refit (``refits``) in place."""
+    features, device = linear.in_features, linear.weight.device
+    xxt = torch.zeros(features, features, device=device)
+    x_sum = torch.zeros(features, dtype=torch.float64, device=device)
+    tokens = 0
+    for state, kwargs in zip(states, arguments, strict=True):
+        x = linear_input(layer, linear, state, kwargs, refits).float()
+        xxt += x.T @ x
+        x_sum += x.double().sum(0)
+        tokens += len(x)
+    return LinearInputs(x_sum, xxt, tokens)
+
+
 def fit_linear(
     layer: nn.Module,
     linear: nn.Linear,
     columns: torch.Tensor,
-    dense_states: list[torch.Tensor],
-    pruned_states: list[torch.Tensor],
+    states: list[torch.Tensor],
     arguments: list[dict[str, Any]],
     refits: dict[nn.Linear, RefitLinear],
     damping: float,
 ) -> RefitLinear:
-    """The refit of ``linear`` (module docstring) over every sample: ``dense_states`` / ``pruned_states`` [1, T, H]
-    enter the layer in the dense / pruned model; ``refits`` are the layer's linears already refit."""
-    features, kept = linear.in_features, len(columns)
-    device = linear.weight.device
-    cross = torch.zeros(features + 1, kept + 1, dtype=torch.float64, device=device)  # Σ x̃ x̂̃_Kᵀ
-    gram = torch.zeros(kept + 1, kept + 1, dtype=torch.float64, device=device)  # Σ x̂̃_K x̂̃_Kᵀ
-    for dense, pruned, kwargs in zip(dense_states, pruned_states, arguments, strict=True):
-        x = linear_input(layer, linear, dense, kwargs, {}).float()
-        x_hat = linear_input(layer, linear, pruned, kwargs, refits).float().index_select(1, columns.to(device))
-        cross[:features, :kept] += x.T @ x_hat
-        cross[:features, kept] += x.double().sum(0)
-        cross[features, :kept] += x_hat.double().sum(0)
-        cross[features, kept] += len(x)
-        gram[:kept, :kept] += x_hat.T @ x_hat
-        gram[:kept, kept] += x_hat.double().sum(0)
-        gram[kept, :kept] = gram[:kept, kept]
-        gram[kept, kept] += len(x)
-    bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features, device=device)
-    full = torch.cat([linear.weight.detach().double(), bias.detach().double()[:, None]], 1)  # [out, F+1]
-    target = full @ cross  # [out, |K|+1]
-    solution = torch.linalg.solve(damp(gram, torch.arange(kept, device=device), damping), target.T).T
-    return columns, solution[:, :-1].to(linear.weight.dtype), solution[:, -1].to(linear.weight.dtype)
+    """The refit of ``linear`` (module docstring): :func:`prune.reconstruct.lstsq_refit` on the pruned model's
+    inputs to it."""
+    inputs = pruned_inputs(layer, linear, states, arguments, refits)
+    bias = None if linear.bias is None else linear.bias.detach()
+    weight, new_bias = lstsq_refit(linear.weight.detach(), bias, columns, inputs, damping)
+    return columns, weight.to(linear.weight.dtype), new_bias.to(linear.weight.dtype)
 
 
 def sequential_refit(
@@ -126,15 +129,14 @@ def sequential_refit(
     """The layer refit for :func:`prune.pruner.prune_model` that reconstructs sequentially (module docstring).
 
     ``samples``: calibration token ids, each [T]. The returned function must be called for the layers in order,
-    every layer kept (it carries both models' hidden states from one layer to the next); each call returns the
+    every layer kept (it carries the pruned model's hidden states from one layer to the next); each call returns the
     layer's refit ``o_proj`` / ``down_proj`` weights and biases (state-dict entries relative to the layer).
     """
-    dense_states, arguments = [], []
+    states, arguments = [], []
     for ids in samples:
         state, kwargs = layer_arguments(model, ids)
-        dense_states.append(state)
+        states.append(state)
         arguments.append(kwargs)
-    pruned_states = list(dense_states)
     expected = [0]
     bar = tqdm(total=len(arguments[0]), desc="sequential reconstruction", unit="layer", disable=not progress)
 
@@ -148,15 +150,12 @@ def sequential_refit(
         refits: dict[nn.Linear, RefitLinear] = {}
         with torch.no_grad():
             o_columns = head_rows(plan.kept_query_heads, head_dim)
-            refits[o_proj] = fit_linear(layer, o_proj, o_columns, dense_states, pruned_states, kwargs, {}, damping)
+            refits[o_proj] = fit_linear(layer, o_proj, o_columns, states, kwargs, {}, damping)
             ffn_columns = torch.tensor(plan.kept_ffn_channels)
-            refits[down_proj] = fit_linear(
-                layer, down_proj, ffn_columns, dense_states, pruned_states, kwargs, dict(refits), damping
-            )
-            for s, state in enumerate(kwargs):
-                dense_states[s] = call_layer(layer, dense_states[s], state)
-                with replaced_outputs(refits):
-                    pruned_states[s] = call_layer(layer, pruned_states[s], state)
+            refits[down_proj] = fit_linear(layer, down_proj, ffn_columns, states, kwargs, dict(refits), damping)
+            with replaced_outputs(refits):
+                for s, state in enumerate(kwargs):
+                    states[s] = call_layer(layer, states[s], state)
         bar.update()
         if expected[0] == len(arguments[0]):
             bar.close()

@@ -79,8 +79,8 @@ def test_the_plan_follows_the_shape_and_the_recipe():
         recipe_from_mapping(recipe_to_dict(recipe), ("pruning.reconstruct=lstsq-sequential",)),
         needs=frozenset({Statistic.GRADIENT_PRODUCTS}),
     )["pruning"]
-    states = 2 * 128 * 256 * 4096 * 2  # both models' hidden states: 128 samples x 256 tokens x 4096 x 2 bytes
-    refit = 16 * 11009**2 + 256 * (4 * 11008 + 6 * 4096) * 2  # float64 sums of down_proj's refit, activations
+    states = 128 * 256 * 4096 * 2  # the hidden states: 128 samples x 256 tokens x 4096 x 2 bytes
+    refit = 4 * 11008**2 + 18 * 11009**2 + 256 * (4 * 11008 + 6 * 4096) * 2  # down_proj's moments, refit; activations
     assert sequential.peak_bytes - no_second["pruning"].peak_bytes == states + refit
     # the statistics pass of the 7B recipe scales with one layer: within 1.3x its weights
     assert plan["activation statistics"].peak_bytes < 1.3 * plan["load model"].peak_bytes
