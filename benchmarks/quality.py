@@ -63,6 +63,7 @@ CONFIGURATIONS = {
         "pruning.reconstruct": "lstsq",
     },
     "default recipe": {},
+    "default, one-shot lstsq": {"pruning.reconstruct": "lstsq"},
     "default, sequential lstsq": {"pruning.reconstruct": "lstsq-sequential"},
 }
 
