@@ -125,9 +125,10 @@ def estimate_memory(
     if Statistic.SECOND_MOMENTS in needs:
         stages.append(StageMemory("scoring", weights + solve, "one float64 second-moment matrix", SMALLER_DTYPE))
     pruning_terms = {"one pruned decoder block": block * b}
-    if Statistic.SECOND_MOMENTS in needs:
+    reconstruction = RECONSTRUCTIONS[recipe.pruning.reconstruct]
+    if Statistic.SECOND_MOMENTS in needs & reconstruction.needs:  # the refit reads them
         pruning_terms["one float64 second-moment matrix"] = solve
-    if RECONSTRUCTIONS[recipe.pruning.reconstruct].sequential:
+    if reconstruction.sequential:
         pruning_terms[SEQUENTIAL_STATES] = samples * seqlen * hidden * b
         pruning_terms["one linear's input moments, its refit and one layer's activations"] = (
             4 * widest * widest + solve + seqlen * (4 * widest + 6 * hidden) * b

@@ -82,6 +82,8 @@ def test_the_plan_follows_the_shape_and_the_recipe():
     states = 128 * 256 * 4096 * 2  # the hidden states: 128 samples x 256 tokens x 4096 x 2 bytes
     refit = 4 * 11008**2 + 18 * 11009**2 + 256 * (4 * 11008 + 6 * 4096) * 2  # down_proj's moments, refit; activations
     assert sequential.peak_bytes - no_second["pruning"].peak_bytes == states + refit
+    scored = _plan(recipe_from_mapping(recipe_to_dict(recipe), ("pruning.reconstruct=lstsq-sequential",)))
+    assert scored["pruning"].peak_bytes == sequential.peak_bytes  # its refit reads no stored second moments
     # the statistics pass of the 7B recipe scales with one layer: within 1.3x its weights
     assert plan["activation statistics"].peak_bytes < 1.3 * plan["load model"].peak_bytes
     lora = _plan(recipe_from_mapping(recipe_to_dict(recipe), ("recovery.method=lora",)), in_place=False)
