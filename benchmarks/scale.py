@@ -8,8 +8,8 @@ peak memory of every stage against the weight bytes.
 Each shape is built with random weights (``eval.speed``'s shape-only builder) in ``--dtype`` on the CPU (or
 ``--device``) and run through the default recipe's stages in this process: activation statistics (gradient
 products, input sums and second moments; second moments in per-layer files, layer boundaries in scratch
-files), scoring (activation-obs), allocation (activation-density, 30%), pruning with the lstsq
-reconstruction (in place: no evaluation follows), and the Hugging Face checkpoint. Per stage: wall seconds,
+files), scoring (activation-obs), allocation (activation-density, 30%), pruning with the recipe's reconstruction
+(lstsq-sequential) (in place: no evaluation follows), and the Hugging Face checkpoint. Per stage: wall seconds,
 and the memory it added at its peak (CPU: resident set high-water mark after freed heap memory is returned
 to the OS, less the resident set before the stage; CUDA: allocator peak less allocated before), printed as
 (weight bytes + added) / weight bytes, beside the memory plan's estimate of the same ratio (``prune/estimate.py``).
@@ -38,7 +38,7 @@ from prune.models import resolve_device
 from prune.prepare import added_bias_parameters, statistics_needs
 from prune.pruner import prune_model
 from prune.recipe import load_recipe
-from prune.reconstruct import reconstructed_layer
+from prune.run import recipe_refit
 from prune.scoring import score_units
 from prune.statistics import collect_statistics
 
@@ -95,12 +95,9 @@ def rehearse(shape_name: str, samples: int, seqlen: int, dtype: torch.dtype, dev
     with measured(rows, "allocation", device, weight_bytes):
         budget = round(recipe.pruning.target * total) + added_bias_parameters(recipe, shape)
         allocation = allocate(shape, scores, budget, recipe.allocation, recipe.pruning, statistics)
-
-    def refit(index, layer, plan):
-        return reconstructed_layer(index, layer, plan, shape.head_dim, statistics, "lstsq", recipe.pruning.damping)
-
     with measured(rows, "pruning", device, weight_bytes):
-        pruned = prune_model(model, allocation.plans, output_bias=True, refit=refit, in_place=True)
+        refit = recipe_refit(recipe, model, shape, statistics, ids)
+        pruned = prune_model(model, allocation.plans, output_bias=refit is not None, refit=refit, in_place=True)
     del model
     with measured(rows, "checkpoint (hf)", device, weight_bytes):
         save_checkpoint(pruned, NoTokenizer(), work / "model")

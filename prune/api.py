@@ -45,7 +45,9 @@ def run_recipe(
     """
     prepared = prepare(resolve_recipe(recipe, overrides), overwrite)
     check_memory_plan(prepared)
-    return execute(prepared)
+    report = execute(prepared)
+    assert report is not None  # one process, the main one
+    return report
 
 
 @dataclass

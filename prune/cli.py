@@ -11,11 +11,15 @@ half-written stays behind.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from types import FrameType
 from typing import NoReturn
+
+from prune.processes import launched_index
 
 EXIT_DONE, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
@@ -53,25 +57,41 @@ def _terminated(signum: int, frame: FrameType | None) -> None:
 
 def run_command(body: Callable[[], str], user_errors: tuple[type[Exception], ...]) -> int:
     """Run a command's ``body`` (which returns its closing message) and map its end to an exit code and one
-    line on stderr: ``user_errors`` exit 2, an OSError exits 1, SIGINT 130, SIGTERM 143."""
+    line on stderr: ``user_errors`` exit 2, an OSError exits 1, SIGINT 130, SIGTERM 143.
+
+    In a process other than the first of those a launcher started (``prune/processes.py``) the body's output
+    (progress bars, stage names) is discarded, and so are the lines every process would print alike (bad input,
+    interruptions, the closing message): the first process prints them once. A failure of its own (an OSError)
+    is printed with the process's index, and an unexpected exception's traceback is not hidden."""
     previous = signal.signal(signal.SIGTERM, _terminated)
+    index = launched_index()
     try:
-        message = body()
+        with _discarded_output() if index else nullcontext():
+            message = body()
     except user_errors as error:
-        return _fail(EXIT_BAD_INPUT, f"error: {error}")
+        return _fail(EXIT_BAD_INPUT, f"error: {error}", index == 0)
     except OSError as error:
         where = f" ({error.filename})" if error.filename else ""
-        return _fail(EXIT_FAILED, f"error: {error.strerror or error}{where}; nothing was written")
+        process = f" in process {index}" if index else ""
+        return _fail(EXIT_FAILED, f"error{process}: {error.strerror or error}{where}; nothing was written", True)
     except KeyboardInterrupt:
-        return _fail(EXIT_INTERRUPTED, "interrupted: nothing was written")
+        return _fail(EXIT_INTERRUPTED, "interrupted: nothing was written", index == 0)
     except Terminated:
-        return _fail(EXIT_TERMINATED, "terminated: nothing was written")
+        return _fail(EXIT_TERMINATED, "terminated: nothing was written", index == 0)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    print(message, file=sys.stderr)
+    if index == 0:
+        print(message, file=sys.stderr)
     return EXIT_DONE
 
 
-def _fail(code: int, line: str) -> int:
-    print(line, file=sys.stderr)
+@contextmanager
+def _discarded_output() -> Iterator[None]:
+    with open(os.devnull, "w") as devnull, redirect_stdout(devnull), redirect_stderr(devnull):
+        yield
+
+
+def _fail(code: int, line: str, printed: bool) -> int:
+    if printed:
+        print(line, file=sys.stderr)
     return code

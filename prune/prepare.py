@@ -45,6 +45,27 @@ def needs_dense_after_pruning(recipe: Recipe) -> bool:
     return recipe.recovery.method != "none" or recipe.evaluation.speed.enabled
 
 
+def check_processes(recipe: Recipe, count: int) -> None:
+    """RecipeError when ``count`` processes started by a launcher (``prune/processes.py``) cannot share the
+    recipe's work."""
+    if count == 1:
+        return
+    if recipe.model.device_map is not None:
+        raise RecipeError(
+            f"model.device_map: spreads one model over devices, but {count} processes each hold the whole model; "
+            "use one or the other"
+        )
+    if recipe.calibration.samples < count:
+        raise RecipeError(
+            f"calibration.samples: {recipe.calibration.samples} samples cannot be shared by {count} processes"
+        )
+    if recipe.recovery.method != "none" and recipe.recovery.batch_size % count:
+        raise RecipeError(
+            f"recovery.batch_size: {recipe.recovery.batch_size} is not a multiple of the {count} processes "
+            "that share each batch"
+        )
+
+
 @dataclass
 class Prepared:
     """A validated recipe with everything resolved that can be resolved without loading weights."""

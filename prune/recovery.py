@@ -252,10 +252,18 @@ def recover(
     ``state_dir`` holds the resumable state; it is left in place (the caller removes it when done).
     The returned model is ``student`` itself for ``distill`` and the merged base model for ``lora``,
     in the dtype ``student`` came in.
+
+    Under a launcher with several processes (``prune/processes.py``) training is data-parallel: each process
+    takes every N-th window of each batch (the batch size must be a multiple of N) and the gradients are
+    averaged across them; only the main process evaluates, logs the held-out perplexity and saves the state.
     """
     dtype = next(student.parameters()).dtype
     device = next(student.parameters()).device
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
+    accelerator = Accelerator(  # the scheduler steps once per batch, however many processes share the batch
+        cpu=device.type == "cpu",
+        mixed_precision="bf16" if device.type == "cuda" else "no",
+        step_scheduler_with_optimizer=False,
+    )
     unshare_parameters(student, teacher)
     student = student.float()  # float32 master weights; CUDA computes under bfloat16 autocast
     torch.manual_seed(settings.seed)  # LoRA's initial adapters are drawn from it
@@ -272,7 +280,8 @@ def recover(
     )
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     start_step, log_lines = load_state(state_dir, accelerator.unwrap_model(student), optimizer, scheduler)
-    if start_step:
+    main, share = accelerator.is_main_process, slice(accelerator.process_index, None, accelerator.num_processes)
+    if start_step and main:
         print(f"recovery: resuming from step {start_step} of {steps} ({state_dir})", flush=True)
 
     def log(entry: dict) -> None:
@@ -284,7 +293,7 @@ def recover(
         nonlocal evaluating_seconds
         evaluation_started = time.perf_counter()
         student.eval()
-        value = heldout_perplexity(student)
+        value = heldout_perplexity(accelerator.unwrap_model(student))
         student.train()
         log(
             {
@@ -296,14 +305,14 @@ def recover(
         evaluating_seconds += time.perf_counter() - evaluation_started
 
     started = time.perf_counter()
-    if start_step == 0:
+    if start_step == 0 and main:
         heldout(0)
     student.train()
     bar = tqdm(total=steps, initial=start_step, desc=f"recovery ({settings.method})", unit="step", disable=not progress)
     with bar:  # closed before an error or a signal is reported
         for step in range(start_step, steps):
-            ids = windows[batch_indices(step, settings.batch_size, len(windows), settings.seed)].to(accelerator.device)
-            loss, parts = training_loss(student, teacher, ids, settings)
+            batch = windows[batch_indices(step, settings.batch_size, len(windows), settings.seed)]
+            loss, parts = training_loss(student, teacher, batch[share].to(accelerator.device), settings)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
             learning_rate = scheduler.get_last_lr()[0]
@@ -311,23 +320,26 @@ def recover(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
+            logged = accelerator.reduce(
+                torch.tensor([float(loss.detach()), *parts.values()], device=accelerator.device), "mean"
+            ).tolist()
             elapsed = time.perf_counter() - started - evaluating_seconds
             tokens_per_second = (done - start_step) * settings.batch_size * settings.seqlen / elapsed
             log(
                 {
                     "step": done,
                     "tokens": done * settings.batch_size * settings.seqlen,
-                    "loss": float(loss.detach()),
-                    **parts,
+                    "loss": logged[0],
+                    **dict(zip(parts, logged[1:], strict=True)),
                     "learning_rate": learning_rate,
                     "tokens_per_second": tokens_per_second,
                 }
             )
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", tok_s=f"{tokens_per_second:,.0f}")
+            bar.set_postfix(loss=f"{logged[0]:.4f}", tok_s=f"{tokens_per_second:,.0f}")
             bar.update()
-            if done % settings.eval_every == 0 or done == steps:
+            if main and (done % settings.eval_every == 0 or done == steps):
                 heldout(done)
-            if done % settings.save_every == 0 or done == steps:
+            if main and (done % settings.save_every == 0 or done == steps):
                 save_state(state_dir, accelerator.unwrap_model(student), optimizer, scheduler, done, log_lines)
     seconds = time.perf_counter() - started
     training_seconds = seconds - evaluating_seconds

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -46,7 +46,7 @@ from prune.cli import ArgumentParser, run_command
 from prune.evaluation import EVALUATIONS, DenseInputs, EvaluationInputs, dense_first
 from prune.export import EXPORTERS, ExportInputs
 from prune.memory import current_bytes, make_resident, peak_bytes, reset_peak
-from prune.models import ModelSourceError, base_model_facts, check_finite, load_model
+from prune.models import ModelSourceError, base_model_facts, check_finite, load_model, resolve_device
 from prune.paths import DamagedCacheError, atomic_write_text, recomputing, staged_directory
 from prune.placement import input_device
 from prune.prepare import (
@@ -54,12 +54,14 @@ from prune.prepare import (
     Prepared,
     added_bias_parameters,
     check_memory_plan,
+    check_processes,
     dry_run_text,
     needs_dense_after_pruning,
     prepare,
     protected_layers,
 )
-from prune.pruner import LayerPlan, prune_model
+from prune.processes import ALONE, Processes, launched_count, launched_processes
+from prune.pruner import LayerPlan, LayerRefit, prune_model
 from prune.recipe import Recipe, load_recipe, recipe_to_dict
 from prune.reconstruct import RECONSTRUCTIONS, reconstructed_layer
 from prune.recovery import recover, training_windows
@@ -91,11 +93,12 @@ def recipe_calibration(prepared: Prepared, tokenizer: PreTrainedTokenizerBase) -
 
 
 def obtain_statistics(
-    prepared: Prepared, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    prepared: Prepared, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, processes: Processes = ALONE
 ) -> tuple[ActivationStatistics, StatisticsReport]:
     """The statistics the recipe needs: from the cache, else computed (only what the cache lacks) and cached.
 
     Returns them and their provenance; the peak memory is that of the pass run here (none when reused).
+    With several ``processes`` each computes its share and the main one writes the cache.
     """
     recipe = prepared.recipe
     key = cache_key(
@@ -111,8 +114,9 @@ def obtain_statistics(
         try:
             cached = ActivationStatistics.load(path)
         except DamagedCacheError as error:
-            recomputing(path, error)
-            shutil.rmtree(path, ignore_errors=True)
+            if processes.main:
+                recomputing(path, error)
+                shutil.rmtree(path, ignore_errors=True)
     missing = prepared.needs - (cached.provides if cached else frozenset())
     info = StatisticsReport(
         source=recipe.calibration.source,
@@ -137,7 +141,13 @@ def obtain_statistics(
     scratch_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=scratch_root) as scratch:
         statistics = collect_statistics(
-            model, samples, recipe.scoring.objective, missing, store=path, scratch=Path(scratch)
+            model,
+            samples,
+            recipe.scoring.objective,
+            missing,
+            store=path,
+            scratch=Path(scratch),
+            processes=processes,
         )
     peak = peak_bytes(device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -147,7 +157,9 @@ def obtain_statistics(
     info.peak_over_weights = (weights + peak - before) / weights
     if cached is not None:
         statistics = cached.merged(statistics)
-    statistics.save(path)
+    if processes.main:
+        statistics.save(path)
+    processes.wait()  # the second moments are read from the cache directory
     info.collected = sorted(need.value for need in statistics.provides)
     return statistics, info
 
@@ -198,6 +210,34 @@ def layer_table(shape: BlockShape, allocation: Allocation) -> list[LayerReport]:
     return rows
 
 
+def recipe_refit(
+    recipe: Recipe,
+    model: PreTrainedModel,
+    shape: BlockShape,
+    statistics: ActivationStatistics | None,
+    samples: torch.Tensor | None,
+) -> LayerRefit | None:
+    """The layer refit for :func:`prune.pruner.prune_model` that ``pruning.reconstruct`` names (None: no refit).
+
+    A sequential reconstruction runs ``samples`` (calibration token ids [N, T]) through the model as it is pruned;
+    the others read ``statistics``.
+    """
+    method = recipe.pruning.reconstruct
+    reconstruction = RECONSTRUCTIONS[method]
+    if reconstruction.sequential:
+        if samples is None:
+            raise ValueError(f"pruning.reconstruct {method} needs the calibration samples")
+        return sequential_refit(model, list(samples), shape.head_dim, recipe.pruning.damping)
+    if reconstruction.refit is None:
+        return None
+    assert statistics is not None  # the reconstruction's needs were collected
+
+    def refit(index: int, layer: nn.Module, plan: LayerPlan) -> dict[str, torch.Tensor]:
+        return reconstructed_layer(index, layer, plan, shape.head_dim, statistics, method, recipe.pruning.damping)
+
+    return refit
+
+
 def prune_as_recipe_says(
     recipe: Recipe,
     model: PreTrainedModel,
@@ -226,18 +266,7 @@ def prune_as_recipe_says(
             shape, scores, budget, recipe.allocation, recipe.pruning, statistics, protected_layers(recipe, shape)
         )
     method = recipe.pruning.reconstruct
-    reconstruction = RECONSTRUCTIONS[method]
-    refit = None
-    if reconstruction.sequential:
-        if samples is None:
-            raise ValueError(f"pruning.reconstruct {method} needs the calibration samples")
-        refit = sequential_refit(model, list(samples), shape.head_dim, recipe.pruning.damping)
-    elif reconstruction.refit is not None:
-        assert statistics is not None  # the reconstruction's needs were collected
-
-        def refit(index: int, layer: nn.Module, plan: LayerPlan) -> dict[str, torch.Tensor]:
-            return reconstructed_layer(index, layer, plan, shape.head_dim, statistics, method, recipe.pruning.damping)
-
+    refit = recipe_refit(recipe, model, shape, statistics, samples)
     with timed(stage_seconds, "pruning" if refit is None else f"pruning + reconstruction ({method})"):
         pruned = prune_model(model, allocation.plans, output_bias=refit is not None, refit=refit, in_place=in_place)
     return pruned, allocation
@@ -269,10 +298,11 @@ def recover_as_recipe_says(
     pruned: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     evaluation_text: torch.Tensor,
-    run_directory: Path,
+    run_directory: Path | None,
     notes: list[str],
 ) -> tuple[PreTrainedModel, RecoveryReport]:
-    """The recovery stage: trains ``pruned`` toward ``dense``; writes ``recovery_log.jsonl`` into ``run_directory``.
+    """The recovery stage: trains ``pruned`` toward ``dense``; writes ``recovery_log.jsonl`` into ``run_directory``
+    (None: a process other than the main one, which writes nothing).
 
     Returns the recovered model and the report's ``recovery`` section. The held-out slice of the curve is
     the last ``heldout_windows`` windows of the perplexity text ``evaluation_text`` [n_tokens].
@@ -294,7 +324,8 @@ def recover_as_recipe_says(
         settings,
         state_dir,
     )
-    atomic_write_text(run_directory / "recovery_log.jsonl", "".join(json.dumps(e) + "\n" for e in outcome.log))
+    if run_directory is not None:
+        atomic_write_text(run_directory / "recovery_log.jsonl", "".join(json.dumps(e) + "\n" for e in outcome.log))
     terms = []
     if settings.kl_weight:
         terms.append(f"{settings.kl_weight} x T^2 KL(dense || pruned) at T = {settings.temperature}")
@@ -360,17 +391,21 @@ def method_report(prepared: Prepared, statistics: ActivationStatistics | None) -
     )
 
 
-def execute(prepared: Prepared) -> Report:
-    """Run every stage; returns the report (written, with the model, into the output directory)."""
+def execute(prepared: Prepared, processes: Processes = ALONE) -> Report | None:
+    """Run every stage; returns the report (written, with the model, into the output directory).
+
+    A process other than the main one (``prune/processes.py``) does its share of the statistics pass and of
+    recovery, writes nothing and returns None.
+    """
     recipe, shape = prepared.recipe, prepared.shape
     stage_seconds: dict[str, float] = {}
     notes: list[str] = []
-    with staged_directory(prepared.output) as partial:
+    with staged_directory(prepared.output) if processes.main else nullcontext() as partial:
         with timed(stage_seconds, "load model"):
             model, tokenizer = load_model(
                 prepared.model_source,
                 recipe.model.dtype,
-                recipe.model.device,
+                processes.device(str(resolve_device(recipe.model.device))),
                 prepared.cache,
                 recipe.model.device_map,
                 recipe.model.max_memory,
@@ -381,14 +416,17 @@ def execute(prepared: Prepared) -> Report:
         statistics, statistics_info = None, None
         if prepared.needs:
             with timed(stage_seconds, "activation statistics"):
-                statistics, statistics_info = obtain_statistics(prepared, model, tokenizer)
+                statistics, statistics_info = obtain_statistics(prepared, model, tokenizer, processes)
                 check_statistics(statistics)
-                statistics.save_tensors(partial / "activation_stats.safetensors")
+                if partial is not None:
+                    statistics.save_tensors(partial / "activation_stats.safetensors")
             if recipe.calibration.source == "wikitext2" and recipe.evaluation.perplexity.dataset == "wikitext2":
                 notes.append(
                     "Calibration text and perplexity text are both WikiText-2 (test split): "
                     "the perplexity is optimistic."
                 )
+        if not processes.main and recipe.recovery.method == "none":
+            return None
         in_place = not needs_dense_after_pruning(recipe)
         dense_parts = {}
         if in_place:  # nothing after pruning needs the whole dense model: its parts of the evaluation first
@@ -402,10 +440,13 @@ def execute(prepared: Prepared) -> Report:
         recovery, before_recovery = None, None
         if recipe.recovery.method != "none":
             ppl = recipe.evaluation.perplexity
-            with timed(stage_seconds, "perplexity before recovery"):
-                before_recovery = perplexity(pruned, text, ppl.seqlen, ppl.windows, "pruned")["perplexity"]
+            if processes.main:
+                with timed(stage_seconds, "perplexity before recovery"):
+                    before_recovery = perplexity(pruned, text, ppl.seqlen, ppl.windows, "pruned")["perplexity"]
             with timed(stage_seconds, f"recovery ({recipe.recovery.method})"):
                 pruned, recovery = recover_as_recipe_says(prepared, model, pruned, tokenizer, text, partial, notes)
+        if partial is None:
+            return None
         exports: list[ExportReport] = []
         for name in recipe.export.formats:
             with timed(stage_seconds, f"export ({name})"):
@@ -480,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
             return "dry run: nothing was written"
         if not args.ignore_memory_estimate:
             check_memory_plan(prepared)
-        execute(prepared)
+        check_processes(prepared.recipe, launched_count())
+        execute(prepared, launched_processes(cpu=resolve_device(prepared.recipe.model.device).type == "cpu"))
         return f"done: {prepared.output}/report.md"
 
     return run_command(run, USER_ERRORS)

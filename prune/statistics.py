@@ -53,6 +53,7 @@ from transformers import PreTrainedModel
 from prune.blocks import LINEAR_NAMES, decoder_layers, layer_linears, split_fused_projections
 from prune.paths import DamagedCacheError, atomic_path, file_sha256, sha256_bytes
 from prune.placement import input_device, module_device, resident
+from prune.processes import ALONE, Processes
 
 STATS_VERSION = 4
 HIST_MIN = -20.0
@@ -550,6 +551,7 @@ def collect_statistics(
     progress: bool = True,
     store: Path | None = None,
     scratch: Path | None = None,
+    processes: Processes = ALONE,
 ) -> ActivationStatistics:
     """The statistics ``needs`` asks for over ``samples`` [N, T], layer by layer: a forward pass through the decoder
     that collects the input statistics of each layer as all samples pass it, then (for gradient products and
@@ -561,6 +563,10 @@ def collect_statistics(
     ``store``: the statistics directory the second moments are written to, one file per layer (None: they
     stay in memory). Second moments come with the input sums they are centred by. The model's
     ``requires_grad`` flags are restored afterwards; its weights are not modified.
+
+    ``processes``: each of them passes its share of the samples and the sums are added across them before
+    anything is reduced; every process returns the statistics of all samples, and only the main one writes to
+    ``store`` (the others may read it once it has: after :meth:`Processes.wait`).
     """
     split_fused_projections(model)  # Phi-3's qkv_proj and gate_up_proj as their linears: the same outputs
     if Statistic.SECOND_MOMENTS in needs:
@@ -568,7 +574,10 @@ def collect_statistics(
     sums, covariances = Statistic.INPUT_SUMS in needs, Statistic.SECOND_MOMENTS in needs
     cosines = Statistic.LAYER_COSINES in needs
     products, summed = Statistic.GRADIENT_PRODUCTS in needs, Statistic.SUMMED_GRADIENTS in needs
-    samples_list = list(samples)
+    every_sample = list(samples)
+    samples_list = processes.share(every_sample)
+    if not samples_list:
+        raise ValueError(f"{len(every_sample)} calibration samples cannot be shared by {processes.count} processes")
     tensors: dict[str, torch.Tensor] = {}
     accumulated: dict[str, torch.Tensor] = {}
 
@@ -610,12 +619,13 @@ def collect_statistics(
         return handles
 
     def inputs_done(i: int) -> None:
-        layer_tensors = {k: v.float().cpu() for k, v in accumulated.items()}
+        layer_tensors = {k: processes.sum(accumulated[k]).float().cpu() for k in sorted(accumulated)}
         accumulated.clear()
         if store is not None and covariances:
             moments = {k: layer_tensors.pop(k) for k in list(layer_tensors) if k.endswith(".xxt")}
-            with atomic_path(store / SECOND_MOMENTS_FILE.format(layer=i)) as temporary:
-                save_file(moments, str(temporary))
+            if processes.main:
+                with atomic_path(store / SECOND_MOMENTS_FILE.format(layer=i)) as temporary:
+                    save_file(moments, str(temporary))
         tensors.update(layer_tensors)
 
     per_weight: dict[str, dict[str, torch.Tensor]] = {"products": {}, "signed": {}}
@@ -631,10 +641,13 @@ def collect_statistics(
             sums_[name] = sums_[name].add_(absolute) if name in sums_ else absolute
 
     def gradients_done(i: int) -> None:
+        for sums_ in per_weight.values():
+            for name in sorted(sums_):
+                processes.sum(sums_[name])
         if products:
-            tensors.update(layer_reductions(per_weight["products"], len(samples_list), i))
+            tensors.update(layer_reductions(per_weight["products"], len(every_sample), i))
         if summed:
-            tensors.update(layer_reductions(per_weight["signed"], len(samples_list), i, prefix="taylor_"))
+            tensors.update(layer_reductions(per_weight["signed"], len(every_sample), i, prefix="taylor_"))
 
     inputs = Boundaries(scratch) if products or summed else None
     with frozen(model):
@@ -655,8 +668,8 @@ def collect_statistics(
     provided = needs & (BACKWARD | FORWARD)
     return ActivationStatistics(
         tensors,
-        samples=len(samples_list),
-        tokens=sum(len(ids) for ids in samples_list),
+        samples=len(every_sample),
+        tokens=sum(len(ids) for ids in every_sample),
         objective=objective,
         provides=frozenset(provided),
         directory=store if covariances else None,

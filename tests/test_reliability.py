@@ -100,7 +100,7 @@ def test_generated_bad_recipes_get_one_line_and_leave_nothing(tmp_path_factory, 
             _set(data, key, value)
         path.write_text(yaml.safe_dump(data))
     ran = []
-    monkeypatch.setattr(run_module, "execute", lambda prepared: ran.append(prepared))
+    monkeypatch.setattr(run_module, "execute", lambda prepared, processes: ran.append(prepared))
     with _captured_stderr() as stderr:
         code = run_module.main([str(path), "--set", f"output={root / 'out'}"])
     _check_one_error_line(code, stderr.getvalue(), root / "out")

@@ -1,0 +1,106 @@
+"""Two CPU processes under ``accelerate launch`` (gloo) against one process: the same widths and, to the order of
+summation, the same statistics and checkpoint; only the first process writes and prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from prune.processes import ALONE, Processes
+from tests.conftest import tiny_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _recipe(tmp_path: Path, tiny_files: dict[str, Path], **recovery) -> Path:
+    data = tiny_recipe(tiny_files, tmp_path / "unused", tmp_path / "unused-cache")
+    data["calibration"]["samples"] = 5  # shared unevenly: 3 and 2
+    data["pruning"]["reconstruct"] = "lstsq-sequential"
+    data["evaluation"]["speed"]["enabled"] = False
+    data["recovery"] = {
+        "method": "distill",
+        "source": str(tiny_files["calibration"]),
+        "seqlen": 32,
+        "batch_size": 4,
+        "tokens": 4 * 32 * 6,  # 6 steps
+        "warmup_steps": 2,
+        "learning_rate": 0.001,
+        "eval_every": 3,
+        **recovery,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(recipe: Path, output: Path, processes: int) -> subprocess.CompletedProcess:
+    command = ["-m", "prune.run", str(recipe), "--set", f"output={output}", "--set", f"cache_dir={output}-cache"]
+    if processes > 1:
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
+        launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        command = [*launch, "--main_process_port", str(_free_port()), *command]
+    else:
+        command = [sys.executable, *command]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment, timeout=600)
+
+
+def test_two_processes_give_the_single_process_run(tmp_path, tiny_files):
+    recipe = _recipe(tmp_path, tiny_files)
+    one, two = _run(recipe, tmp_path / "one", 1), _run(recipe, tmp_path / "two", 2)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    # only the first process announces stages and the end
+    assert two.stderr.count("[load model]") == 1 and two.stderr.count("done: ") == 1, two.stderr[-3000:]
+
+    reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two")]
+    assert [row["pruned"] for row in reports[0]["layers"]] == [row["pruned"] for row in reports[1]["layers"]]
+    assert reports[0]["parameters"]["pruned"] == reports[1]["parameters"]["pruned"]
+    assert reports[0]["recovery"]["steps"] == reports[1]["recovery"]["steps"] == 6
+
+    statistics = [load_file(tmp_path / name / "activation_stats.safetensors") for name in ("one", "two")]
+    assert statistics[0].keys() == statistics[1].keys()
+    for key, value in statistics[0].items():
+        torch.testing.assert_close(statistics[1][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+    weights = [load_file(tmp_path / name / "model" / "model.safetensors") for name in ("one", "two")]
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():  # six AdamW steps on gradients averaged across the processes
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-3, atol=1e-4, msg=key)
+
+    logs = [(tmp_path / name / "recovery_log.jsonl").read_text().splitlines() for name in ("one", "two")]
+    losses = [[json.loads(line)["loss"] for line in log if "loss" in json.loads(line)] for log in logs]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)  # the logged loss is the mean over the processes
+    assert not (tmp_path / "two.partial").exists()
+
+
+def test_bad_input_under_two_processes_is_one_line(tmp_path, tiny_files):
+    recipe = _recipe(tmp_path, tiny_files, batch_size=3)
+    result = _run(recipe, tmp_path / "out", 2)
+    assert result.returncode != 0
+    message = "error: recovery.batch_size: 3 is not a multiple of the 2 processes that share each batch"
+    assert result.stderr.count(message) == 1, result.stderr[-3000:]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_shares_cover_every_item_once():
+    items = list(range(7))
+    shares = [Processes(index, 3).share(items) for index in range(3)]
+    assert shares == [[0, 3, 6], [1, 4], [2, 5]]
+    assert ALONE.share(items) == items and ALONE.main and not Processes(1, 3).main
+    assert ALONE.sum(torch.ones(2)).tolist() == [1.0, 1.0]
