@@ -65,6 +65,7 @@ CONFIGURATIONS = {
     "default recipe": {},
     "default, one-shot lstsq": {"pruning.reconstruct": "lstsq"},
     "default, sequential lstsq": {"pruning.reconstruct": "lstsq-sequential"},
+    "default, searched allocation": {"allocation.strategy": "searched"},
 }
 
 
@@ -115,7 +116,7 @@ def main() -> None:
             stage_seconds: dict[str, float] = {}
             samples = recipe_calibration(prepared, tokenizer)
             start = time.perf_counter()
-            pruned, _ = prune_as_recipe_says(
+            pruned, allocation = prune_as_recipe_says(
                 recipe, model, prepared.params_to_remove, statistics, stage_seconds, samples=samples
             )
             seconds = time.perf_counter() - start
@@ -145,6 +146,17 @@ def main() -> None:
                 "zeroshot_mean": zeroshot_mean(pruned) if args.zeroshot else None,
                 "dense_zeroshot_mean": dense_zeroshot,
                 "zeroshot_limit": zs.limit if args.zeroshot else None,
+                "search": None
+                if allocation.search is None
+                else {
+                    "generations": recipe.allocation.search_generations,
+                    "offspring": recipe.allocation.search_offspring,
+                    "samples": recipe.allocation.search_samples,
+                    "evaluations": allocation.search.evaluations,
+                    "seconds": allocation.search.seconds,
+                    "start_kl": allocation.search.start_kl,
+                    "best_kl": allocation.search.best_kl,
+                },
             }
             rows.append(row)
             with args.jsonl.open("a") as f:

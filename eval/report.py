@@ -92,10 +92,25 @@ class LayerReport:
 
 
 @dataclass
+class SearchReport:
+    """What the ``searched`` allocation's search did (KL: mean per token, nats, on the search samples)."""
+
+    generations: int
+    offspring: int
+    samples: int
+    evaluations: int
+    seconds: float
+    start_kl: float
+    """KL divergence to the dense model of the activation-density allocation it started from."""
+    best_kl: float
+
+
+@dataclass
 class AllocationReport:
     strategy: str
     activation_threshold: float | None
     """The absolute gamma the activated weights were counted above (activation-density only)."""
+    search: SearchReport | None = None
 
 
 @dataclass
@@ -480,6 +495,15 @@ def _layers_section(report: Report) -> list[str]:
         "| layer | query heads | KV groups | FFN channels | requested sparsity | activated weights |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
+    search = report.allocation.search
+    if search is not None:
+        lines[2:2] = [
+            f"The widths were searched: {search.evaluations} candidates ({search.generations} generations of "
+            f"{search.offspring} mutations) in {search.seconds:.0f} s; KL divergence to the dense model on "
+            f"{search.samples} calibration samples {search.start_kl:.4f} (activation-density start) → "
+            f"{search.best_kl:.4f} nats per token.",
+            "",
+        ]
     for layer in report.layers:
         d, p = layer.dense, layer.pruned
         activated = f"{layer.activated_weights:,.0f}" if layer.activated_weights is not None else "-"

@@ -17,6 +17,9 @@ Strategies (:data:`ALLOCATIONS`, by ``allocation.strategy``; docs/METHOD.md §3)
 
 - ``global`` (FLAP): every removal step of the model ranked by its standardised score, lowest first.
 - ``shortgpt``: whole layers, lowest Block Influence first (no unit scores).
+- ``searched``: starts from ``activation-density`` and searches the per-layer attention steps and FFN widths
+  for the lowest KL divergence to the dense model on calibration tokens, at the same budget
+  (:mod:`prune.search`; ``allocation.search_*``).
 """
 
 from __future__ import annotations
@@ -31,9 +34,12 @@ import torch
 from prune.blocks import LINEAR_NAMES, BlockShape
 from prune.pruner import LayerPlan, keep_everything
 from prune.scoring import LayerScores
+from prune.search import Candidate, Fitness, SearchOutcome, SearchSpace, search_widths
 from prune.statistics import HIST_MIN, HIST_WIDTH, ActivationStatistics, Statistic
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from prune.recipe import AllocationSection, PruningSection
 
 
@@ -57,6 +63,8 @@ class Allocation:
     """Kept units per layer; ``None`` where the whole layer is removed."""
     removed_parameters: int
     block_influence: list[float] | None = None
+    search: SearchOutcome | None = None
+    """What the ``searched`` strategy found and what it cost."""
     """1 - mean cos(h_in, h_out) per layer (layer removal only)."""
 
 
@@ -356,6 +364,10 @@ class AllocationProblem:
     pruning: PruningSection
     statistics: ActivationStatistics | None
     protected: frozenset[int]
+    model: PreTrainedModel | None = None
+    """The dense model (strategies that evaluate candidates)."""
+    samples: torch.Tensor | None = None
+    """Calibration token ids [N, T] (strategies that evaluate candidates)."""
 
     @property
     def pruned_layers(self) -> list[int]:
@@ -444,6 +456,49 @@ def global_allocation(problem: AllocationProblem) -> Allocation:
     return Allocation(layer_sparsity, None, None, steps, plans, _removed(shape, plans))
 
 
+def searched_allocation(problem: AllocationProblem) -> Allocation:
+    """The activation-density allocation, then the search of :mod:`prune.search` from it."""
+    shape, p, settings, scores = problem.shape, problem.pruning, problem.settings, problem.scores
+    assert scores is not None and problem.model is not None and problem.samples is not None
+    assert problem.statistics is not None
+    start = density_allocation(problem)
+    layers = range(shape.num_layers)
+    attention = [_attention_unit_cost(shape, i, p.attention_unit, problem.protected) for i in layers]
+    space = SearchSpace(
+        attention_cost=tuple(cost for cost, _ in attention),
+        max_attention_steps=tuple(steps for _, steps in attention),
+        ffn_cost=shape.ffn_channel_params(),
+        round_to=p.round_to,
+        full_ffn=tuple(w.ffn_channels for w in shape.layers),
+        min_ffn=tuple(_min_kept_ffn(shape, p.round_to, p.min_ffn_channels, problem.protected)),
+        budget=problem.params_to_remove,
+    )
+
+    def plan_for(layer: int, steps: int, kept: int) -> LayerPlan:
+        return layer_plan(shape, layer, scores[layer], steps, p.attention_unit, kept)
+
+    first = Candidate(tuple(start.attention_steps), tuple(plan.widths.ffn_channels for plan in start.plans if plan))
+    samples = list(problem.samples[: settings.search_samples])
+    fitness = Fitness(problem.model, samples, plan_for, problem.statistics, shape.head_dim, p.damping)
+    outcome = search_widths(space, first, fitness, settings.search_generations, settings.search_offspring)
+    best = outcome.best
+    kept = [plan_for(i, best.attention_steps[i], best.ffn_kept[i]) for i in layers]
+    layer_sparsity = [
+        1 - shape.linear_weight_count(plan.widths) / shape.linear_weight_count(w)
+        for w, plan in zip(shape.layers, kept, strict=True)
+    ]
+    plans: list[LayerPlan | None] = list(kept)
+    return Allocation(
+        layer_sparsity,
+        start.activated_weights,
+        start.threshold,
+        list(best.attention_steps),
+        plans,
+        _removed(shape, plans),
+        search=outcome,
+    )
+
+
 def layer_removal(problem: AllocationProblem) -> Allocation:
     """ShortGPT: remove whole layers, lowest Block Influence first, until the target is reached."""
     shape, statistics = problem.shape, problem.statistics
@@ -487,6 +542,8 @@ class AllocationStrategy:
     """Whether it chooses units by the scorer's scores (layer removal does not score units)."""
     most_removable: Callable[[BlockShape, PruningSection, frozenset[int]], int]
     """The most parameters it can remove from a model of that shape."""
+    evaluates: bool = False
+    """Whether it runs the dense model on calibration samples (``AllocationProblem.model`` / ``samples``)."""
 
 
 ALLOCATIONS: dict[str, AllocationStrategy] = {
@@ -496,6 +553,13 @@ ALLOCATIONS: dict[str, AllocationStrategy] = {
     ),
     "global": AllocationStrategy(global_allocation, frozenset(), True, removable_units),
     "shortgpt": AllocationStrategy(layer_removal, frozenset({Statistic.LAYER_COSINES}), False, removable_layers),
+    "searched": AllocationStrategy(
+        searched_allocation,
+        frozenset({Statistic.GRADIENT_PRODUCTS, Statistic.INPUT_SUMS, Statistic.SECOND_MOMENTS}),
+        True,
+        removable_units,
+        evaluates=True,
+    ),
 }
 """Allocation strategies by recipe name (``allocation.strategy``)."""
 
@@ -508,7 +572,12 @@ def allocate(
     pruning: PruningSection,
     statistics: ActivationStatistics | None = None,
     protected: frozenset[int] = frozenset(),
+    model: PreTrainedModel | None = None,
+    samples: torch.Tensor | None = None,
 ) -> Allocation:
-    """Run the allocation stage with the strategy ``settings.strategy``; ``protected`` layers stay whole."""
-    problem = AllocationProblem(shape, scores, params_to_remove, settings, pruning, statistics, protected)
+    """Run the allocation stage with the strategy ``settings.strategy``; ``protected`` layers stay whole.
+    ``model`` (dense) and ``samples`` (calibration token ids [N, T]): for a strategy that evaluates candidates."""
+    problem = AllocationProblem(
+        shape, scores, params_to_remove, settings, pruning, statistics, protected, model, samples
+    )
     return ALLOCATIONS[settings.strategy].allocate(problem)

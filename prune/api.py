@@ -21,9 +21,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from eval.report import LayerReport, Report
 from prune.blocks import block_shape, count_parameters
 from prune.calibration import calibration_samples, resolve_text_source
-from prune.prepare import check_memory_plan, parameters_to_remove, prepare, statistics_needs
+from prune.prepare import check_memory_plan, parameters_to_remove, prepare, reads_samples, statistics_needs
 from prune.recipe import Recipe, load_recipe, recipe_from_mapping, recipe_to_dict
-from prune.reconstruct import RECONSTRUCTIONS
 from prune.run import execute, layer_table, prune_as_recipe_says
 from prune.statistics import collect_statistics
 
@@ -81,8 +80,7 @@ def prune_loaded_model(
     params_to_remove = parameters_to_remove(recipe, block_shape(model.config), total)
     statistics = None
     needs = statistics_needs(recipe)
-    sequential = RECONSTRUCTIONS[recipe.pruning.reconstruct].sequential
-    if (needs or sequential) and calibration is None:
+    if (needs or reads_samples(recipe)) and calibration is None:
         if tokenizer is None:
             raise ValueError("prune_loaded_model: give a tokenizer, or calibration token ids")
         source = resolve_text_source(recipe.calibration.source, "calibration.source")

@@ -13,6 +13,9 @@ P the weights of the largest decoder block, V the vocabulary, N x T the calibrat
 - scoring and pruning with the second moments: one float64 (F + 1)^2 matrix and its LU factors (scoring),
   or the float32 matrix read from disk, the float64 one and its gather at the kept columns (the lstsq
   refit): 18 (F + 1)^2 covers both;
+- allocation, ``searched``: the dense model's float32 log-probabilities on the search samples (4 n T V, n =
+  ``allocation.search_samples``) and one candidate's (12 T V), one (F + 1)^2 refit solve, and the cached
+  refit o_proj / down_proj weights of the best candidate and of one generation's offspring;
 - pruning: one pruned decoder block being built (P b); the whole pruned model besides the dense one
   when a later stage needs the dense model (recovery, speed); a sequential reconstruction's hidden states
   (N T H b), one linear's input moments (4 F^2), their refit (18 (F + 1)^2) and one layer's activations;
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prune.allocation import ALLOCATIONS
 from prune.blocks import BlockShape
 from prune.recipe import Recipe
 from prune.reconstruct import RECONSTRUCTIONS
@@ -124,6 +128,20 @@ def estimate_memory(
     solve = 18 * (widest + 1) ** 2
     if Statistic.SECOND_MOMENTS in needs:
         stages.append(StageMemory("scoring", weights + solve, "one float64 second-moment matrix", SMALLER_DTYPE))
+    if ALLOCATIONS[recipe.allocation.strategy].evaluates:
+        settings = recipe.allocation
+        terms = {
+            "the dense log-probabilities of allocation.search_samples x calibration.seqlen tokens": (
+                4 * settings.search_samples * seqlen * vocab + 12 * seqlen * vocab
+            ),
+            "the refit o_proj / down_proj of the best candidate and of one generation's offspring": (
+                sum(hidden * (w.query_heads * shape.head_dim + w.ffn_channels) for w in shape.layers)
+                + settings.search_offspring * 2 * hidden * widest
+            )
+            * b,
+        }
+        advice = "lower allocation.search_samples or calibration.seqlen"
+        stages.append(StageMemory("allocation", weights + solve + sum(terms.values()), _largest(terms), advice))
     pruning_terms = {"one pruned decoder block": block * b}
     reconstruction = RECONSTRUCTIONS[recipe.pruning.reconstruct]
     if Statistic.SECOND_MOMENTS in needs & reconstruction.needs:  # the refit reads them

@@ -39,6 +39,12 @@ def statistics_needs(recipe: Recipe) -> frozenset[Statistic]:
     return scorer_needs | strategy.needs | RECONSTRUCTIONS[recipe.pruning.reconstruct].needs
 
 
+def reads_samples(recipe: Recipe) -> bool:
+    """Whether pruning runs the calibration samples through the model: a sequential reconstruction, or an
+    allocation that evaluates candidates."""
+    return RECONSTRUCTIONS[recipe.pruning.reconstruct].sequential or ALLOCATIONS[recipe.allocation.strategy].evaluates
+
+
 def needs_dense_after_pruning(recipe: Recipe) -> bool:
     """Whether a stage after pruning needs the whole dense model: the recovery's teacher, or the speed stage
     (which times both models side by side). Otherwise the run prunes in place, after the dense parts."""

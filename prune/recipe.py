@@ -72,6 +72,12 @@ class AllocationSection:
     gamma_mode: Literal["absolute", "relative"] = "relative"
     layer_range: list[int] | None = None
     """[first, end]: only layers first .. end-1 are pruned, the others stay whole (null: every layer)."""
+    search_generations: int = 40
+    """``searched``: generations of the (1 + offspring) evolution."""
+    search_offspring: int = 8
+    """``searched``: mutations of the best candidate evaluated per generation."""
+    search_samples: int = 4
+    """``searched``: the first calibration samples the fitness (KL divergence to the dense model) is measured on."""
 
 
 @dataclass
@@ -235,6 +241,13 @@ def _check_ranges(recipe: Recipe) -> None:
         ("calibration.seqlen", recipe.calibration.seqlen > 1, "must be > 1"),
         ("allocation.beta", 0 <= allocation.beta <= 1, "must be in [0, 1]"),
         ("allocation.gamma", allocation.gamma > 0, "must be > 0"),
+        ("allocation.search_generations", allocation.search_generations >= 0, "must be >= 0"),
+        ("allocation.search_offspring", allocation.search_offspring >= 1, "must be >= 1"),
+        (
+            "allocation.search_samples",
+            1 <= allocation.search_samples <= recipe.calibration.samples,
+            f"must be in [1, calibration.samples = {recipe.calibration.samples}]",
+        ),
         (
             "allocation.layer_range",
             allocation.layer_range is None

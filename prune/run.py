@@ -35,6 +35,7 @@ from eval.report import (
     ParametersReport,
     RecoveryReport,
     Report,
+    SearchReport,
     StatisticsReport,
     WidthsReport,
     write_report,
@@ -59,6 +60,7 @@ from prune.prepare import (
     needs_dense_after_pruning,
     prepare,
     protected_layers,
+    reads_samples,
 )
 from prune.processes import ALONE, Processes, launched_count, launched_processes
 from prune.pruner import LayerPlan, LayerRefit, prune_model
@@ -250,8 +252,8 @@ def prune_as_recipe_says(
     """Scoring, allocation, physical pruning and reconstruction of ``params_to_remove`` parameters (the target)
     as ``recipe`` says. ``model`` is left untouched, unless ``in_place``: its layers are then released one by
     one as they are pruned (``prune_model``) and it is unusable after. ``samples``: the calibration token ids
-    [N, T] a sequential reconstruction runs on (only it reads them). Adds each stage's wall time to
-    ``stage_seconds``.
+    [N, T] a sequential reconstruction or a searched allocation runs (only they read them). Adds each stage's wall
+    time to ``stage_seconds``.
     """
     shape = block_shape(model.config)
     budget = params_to_remove + added_bias_parameters(recipe, shape)
@@ -263,7 +265,15 @@ def prune_as_recipe_says(
             )
     with timed(stage_seconds, "allocation"):
         allocation = allocate(
-            shape, scores, budget, recipe.allocation, recipe.pruning, statistics, protected_layers(recipe, shape)
+            shape,
+            scores,
+            budget,
+            recipe.allocation,
+            recipe.pruning,
+            statistics,
+            protected_layers(recipe, shape),
+            model,
+            samples,
         )
     method = recipe.pruning.reconstruct
     refit = recipe_refit(recipe, model, shape, statistics, samples)
@@ -359,6 +369,24 @@ def recover_as_recipe_says(
     return recovered, section
 
 
+def allocation_report(recipe: Recipe, allocation: Allocation) -> AllocationReport:
+    """The report's ``allocation`` section: the strategy, its activation threshold and, when it searched, the
+    search's cost and result."""
+    outcome, settings = allocation.search, recipe.allocation
+    search = None
+    if outcome is not None:
+        search = SearchReport(
+            settings.search_generations,
+            settings.search_offspring,
+            settings.search_samples,
+            outcome.evaluations,
+            outcome.seconds,
+            outcome.start_kl,
+            outcome.best_kl,
+        )
+    return AllocationReport(settings.strategy, allocation.threshold, search)
+
+
 def model_report(prepared: Prepared) -> ModelReport:
     """Where the dense model came from and what its source says about it."""
     source = prepared.model_source
@@ -431,9 +459,7 @@ def execute(prepared: Prepared, processes: Processes = ALONE) -> Report | None:
         dense_parts = {}
         if in_place:  # nothing after pruning needs the whole dense model: its parts of the evaluation first
             dense_parts = dense_first(DenseInputs(prepared, model, tokenizer, text), stage_seconds)
-        samples = None
-        if RECONSTRUCTIONS[recipe.pruning.reconstruct].sequential:
-            samples = recipe_calibration(prepared, tokenizer)
+        samples = recipe_calibration(prepared, tokenizer) if reads_samples(recipe) else None
         pruned, allocation = prune_as_recipe_says(
             recipe, model, prepared.params_to_remove, statistics, stage_seconds, in_place, samples
         )
@@ -474,7 +500,7 @@ def execute(prepared: Prepared, processes: Processes = ALONE) -> Report | None:
                 removed_fraction=1 - pruned_parameters["total"] / dense_parameters["total"],
             ),
             layers=layer_table(shape, allocation),
-            allocation=AllocationReport(recipe.allocation.strategy, allocation.threshold),
+            allocation=allocation_report(recipe, allocation),
             statistics=statistics_info,
             perplexity=sections.get("perplexity"),
             zeroshot=sections.get("zeroshot"),
