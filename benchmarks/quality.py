@@ -200,6 +200,15 @@ def print_table(rows: list[dict]) -> None:
             f"{r['calibration']} | {r['parameters']:,} ({r['removed_fraction']:.1%}) | "
             f"{r['perplexity']:,.2f} | {zeroshot} | {r['prune_seconds']:.0f} |"
         )
+    for r in rows:
+        if r.get("search"):
+            search = r["search"]
+            print(
+                f"\nSearch of the {r['target']:.0%} {r['name']} row: {search['evaluations']} candidates "
+                f"({search['generations']} generations x {search['offspring']} offspring, KL on {search['samples']} "
+                f"calibration samples) in {search['seconds']:.0f} s; KL to the dense model "
+                f"{search['start_kl']:.4f} (activation-density start) -> {search['best_kl']:.4f} nats per token."
+            )
     measured = next((r for r in rows if r.get("statistics_peak_over_weights") is not None), None)
     if measured:  # later passes in the same process reuse memory freed before them: their RSS peak measures nothing
         weights, ratio = measured["model_weight_bytes"], measured["statistics_peak_over_weights"]

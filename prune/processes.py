@@ -62,6 +62,14 @@ class Processes:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def from_main(self, value: T) -> T:
+        """The main process's ``value`` (any picklable object), in every process."""
+        if self.count == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def wait(self) -> None:
         """Return when every process has reached this call."""
         if self.count > 1:

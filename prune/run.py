@@ -248,12 +248,14 @@ def prune_as_recipe_says(
     stage_seconds: dict[str, float],
     in_place: bool = False,
     samples: torch.Tensor | None = None,
+    processes: Processes = ALONE,
 ) -> tuple[PreTrainedModel, Allocation]:
     """Scoring, allocation, physical pruning and reconstruction of ``params_to_remove`` parameters (the target)
     as ``recipe`` says. ``model`` is left untouched, unless ``in_place``: its layers are then released one by
     one as they are pruned (``prune_model``) and it is unusable after. ``samples``: the calibration token ids
     [N, T] a sequential reconstruction or a searched allocation runs (only they read them). Adds each stage's wall
-    time to ``stage_seconds``.
+    time to ``stage_seconds``. With several ``processes`` every one prunes as the main one allocates (a search on
+    a GPU need not end alike everywhere).
     """
     shape = block_shape(model.config)
     budget = params_to_remove + added_bias_parameters(recipe, shape)
@@ -275,6 +277,7 @@ def prune_as_recipe_says(
             model,
             samples,
         )
+        allocation = processes.from_main(allocation)
     method = recipe.pruning.reconstruct
     refit = recipe_refit(recipe, model, shape, statistics, samples)
     with timed(stage_seconds, "pruning" if refit is None else f"pruning + reconstruction ({method})"):
@@ -461,7 +464,7 @@ def execute(prepared: Prepared, processes: Processes = ALONE) -> Report | None:
             dense_parts = dense_first(DenseInputs(prepared, model, tokenizer, text), stage_seconds)
         samples = recipe_calibration(prepared, tokenizer) if reads_samples(recipe) else None
         pruned, allocation = prune_as_recipe_says(
-            recipe, model, prepared.params_to_remove, statistics, stage_seconds, in_place, samples
+            recipe, model, prepared.params_to_remove, statistics, stage_seconds, in_place, samples, processes
         )
         recovery, before_recovery = None, None
         if recipe.recovery.method != "none":
