@@ -149,7 +149,6 @@ class Fitness:
         self.statistics, self.head_dim, self.damping = statistics, head_dim, damping
         self.layers = [layer_linears(layer) for layer in decoder_layers(model)]
         self.refits: dict[tuple[str, int, int], RefitLinear] = {}
-        self.evaluations = 0
         self.dense = [self._log_probs(ids) for ids in samples]
 
     def _log_probs(self, ids: torch.Tensor) -> torch.Tensor:
@@ -191,7 +190,6 @@ class Fitness:
         self.refits = {key: refit for key, refit in self.refits.items() if key in used}
 
     def __call__(self, candidate: Candidate) -> float:
-        self.evaluations += 1
         total, tokens = 0.0, 0
         with replaced_outputs(self.replacements(candidate)):
             for ids, dense in zip(self.samples, self.dense, strict=True):
@@ -219,16 +217,15 @@ def search_widths(
     fitness: Fitness,
     generations: int,
     offspring: int,
-    seed: int = 0,
-    progress: bool = True,
 ) -> SearchOutcome:
-    """The (1 + ``offspring``) evolution from ``start`` for ``generations`` generations (module docstring)."""
+    """The (1 + ``offspring``) evolution from ``start`` for ``generations`` generations (module docstring), its
+    mutations drawn from a generator seeded with 0."""
     started = time.perf_counter()
-    rng = random.Random(seed)
+    rng = random.Random(0)
     parent = start
     parent_fitness = start_fitness = fitness(parent)
     evaluations = 1
-    bar = tqdm(range(generations), desc="allocation search", unit="generation", disable=not progress)
+    bar = tqdm(range(generations), desc="allocation search", unit="generation")
     with bar:
         for _ in bar:
             children = {space.mutated(parent, rng) for _ in range(offspring)} - {parent}
