@@ -111,6 +111,7 @@ def rehearse(shape_name: str, samples: int, seqlen: int, dtype: torch.dtype, dev
         "dtype": str(dtype).removeprefix("torch."),
         "samples": samples,
         "seqlen": seqlen,
+        "reconstruction": recipe.pruning.reconstruct,
         "stages": rows,
     }
 
@@ -147,8 +148,8 @@ def print_table(results: list[dict], device: str) -> None:
         f"\n{first['samples']} calibration samples x {first['seqlen']} tokens, {first['dtype']} on {device}; "
         "(weights + memory the stage added at its peak) / weights, [the memory plan's estimate], and wall seconds.\n"
     )
-    print("| shape | parameters | weights GiB | " + " | ".join(stages) + " |")
-    print("|---|---:|---:|" + "---:|" * len(stages))
+    print("| shape | parameters | weights GiB | reconstruction | " + " | ".join(stages) + " |")
+    print("|---|---:|---:|---|" + "---:|" * len(stages))
     for r in results:
         cells = [
             f"{row['ratio']:.2f}x"
@@ -156,7 +157,11 @@ def print_table(results: list[dict], device: str) -> None:
             + f" ({row['seconds']:,.0f} s)"
             for row in r["stages"]
         ]
-        print(f"| {r['shape']} | {r['parameters']:,} | {r['weight_bytes'] / 2**30:.2f} | " + " | ".join(cells) + " |")
+        print(
+            f"| {r['shape']} | {r['parameters']:,} | {r['weight_bytes'] / 2**30:.2f} | {r['reconstruction']} | "
+            + " | ".join(cells)
+            + " |"
+        )
 
 
 if __name__ == "__main__":
