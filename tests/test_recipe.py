@@ -157,5 +157,4 @@ def test_llama_recipe_validates_and_offline_dry_run_is_one_line(tmp_path):
 def test_every_pruning_recipe_in_the_repository_validates():
     paths = sorted(p for p in (REPO / "recipes").glob("*.yaml") if not p.name.startswith("analysis_"))
     recipes = {path.name: load_recipe(path) for path in paths}
-    assert len(recipes) >= 6 and all(r.pruning.reconstruct == "lstsq-sequential" for r in recipes.values())
-    assert recipes["smollm2_30pct_searched.yaml"].allocation.strategy == "searched"
+    assert len(recipes) >= 5 and all(r.pruning.reconstruct == "lstsq-sequential" for r in recipes.values())
