@@ -236,6 +236,18 @@ def load_state(
     return state["step"], list(description["log"])
 
 
+def learning_rate_schedule(
+    optimizer: torch.optim.Optimizer, settings: RecoverySection, steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """``transformers``' schedule ``settings.schedule`` over ``steps`` + 1 steps with ``warmup_steps`` of linear
+    warm-up, without its first step: step s trains at the schedule's step s + 1, so that no step (the first
+    warm-up step, the last cosine / linear step) trains with a learning rate of 0."""
+    name = SCHEDULER_NAMES[settings.schedule]
+    warmup = min(settings.warmup_steps, steps)
+    schedule = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps + 1).lr_lambdas[0]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step + 1))
+
+
 def recover(
     student: PreTrainedModel,
     teacher: PreTrainedModel,
@@ -272,12 +284,7 @@ def recover(
     trainable = select_trainable(student, settings)
     steps = math.ceil(settings.tokens / (settings.batch_size * settings.seqlen))
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
-    scheduler = get_scheduler(
-        SCHEDULER_NAMES[settings.schedule],
-        optimizer,
-        num_warmup_steps=min(settings.warmup_steps, steps),
-        num_training_steps=steps,
-    )
+    scheduler = learning_rate_schedule(optimizer, settings, steps)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     start_step, log_lines = load_state(state_dir, accelerator.unwrap_model(student), optimizer, scheduler)
     main, share = accelerator.is_main_process, slice(accelerator.process_index, None, accelerator.num_processes)

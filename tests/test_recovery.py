@@ -228,3 +228,20 @@ def test_merged_lora_gives_the_unmerged_logits_and_a_plain_checkpoint(tmp_path):
 def test_recipe_errors_name_the_recovery_key(override, message):
     with pytest.raises(RecipeError, match=re.escape(message)):
         load_recipe(None, [override])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_every_step_trains_with_a_positive_learning_rate(schedule):
+    """Warm-up starts at lr / warmup_steps (not 0) and the last step of a decaying schedule is above 0."""
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([parameter], lr=0.01)
+    scheduler = recovery.learning_rate_schedule(optimizer, _settings(schedule=schedule, warmup_steps=4), 12)
+    rates = []
+    for _ in range(12):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])
+    assert min(rates) > 0 and max(rates) == pytest.approx(0.01)
+    if schedule != "constant":
+        assert rates[-1] < rates[4] and rates == sorted(rates[:4]) + sorted(rates[4:], reverse=True)
