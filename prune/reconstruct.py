@@ -132,6 +132,11 @@ class LinearInputs:
     xxt: torch.Tensor | None
     tokens: int
 
+    @classmethod
+    def of(cls, statistics: ActivationStatistics, layer: int, site: str) -> LinearInputs:
+        """The statistics pass's sums of input site ``site`` (``o_in``, ``down_in``, ...) of ``layer``."""
+        return cls(statistics.get(layer, f"{site}.x_sum"), statistics.find(layer, f"{site}.xxt"), statistics.tokens)
+
 
 def bias_refit(
     weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, inputs: LinearInputs, damping: float
@@ -203,8 +208,7 @@ def reconstructed_layer(
     tensors = {}
     for name, site in RECONSTRUCTED_LINEARS.items():
         source = cast(nn.Linear, dense_layer.get_submodule(name))
-        x_sum, xxt = statistics.get(index, f"{site}.x_sum"), statistics.find(index, f"{site}.xxt")
-        inputs = LinearInputs(x_sum, xxt, statistics.tokens)
+        inputs = LinearInputs.of(statistics, index, site)
         weight, bias = refit(source.weight, _bias(source), kept_inputs[name], inputs, damping)
         device, dtype = source.weight.device, source.weight.dtype
         tensors[f"{name}.weight"] = weight.to(device, dtype).contiguous()

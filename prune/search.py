@@ -32,8 +32,8 @@ from transformers import PreTrainedModel
 from prune.blocks import decoder_layers, layer_linears
 from prune.placement import input_device
 from prune.pruner import LayerPlan, head_rows
-from prune.reconstruct import LinearInputs, lstsq_refit
-from prune.sequential import RefitLinear, replaced_outputs
+from prune.reconstruct import LinearInputs
+from prune.sequential import RefitLinear, refit_linear, replaced_outputs
 from prune.statistics import ActivationStatistics
 
 
@@ -157,14 +157,7 @@ class Fitness:
         return torch.log_softmax(logits.float(), dim=-1)
 
     def _refit(self, layer: int, linear: nn.Linear, site: str, columns: torch.Tensor) -> RefitLinear:
-        inputs = LinearInputs(
-            self.statistics.get(layer, f"{site}.x_sum"),
-            self.statistics.find(layer, f"{site}.xxt"),
-            self.statistics.tokens,
-        )
-        bias = None if linear.bias is None else linear.bias.detach()
-        weight, new_bias = lstsq_refit(linear.weight, bias, columns, inputs, self.damping)
-        return columns, weight.to(linear.weight.dtype), new_bias.to(linear.weight.dtype)
+        return refit_linear(linear, columns, LinearInputs.of(self.statistics, layer, site), self.damping)
 
     def replacements(self, candidate: Candidate) -> dict[nn.Linear, RefitLinear]:
         """The refit o_proj / down_proj of every layer, as the pruner refits them (a layer that keeps every

@@ -117,7 +117,12 @@ def fit_linear(
 ) -> RefitLinear:
     """The refit of ``linear`` (module docstring): :func:`prune.reconstruct.lstsq_refit` on the pruned model's
     inputs to it."""
-    inputs = pruned_inputs(layer, linear, states, arguments, refits)
+    return refit_linear(linear, columns, pruned_inputs(layer, linear, states, arguments, refits), damping)
+
+
+def refit_linear(linear: nn.Linear, columns: torch.Tensor, inputs: LinearInputs, damping: float) -> RefitLinear:
+    """``linear`` refit on the kept input ``columns`` by :func:`prune.reconstruct.lstsq_refit` from ``inputs``'
+    moments, in the linear's dtype."""
     bias = None if linear.bias is None else linear.bias.detach()
     weight, new_bias = lstsq_refit(linear.weight.detach(), bias, columns, inputs, damping)
     return columns, weight.to(linear.weight.dtype), new_bias.to(linear.weight.dtype)
