@@ -12,29 +12,37 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 if TYPE_CHECKING:
-    from eval.report import LayerReport, Report
+    from eval.report import Report, WidthsReport
 
 DENSE_COLOR, PRUNED_COLOR = "#9aa5b1", "#d9480f"
 
 
-def _kept(layer: LayerReport, key: str) -> int:
-    return 0 if layer.pruned is None else getattr(layer.pruned, key)
+def _width(widths: WidthsReport | None, key: str) -> int:
+    """A width of a layer (0 when removed); ``ffn_channels`` counts every expert's."""
+    if widths is None:
+        return 0
+    return widths.ffn_channels * max(1, widths.experts) if key == "ffn_channels" else getattr(widths, key)
 
 
 def layer_widths_figure(report: Report, path: Path) -> None:
-    """Per layer: query heads and FFN channels, dense (grey) and kept (orange); removed layers keep 0."""
+    """Per layer: query heads and FFN channels (over all experts of a mixture-of-experts layer), dense (grey)
+    and kept (orange); removed layers keep 0."""
     layers = report.layers
     index = [layer.index for layer in layers]
+    experts = any(layer.dense.experts for layer in layers)
     fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
-    for ax, key, label in ((axes[0], "query_heads", "query heads"), (axes[1], "ffn_channels", "FFN channels")):
-        ax.bar(index, [getattr(layer.dense, key) for layer in layers], color=DENSE_COLOR, label="dense")
-        ax.bar(index, [_kept(layer, key) for layer in layers], color=PRUNED_COLOR, width=0.6, label="pruned")
+    ffn_label = "FFN channels (all experts)" if experts else "FFN channels"
+    for ax, key, label in ((axes[0], "query_heads", "query heads"), (axes[1], "ffn_channels", ffn_label)):
+        ax.bar(index, [_width(layer.dense, key) for layer in layers], color=DENSE_COLOR, label="dense")
+        ax.bar(index, [_width(layer.pruned, key) for layer in layers], color=PRUNED_COLOR, width=0.6, label="pruned")
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(loc="upper right")
     axes[1].set_xlabel("decoder layer")
+    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle("Kept width per layer")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

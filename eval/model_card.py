@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from eval.report import Report, method_description
+from eval.report import Report, method_description, widths_cells, widths_columns
 
 ZEROSHOT_DATASETS = {
     "boolq": ("BoolQ", "boolq"),
@@ -114,16 +114,10 @@ def front_matter(report: Report, name: str) -> dict[str, Any]:
 
 
 def _widths_table(report: Report) -> list[str]:
-    lines = ["| layer | query heads | KV groups | FFN channels |", "|---:|---:|---:|---:|"]
+    columns = widths_columns(report)
+    lines = [f"| layer | {' | '.join(columns)} |", "|---:|" + "---:|" * len(columns)]
     for layer in report.layers:
-        d, p = layer.dense, layer.pruned
-        if p is None:
-            lines.append(f"| {layer.index} | removed | removed | removed |")
-        else:
-            lines.append(
-                f"| {layer.index} | {d.query_heads} → {p.query_heads} | {d.kv_groups} → {p.kv_groups} | "
-                f"{d.ffn_channels} → {p.ffn_channels} |"
-            )
+        lines.append(f"| {' | '.join([str(layer.index), *widths_cells(layer, columns)])} |")
     return lines
 
 

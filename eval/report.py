@@ -75,6 +75,9 @@ class WidthsReport:
     query_heads: int
     kv_groups: int
     ffn_channels: int
+    """Of one expert in a mixture-of-experts layer."""
+    experts: int = 0
+    """Experts of a mixture-of-experts layer (0: a dense MLP)."""
 
 
 @dataclass
@@ -484,7 +487,24 @@ def _headline_rows(report: Report, pruned_label: str) -> list[str]:
     return lines
 
 
+def widths_columns(report: Report) -> list[str]:
+    """The width columns of a per-layer table: an ``experts`` column for a mixture-of-experts model."""
+    experts = ["experts", "FFN channels per expert"] if any(layer.dense.experts for layer in report.layers) else []
+    return ["query heads", "KV groups", *(experts or ["FFN channels"])]
+
+
+def widths_cells(layer: LayerReport, columns: list[str]) -> list[str]:
+    """One layer's cells for :func:`widths_columns`: "dense → pruned", or "removed"."""
+    d, p = layer.dense, layer.pruned
+    values = [(d.query_heads, p and p.query_heads), (d.kv_groups, p and p.kv_groups)]
+    if "experts" in columns:
+        values.append((d.experts, p and p.experts))
+    values.append((d.ffn_channels, p and p.ffn_channels))
+    return ["removed" if p is None else f"{dense} → {pruned}" for dense, pruned in values]
+
+
 def _layers_section(report: Report) -> list[str]:
+    columns = widths_columns(report)
     lines = [
         "## Per-layer widths",
         "",
@@ -492,8 +512,8 @@ def _layers_section(report: Report) -> list[str]:
         "",
         "![allocation per layer](allocation.png)",
         "",
-        "| layer | query heads | KV groups | FFN channels | requested sparsity | activated weights |",
-        "|---:|---:|---:|---:|---:|---:|",
+        f"| layer | {' | '.join(columns)} | requested sparsity | activated weights |",
+        "|---:|" + "---:|" * (len(columns) + 2),
     ]
     search = report.allocation.search
     if search is not None:
@@ -505,15 +525,10 @@ def _layers_section(report: Report) -> list[str]:
             "",
         ]
     for layer in report.layers:
-        d, p = layer.dense, layer.pruned
         activated = f"{layer.activated_weights:,.0f}" if layer.activated_weights is not None else "-"
-        if p is None:
-            lines.append(f"| {layer.index} | removed | removed | removed | 1.000 | {activated} |")
-            continue
-        lines.append(
-            f"| {layer.index} | {d.query_heads} → {p.query_heads} | {d.kv_groups} → {p.kv_groups} | "
-            f"{d.ffn_channels} → {p.ffn_channels} | {layer.requested_sparsity:.3f} | {activated} |"
-        )
+        sparsity = "1.000" if layer.pruned is None else f"{layer.requested_sparsity:.3f}"
+        cells = [str(layer.index), *widths_cells(layer, columns), sparsity, activated]
+        lines.append(f"| {' | '.join(cells)} |")
     return lines
 
 

@@ -105,12 +105,21 @@ def weight_bytes(model: PreTrainedModel) -> int:
 
 
 def linear_macs_per_token(model: PreTrainedModel) -> int:
-    """Multiply-adds per token of all ``nn.Linear`` layers, lm_head included (a tied lm_head still computes).
+    """Multiply-adds per token of all ``nn.Linear`` layers, lm_head included (a tied lm_head still computes), and
+    of a mixture-of-experts model's routers and of the ``num_experts_per_tok`` experts each token runs (experts'
+    weights are [experts, out, in] parameters).
 
     Prefill compute and the weight bytes a decode step reads both scale with it, so dense / pruned of
     this number is the speedup the removed units allow (attention over the context excluded).
     """
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    per_token = getattr(model.config, "num_experts_per_tok", 0)
+    macs = 0
+    for module in model.modules():
+        router = hasattr(module, "top_k") and isinstance(getattr(module, "weight", None), torch.Tensor)
+        if isinstance(module, torch.nn.Linear) or router:  # a router's weight: [experts, in]
+            macs += module.weight.numel()
+        macs += sum(per_token * p[0].numel() for p in module.parameters(recurse=False) if p.dim() == 3)
+    return macs
 
 
 def measure_speed(

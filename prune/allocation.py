@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from prune.blocks import LINEAR_NAMES, BlockShape
+from prune.blocks import LINEAR_NAMES, BlockShape, LayerWidths
 from prune.pruner import LayerPlan, keep_everything
 from prune.scoring import LayerScores
 from prune.search import Candidate, Fitness, SearchOutcome, SearchSpace, search_widths
@@ -112,9 +112,20 @@ def _attention_unit_cost(shape: BlockShape, layer: int, unit: str, protected: fr
     return cost, 0 if layer in protected else steps
 
 
+def min_expert_channels(channels: int, round_to: int, min_ffn_channels: int) -> int:
+    """Fewest FFN channels a layer (or one expert of ``channels``) keeps: ``min_ffn_channels`` rounded up to
+    ``round_to``, at most all of them."""
+    return min(channels, math.ceil(min_ffn_channels / round_to) * round_to)
+
+
 def _min_kept_ffn(shape: BlockShape, round_to: int, min_ffn_channels: int, protected: frozenset[int]) -> list[int]:
+    """Fewest FFN channels each layer keeps (a mixture-of-experts layer: as many experts as the router picks per
+    token, each with its minimum)."""
     return [
-        w.ffn_channels if i in protected else min(w.ffn_channels, math.ceil(min_ffn_channels / round_to) * round_to)
+        w.all_ffn_channels
+        if i in protected
+        else min_expert_channels(w.ffn_channels, round_to, min_ffn_channels)
+        * max(1, min(w.experts, shape.experts_per_token))
         for i, w in enumerate(shape.layers)
     ]
 
@@ -132,7 +143,7 @@ def removable_parameters(
     total = 0
     for i, widths in enumerate(shape.layers):
         step_cost, max_steps = _attention_unit_cost(shape, i, attention_unit, protected)
-        total += step_cost * max_steps + ffn_cost * (widths.ffn_channels - min_kept[i])
+        total += step_cost * max_steps + ffn_cost * (widths.all_ffn_channels - min_kept[i])
     return total
 
 
@@ -164,12 +175,14 @@ def solve_budget(
 ) -> tuple[list[int], list[int]]:
     """Attention steps and kept FFN channels per layer; removal >= params_to_remove by less than one FFN step.
 
-    Kept FFN channels are a multiple of ``round_to`` (or the layer's full width, untouched).
+    Kept FFN channels are a multiple of ``round_to`` (or the layer's full width, untouched); in a
+    mixture-of-experts layer they count the channels of every expert (:func:`expert_plan` turns them into
+    experts and channels).
     Raises ImpossibleTargetError when the per-layer minimums cannot free that many parameters.
     """
     layers = range(shape.num_layers)
     ffn_cost = shape.ffn_channel_params()
-    full = [w.ffn_channels for w in shape.layers]
+    full = [w.all_ffn_channels for w in shape.layers]
     min_kept = _min_kept_ffn(shape, round_to, min_ffn_channels, protected)
     attn = [_attention_unit_cost(shape, i, attention_unit, protected) for i in layers]
     _check_removable(shape, params_to_remove, attention_unit, round_to, min_ffn_channels, protected)
@@ -325,10 +338,49 @@ def _lowest(scores: torch.Tensor, count: int) -> set[int]:
     return set(order[:count])
 
 
+def expert_plan(
+    scores: torch.Tensor, widths: LayerWidths, kept: int, experts_per_token: int, round_to: int, min_channels: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Kept experts and kept channels (``e * channels + c``) of a mixture-of-experts layer that may keep ``kept``
+    channels over all its experts: of every (experts n >= ``experts_per_token``, channels per expert f, a
+    multiple of ``round_to`` and >= ``min_channels``, or all) with n * f <= ``kept``, the one that keeps the
+    highest sum of channel scores ``scores`` [experts * channels], each expert keeping its f best channels and
+    the n experts with the highest sums staying (ties: more channels kept, then lower indices)."""
+    experts, channels = widths.experts, widths.ffn_channels
+    if kept >= experts * channels:
+        return tuple(range(experts)), tuple(range(experts * channels))
+    ranked = scores.double().view(experts, channels).sort(dim=1, descending=True, stable=True)
+    cumulative = ranked.values.cumsum(dim=1)
+    best: tuple[float, int, int, int] | None = None
+    for n in range(max(1, experts_per_token), experts + 1):
+        f = channels if kept // n >= channels else kept // n // round_to * round_to
+        if f < max(1, min_channels):
+            continue
+        total = float(cumulative[:, f - 1].sort(descending=True, stable=True).values[:n].sum())
+        if best is None or (total, n * f) > (best[0], best[1]):
+            best = (total, n * f, n, f)
+    if best is None:
+        raise ImpossibleTargetError(f"{kept} FFN channels cannot keep {experts_per_token} experts")
+    _, _, n, f = best
+    sums = cumulative[:, f - 1].tolist()
+    kept_experts = sorted(sorted(range(experts), key=lambda e: (-sums[e], e))[:n])
+    slots = [e * channels + int(c) for e in kept_experts for c in ranked.indices[e, :f].tolist()]
+    return tuple(kept_experts), tuple(sorted(slots))
+
+
 def layer_plan(
-    shape: BlockShape, layer: int, scores: LayerScores, attention_steps: int, attention_unit: str, ffn_kept: int
+    shape: BlockShape,
+    layer: int,
+    scores: LayerScores,
+    attention_steps: int,
+    attention_unit: str,
+    ffn_kept: int,
+    round_to: int = 1,
+    min_ffn_channels: int = 1,
 ) -> LayerPlan:
-    """Which units of one layer survive, given how many of each kind go."""
+    """Which units of one layer survive, given how many of each kind go (``ffn_kept``: FFN channels over all
+    experts of a mixture-of-experts layer, which :func:`expert_plan` shares out by ``round_to`` and
+    ``min_ffn_channels`` per expert)."""
     widths = shape.layers[layer]
     g = widths.heads_per_group
     if attention_unit == "kv_group":
@@ -342,6 +394,10 @@ def layer_plan(
             group = list(range(j * g, (j + 1) * g))
             gone = _lowest(scores.query_heads[group], attention_steps)
             kept_q += [h for k, h in enumerate(group) if k not in gone]
+    if widths.experts:
+        minimum = min_expert_channels(widths.ffn_channels, round_to, min_ffn_channels)
+        experts, slots = expert_plan(scores.ffn_channels, widths, ffn_kept, shape.experts_per_token, round_to, minimum)
+        return LayerPlan(tuple(kept_q), tuple(kept_kv), slots, experts)
     gone_channels = _lowest(scores.ffn_channels, widths.ffn_channels - ffn_kept)
     kept_ffn = [c for c in range(widths.ffn_channels) if c not in gone_channels]
     return LayerPlan(tuple(kept_q), tuple(kept_kv), tuple(kept_ffn))
@@ -382,9 +438,11 @@ class AllocationProblem:
 
 def _plans_from_counts(problem: AllocationProblem, steps: list[int], ffn_kept: list[int]) -> list[LayerPlan]:
     assert problem.scores is not None
-    unit = problem.pruning.attention_unit
+    p = problem.pruning
     return [
-        layer_plan(problem.shape, i, problem.scores[i], steps[i], unit, ffn_kept[i])
+        layer_plan(
+            problem.shape, i, problem.scores[i], steps[i], p.attention_unit, ffn_kept[i], p.round_to, p.min_ffn_channels
+        )
         for i in range(problem.shape.num_layers)
     ]
 
@@ -544,6 +602,8 @@ class AllocationStrategy:
     """The most parameters it can remove from a model of that shape."""
     evaluates: bool = False
     """Whether it runs the dense model on calibration samples (``AllocationProblem.model`` / ``samples``)."""
+    prunes_experts: bool = True
+    """Whether it allocates mixture-of-experts layers (experts and their channels)."""
 
 
 ALLOCATIONS: dict[str, AllocationStrategy] = {
@@ -551,7 +611,7 @@ ALLOCATIONS: dict[str, AllocationStrategy] = {
     "activation-density": AllocationStrategy(
         density_allocation, frozenset({Statistic.GRADIENT_PRODUCTS}), True, removable_units
     ),
-    "global": AllocationStrategy(global_allocation, frozenset(), True, removable_units),
+    "global": AllocationStrategy(global_allocation, frozenset(), True, removable_units, prunes_experts=False),
     "shortgpt": AllocationStrategy(layer_removal, frozenset({Statistic.LAYER_COSINES}), False, removable_layers),
     "searched": AllocationStrategy(
         searched_allocation,
@@ -559,6 +619,7 @@ ALLOCATIONS: dict[str, AllocationStrategy] = {
         True,
         removable_units,
         evaluates=True,
+        prunes_experts=False,
     ),
 }
 """Allocation strategies by recipe name (``allocation.strategy``)."""

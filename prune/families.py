@@ -9,6 +9,12 @@ rows; ``gate_up_proj`` gate and up rows), and whether the GGUF export writes the
 a family does differently (Gemma's extra norms and embedding scale, logit soft-capping, sliding-window
 layers, rope scaling) is in its stock modeling code and its configuration, which pruning keeps.
 
+Mixture-of-experts families (Mixtral, Qwen3-MoE) have the same attention; their MLP is a router (``mlp.gate``,
+one row of [experts, hidden] per expert) and experts stored as two 3-D parameters, ``mlp.experts.gate_up_proj``
+[experts, 2 * channels, hidden] (gate rows, then up rows) and ``mlp.experts.down_proj`` [experts, hidden,
+channels]. What the description holds for them is where the configuration keeps the expert count and the
+channels of one expert (:attr:`Family.experts`).
+
 Adding a family with this block layout is one entry in :data:`FAMILIES` and one class in
 ``prune/hf_code/modeling_pruned.py`` (the stock class with per-layer widths).
 """
@@ -22,12 +28,24 @@ from transformers import (
     Gemma3ForCausalLM,
     LlamaForCausalLM,
     MistralForCausalLM,
+    MixtralForCausalLM,
     Phi3ForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     Qwen2ForCausalLM,
     Qwen3ForCausalLM,
+    Qwen3MoeForCausalLM,
 )
+
+
+@dataclass(frozen=True)
+class ExpertKeys:
+    """Where a mixture-of-experts configuration keeps its expert layout."""
+
+    experts: str
+    """The key of the number of experts per layer."""
+    channels: str
+    """The key of the FFN channels of one expert."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +69,8 @@ class Family:
     fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
     """Fused projections: (module path in the decoder layer, the linears whose output rows it stacks, in order).
     The stages work on them split (``prune.blocks.split_fused_projections``); checkpoints keep them fused."""
+    experts: ExpertKeys | None = None
+    """Mixture of experts: the configuration keys of its expert layout (None: one dense MLP per layer)."""
 
 
 FAMILIES: dict[str, Family] = {
@@ -77,6 +97,21 @@ FAMILIES: dict[str, Family] = {
                 ("self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj")),
                 ("mlp.gate_up_proj", ("gate_proj", "up_proj")),
             ),
+        ),
+        Family(
+            "mixtral",
+            "Mixtral (mixture of experts)",
+            MixtralForCausalLM,
+            "PrunedMixtralForCausalLM",
+            experts=ExpertKeys("num_local_experts", "intermediate_size"),
+        ),
+        Family(
+            "qwen3_moe",
+            "Qwen3-MoE (mixture of experts)",
+            Qwen3MoeForCausalLM,
+            "PrunedQwen3MoeForCausalLM",
+            head_norms=("q_norm", "k_norm"),
+            experts=ExpertKeys("num_local_experts", "moe_intermediate_size"),
         ),
     )
 }

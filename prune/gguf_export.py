@@ -51,7 +51,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from prune.blocks import block_shape, decoder_layers, layer_linears
+from prune.blocks import block_shape, decoder_layers, dense_linears
 from prune.families import FAMILIES, Family, family_of
 from prune.paths import atomic_path
 from prune.placement import resident
@@ -160,7 +160,7 @@ def block_tensors(model: PreTrainedModel, ffn_multiple: int = 1) -> dict[str, to
         heads = {"q_proj": widths.query_heads, "k_proj": widths.kv_heads}
         tensors[f"blk.{i}.attn_norm.weight"] = layer.get_submodule("input_layernorm").weight
         tensors[f"blk.{i}.ffn_norm.weight"] = layer.get_submodule("post_attention_layernorm").weight
-        for hf_name, linear in layer_linears(layer).items():
+        for hf_name, linear in dense_linears(layer).items():
             for kind in ("weight", "bias"):
                 value = getattr(linear, kind)
                 if value is None:

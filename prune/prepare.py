@@ -25,7 +25,7 @@ from prune.paths import cache_dir
 from prune.pruner import model_class_for
 from prune.recipe import Recipe, RecipeError, recipe_to_dict
 from prune.reconstruct import RECONSTRUCTIONS
-from prune.scoring import SCORERS
+from prune.scoring import SCORERS, scores_experts
 from prune.statistics import Statistic, StatisticsError
 
 USER_ERRORS = (RecipeError, ModelSourceError, DataSourceError, ImpossibleTargetError, StatisticsError, MemoryPlanError)
@@ -70,6 +70,34 @@ def check_processes(recipe: Recipe, count: int) -> None:
             f"recovery.batch_size: {recipe.recovery.batch_size} is not a multiple of the {count} processes "
             "that share each batch"
         )
+
+
+def check_experts(recipe: Recipe, shape: BlockShape) -> None:
+    """RecipeError when the recipe asks a mixture-of-experts model for a method that does not prune experts: a
+    scorer or reconstruction that reads the inputs of gate/up/down (an expert sees only the tokens routed to
+    it), an allocation that ranks or searches the dense layers' removal steps, LoRA (peft adapts linears; the
+    experts are 3-D weights). Nothing to check for a dense model."""
+    if not shape.experts_per_token:
+        return
+    name = f"{shape.model_type} (mixture of experts)"
+    strategy = ALLOCATIONS[recipe.allocation.strategy]
+    if not strategy.prunes_experts:
+        allowed = ", ".join(key for key, value in ALLOCATIONS.items() if value.prunes_experts)
+        raise RecipeError(f"allocation.strategy: {recipe.allocation.strategy!r} does not prune {name}; use {allowed}")
+    scorer = SCORERS[recipe.scoring.method]
+    if strategy.uses_scores and not scores_experts(scorer):
+        allowed = ", ".join(key for key, value in SCORERS.items() if scores_experts(value))
+        raise RecipeError(
+            f"scoring.method: {recipe.scoring.method!r} does not score the experts of {name}; use {allowed}"
+        )
+    reconstruction = RECONSTRUCTIONS[recipe.pruning.reconstruct]
+    if reconstruction.needs or reconstruction.sequential:
+        raise RecipeError(
+            f"pruning.reconstruct: {recipe.pruning.reconstruct!r} refits down_proj from its inputs, which the experts "
+            f"of {name} do not share; use none"
+        )
+    if recipe.recovery.method == "lora":
+        raise RecipeError(f"recovery.method: lora adapts linear layers; the experts of {name} are not: use distill")
 
 
 @dataclass
@@ -156,6 +184,7 @@ def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
     except ValueError as error:
         raise RecipeError(f"model.source: {error}") from None
     family = family_of(config)
+    check_experts(recipe, shape)
     if "gguf" in recipe.export.formats and not family.gguf:
         raise RecipeError(f"export.formats: {gguf_coverage(family)}")
     with torch.device("meta"):
@@ -201,7 +230,13 @@ def unit_description(recipe: Recipe, shape: BlockShape) -> str:
         if recipe.pruning.attention_unit == "kv_group"
         else f"query heads (of {widths.query_heads}; {widths.kv_heads} KV heads stay)"
     )
-    return f"{attention} and FFN channels (of {widths.ffn_channels}) per layer, {shape.num_layers} layers"
+    ffn = f"FFN channels (of {widths.ffn_channels})"
+    if widths.experts:
+        ffn = (
+            f"experts (of {widths.experts}; {shape.experts_per_token} per token) and the FFN channels of each "
+            f"(of {widths.ffn_channels})"
+        )
+    return f"{attention} and {ffn} per layer, {shape.num_layers} layers"
 
 
 def dry_run_text(prepared: Prepared) -> str:

@@ -13,7 +13,7 @@ import copy
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from accelerate import dispatch_model
@@ -26,6 +26,7 @@ from transformers import (
 
 from prune.blocks import (
     BlockShape,
+    ExpertLinears,
     LayerWidths,
     block_shape,
     decoder_layers,
@@ -37,7 +38,12 @@ from prune.families import family_of
 from prune.hf_code import modeling_pruned
 from prune.placement import is_offloaded, outside_layers, resident
 
-PER_LAYER_KEYS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size")
+PER_LAYER_KEYS = (
+    "layer_num_attention_heads",
+    "layer_num_key_value_heads",
+    "layer_intermediate_size",
+    "layer_num_experts",
+)
 
 
 @dataclass(frozen=True)
@@ -47,16 +53,34 @@ class LayerPlan:
     kept_query_heads: tuple[int, ...]
     kept_kv_heads: tuple[int, ...]
     kept_ffn_channels: tuple[int, ...]
+    """In a mixture-of-experts layer: channel ``c`` of expert ``e`` as ``e * channels + c`` (channels of one
+    expert in the dense layer); every kept expert keeps the same number."""
+    kept_experts: tuple[int, ...] = ()
+    """Experts kept in a mixture-of-experts layer (empty: a dense MLP)."""
 
     @property
     def widths(self) -> LayerWidths:
-        return LayerWidths(len(self.kept_query_heads), len(self.kept_kv_heads), len(self.kept_ffn_channels))
+        experts = len(self.kept_experts)
+        channels = len(self.kept_ffn_channels) // max(1, experts)
+        return LayerWidths(len(self.kept_query_heads), len(self.kept_kv_heads), channels, experts)
+
+    def expert_channels(self, channels: int) -> list[list[int]]:
+        """Per kept expert, its kept channels (indices within the expert); ``channels``: those of a dense expert."""
+        per_expert: dict[int, list[int]] = {e: [] for e in self.kept_experts}
+        for slot in self.kept_ffn_channels:
+            per_expert[slot // channels].append(slot % channels)
+        return list(per_expert.values())
 
 
 def keep_everything(shape: BlockShape) -> list[LayerPlan]:
     """The plan that removes nothing."""
     return [
-        LayerPlan(tuple(range(w.query_heads)), tuple(range(w.kv_heads)), tuple(range(w.ffn_channels)))
+        LayerPlan(
+            tuple(range(w.query_heads)),
+            tuple(range(w.kv_heads)),
+            tuple(range(w.all_ffn_channels)),
+            tuple(range(w.experts)),
+        )
         for w in shape.layers
     ]
 
@@ -66,7 +90,9 @@ def check_plan(shape: BlockShape, plans: list[LayerPlan | None]) -> None:
 
     ``None`` removes the whole layer; at least one layer must stay. Valid: indices sorted and in range,
     at least one unit of each kind, every kept query head reads a kept KV head, and every kept KV head
-    keeps the same number (>= 1) of query heads.
+    keeps the same number (>= 1) of query heads; in a mixture-of-experts layer at least as many experts as
+    the router picks per token, and every kept expert keeps the same number (>= 1) of channels, no removed
+    expert any.
     """
     if len(plans) != shape.num_layers:
         raise ValueError(f"{len(plans)} layer plans for {shape.num_layers} layers")
@@ -78,10 +104,13 @@ def check_plan(shape: BlockShape, plans: list[LayerPlan | None]) -> None:
         for name, kept, n in (
             ("query heads", plan.kept_query_heads, widths.query_heads),
             ("KV heads", plan.kept_kv_heads, widths.kv_heads),
-            ("FFN channels", plan.kept_ffn_channels, widths.ffn_channels),
+            ("FFN channels", plan.kept_ffn_channels, widths.all_ffn_channels),
+            ("experts", plan.kept_experts if widths.experts else (0,), max(1, widths.experts)),
         ):
             if not kept or list(kept) != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= n:
                 raise ValueError(f"layer {i}: kept {name} must be sorted, unique, non-empty indices below {n}")
+        if widths.experts:
+            _check_experts(i, shape, plan, widths)
         g = widths.heads_per_group
         per_group = dict.fromkeys(plan.kept_kv_heads, 0)
         for h in plan.kept_query_heads:
@@ -90,6 +119,21 @@ def check_plan(shape: BlockShape, plans: list[LayerPlan | None]) -> None:
             per_group[h // g] += 1
         if len(set(per_group.values())) != 1 or 0 in per_group.values():
             raise ValueError(f"layer {i}: every kept KV head must keep the same number of query heads, got {per_group}")
+
+
+def _check_experts(i: int, shape: BlockShape, plan: LayerPlan, widths: LayerWidths) -> None:
+    if len(plan.kept_experts) < shape.experts_per_token:
+        raise ValueError(
+            f"layer {i}: {len(plan.kept_experts)} experts kept, fewer than the {shape.experts_per_token} the router "
+            "picks per token"
+        )
+    kept = set(plan.kept_experts)
+    orphans = sorted({c // widths.ffn_channels for c in plan.kept_ffn_channels} - kept)
+    if orphans:
+        raise ValueError(f"layer {i}: FFN channels kept in removed experts {orphans}")
+    counts = {len(channels) for channels in plan.expert_channels(widths.ffn_channels)}
+    if len(counts) != 1 or 0 in counts:
+        raise ValueError(f"layer {i}: every kept expert must keep the same number (>= 1) of channels")
 
 
 def head_rows(heads: tuple[int, ...], head_dim: int) -> torch.Tensor:
@@ -108,18 +152,19 @@ def _sliced_linear_tensors(
     device = linears["q_proj"].weight.device
     q_rows = head_rows(plan.kept_query_heads, head_dim).to(device)
     kv_rows = head_rows(plan.kept_kv_heads, head_dim).to(device)
-    ffn = torch.tensor(plan.kept_ffn_channels, device=device)
     # (module, index along dim 0 = output rows, index along dim 1 = input columns)
     selections = {
         "self_attn.q_proj": (q_rows, None),
         "self_attn.k_proj": (kv_rows, None),
         "self_attn.v_proj": (kv_rows, None),
         "self_attn.o_proj": (None, q_rows),
-        "mlp.gate_proj": (ffn, None),
-        "mlp.up_proj": (ffn, None),
-        "mlp.down_proj": (None, ffn),
     }
     tensors = {}
+    if isinstance(linears["down_proj"], ExpertLinears):
+        tensors = _sliced_expert_tensors(layer, plan)
+    else:
+        ffn = torch.tensor(plan.kept_ffn_channels, device=device)
+        selections |= {"mlp.gate_proj": (ffn, None), "mlp.up_proj": (ffn, None), "mlp.down_proj": (None, ffn)}
     for name, (rows, cols) in selections.items():
         linear = linears[name.rpartition(".")[2]]
         weight = linear.weight.detach()
@@ -133,6 +178,24 @@ def _sliced_linear_tensors(
             tensors[f"{name}.bias"] = (bias.index_select(0, rows) if rows is not None else bias).contiguous()
         elif output_bias and cols is not None:
             tensors[f"{name}.bias"] = weight.new_zeros(weight.shape[0])
+    return tensors
+
+
+def _sliced_expert_tensors(layer: nn.Module, plan: LayerPlan) -> dict[str, torch.Tensor]:
+    """A mixture-of-experts layer's kept experts (router rows; gate/up rows and down columns of their kept
+    channels), as split entries (``mlp.experts.gate_proj.weight`` [kept experts, channels, hidden] ...)."""
+    experts: Any = cast(Any, layer.mlp).experts
+    channels = experts.down_proj.weight.shape[2]
+    device = experts.down_proj.weight.device
+    kept = torch.tensor(plan.kept_experts, device=device)
+    columns = torch.tensor(plan.expert_channels(channels), device=device)  # [kept experts, kept channels]
+    tensors = {"mlp.gate.weight": layer.get_parameter("mlp.gate.weight").detach().index_select(0, kept).contiguous()}
+    for name in ("gate_proj", "up_proj"):
+        weight = getattr(experts, name).weight.detach().index_select(0, kept)  # [kept, channels, hidden]
+        rows = columns[:, :, None].expand(-1, -1, weight.shape[2])
+        tensors[f"mlp.experts.{name}.weight"] = weight.gather(1, rows).contiguous()
+    down = experts.down_proj.weight.detach().index_select(0, kept)  # [kept, hidden, channels]
+    tensors["mlp.experts.down_proj.weight"] = down.gather(2, columns[:, None, :].expand(-1, down.shape[1], -1))
     return tensors
 
 
@@ -163,19 +226,24 @@ def pruned_config(config: PretrainedConfig, widths: list[LayerWidths | None], ou
     values["num_hidden_layers"] = len(kept_layers)
     if values.get("layer_types"):
         values["layer_types"] = [values["layer_types"][i] for i in kept_layers]
+    experts = family_of(config).experts
     if len(set(kept)) == 1 and shape.hidden_size % kept[0].query_heads == 0 and not output_bias:
         w = kept[0]
         values |= {
             "num_attention_heads": w.query_heads,
             "num_key_value_heads": w.kv_heads,
-            "intermediate_size": w.ffn_channels,
+            "intermediate_size" if experts is None else experts.channels: w.ffn_channels,
         }
+        if experts is not None:
+            values[experts.experts] = w.experts
         return AutoConfig.for_model(shape.model_type, **values)
     values |= {
         "layer_num_attention_heads": [w.query_heads for w in kept],
         "layer_num_key_value_heads": [w.kv_heads for w in kept],
         "layer_intermediate_size": [w.ffn_channels for w in kept],
     }
+    if experts is not None:
+        values["layer_num_experts"] = [w.experts for w in kept]
     if output_bias:
         values["output_projection_bias"] = True
     return AutoConfig.for_model(shape.model_type, **values)

@@ -198,11 +198,11 @@ def layer_table(shape: BlockShape, allocation: Allocation) -> list[LayerReport]:
         pruned = None
         if plan is not None:
             widths = plan.widths
-            pruned = WidthsReport(widths.query_heads, widths.kv_heads, widths.ffn_channels)
+            pruned = WidthsReport(widths.query_heads, widths.kv_heads, widths.ffn_channels, widths.experts)
         rows.append(
             LayerReport(
                 index=i,
-                dense=WidthsReport(dense.query_heads, dense.kv_heads, dense.ffn_channels),
+                dense=WidthsReport(dense.query_heads, dense.kv_heads, dense.ffn_channels, dense.experts),
                 pruned=pruned,
                 requested_sparsity=allocation.layer_sparsity[i],
                 activated_weights=allocation.activated_weights[i] if allocation.activated_weights else None,

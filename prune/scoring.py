@@ -22,7 +22,10 @@ Scorers of whole units (``aggregate`` ignored):
   layer's units of the same kind: a unit goes first when it is both little activated and cheap to
   reconstruct without.
 
-A KV group's weights are its k/v rows plus all weights of its query heads.
+A KV group's weights are its k/v rows plus all weights of its query heads. In a mixture-of-experts layer an
+expert's FFN channels are scored like a dense MLP's (its rows of gate/up, its column of down); scorers that
+read the inputs of gate/up/down (``wanda-sp``, ``flap``, ``obs``, ``activation-obs``) do not score experts,
+whose inputs are the tokens routed to them (:func:`scores_experts`).
 
 Every scorer is one entry of :data:`SCORERS`: a function that scores one layer's units and the
 statistics it needs (:class:`prune.statistics.Statistic`). Adding a scorer is one function and one
@@ -50,7 +53,7 @@ class LayerScores:
 
     query_heads: torch.Tensor  # [n_query_heads]
     kv_groups: torch.Tensor  # [n_kv_heads]: k/v rows plus the group's query heads
-    ffn_channels: torch.Tensor  # [ffn_channels]
+    ffn_channels: torch.Tensor  # [ffn_channels], or [experts * channels] (expert-major) in a mixture-of-experts layer
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,7 @@ def units_from_reductions(
     ffn_max = torch.maximum(
         torch.maximum(r["gate_proj"]["row_max"], r["up_proj"]["row_max"]), r["down_proj"]["col_max"]
     ).double()
+    ffn_sum, ffn_max = ffn_sum.flatten(), ffn_max.flatten()  # experts' [experts, channels]: channel e * channels + c
     return LayerScores(
         query_heads=_aggregate(q_sum, q_max, 2 * d * h, aggregate),
         kv_groups=_aggregate(group_sum, group_max, (2 + 2 * g) * d * h, aggregate),
@@ -223,6 +227,11 @@ def activation_obs_scores(inputs: ScoringInputs, layer: int) -> LayerScores:
             for name in ("query_heads", "kv_groups", "ffn_channels")
         )
     )
+
+
+def scores_experts(scorer: Scorer) -> bool:
+    """Whether the scorer scores the FFN channels of experts: it does not read the inputs of the projections."""
+    return not scorer.needs & {Statistic.INPUT_SUMS, Statistic.SECOND_MOMENTS}
 
 
 GRADIENT_PRODUCTS, SUMMED_GRADIENTS = Statistic.GRADIENT_PRODUCTS, Statistic.SUMMED_GRADIENTS

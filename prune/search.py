@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from prune.blocks import decoder_layers, layer_linears
+from prune.blocks import decoder_layers, dense_linears
 from prune.placement import input_device
 from prune.pruner import LayerPlan, head_rows
 from prune.reconstruct import LinearInputs
@@ -147,7 +147,7 @@ class Fitness:
     ):
         self.model, self.samples, self.plan_for = model, samples, plan_for
         self.statistics, self.head_dim, self.damping = statistics, head_dim, damping
-        self.layers = [layer_linears(layer) for layer in decoder_layers(model)]
+        self.layers = [dense_linears(layer) for layer in decoder_layers(model)]
         self.refits: dict[tuple[str, int, int], RefitLinear] = {}
         self.dense = [self._log_probs(ids) for ids in samples]
 

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from prune.blocks import layer_linears
+from prune.blocks import dense_linears
 from prune.pruner import LayerPlan, LayerRefit, head_rows
 from prune.reconstruct import LinearInputs, lstsq_refit
 from prune.statistics import call_layer, layer_arguments
@@ -149,7 +149,7 @@ def sequential_refit(
         if index != expected[0]:
             raise ValueError(f"sequential reconstruction reached layer {index} after layer {expected[0] - 1}")
         expected[0] += 1
-        linears = layer_linears(layer)
+        linears = dense_linears(layer)
         o_proj, down_proj = linears["o_proj"], linears["down_proj"]
         kwargs = [per_layer[index] for per_layer in arguments]
         refits: dict[nn.Linear, RefitLinear] = {}

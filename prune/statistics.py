@@ -18,7 +18,8 @@ per-weight mean is reduced to what the later stages need as soon as every sample
 Tensors, by what provides them:
 
 - gradient products: ``layers.{i}.{linear}.row_sum`` / ``row_max`` [out_features]: sum / max over each
-  output row of mean A; ``col_sum`` / ``col_max`` [in_features]: the same over each input column;
+  output row of mean A; ``col_sum`` / ``col_max`` [in_features]: the same over each input column (with a
+  leading expert dimension for the experts' gate/up/down of a mixture-of-experts layer);
   ``layers.{i}.log10_hist`` [HIST_BINS]: histogram of log10(mean A) over all weights of the layer's
   7 linears (bins of HIST_WIDTH decades from HIST_MIN), from which the number of weights above any
   threshold is read;
@@ -26,7 +27,7 @@ Tensors, by what provides them:
   |w * mean_s dD(s)/dw| (LLM-Pruner's first-order Taylor term);
 - input sums: ``layers.{i}.{site}.x_sum`` / ``x_sumsq`` [features]: sum and sum of squares over
   calibration tokens of the input of a linear (sites: ``attn_in`` = q/k/v input, ``o_in``, ``mlp_in``
-  = gate/up input, ``down_in``);
+  = gate/up input, ``down_in``; in a mixture-of-experts layer only the attention's);
 - second moments: ``layers.{i}.{site}.xxt`` [features, features] (sum of x xᵀ) for ``o_in`` and ``down_in``;
 - layer cosines: ``layers.{i}.cos_sum`` [1]: sum over tokens of cos(layer input, layer output) (Block Influence).
 """
@@ -50,7 +51,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from prune.blocks import LINEAR_NAMES, decoder_layers, layer_linears, split_fused_projections
+from prune.blocks import LINEAR_NAMES, ExpertLinears, decoder_layers, layer_linears, split_fused_projections
 from prune.paths import DamagedCacheError, atomic_path, file_sha256, sha256_bytes
 from prune.placement import input_device, module_device, resident
 from prune.processes import ALONE, Processes
@@ -275,12 +276,13 @@ def objective_value(model: PreTrainedModel, input_ids: torch.Tensor, objective: 
 
 
 def row_col_reductions(score: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Row sums / maxima [out] and column sums / maxima [in] of a per-weight score matrix [out, in], on CPU."""
+    """Row sums / maxima [out] and column sums / maxima [in] of a per-weight score matrix [out, in], on CPU; of
+    every expert's matrix for [experts, out, in] (then [experts, out] and [experts, in])."""
     return {
-        "row_sum": score.sum(1).cpu(),
-        "row_max": score.amax(1).cpu(),
-        "col_sum": score.sum(0).cpu(),
-        "col_max": score.amax(0).cpu(),
+        "row_sum": score.sum(-1).cpu(),
+        "row_max": score.amax(-1).cpu(),
+        "col_sum": score.sum(-2).cpu(),
+        "col_max": score.amax(-2).cpu(),
     }
 
 
@@ -614,8 +616,11 @@ def collect_statistics(
         if sums:
             linears = layer_linears(layer)
             for site, linear_name in INPUT_SITES.items():
+                linear = linears[linear_name]
+                if isinstance(linear, ExpertLinears):  # experts see only the tokens routed to them: not collected
+                    continue
                 hook = input_hook(f"layers.{i}.{site}", covariances and site in COVARIANCE_SITES)
-                handles.append(linears[linear_name].register_forward_pre_hook(hook))
+                handles.append(linear.register_forward_pre_hook(hook))
         return handles
 
     def inputs_done(i: int) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,7 +43,9 @@ MIXED_PLANS = [
 """Plans for a 4-layer tiny model (6 query heads, 2 KV heads, 64 FFN channels) whose layers end with different
 widths: one KV group gone, a removed layer, query heads gone, FFN channels only."""
 FAMILY_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
-"""Every family the toolkit prunes (``prune.families.FAMILIES``), for tests parametrized over them."""
+"""Every dense family the toolkit prunes (``prune.families.FAMILIES``), for tests parametrized over them."""
+EXPERT_FAMILY_TYPES = ("mixtral", "qwen3_moe")
+"""The mixture-of-experts families; their tiny configs have 4 experts of ``ffn`` channels, 2 per token."""
 
 
 def tiny_config(
@@ -62,6 +66,9 @@ def tiny_config(
     extra: dict = {} if rope is None else {"rope_parameters": rope}
     if family == "phi3":  # its default token ids lie beyond a tiny vocabulary
         extra |= {"pad_token_id": vocab - 1, "eos_token_id": vocab - 1, "bos_token_id": 0}
+    if family in EXPERT_FAMILY_TYPES:  # Qwen3-MoE renormalises the picked experts' weights, as Mixtral does
+        extra |= {"num_experts_per_tok": 2, "moe_intermediate_size": ffn, "norm_topk_prob": True}
+        extra |= {"num_local_experts" if family == "mixtral" else "num_experts": 4}
     if family in SLIDING_WINDOW_FAMILIES:
         extra |= {
             "sliding_window": 4,
@@ -89,7 +96,7 @@ def tiny_model(family: str = "llama", seed: int = 0, **config_kwargs):
     model = AutoModelForCausalLM.from_config(tiny_config(family, **config_kwargs), dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:  # linears, and experts' [experts, out, in]
                 p.normal_(0, 0.2)
             elif "bias" in name:
                 p.normal_(0, 0.1)
@@ -236,3 +243,23 @@ def tiny_recipe(files: dict[str, Path], output: Path, cache: Path) -> dict:
             "engine": {"threads": 1, "prompt_tokens": 8, "new_tokens": 4, "warmup": 0, "repeats": 1},
         },
     }
+
+
+RELOAD = """
+import sys
+sys.modules["prune"] = None  # the toolkit must not be importable here
+import torch
+from transformers import AutoModelForCausalLM
+directory = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code={remote}, dtype=torch.float32)
+x = torch.load(directory + "/x.pt")
+torch.save({{"logits": model(x).logits, "generated": model.generate(x, max_new_tokens=8, do_sample=False),
+            "class": type(model).__name__}}, directory + "/reloaded.pt")
+"""
+
+
+def reload_in_fresh_process(directory, remote: bool) -> dict:
+    """Logits and 8 greedy tokens for ``directory/x.pt`` from the checkpoint in ``directory``, loaded in a fresh
+    process where the toolkit cannot be imported, and the class it loaded as."""
+    subprocess.run([sys.executable, "-c", RELOAD.format(remote=remote), str(directory)], check=True, cwd="/")
+    return torch.load(directory / "reloaded.pt")

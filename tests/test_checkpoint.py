@@ -1,12 +1,10 @@
 """Saved checkpoints reload without the toolkit and give the same logits."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import FAMILY_TYPES, random_tokens, tiny_model
+from conftest import FAMILY_TYPES, random_tokens, reload_in_fresh_process, tiny_model
 
 from prune.checkpoint import save_checkpoint
 from prune.pruner import LayerPlan, prune_model
@@ -15,24 +13,6 @@ from prune.pruner import LayerPlan, prune_model
 class NoTokenizer:
     def save_pretrained(self, directory):
         pass
-
-
-RELOAD = """
-import sys
-sys.modules["prune"] = None  # the toolkit must not be importable here
-import torch
-from transformers import AutoModelForCausalLM
-directory = sys.argv[1]
-model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code={remote}, dtype=torch.float32)
-x = torch.load(directory + "/x.pt")
-torch.save({{"logits": model(x).logits, "generated": model.generate(x, max_new_tokens=8, do_sample=False),
-            "class": type(model).__name__}}, directory + "/reloaded.pt")
-"""
-
-
-def _reload_in_fresh_process(directory, remote: bool) -> dict:
-    subprocess.run([sys.executable, "-c", RELOAD.format(remote=remote), str(directory)], check=True, cwd="/")
-    return torch.load(directory / "reloaded.pt")
 
 
 @pytest.mark.parametrize("family", FAMILY_TYPES)
@@ -55,7 +35,7 @@ def test_per_layer_checkpoint_reloads_in_fresh_process(tmp_path, family):
     assert config["auto_map"] == {"AutoModelForCausalLM": f"modeling_pruned.{type(pruned).__name__}"}
     x = random_tokens(2, 9)
     torch.save(x, tmp_path / "x.pt")
-    reloaded = _reload_in_fresh_process(tmp_path, remote=True)
+    reloaded = reload_in_fresh_process(tmp_path, remote=True)
     assert reloaded["class"] == type(pruned).__name__ and reloaded["class"].startswith("Pruned")
     torch.testing.assert_close(reloaded["logits"], pruned(x).logits, atol=1e-5, rtol=0)
     assert torch.equal(reloaded["generated"], pruned.generate(x, max_new_tokens=8, do_sample=False))
@@ -72,7 +52,7 @@ def test_uniform_checkpoint_needs_no_remote_code(tmp_path):
     assert not (tmp_path / "modeling_pruned.py").exists()
     x = random_tokens(1, 6)
     torch.save(x, tmp_path / "x.pt")
-    reloaded = _reload_in_fresh_process(tmp_path, remote=False)
+    reloaded = reload_in_fresh_process(tmp_path, remote=False)
     assert reloaded["class"] == "Qwen2ForCausalLM"
     torch.testing.assert_close(reloaded["logits"], pruned(x).logits, atol=1e-5, rtol=0)
 
@@ -90,7 +70,7 @@ def test_output_biases_survive_the_round_trip(tmp_path):
     assert config["output_projection_bias"] is True and config["layer_intermediate_size"] == [64] * 3
     x = random_tokens(1, 6)
     torch.save(x, tmp_path / "x.pt")
-    reloaded = _reload_in_fresh_process(tmp_path, remote=True)
+    reloaded = reload_in_fresh_process(tmp_path, remote=True)
     torch.testing.assert_close(reloaded["logits"], pruned(x).logits, atol=1e-5, rtol=0)
     assert (reloaded["logits"] - model(x).logits).abs().max() > 1e-2  # the biases mattered
 
@@ -104,6 +84,6 @@ def test_checkpoint_with_removed_layers_reloads_as_the_stock_class(tmp_path):
     assert config["num_hidden_layers"] == 2 and "auto_map" not in config
     x = random_tokens(1, 6)
     torch.save(x, tmp_path / "x.pt")
-    reloaded = _reload_in_fresh_process(tmp_path, remote=False)
+    reloaded = reload_in_fresh_process(tmp_path, remote=False)
     assert reloaded["class"] == "LlamaForCausalLM"
     torch.testing.assert_close(reloaded["logits"], pruned(x).logits, atol=1e-5, rtol=0)

@@ -213,8 +213,8 @@ def test_shape_only_command_times_dense_and_transferred_widths(tmp_path, capsys)
     )
     summary = json.loads((tmp_path / "speed.json").read_text())
     assert summary["pruned_widths"] == [
-        {"query_heads": 4, "kv_heads": 2, "ffn_channels": 32},
-        {"query_heads": 6, "kv_heads": 2, "ffn_channels": 64},
+        {"query_heads": 4, "kv_heads": 2, "ffn_channels": 32, "experts": 0},
+        {"query_heads": 6, "kv_heads": 2, "ffn_channels": 64, "experts": 0},
     ]
     assert [row["batch_size"] for row in summary["rows"]] == [1, 2]
     pruned_macs = summary["rows"][0]["results"]["pruned"]["linear_macs_per_token"]

@@ -1,8 +1,9 @@
 """Every family of prune.families through the whole run, its dry run, and the refusals that name the families.
 
 The per-family equivalences (target 0, zeroed units, removed layers, cached generation, fresh-process reload)
-are parametrized over every family in test_pruner.py and test_checkpoint.py, the statistics against brute
-force in test_statistics.py; Llama 3's rope scaling in llama.cpp in test_engine.py.
+are parametrized over every dense family in test_pruner.py and test_checkpoint.py, the statistics against brute
+force in test_statistics.py; Llama 3's rope scaling in llama.cpp in test_engine.py; the mixture-of-experts
+families in test_experts.py.
 """
 
 import json
@@ -78,7 +79,7 @@ def test_an_unsupported_family_and_an_uncovered_export_are_one_line(tmp_path, fa
     line = capsys.readouterr().err.strip()
     assert line == (
         "error: model.source: model type 'gpt2' is not one the toolkit prunes; "
-        "supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3"
+        "supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, mixtral, qwen3_moe"
     )
     recipe = _recipe(tmp_path, family_files["qwen3"], "gguf", export={"formats": ["hf", "gguf"]})
     assert main([str(recipe)]) == 2

@@ -8,8 +8,9 @@ replaced by ones of that layer's width and the attention module is told its numb
 per KV head (a fused ``qkv_proj``, Phi-3's, is split by head counts that the module reads from its
 configuration, so that module gets a :class:`LayerConfig` with its layer's counts). With
 ``output_projection_bias: true`` (set when the pruner reconstructed the layer outputs), ``o_proj`` and
-``down_proj`` carry a bias. Everything else (RoPE, KV cache, generation)
-is stock.
+``down_proj`` carry a bias. Mixture-of-experts configurations add ``layer_num_experts``: the experts of each
+layer (router rows and experts, each with ``layer_intermediate_size`` channels). Everything else (RoPE, KV
+cache, generation, routing) is stock.
 """
 
 from typing import Any
@@ -20,9 +21,11 @@ from transformers import (
     Gemma3ForCausalLM,
     LlamaForCausalLM,
     MistralForCausalLM,
+    MixtralForCausalLM,
     Phi3ForCausalLM,
     Qwen2ForCausalLM,
     Qwen3ForCausalLM,
+    Qwen3MoeForCausalLM,
 )
 
 
@@ -38,12 +41,13 @@ def _resized_linear(linear: nn.Linear, in_features: int, out_features: int, bias
 
 
 def set_layer_widths(
-    layer: nn.Module, query_heads: int, kv_heads: int, ffn_channels: int, output_bias: bool = False
+    layer: nn.Module, query_heads: int, kv_heads: int, ffn_channels: int, output_bias: bool = False, experts: int = 0
 ) -> None:
     """Give one decoder layer new widths: replaces its 7 linears by uninitialised ones of the new shapes.
 
     ``query_heads`` must be a multiple of ``kv_heads``; head_dim and hidden size stay as they are.
-    ``output_bias``: o_proj and down_proj get a bias.
+    ``output_bias``: o_proj and down_proj get a bias. ``experts``: in a mixture-of-experts layer, the experts
+    it keeps (``ffn_channels`` each).
     """
     if query_heads % kv_heads:
         raise ValueError(f"{query_heads} query heads cannot be split over {kv_heads} KV heads")
@@ -60,6 +64,9 @@ def set_layer_widths(
         attn.v_proj = _resized_linear(attn.v_proj, hidden, kv_heads * head_dim)
     attn.o_proj = _resized_linear(attn.o_proj, query_heads * head_dim, hidden, output_bias)
     attn.num_key_value_groups = query_heads // kv_heads
+    if hasattr(mlp, "experts"):  # mixture of experts: 3-D weights [experts, out, in] and a router row per expert
+        set_expert_widths(mlp, experts, ffn_channels)
+        return
     if hasattr(mlp, "gate_up_proj"):  # fused (Phi-3): gate and up rows stacked, split in half
         mlp.gate_up_proj = _resized_linear(mlp.gate_up_proj, hidden, 2 * ffn_channels)
     else:
@@ -67,6 +74,21 @@ def set_layer_widths(
         mlp.up_proj = _resized_linear(mlp.up_proj, hidden, ffn_channels)
     mlp.down_proj = _resized_linear(mlp.down_proj, ffn_channels, hidden, output_bias)
     mlp.intermediate_size = ffn_channels
+
+
+def set_expert_widths(mlp: Any, experts: int, channels: int) -> None:
+    """Give a mixture-of-experts block ``experts`` experts of ``channels`` FFN channels each: its router
+    (``gate``, [experts, hidden]) and its experts' ``gate_up_proj`` [experts, 2 * channels, hidden] and
+    ``down_proj`` [experts, hidden, channels], uninitialised."""
+    if experts < mlp.gate.top_k:
+        raise ValueError(f"{experts} experts cannot serve {mlp.gate.top_k} experts per token")
+    router, weights = mlp.gate.weight, mlp.experts.down_proj
+    hidden = router.shape[1]
+    mlp.gate.weight = nn.Parameter(router.new_empty(experts, hidden))
+    mlp.gate.num_experts = mlp.experts.num_experts = experts
+    mlp.experts.intermediate_dim = channels
+    mlp.experts.gate_up_proj = nn.Parameter(weights.new_empty(experts, 2 * channels, hidden))
+    mlp.experts.down_proj = nn.Parameter(weights.new_empty(experts, hidden, channels))
 
 
 class LayerConfig:
@@ -86,13 +108,18 @@ class LayerConfig:
 
 
 def _apply_layer_widths(model: nn.Module, config) -> None:
+    experts = getattr(config, "layer_num_experts", None) or [0] * config.num_hidden_layers
     widths = zip(
-        config.layer_num_attention_heads, config.layer_num_key_value_heads, config.layer_intermediate_size, strict=True
+        config.layer_num_attention_heads,
+        config.layer_num_key_value_heads,
+        config.layer_intermediate_size,
+        experts,
+        strict=True,
     )
     output_bias = getattr(config, "output_projection_bias", False)
     layers: Any = model.get_submodule("model.layers")
-    for layer, (query_heads, kv_heads, ffn_channels) in zip(layers, widths, strict=True):
-        set_layer_widths(layer, query_heads, kv_heads, ffn_channels, output_bias)
+    for layer, (query_heads, kv_heads, ffn_channels, layer_experts) in zip(layers, widths, strict=True):
+        set_layer_widths(layer, query_heads, kv_heads, ffn_channels, output_bias, layer_experts)
 
 
 def _with_layer_widths(stock: type) -> type:
@@ -114,3 +141,5 @@ PrunedQwen3ForCausalLM = _with_layer_widths(Qwen3ForCausalLM)
 PrunedGemma2ForCausalLM = _with_layer_widths(Gemma2ForCausalLM)
 PrunedGemma3ForCausalLM = _with_layer_widths(Gemma3ForCausalLM)
 PrunedPhi3ForCausalLM = _with_layer_widths(Phi3ForCausalLM)
+PrunedMixtralForCausalLM = _with_layer_widths(MixtralForCausalLM)
+PrunedQwen3MoeForCausalLM = _with_layer_widths(Qwen3MoeForCausalLM)
