@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.figures import write_figures
+from eval.zeroshot import percent
 from prune.paths import atomic_write_text
 from prune.schema import SchemaError, from_mapping, to_mapping
 
@@ -155,6 +156,9 @@ class TaskAccuracy:
     items: int
     acc_norm: float | None = None
     """Length-normalised accuracy, where the task defines it."""
+    acc_stderr: float | None = None
+    """Standard error of ``acc`` over the items (lm-eval's)."""
+    acc_norm_stderr: float | None = None
 
 
 @dataclass
@@ -162,6 +166,8 @@ class ZeroshotScores:
     tasks: dict[str, TaskAccuracy]
     mean: float | None
     """Mean ``acc`` over the evaluated tasks of the seven-task set; None if none of them was evaluated."""
+    mean_stderr: float | None = None
+    """Its standard error: sqrt(sum of the tasks' squared standard errors) / tasks."""
 
 
 @dataclass
@@ -363,10 +369,18 @@ def _zeroshot_section(zeroshot: ZeroshotReport) -> list[str]:
     ]
     for task, dense in zeroshot.dense.tasks.items():
         pruned = zeroshot.pruned.tasks[task]
-        norm = "- | -"
+        cells = [percent(dense.acc, dense.acc_stderr, 1), percent(pruned.acc, pruned.acc_stderr, 1), "-", "-"]
         if dense.acc_norm is not None and pruned.acc_norm is not None:
-            norm = f"{100 * dense.acc_norm:.1f} | {100 * pruned.acc_norm:.1f}"
-        lines.append(f"| {task} | {dense.items} | {100 * dense.acc:.1f} | {100 * pruned.acc:.1f} | {norm} |")
+            cells[2:] = [
+                percent(dense.acc_norm, dense.acc_norm_stderr, 1),
+                percent(pruned.acc_norm, pruned.acc_norm_stderr, 1),
+            ]
+        lines.append(f"| {task} | {dense.items} | {' | '.join(cells)} |")
+    if zeroshot.dense.mean is not None and zeroshot.pruned.mean is not None:
+        dense_mean = percent(zeroshot.dense.mean, zeroshot.dense.mean_stderr, 1)
+        pruned_mean = percent(zeroshot.pruned.mean, zeroshot.pruned.mean_stderr, 1)
+        lines.append(f"| mean {zeroshot.mean_metric} | | {dense_mean} | {pruned_mean} | | |")
+    lines += ["", "± one standard error over the items; the mean's is sqrt(Σ se²) / tasks."]
     return [*lines, ""]
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -104,10 +105,12 @@ def zeroshot_accuracy(
 ) -> dict:
     """Accuracy of ``model`` on lm-eval tasks.
 
-    Returns ``{"source", "data_dir", "limit", "seed", "tasks": {task: {"acc", "acc_norm"?, "items"}},
-    "mean_metric", "mean_tasks", "mean"}`` (accuracies as fractions in [0, 1]; ``mean`` is the mean of
-    ``acc`` over the MEAN_TASKS that were evaluated, None if none were) and, with ``log_samples``,
-    ``"samples"``: lm-eval's per-item records by task.
+    Returns ``{"source", "data_dir", "limit", "seed", "tasks": {task: {"acc", "acc_stderr", "acc_norm"?,
+    "acc_norm_stderr"?, "items"}}, "mean_metric", "mean_tasks", "mean", "mean_stderr"}`` (accuracies as
+    fractions in [0, 1]; a standard error is lm-eval's, sqrt(p (1 - p) / (n - 1)) over the n items; ``mean``
+    is the mean of ``acc`` over the MEAN_TASKS that were evaluated, None if none were, and its standard error
+    that of a mean of independent estimates, sqrt(sum of squared standard errors) / tasks) and, with
+    ``log_samples``, ``"samples"``: lm-eval's per-item records by task.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -121,7 +124,7 @@ def zeroshot_accuracy(
         tasks=specs,
         limit=limit,
         log_samples=log_samples,
-        bootstrap_iters=0,
+        bootstrap_iters=1000,  # acc and acc_norm are means: lm-eval takes their closed-form standard error
         random_seed=seed,
         numpy_random_seed=seed,
         torch_random_seed=seed,
@@ -130,7 +133,11 @@ def zeroshot_accuracy(
     per_task = {}
     for task in tasks:
         metrics = output["results"][task]
-        per_task[task] = {m: metrics[f"{m},none"] for m in ("acc", "acc_norm") if f"{m},none" in metrics}
+        per_task[task] = {
+            name: metrics[f"{name},none"]
+            for name in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
+            if f"{name},none" in metrics
+        }
         per_task[task]["items"] = output["n-samples"][task]["effective"]
     in_mean = [t for t in MEAN_TASKS if t in per_task]
     result = {
@@ -142,10 +149,18 @@ def zeroshot_accuracy(
         "mean_metric": MEAN_METRIC,
         "mean_tasks": in_mean,
         "mean": statistics.mean(per_task[t][MEAN_METRIC] for t in in_mean) if in_mean else None,
+        "mean_stderr": math.sqrt(sum(per_task[t][f"{MEAN_METRIC}_stderr"] ** 2 for t in in_mean)) / len(in_mean)
+        if in_mean
+        else None,
     }
     if log_samples:
         result["samples"] = output["samples"]
     return result
+
+
+def percent(value: float, stderr: float | None, digits: int = 2) -> str:
+    """An accuracy in [0, 1] in percent with its standard error when known: "41.57 ± 0.52"."""
+    return f"{100 * value:.{digits}f}" + ("" if stderr is None else f" ± {100 * stderr:.{digits}f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,14 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
         print(f"{args.model}: {result['source']} tasks, limit {args.limit}")
-        print("| task | items | acc | acc_norm |\n|---|---:|---:|---:|")
+        print("| task | items | acc ± standard error | acc_norm ± standard error |\n|---|---:|---:|---:|")
         for task, metrics in result["tasks"].items():
-            norm = f"{100 * metrics['acc_norm']:.2f}" if "acc_norm" in metrics else "-"
-            print(f"| {task} | {metrics['items']} | {100 * metrics['acc']:.2f} | {norm} |")
+            norm = percent(metrics["acc_norm"], metrics["acc_norm_stderr"]) if "acc_norm" in metrics else "-"
+            print(f"| {task} | {metrics['items']} | {percent(metrics['acc'], metrics['acc_stderr'])} | {norm} |")
         if result["mean"] is not None:
-            print(
-                f"| mean {result['mean_metric']} ({len(result['mean_tasks'])} tasks) | | {100 * result['mean']:.2f} | |"
-            )
+            mean = percent(result["mean"], result["mean_stderr"])
+            print(f"| mean {result['mean_metric']} ({len(result['mean_tasks'])} tasks) | | {mean} | |")
         return "done"
 
     return run_command(evaluate, (ModelSourceError, DataSourceError))

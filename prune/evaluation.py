@@ -176,6 +176,7 @@ def dense_zeroshot(inputs: DenseInputs) -> tuple[dict, str | None]:
         "limit": zs.limit,
         "batch_size": zs.batch_size,
         "seed": zs.seed,
+        "standard_errors": True,
     }
     return cached_dense_evaluation(
         inputs.prepared,
@@ -192,7 +193,8 @@ def evaluate_zeroshot(inputs: EvaluationInputs) -> ZeroshotReport:
     pruned = _zeroshot(inputs.pruned, inputs.tokenizer, inputs.prepared.recipe)
 
     def scores(result: dict) -> ZeroshotScores:
-        return from_mapping(ZeroshotScores, {"tasks": result["tasks"], "mean": result["mean"]}, "zeroshot")
+        fields = {"tasks": result["tasks"], "mean": result["mean"], "mean_stderr": result["mean_stderr"]}
+        return from_mapping(ZeroshotScores, fields, "zeroshot")
 
     return ZeroshotReport(
         source=dense["source"],

@@ -237,7 +237,11 @@ def test_report_writes_linked_figures_and_the_zero_shot_table(tmp_path):
         )
         for i in range(3)
     ]
-    dense = ZeroshotScores({"piqa": TaskAccuracy(0.70, 100, 0.68), "boolq": TaskAccuracy(0.60, 100)}, 0.65)
+    dense = ZeroshotScores(
+        {"piqa": TaskAccuracy(0.70, 100, 0.68, 0.046, 0.047), "boolq": TaskAccuracy(0.60, 100, None, 0.049)},
+        0.65,
+        0.034,
+    )
     pruned = ZeroshotScores({"piqa": TaskAccuracy(0.61, 100, 0.60), "boolq": TaskAccuracy(0.55, 100)}, 0.58)
     report = make_report(
         layers=layers,
@@ -251,6 +255,7 @@ def test_report_writes_linked_figures_and_the_zero_shot_table(tmp_path):
         assert f"]({name})" in text
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| zero-shot mean acc (2 tasks, first 100 items each) | 65.00 | 58.00 | 0.892x |" in text
-    assert "| piqa | 100 | 70.0 | 61.0 | 68.0 | 60.0 |" in text and "| boolq | 100 | 60.0 | 55.0 | - | - |" in text
+    assert "| piqa | 100 | 70.0 ± 4.6 | 61.0 | 68.0 ± 4.7 | 60.0 |" in text  # without a standard error: none shown
+    assert "| boolq | 100 | 60.0 ± 4.9 | 55.0 | - | - |" in text and "| mean acc | | 65.0 ± 3.4 | 58.0 | | |" in text
     assert "Dense perplexity reused from `/cache/p.json`" in text and "Dense zeroshot reused" not in text
     assert read_report(tmp_path) == report  # report.json reads back into the same typed report

@@ -95,3 +95,10 @@ def test_harness_log_likelihoods_equal_an_independent_computation(tmp_path):
             _log_likelihood(model, tokenizer, option, " " + doc["continuation"]) for option in doc["context_options"]
         ]
         assert harness == pytest.approx(independent, abs=2e-3)
+    # standard errors: a proportion's over its items, and the mean's over the two tasks
+    errors = []
+    for task in ("arc_easy", "winogrande"):
+        p, n = result["tasks"][task]["acc"], result["tasks"][task]["items"]
+        assert result["tasks"][task]["acc_stderr"] == pytest.approx((p * (1 - p) / (n - 1)) ** 0.5, rel=1e-9)
+        errors.append(result["tasks"][task]["acc_stderr"])
+    assert result["mean_stderr"] == pytest.approx((errors[0] ** 2 + errors[1] ** 2) ** 0.5 / 2, rel=1e-12)
