@@ -338,19 +338,24 @@ def _lowest(scores: torch.Tensor, count: int) -> set[int]:
     return set(order[:count])
 
 
-def expert_plan(
-    scores: torch.Tensor, widths: LayerWidths, kept: int, experts_per_token: int, round_to: int, min_channels: int
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Kept experts and kept channels (``e * channels + c``) of a mixture-of-experts layer that may keep ``kept``
-    channels over all its experts: of every (experts n >= ``experts_per_token``, channels per expert f, a
-    multiple of ``round_to`` and >= ``min_channels``, or all) with n * f <= ``kept``, the one that keeps the
-    highest sum of channel scores ``scores`` [experts * channels], each expert keeping its f best channels and
-    the n experts with the highest sums staying (ties: more channels kept, then lower indices)."""
-    experts, channels = widths.experts, widths.ffn_channels
+def expert_ranking(scores: torch.Tensor, widths: LayerWidths) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert's channels best first ([experts, channels] indices) and the cumulative sums of their scores
+    ([experts, channels]: entry f - 1 is the score of the expert's f best channels), from channel scores
+    ``scores`` [experts * channels] of a mixture-of-experts layer."""
+    ranked = scores.double().view(widths.experts, widths.ffn_channels).sort(dim=1, descending=True, stable=True)
+    return ranked.indices, ranked.values.cumsum(dim=1)
+
+
+def expert_widths(
+    cumulative: torch.Tensor, kept: int, experts_per_token: int, round_to: int, min_channels: int
+) -> tuple[int, int]:
+    """(experts n, channels per expert f) of a mixture-of-experts layer that may keep ``kept`` channels over all
+    its experts: of every n >= ``experts_per_token`` and f (a multiple of ``round_to`` and >= ``min_channels``, or
+    all) with n * f <= ``kept``, the pair whose n best experts keep the highest score with their f best channels
+    each (ties: more channels kept). ``cumulative``: :func:`expert_ranking`'s sums."""
+    experts, channels = cumulative.shape
     if kept >= experts * channels:
-        return tuple(range(experts)), tuple(range(experts * channels))
-    ranked = scores.double().view(experts, channels).sort(dim=1, descending=True, stable=True)
-    cumulative = ranked.values.cumsum(dim=1)
+        return experts, channels
     best: tuple[float, int, int, int] | None = None
     for n in range(max(1, experts_per_token), experts + 1):
         f = channels if kept // n >= channels else kept // n // round_to * round_to
@@ -361,10 +366,21 @@ def expert_plan(
             best = (total, n * f, n, f)
     if best is None:
         raise ImpossibleTargetError(f"{kept} FFN channels cannot keep {experts_per_token} experts")
-    _, _, n, f = best
+    return best[2], best[3]
+
+
+def expert_plan(
+    scores: torch.Tensor, widths: LayerWidths, kept: int, experts_per_token: int, round_to: int, min_channels: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Kept experts and kept channels (``e * channels + c``) of a mixture-of-experts layer that may keep ``kept``
+    channels over all its experts, from channel scores ``scores`` [experts * channels]: the (experts, channels
+    per expert) of :func:`expert_widths`, each kept expert keeping its best channels (ties: lower indices)."""
+    channels = widths.ffn_channels
+    indices, cumulative = expert_ranking(scores, widths)
+    n, f = expert_widths(cumulative, kept, experts_per_token, round_to, min_channels)
     sums = cumulative[:, f - 1].tolist()
-    kept_experts = sorted(sorted(range(experts), key=lambda e: (-sums[e], e))[:n])
-    slots = [e * channels + int(c) for e in kept_experts for c in ranked.indices[e, :f].tolist()]
+    kept_experts = sorted(sorted(range(widths.experts), key=lambda e: (-sums[e], e))[:n])
+    slots = [e * channels + int(c) for e in kept_experts for c in indices[e, :f].tolist()]
     return tuple(kept_experts), tuple(sorted(slots))
 
 
@@ -468,8 +484,52 @@ def _by_layer_sparsity(
         p.min_ffn_channels,
         problem.protected,
     )
-    plans: list[LayerPlan | None] = list(_plans_from_counts(problem, steps, ffn_kept))
+    kept = _plans_from_counts(problem, steps, ffn_kept)
+    if problem.shape.experts_per_token:
+        kept = _spend_expert_surplus(problem, steps, ffn_kept, kept)
+    plans: list[LayerPlan | None] = list(kept)
     return Allocation(layer_sparsity, activated, threshold, steps, plans, _removed(problem.shape, plans))
+
+
+def _spend_expert_surplus(
+    problem: AllocationProblem, steps: list[int], ffn_kept: list[int], plans: list[LayerPlan]
+) -> list[LayerPlan]:
+    """Plans whose mixture-of-experts layers keep what the budget leaves over. A layer keeps experts x channels
+    per expert <= its share of channels, so the removal can exceed the budget by much more than the solver's
+    one FFN step; while it does, the layer whose next larger share (the next one that changes its experts or
+    channels and keeps more) adds the fewest parameters gets it, as long as the removal stays >= the budget."""
+    shape, p, scores = problem.shape, problem.pruning, problem.scores
+    assert scores is not None
+    plans, ffn_kept = list(plans), list(ffn_kept)
+    surplus = _removed(shape, list(plans)) - problem.params_to_remove
+
+    rankings = {i: expert_ranking(scores[i].ffn_channels, w)[1] for i, w in enumerate(shape.layers)}
+
+    def larger(i: int) -> tuple[int, int, LayerPlan] | None:
+        """(added parameters, share, plan) of layer i's next larger share that keeps more channels, if any."""
+        widths, current = shape.layers[i], plans[i]
+        minimum = min_expert_channels(widths.ffn_channels, p.round_to, p.min_ffn_channels)
+        share, steps_of_n = ffn_kept[i], range(max(1, shape.experts_per_token), widths.experts + 1)
+        while share < widths.all_ffn_channels:  # the next share at which some n gets a wider f
+            share = min(
+                [widths.all_ffn_channels, *((share // (n * p.round_to) + 1) * n * p.round_to for n in steps_of_n)]
+            )
+            n, f = expert_widths(rankings[i], share, shape.experts_per_token, p.round_to, minimum)
+            if n * f > len(current.kept_ffn_channels):
+                plan = layer_plan(
+                    shape, i, scores[i], steps[i], p.attention_unit, share, p.round_to, p.min_ffn_channels
+                )
+                return shape.layer_params(plan.widths) - shape.layer_params(current.widths), share, plan
+        return None
+
+    options = {i: larger(i) for i in range(shape.num_layers) if i not in problem.protected}
+    while True:
+        fitting = [(option, i) for i, option in options.items() if option is not None and option[0] <= surplus]
+        if not fitting:
+            return plans
+        (added, share, plan), i = min(fitting, key=lambda item: (item[0][0], item[1]))
+        plans[i], ffn_kept[i], surplus = plan, share, surplus - added
+        options[i] = larger(i)
 
 
 def uniform_allocation(problem: AllocationProblem) -> Allocation:

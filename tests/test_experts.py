@@ -20,13 +20,14 @@ from conftest import (
 from transformers import AutoModelForCausalLM
 
 from eval.speed import cache_keyword, linear_macs_per_token
-from prune.allocation import expert_plan
-from prune.blocks import LayerWidths, block_shape, count_parameters, decoder_layers, split_fused_projections
+from prune.allocation import allocate, expert_plan, layer_plan
+from prune.blocks import BlockShape, LayerWidths, block_shape, count_parameters, decoder_layers, split_fused_projections
 from prune.checkpoint import save_checkpoint
 from prune.prepare import prepare
 from prune.pruner import LayerPlan, check_plan, keep_everything, prune_model
-from prune.recipe import load_recipe
+from prune.recipe import AllocationSection, PruningSection, load_recipe
 from prune.run import execute, main
+from prune.scoring import LayerScores
 from prune.statistics import Statistic, collect_statistics, objective_value
 
 CHANNELS = 64
@@ -284,3 +285,32 @@ def test_methods_that_do_not_prune_experts_are_one_line(tmp_path, expert_files, 
     assert main([str(_recipe(tmp_path, expert_files["mixtral"], "refused", **sections))]) == 2
     assert capsys.readouterr().err.strip() == line
     assert not (tmp_path / "refused").exists()
+
+
+def test_the_allocation_spends_what_whole_experts_leave_over():
+    """Experts x channels per expert rarely equal a layer's share: the surplus goes to the layers it fits."""
+    shape = BlockShape("qwen3_moe", 256, 32, 6, False, False, (LayerWidths(8, 4, 96, 16),) * 6, experts_per_token=2)
+    generator = torch.Generator().manual_seed(0)
+    scores = [
+        LayerScores(
+            torch.rand(8, generator=generator, dtype=torch.float64),
+            torch.rand(4, generator=generator, dtype=torch.float64),
+            (torch.rand(16, 96, generator=generator) * torch.rand(16, 1, generator=generator) ** 3).flatten().double(),
+        )
+        for _ in range(6)
+    ]
+    total = sum(shape.layer_params(w) for w in shape.layers)
+    pruning = PruningSection(round_to=8, min_ffn_channels=16)
+    for target in (0.2, 0.3, 0.5):
+        budget = round(target * total)
+        allocation = allocate(shape, scores, budget, AllocationSection("uniform"), pruning)
+        check_plan(shape, allocation.plans)
+        surplus = allocation.removed_parameters - budget
+        assert surplus >= 0
+        for i, plan in enumerate(allocation.plans):  # brute force: no layer's next larger plan fits in the surplus
+            kept = len(plan.kept_ffn_channels)
+            for share in range(kept + 8, 16 * 96 + 1, 8):
+                larger = layer_plan(shape, i, scores[i], allocation.attention_steps[i], "query_head", share, 8, 16)
+                if len(larger.kept_ffn_channels) > kept:
+                    assert shape.layer_params(larger.widths) - shape.layer_params(plan.widths) > surplus
+                    break
