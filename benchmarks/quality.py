@@ -1,14 +1,13 @@
 """Quality at equal size: every scorer / allocation / reconstruction in one harness on one model.
 
     python benchmarks/quality.py [--recipe recipes/smollm2_30pct.yaml] [--targets 0.2 0.3 0.5]
-                                 [--only NAME ...] [--rounds N] [--zeroshot] [--jsonl runs/quality.jsonl]
+                                 [--only NAME ...] [--zeroshot] [--jsonl runs/quality.jsonl]
     python benchmarks/quality.py --table runs/quality.jsonl [more.jsonl ...]
 
 Each row is the base recipe with the overrides in ``CONFIGURATIONS`` and ``pruning.target`` set; the
 model, the calibration data (the base recipe's), the statistics cache and the perplexity protocol are
-shared, and the dense perplexity is measured once. ``--rounds N`` prunes each row iteratively: round r
-removes parameters up to r/N of the target, from the model as pruned by the rounds before, with
-statistics collected on that model (round 1 reads the cache). ``--zeroshot`` adds the mean ``acc`` of the seven
+shared, and the dense perplexity is measured once (``--set pruning.rounds=3``: every row pruned in three
+rounds). ``--zeroshot`` adds the mean ``acc`` of the seven
 tasks (the base recipe's zero-shot settings: source, limit, batch size, seed). Appends one JSON line per row
 to ``--jsonl`` as
 soon as the row is done, and prints the markdown table (for BENCHMARKS.md) at the end; ``--table``
@@ -26,13 +25,12 @@ from pathlib import Path
 
 from eval.perplexity import perplexity
 from eval.zeroshot import MEAN_TASKS, resolve_source, zeroshot_accuracy
-from prune.blocks import block_shape, count_parameters
+from prune.blocks import count_parameters
 from prune.calibration import evaluation_tokens
 from prune.models import load_model
-from prune.prepare import added_bias_parameters, prepare
+from prune.prepare import prepare
 from prune.recipe import load_recipe
 from prune.run import obtain_statistics, prune_as_recipe_says, recipe_calibration
-from prune.statistics import collect_statistics
 
 GRADIENT_METHODS = ("activation", "activation-obs", "taylor")
 CONFIGURATIONS = {
@@ -80,7 +78,6 @@ def main() -> None:
     )
     parser.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.3, 0.5])
     parser.add_argument("--only", nargs="+", choices=list(CONFIGURATIONS), help="run only these rows")
-    parser.add_argument("--rounds", type=int, default=1, help="prune in this many rounds (iterative pruning)")
     parser.add_argument(
         "--zeroshot", action="store_true", help="also the seven-task zero-shot mean (minutes a row on a CPU)"
     )
@@ -120,24 +117,15 @@ def main() -> None:
             stage_seconds: dict[str, float] = {}
             samples = recipe_calibration(prepared, tokenizer)
             start = time.perf_counter()
-            pruned, allocation = model, None
-            for round_ in range(1, args.rounds + 1):
-                removed = dense_total - count_parameters(pruned)["total"]
-                to_remove = round(target * round_ / args.rounds * dense_total) - removed
-                if round_ > 1:
-                    # the biases a reconstruction adds exist from round 1 on: the budget does not count them again
-                    to_remove -= added_bias_parameters(recipe, block_shape(pruned.config))
-                    statistics = collect_statistics(pruned, samples, recipe.scoring.objective, prepared.needs)
-                pruned, allocation = prune_as_recipe_says(
-                    recipe, pruned, to_remove, statistics, stage_seconds, samples=samples
-                )
-            assert allocation is not None
+            pruned, allocation = prune_as_recipe_says(
+                recipe, model, prepared.params_to_remove, statistics, stage_seconds, samples=samples
+            )
             seconds = time.perf_counter() - start
             result = perplexity(pruned, tokens, ppl_recipe.seqlen, ppl_recipe.windows, f"{name} {target:.0%}")
             kept = count_parameters(pruned)["total"]
             row = {
-                "name": name if args.rounds == 1 else f"{name}, {args.rounds} rounds",
-                "rounds": args.rounds,
+                "name": name if recipe.pruning.rounds == 1 else f"{name}, {recipe.pruning.rounds} rounds",
+                "rounds": recipe.pruning.rounds,
                 "target": target,
                 "method": recipe.scoring.method,
                 "objective": recipe.scoring.objective,

@@ -115,6 +115,9 @@ class AllocationReport:
     activation_threshold: float | None
     """The absolute gamma the activated weights were counted above (activation-density only)."""
     search: SearchReport | None = None
+    rounds: int = 1
+    """Rounds of pruning (``pruning.rounds``); with more than one the per-layer sparsity is what each layer lost
+    over all of them."""
 
 
 @dataclass
@@ -536,6 +539,14 @@ def _layers_section(report: Report) -> list[str]:
             f"{search.offspring} mutations) in {search.seconds:.0f} s; KL divergence to the dense model on "
             f"{search.samples} calibration samples {search.start_kl:.4f} (activation-density start) → "
             f"{search.best_kl:.4f} nats per token.",
+            "",
+        ]
+    rounds = report.allocation.rounds
+    if rounds > 1:
+        lines[2:2] = [
+            f"Pruned in {rounds} rounds (round r removed up to r/{rounds} of the target, scored by statistics of the "
+            "model the rounds before left); the sparsity column is what each layer lost over all rounds, the "
+            "activated weights those of the dense model.",
             "",
         ]
     for layer in report.layers:

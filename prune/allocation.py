@@ -63,9 +63,11 @@ class Allocation:
     """Kept units per layer; ``None`` where the whole layer is removed."""
     removed_parameters: int
     block_influence: list[float] | None = None
+    """1 - mean cos(h_in, h_out) per layer (layer removal only)."""
     search: SearchOutcome | None = None
     """What the ``searched`` strategy found and what it cost."""
-    """1 - mean cos(h_in, h_out) per layer (layer removal only)."""
+    rounds: int = 1
+    """Rounds of pruning it sums up (``layer_sparsity``: then the fraction each layer lost over all of them)."""
 
 
 def activation_threshold(statistics: ActivationStatistics, shape: BlockShape, gamma: float, mode: str) -> float:
@@ -530,6 +532,29 @@ def _spend_expert_surplus(
         (added, share, plan), i = min(fitting, key=lambda item: (item[0][0], item[1]))
         plans[i], ffn_kept[i], surplus = plan, share, surplus - added
         options[i] = larger(i)
+
+
+def over_rounds(
+    shape: BlockShape, first: Allocation, plans: list[LayerPlan | None], attention_unit: str, rounds: int
+) -> Allocation:
+    """The allocation of pruning in rounds, over the dense ``shape``: the composed ``plans`` of every round, the
+    sparsity each layer ended with, and the first round's activation counts and threshold (those of the dense
+    model)."""
+    steps, layer_sparsity = [], []
+    for widths, plan in zip(shape.layers, plans, strict=True):
+        if plan is None:
+            steps.append(0)
+            layer_sparsity.append(1.0)
+            continue
+        kept = plan.widths
+        if attention_unit == "kv_group":
+            steps.append(widths.kv_heads - kept.kv_heads)
+        else:
+            steps.append(widths.heads_per_group - kept.heads_per_group)
+        layer_sparsity.append(1 - shape.linear_weight_count(kept) / shape.linear_weight_count(widths))
+    return Allocation(
+        layer_sparsity, first.activated_weights, first.threshold, steps, plans, _removed(shape, plans), rounds=rounds
+    )
 
 
 def uniform_allocation(problem: AllocationProblem) -> Allocation:

@@ -40,9 +40,13 @@ def statistics_needs(recipe: Recipe) -> frozenset[Statistic]:
 
 
 def reads_samples(recipe: Recipe) -> bool:
-    """Whether pruning runs the calibration samples through the model: a sequential reconstruction, or an
-    allocation that evaluates candidates."""
-    return RECONSTRUCTIONS[recipe.pruning.reconstruct].sequential or ALLOCATIONS[recipe.allocation.strategy].evaluates
+    """Whether pruning runs the calibration samples through the model: a sequential reconstruction, an
+    allocation that evaluates candidates, or the statistics of a later round."""
+    return (
+        RECONSTRUCTIONS[recipe.pruning.reconstruct].sequential
+        or ALLOCATIONS[recipe.allocation.strategy].evaluates
+        or recipe.pruning.rounds > 1
+    )
 
 
 def needs_dense_after_pruning(recipe: Recipe) -> bool:

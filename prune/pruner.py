@@ -136,6 +136,36 @@ def _check_experts(i: int, shape: BlockShape, plan: LayerPlan, widths: LayerWidt
         raise ValueError(f"layer {i}: every kept expert must keep the same number (>= 1) of channels")
 
 
+def compose_plans(
+    shape: BlockShape, earlier: list[LayerPlan | None], later: list[LayerPlan | None]
+) -> list[LayerPlan | None]:
+    """The plans, over ``shape`` (the model ``earlier`` pruned), that keep what pruning by ``earlier`` and then by
+    ``later`` (over the layers and units ``earlier`` kept) keeps."""
+    kept_layers = [i for i, plan in enumerate(earlier) if plan is not None]
+    if len(later) != len(kept_layers):
+        raise ValueError(f"{len(later)} later plans for the {len(kept_layers)} layers the earlier plans keep")
+    composed: list[LayerPlan | None] = [None] * len(earlier)
+    for index, plan in zip(kept_layers, later, strict=True):
+        first = earlier[index]
+        assert first is not None
+        if plan is None:
+            continue
+        channels = list(first.kept_ffn_channels)
+        experts = list(first.kept_experts)
+        if experts:  # the earlier-pruned layer's channel e' * f + c' is the c'-th kept channel of its e'-th expert
+            dense_channels = shape.layers[index].ffn_channels
+            per_expert = first.expert_channels(dense_channels)
+            f = len(per_expert[0])
+            channels = [experts[e] * dense_channels + per_expert[e][c] for e in range(len(experts)) for c in range(f)]
+        composed[index] = LayerPlan(
+            tuple(first.kept_query_heads[h] for h in plan.kept_query_heads),
+            tuple(first.kept_kv_heads[j] for j in plan.kept_kv_heads),
+            tuple(sorted(channels[c] for c in plan.kept_ffn_channels)),
+            tuple(experts[e] for e in plan.kept_experts),
+        )
+    return composed
+
+
 def head_rows(heads: tuple[int, ...], head_dim: int) -> torch.Tensor:
     """Row indices in q/k/v_proj (column indices in o_proj) of the given heads, in order."""
     return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])

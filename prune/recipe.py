@@ -94,6 +94,9 @@ class PruningSection:
     """A reconstruction of ``prune.reconstruct.RECONSTRUCTIONS``: none, FLAP's bias, or a least-squares refit."""
     damping: float = 0.0001
     """lstsq: ridge term, relative to the mean diagonal of the kept inputs' second moment."""
+    rounds: int = 1
+    """Prune in this many rounds: round r removes up to r / rounds of the target from the model the rounds
+    before left, with statistics collected again on it (iterative pruning)."""
 
 
 @dataclass
@@ -227,6 +230,12 @@ def _check_ranges(recipe: Recipe) -> None:
         ("pruning.round_to", pruning.round_to >= 1, "must be >= 1"),
         ("pruning.min_ffn_channels", pruning.min_ffn_channels >= 1, "must be >= 1"),
         ("pruning.damping", pruning.damping >= 0, "must be >= 0"),
+        ("pruning.rounds", pruning.rounds >= 1, "must be >= 1"),
+        (
+            "pruning.rounds",
+            pruning.rounds == 1 or strategy is None or (strategy.uses_scores and not strategy.evaluates),
+            f"must be 1 with allocation.strategy {allocation.strategy}",
+        ),
         (
             "pruning.reconstruct",
             strategy is None or strategy.uses_scores or pruning.reconstruct == "none",

@@ -40,7 +40,7 @@ from eval.report import (
     WidthsReport,
     write_report,
 )
-from prune.allocation import ALLOCATIONS, Allocation, allocate
+from prune.allocation import ALLOCATIONS, Allocation, allocate, over_rounds
 from prune.blocks import BlockShape, block_shape, count_parameters
 from prune.calibration import DataSourceError, calibration_samples, evaluation_tokens
 from prune.cli import ArgumentParser, run_command
@@ -61,9 +61,10 @@ from prune.prepare import (
     prepare,
     protected_layers,
     reads_samples,
+    statistics_needs,
 )
 from prune.processes import ALONE, Processes, launched_count, launched_processes
-from prune.pruner import LayerPlan, LayerRefit, prune_model
+from prune.pruner import LayerPlan, LayerRefit, compose_plans, prune_model
 from prune.recipe import Recipe, load_recipe, recipe_to_dict
 from prune.reconstruct import RECONSTRUCTIONS, reconstructed_layer
 from prune.recovery import recover, training_windows
@@ -249,23 +250,85 @@ def prune_as_recipe_says(
     in_place: bool = False,
     samples: torch.Tensor | None = None,
     processes: Processes = ALONE,
+    scratch: Path | None = None,
 ) -> tuple[PreTrainedModel, Allocation]:
     """Scoring, allocation, physical pruning and reconstruction of ``params_to_remove`` parameters (the target)
-    as ``recipe`` says. ``model`` is left untouched, unless ``in_place``: its layers are then released one by
-    one as they are pruned (``prune_model``) and it is unusable after. ``samples``: the calibration token ids
-    [N, T] a sequential reconstruction or a searched allocation runs (only they read them). Adds each stage's wall
-    time to ``stage_seconds``. With several ``processes`` every one prunes as the main one allocates (a search on
-    a GPU need not end alike everywhere).
+    as ``recipe`` says, in ``pruning.rounds`` rounds: round r removes up to r / rounds of them from the model the
+    rounds before left, scoring it by statistics collected on it (round 1: ``statistics``, of ``model``). ``model``
+    is left untouched, unless ``in_place``: its layers are then released one by one as they are pruned
+    (``prune_model``) and it is unusable after. ``samples``: the calibration token ids [N, T] a sequential
+    reconstruction, a searched allocation or a later round's statistics run. Adds each stage's wall time to
+    ``stage_seconds`` (a later round's as "<stage> (round r)"). With several ``processes`` every one prunes as
+    the main one allocates (a search on a GPU need not end alike everywhere). ``scratch``: a directory for a later
+    round's second moments and layer boundaries (None: in memory). Returns the pruned model and the allocation
+    over ``model``'s layers and units.
     """
+    rounds, shape = recipe.pruning.rounds, block_shape(model.config)
+    total = count_parameters(model)["total"]
+    pruned, plans, first = model, None, None
+    for round_ in range(1, rounds + 1):
+        suffix = "" if round_ == 1 else f" (round {round_})"
+        needs = statistics_needs(recipe)
+        with scratch_directory(scratch) as directory:
+            if round_ > 1 and needs:
+                assert samples is not None
+                with timed(stage_seconds, f"activation statistics{suffix}"):
+                    statistics = collect_statistics(
+                        pruned,
+                        samples,
+                        recipe.scoring.objective,
+                        needs,
+                        store=directory and directory / "statistics",
+                        scratch=directory,
+                        processes=processes,
+                    )
+            goal = round(params_to_remove * round_ / rounds) - (total - count_parameters(pruned)["total"])
+            in_place_now = in_place or round_ > 1  # a round's input model is needed after it only in round 1
+            pruned, allocation = _prune_once(
+                recipe, pruned, goal, statistics, stage_seconds, suffix, in_place_now, samples, processes
+            )
+        plans = allocation.plans if plans is None else compose_plans(shape, plans, allocation.plans)
+        first = first or allocation
+    assert first is not None and plans is not None
+    if rounds == 1:
+        return pruned, first
+    return pruned, over_rounds(shape, first, plans, recipe.pruning.attention_unit, rounds)
+
+
+@contextmanager
+def scratch_directory(parent: Path | None) -> Iterator[Path | None]:
+    """A fresh directory under ``parent``, removed after the block; None without a parent."""
+    if parent is None:
+        yield None
+        return
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent) as directory:
+        yield Path(directory)
+
+
+def _prune_once(
+    recipe: Recipe,
+    model: PreTrainedModel,
+    params_to_remove: int,
+    statistics: ActivationStatistics | None,
+    stage_seconds: dict[str, float],
+    suffix: str,
+    in_place: bool,
+    samples: torch.Tensor | None,
+    processes: Processes,
+) -> tuple[PreTrainedModel, Allocation]:
+    """One round of :func:`prune_as_recipe_says`. The biases a reconstruction adds count towards the removal
+    only where the model does not have them yet (a later round's model does)."""
     shape = block_shape(model.config)
-    budget = params_to_remove + added_bias_parameters(recipe, shape)
+    has_biases = bool(getattr(model.config, "output_projection_bias", False))
+    budget = params_to_remove + (0 if has_biases else added_bias_parameters(recipe, shape))
     scores = None
     if ALLOCATIONS[recipe.allocation.strategy].uses_scores:
-        with timed(stage_seconds, "scoring"):
+        with timed(stage_seconds, f"scoring{suffix}"):
             scores = score_units(
                 model, shape, recipe.scoring.method, recipe.scoring.aggregate, statistics, recipe.pruning.damping
             )
-    with timed(stage_seconds, "allocation"):
+    with timed(stage_seconds, f"allocation{suffix}"):
         allocation = allocate(
             shape,
             scores,
@@ -280,7 +343,8 @@ def prune_as_recipe_says(
         allocation = processes.from_main(allocation)
     method = recipe.pruning.reconstruct
     refit = recipe_refit(recipe, model, shape, statistics, samples)
-    with timed(stage_seconds, "pruning" if refit is None else f"pruning + reconstruction ({method})"):
+    stage = "pruning" if refit is None else f"pruning + reconstruction ({method})"
+    with timed(stage_seconds, f"{stage}{suffix}"):
         pruned = prune_model(model, allocation.plans, output_bias=refit is not None, refit=refit, in_place=in_place)
     return pruned, allocation
 
@@ -387,7 +451,7 @@ def allocation_report(recipe: Recipe, allocation: Allocation) -> AllocationRepor
             outcome.start_kl,
             outcome.best_kl,
         )
-    return AllocationReport(settings.strategy, allocation.threshold, search)
+    return AllocationReport(settings.strategy, allocation.threshold, search, allocation.rounds)
 
 
 def model_report(prepared: Prepared) -> ModelReport:
@@ -464,7 +528,15 @@ def execute(prepared: Prepared, processes: Processes = ALONE) -> Report | None:
             dense_parts = dense_first(DenseInputs(prepared, model, tokenizer, text), stage_seconds)
         samples = recipe_calibration(prepared, tokenizer) if reads_samples(recipe) else None
         pruned, allocation = prune_as_recipe_says(
-            recipe, model, prepared.params_to_remove, statistics, stage_seconds, in_place, samples, processes
+            recipe,
+            model,
+            prepared.params_to_remove,
+            statistics,
+            stage_seconds,
+            in_place,
+            samples,
+            processes,
+            prepared.cache / "scratch",
         )
         recovery, before_recovery = None, None
         if recipe.recovery.method != "none":
