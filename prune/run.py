@@ -269,24 +269,30 @@ def prune_as_recipe_says(
     for round_ in range(1, rounds + 1):
         suffix = "" if round_ == 1 else f" (round {round_})"
         needs = statistics_needs(recipe)
-        with scratch_directory(scratch) as directory:
+        with scratch_directory(scratch if processes.main else None) as main_directory:
+            directory = processes.from_main(main_directory)  # the main process writes the second moments there
             if round_ > 1 and needs:
                 assert samples is not None
+                boundaries = None if directory is None else directory / f"process-{processes.index}"
+                if boundaries is not None:
+                    boundaries.mkdir()
                 with timed(stage_seconds, f"activation statistics{suffix}"):
                     statistics = collect_statistics(
                         pruned,
                         samples,
                         recipe.scoring.objective,
                         needs,
-                        store=directory and directory / "statistics",
-                        scratch=directory,
+                        store=None if directory is None else directory / "statistics",
+                        scratch=boundaries,
                         processes=processes,
                     )
+                processes.wait()
             goal = round(params_to_remove * round_ / rounds) - (total - count_parameters(pruned)["total"])
             in_place_now = in_place or round_ > 1  # a round's input model is needed after it only in round 1
             pruned, allocation = _prune_once(
                 recipe, pruned, goal, statistics, stage_seconds, suffix, in_place_now, samples, processes
             )
+            processes.wait()  # before the main process removes the directory
         plans = allocation.plans if plans is None else compose_plans(shape, plans, allocation.plans)
         first = first or allocation
     assert first is not None and plans is not None
@@ -520,8 +526,8 @@ def execute(prepared: Prepared, processes: Processes = ALONE) -> Report | None:
                     "Calibration text and perplexity text are both WikiText-2 (test split): "
                     "the perplexity is optimistic."
                 )
-        if not processes.main and recipe.recovery.method == "none":
-            return None
+        if not processes.main and recipe.recovery.method == "none" and recipe.pruning.rounds == 1:
+            return None  # its share is done: a later round's statistics or recovery would need it again
         in_place = not needs_dense_after_pruning(recipe)
         dense_parts = {}
         if in_place:  # nothing after pruning needs the whole dense model: its parts of the evaluation first

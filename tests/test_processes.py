@@ -89,6 +89,24 @@ def test_two_processes_give_the_single_process_run(tmp_path, tiny_files):
     assert not (tmp_path / "two.partial").exists()
 
 
+def test_two_processes_prune_in_rounds_as_one(tmp_path, tiny_files):
+    """Without recovery, every process stays for the second round's statistics, which they share."""
+    data = yaml.safe_load(_recipe(tmp_path, tiny_files).read_text())
+    data["recovery"] = {"method": "none"}
+    data["pruning"]["rounds"] = 2
+    recipe = tmp_path / "rounds.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    one, two = _run(recipe, tmp_path / "one", 1), _run(recipe, tmp_path / "two", 2)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two")]
+    assert reports[0]["allocation"]["rounds"] == reports[1]["allocation"]["rounds"] == 2
+    assert [row["pruned"] for row in reports[0]["layers"]] == [row["pruned"] for row in reports[1]["layers"]]
+    weights = [load_file(tmp_path / name / "model" / "model.safetensors") for name in ("one", "two")]
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-3, atol=1e-4, msg=key)
+
+
 def test_bad_input_under_two_processes_is_one_line(tmp_path, tiny_files):
     recipe = _recipe(tmp_path, tiny_files, batch_size=3)
     result = _run(recipe, tmp_path / "out", 2)
