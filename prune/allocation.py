@@ -540,21 +540,26 @@ def over_rounds(
     """The allocation of pruning in rounds, over the dense ``shape``: the composed ``plans`` of every round, the
     sparsity each layer ended with, and the first round's activation counts and threshold (those of the dense
     model)."""
-    steps, layer_sparsity = [], []
+    steps = []
     for widths, plan in zip(shape.layers, plans, strict=True):
         if plan is None:
             steps.append(0)
-            layer_sparsity.append(1.0)
-            continue
-        kept = plan.widths
-        if attention_unit == "kv_group":
-            steps.append(widths.kv_heads - kept.kv_heads)
+        elif attention_unit == "kv_group":
+            steps.append(widths.kv_heads - plan.widths.kv_heads)
         else:
-            steps.append(widths.heads_per_group - kept.heads_per_group)
-        layer_sparsity.append(1 - shape.linear_weight_count(kept) / shape.linear_weight_count(widths))
+            steps.append(widths.heads_per_group - plan.widths.heads_per_group)
+    layer_sparsity = achieved_sparsity(shape, plans)
     return Allocation(
         layer_sparsity, first.activated_weights, first.threshold, steps, plans, _removed(shape, plans), rounds=rounds
     )
+
+
+def achieved_sparsity(shape: BlockShape, plans: list[LayerPlan] | list[LayerPlan | None]) -> list[float]:
+    """The fraction of each layer's linear weights the plans remove (1 for a removed layer)."""
+    return [
+        1.0 if plan is None else 1 - shape.linear_weight_count(plan.widths) / shape.linear_weight_count(w)
+        for w, plan in zip(shape.layers, plans, strict=True)
+    ]
 
 
 def uniform_allocation(problem: AllocationProblem) -> Allocation:
@@ -591,10 +596,7 @@ def global_allocation(problem: AllocationProblem) -> Allocation:
         problem.protected,
     )
     kept = _plans_from_counts(problem, steps, ffn_kept)
-    layer_sparsity = [
-        1 - shape.linear_weight_count(plan.widths) / shape.linear_weight_count(w)
-        for w, plan in zip(shape.layers, kept, strict=True)
-    ]
+    layer_sparsity = achieved_sparsity(shape, kept)
     plans: list[LayerPlan | None] = list(kept)
     return Allocation(layer_sparsity, None, None, steps, plans, _removed(shape, plans))
 
@@ -626,10 +628,7 @@ def searched_allocation(problem: AllocationProblem) -> Allocation:
     outcome = search_widths(space, first, fitness, settings.search_generations, settings.search_offspring)
     best = outcome.best
     kept = [plan_for(i, best.attention_steps[i], best.ffn_kept[i]) for i in layers]
-    layer_sparsity = [
-        1 - shape.linear_weight_count(plan.widths) / shape.linear_weight_count(w)
-        for w, plan in zip(shape.layers, kept, strict=True)
-    ]
+    layer_sparsity = achieved_sparsity(shape, kept)
     plans: list[LayerPlan | None] = list(kept)
     return Allocation(
         layer_sparsity,

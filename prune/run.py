@@ -140,17 +140,9 @@ def obtain_statistics(
     reset_peak(device)
     before = current_bytes(device)
     path.mkdir(parents=True, exist_ok=True)
-    scratch_root = prepared.cache / "scratch"
-    scratch_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=scratch_root) as scratch:
+    with scratch_directory(prepared.cache / "scratch") as scratch:
         statistics = collect_statistics(
-            model,
-            samples,
-            recipe.scoring.objective,
-            missing,
-            store=path,
-            scratch=Path(scratch),
-            processes=processes,
+            model, samples, recipe.scoring.objective, missing, store=path, scratch=scratch, processes=processes
         )
     peak = peak_bytes(device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -266,9 +258,9 @@ def prune_as_recipe_says(
     rounds, shape = recipe.pruning.rounds, block_shape(model.config)
     total = count_parameters(model)["total"]
     pruned, plans, first = model, None, None
+    needs = statistics_needs(recipe)
     for round_ in range(1, rounds + 1):
         suffix = "" if round_ == 1 else f" (round {round_})"
-        needs = statistics_needs(recipe)
         with scratch_directory(scratch if processes.main else None) as main_directory:
             directory = processes.from_main(main_directory)  # the main process writes the second moments there
             if round_ > 1 and needs:
