@@ -118,6 +118,8 @@ class RecoverySection:
     temperature: float = 1.0
     nll_weight: float = 0.0
     """Weight of the text's next-token NLL."""
+    hidden_weight: float = 0.0
+    """Weight of the decoder layers' outputs' mean relative squared error against the dense model's."""
     train: Literal["decoder_layers", "all"] = "decoder_layers"
     """``distill``: which weights train (``decoder_layers`` freezes embeddings, final norm and head)."""
     lora_rank: int = 16
@@ -170,7 +172,11 @@ class ZeroshotSection:
     ``auto``: local when present."""
     limit: int | None = 100
     """Items per task (the first ones); null = all."""
+    scorer: Literal["shared-context", "lm-eval"] = "shared-context"
+    """``shared-context``: each item's context run once, its choices on its key/value cache; ``lm-eval``:
+    lm-eval's own batches (context + choice per choice), the reference; the same numbers up to rounding."""
     batch_size: int = 16
+    """Batch size of the ``lm-eval`` scorer."""
     seed: int = 0
 
 
@@ -272,8 +278,14 @@ def _check_ranges(recipe: Recipe) -> None:
         ("recovery.kl_weight", recovery.kl_weight >= 0, "must be >= 0"),
         (
             "recovery.nll_weight",
-            recovery.nll_weight >= 0 and recovery.kl_weight + recovery.nll_weight > 0,
-            "must be >= 0, and kl_weight + nll_weight > 0",
+            recovery.nll_weight >= 0 and recovery.kl_weight + recovery.nll_weight + recovery.hidden_weight > 0,
+            "must be >= 0, and kl_weight + nll_weight + hidden_weight > 0",
+        ),
+        ("recovery.hidden_weight", recovery.hidden_weight >= 0, "must be >= 0"),
+        (
+            "recovery.hidden_weight",
+            recovery.hidden_weight == 0 or strategy is None or strategy.uses_scores,
+            f"must be 0 with allocation.strategy {allocation.strategy} (whole layers are removed)",
         ),
         ("recovery.temperature", recovery.temperature > 0, "must be > 0"),
         ("recovery.lora_rank", recovery.lora_rank > 0, "must be > 0"),
