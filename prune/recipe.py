@@ -118,8 +118,6 @@ class RecoverySection:
     temperature: float = 1.0
     nll_weight: float = 0.0
     """Weight of the text's next-token NLL."""
-    hidden_weight: float = 0.0
-    """Weight of the decoder layers' outputs' mean relative squared error against the dense model's."""
     train: Literal["decoder_layers", "all"] = "decoder_layers"
     """``distill``: which weights train (``decoder_layers`` freezes embeddings, final norm and head)."""
     lora_rank: int = 16
@@ -278,14 +276,8 @@ def _check_ranges(recipe: Recipe) -> None:
         ("recovery.kl_weight", recovery.kl_weight >= 0, "must be >= 0"),
         (
             "recovery.nll_weight",
-            recovery.nll_weight >= 0 and recovery.kl_weight + recovery.nll_weight + recovery.hidden_weight > 0,
-            "must be >= 0, and kl_weight + nll_weight + hidden_weight > 0",
-        ),
-        ("recovery.hidden_weight", recovery.hidden_weight >= 0, "must be >= 0"),
-        (
-            "recovery.hidden_weight",
-            recovery.hidden_weight == 0 or strategy is None or strategy.uses_scores,
-            f"must be 0 with allocation.strategy {allocation.strategy} (whole layers are removed)",
+            recovery.nll_weight >= 0 and recovery.kl_weight + recovery.nll_weight > 0,
+            "must be >= 0, and kl_weight + nll_weight > 0",
         ),
         ("recovery.temperature", recovery.temperature > 0, "must be > 0"),
         ("recovery.lora_rank", recovery.lora_rank > 0, "must be > 0"),

@@ -1,7 +1,6 @@
 """Recovery: train the pruned model back toward the dense one within a token budget, resumably.
 
-Loss per batch (token-mean):  kl_weight * T^2 * KL(teacher_T || student_T)  +  nll_weight * NLL(text)
-+  hidden_weight * (mean over the decoder layers of the relative squared error of the layer's output),
+Loss per batch (token-mean):  kl_weight * T^2 * KL(teacher_T || student_T)  +  nll_weight * NLL(text),
 where ``X_T`` is the next-token distribution at temperature T and the teacher is the dense model
 (kept as loaded: bfloat16 on CUDA by default, so no second float32 copy). ``method``:
 
@@ -112,43 +111,19 @@ def text_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def hidden_state_loss(
-    student_states: tuple[torch.Tensor, ...], teacher_states: tuple[torch.Tensor, ...]
-) -> torch.Tensor:
-    """Mean over layers of ||student - teacher||^2 / ||teacher||^2 of each layer's output (each [B, L, hidden],
-    summed over batch, positions and features; the embeddings, entry 0, are left out); computed in float32.
-
-    Pruning removes heads and channels inside a layer, never hidden features, so every layer's output has its
-    dense counterpart."""
-    errors = [
-        (s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum()
-        for s, t in zip(student_states[1:], teacher_states[1:], strict=True)
-    ]
-    return torch.stack(errors).mean()
-
-
 def training_loss(
     student: PreTrainedModel, teacher: PreTrainedModel, ids: torch.Tensor, settings: RecoverySection
 ) -> tuple[torch.Tensor, dict]:
     """The recovery loss of one batch ``ids`` [B, L] and its parts (floats, for the log)."""
-    hidden = settings.hidden_weight > 0
-    output = student(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-    logits = output.logits
+    logits = student(input_ids=ids, use_cache=False).logits
     loss = torch.zeros((), device=logits.device)
     parts = {}
-    if settings.kl_weight > 0 or hidden:
-        with torch.no_grad():
-            teacher_ids = ids.to(next(teacher.parameters()).device)
-            teacher_output = teacher(input_ids=teacher_ids, use_cache=False, output_hidden_states=hidden)
     if settings.kl_weight > 0:
-        kl = distillation_loss(logits, teacher_output.logits.to(logits.device), settings.temperature)
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=ids.to(next(teacher.parameters()).device), use_cache=False).logits
+        kl = distillation_loss(logits, teacher_logits.to(logits.device), settings.temperature)
         loss = loss + settings.kl_weight * kl
         parts["kl"] = float(kl.detach())
-    if hidden:
-        teacher_states = tuple(t.to(logits.device) for t in teacher_output.hidden_states)
-        hidden_error = hidden_state_loss(output.hidden_states, teacher_states)
-        loss = loss + settings.hidden_weight * hidden_error
-        parts["hidden"] = float(hidden_error.detach())
     if settings.nll_weight > 0:
         nll = text_nll(logits, ids)
         loss = loss + settings.nll_weight * nll

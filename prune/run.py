@@ -406,8 +406,6 @@ def recover_as_recipe_says(
         terms.append(f"{settings.kl_weight} x T^2 KL(dense || pruned) at T = {settings.temperature}")
     if settings.nll_weight:
         terms.append(f"{settings.nll_weight} x NLL of the text")
-    if settings.hidden_weight:
-        terms.append(f"{settings.hidden_weight} x mean relative squared error of the layers' outputs")
     trained = {"decoder_layers": "weights: decoder_layers", "all": "weights: all"}[settings.train]
     section = RecoveryReport(
         method=settings.method,

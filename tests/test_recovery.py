@@ -16,15 +16,7 @@ from prune.calibration import TextSource
 from prune.checkpoint import save_checkpoint
 from prune.pruner import LayerPlan, keep_everything, prune_model
 from prune.recipe import RecipeError, RecoverySection, load_recipe
-from prune.recovery import (
-    add_lora_adapters,
-    batch_indices,
-    distillation_loss,
-    hidden_state_loss,
-    recover,
-    training_loss,
-    training_windows,
-)
+from prune.recovery import add_lora_adapters, batch_indices, distillation_loss, recover, training_loss, training_windows
 
 
 def _heldout(tokens):
@@ -58,24 +50,6 @@ def test_training_loss_is_zero_when_student_is_the_teacher():
     with torch.no_grad():
         loss, parts = training_loss(student, teacher, random_tokens(2, 12), settings)
     assert set(parts) == {"nll"} and float(loss) > 1.0  # random weights: far from zero NLL
-
-
-def test_hidden_state_loss_is_the_mean_relative_error_of_the_layer_outputs():
-    teacher = tiny_model()
-    student = copy.deepcopy(teacher)
-    with torch.no_grad():
-        student.model.layers[1].mlp.down_proj.weight.mul_(0.5)  # layer 0's output is unchanged, later ones are not
-    ids = random_tokens(2, 12)
-    settings = RecoverySection(method="distill", kl_weight=0.0, hidden_weight=2.0)
-    with torch.no_grad():
-        loss, parts = training_loss(student, teacher, ids, settings)
-        s = student(ids, output_hidden_states=True).hidden_states
-        t = teacher(ids, output_hidden_states=True).hidden_states
-    errors = [float(((s[k] - t[k]) ** 2).sum() / (t[k] ** 2).sum()) for k in range(1, len(t))]
-    assert len(errors) == 3 and errors[0] == 0.0 and min(errors[1:]) > 1e-3
-    assert set(parts) == {"hidden"} and parts["hidden"] == pytest.approx(sum(errors) / 3, rel=1e-5)
-    assert float(loss) == pytest.approx(2.0 * sum(errors) / 3, rel=1e-5)
-    assert float(hidden_state_loss(t, t)) == 0.0
 
 
 def test_batch_indices_walk_seeded_permutations_epoch_by_epoch():
@@ -246,7 +220,7 @@ def test_merged_lora_gives_the_unmerged_logits_and_a_plain_checkpoint(tmp_path):
     [
         ("recovery.method=finetune", "recovery.method: expected one of"),
         ("recovery.tokens=0", "recovery.tokens: must be > 0"),
-        ("recovery.kl_weight=0", "recovery.nll_weight: must be >= 0, and kl_weight + nll_weight + hidden_weight > 0"),
+        ("recovery.kl_weight=0", "recovery.nll_weight: must be >= 0, and kl_weight + nll_weight > 0"),
         ("recovery.temperature=0", "recovery.temperature: must be > 0"),
         ("recovery.train=embeddings", "recovery.train: expected one of"),
     ],
@@ -254,15 +228,6 @@ def test_merged_lora_gives_the_unmerged_logits_and_a_plain_checkpoint(tmp_path):
 def test_recipe_errors_name_the_recovery_key(override, message):
     with pytest.raises(RecipeError, match=re.escape(message)):
         load_recipe(None, [override])
-
-
-def test_layer_output_distillation_is_refused_when_whole_layers_are_removed():
-    overrides = ["recovery.method=distill", "recovery.hidden_weight=1", "allocation.strategy=shortgpt"]
-    with pytest.raises(
-        RecipeError, match=re.escape("recovery.hidden_weight: must be 0 with allocation.strategy shortgpt")
-    ):
-        load_recipe(None, [*overrides, "pruning.reconstruct=none"])
-    assert load_recipe(None, overrides[:2]).recovery.hidden_weight == 1.0
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
