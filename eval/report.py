@@ -185,9 +185,6 @@ class ZeroshotReport:
     dense: ZeroshotScores
     pruned: ZeroshotScores
     dense_reused_from: str | None
-    scorer: str = "lm-eval"
-    """How the log-likelihoods were computed: ``shared-context`` or ``lm-eval`` (``eval/zeroshot.py``); reports
-    written before the choice existed used ``lm-eval``."""
 
 
 @dataclass
@@ -367,8 +364,8 @@ def _zeroshot_section(zeroshot: ZeroshotReport) -> list[str]:
     lines = [
         "## Zero-shot accuracy (%)",
         "",
-        f"lm-eval-harness ({zeroshot.scorer} scorer), {source}{_limit(zeroshot)}, seed {zeroshot.seed}. "
-        f"The mean is over {', '.join(zeroshot.mean_tasks)} and uses `{zeroshot.mean_metric}`.",
+        f"lm-eval-harness, {source}{_limit(zeroshot)}, seed {zeroshot.seed}. The mean is over "
+        f"{', '.join(zeroshot.mean_tasks)} and uses `{zeroshot.mean_metric}`.",
         "",
         "| task | items | dense acc | pruned acc | dense acc_norm | pruned acc_norm |",
         "|---|---:|---:|---:|---:|---:|",

@@ -1,13 +1,7 @@
 """Zero-shot accuracy through lm-eval-harness (docs/METHOD.md §4).
 
 The in-memory model is wrapped in lm-eval's ``HFLM`` and evaluated with ``lm_eval.simple_evaluate``
-(no reloading from disk). Task names are lm-eval's. Two scorers of the log-likelihoods lm-eval asks for:
-
-- ``shared-context``: each distinct context is run once and its choices on its key/value cache
-  (``eval/loglikelihood.py``), about half the tokens of a multiple-choice item;
-- ``lm-eval``: ``HFLM``'s own batches, which run context + choice once per choice (the reference).
-
-Two sources of task definitions:
+(no reloading from disk). Task names are lm-eval's. Two sources of task definitions:
 
 - ``local``: the definitions shipped in ``eval/tasks/*.yaml`` (lm-eval YAML, ``dataset_path: json``),
   reading ``zeroshot/*.jsonl`` from the data directory ($PRUNE_DATA_DIR). Each choice is scored as
@@ -40,8 +34,6 @@ MEAN_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_chall
 LOCAL_TASKS = (*MEAN_TASKS, "social_iqa")
 """lm-eval task names with a shipped local definition (``eval/tasks``): the seven above and SIQA, reported beside."""
 MEAN_METRIC = "acc"
-SCORERS = ("shared-context", "lm-eval")
-"""How the log-likelihoods are computed (module docstring)."""
 
 
 def _function_loader(module) -> type[yaml.SafeLoader]:
@@ -110,12 +102,10 @@ def zeroshot_accuracy(
     batch_size: int = 16,
     seed: int = 0,
     log_samples: bool = False,
-    scorer: str = "shared-context",
 ) -> dict:
     """Accuracy of ``model`` on lm-eval tasks.
 
-    ``scorer``: ``shared-context`` or ``lm-eval`` (module docstring); ``batch_size`` applies to ``lm-eval``.
-    Returns ``{"source", "scorer", "data_dir", "limit", "seed", "tasks": {task: {"acc", "acc_stderr", "acc_norm"?,
+    Returns ``{"source", "data_dir", "limit", "seed", "tasks": {task: {"acc", "acc_stderr", "acc_norm"?,
     "acc_norm_stderr"?, "items"}}, "mean_metric", "mean_tasks", "mean", "mean_stderr"}`` (accuracies as
     fractions in [0, 1]; a standard error is lm-eval's, sqrt(p (1 - p) / (n - 1)) over the n items; ``mean``
     is the mean of ``acc`` over the MEAN_TASKS that were evaluated, None if none were, and its standard error
@@ -125,13 +115,10 @@ def zeroshot_accuracy(
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from eval.loglikelihood import SharedContextLM
-
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     used = resolve_source(tasks, source)
     specs = local_task_configs(tasks) if used == "local" else list(tasks)
-    lm_class = SharedContextLM if scorer == "shared-context" else HFLM
-    lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(input_device(model)))
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(input_device(model)))
     output = lm_eval.simple_evaluate(
         model=lm,
         tasks=specs,
@@ -155,7 +142,6 @@ def zeroshot_accuracy(
     in_mean = [t for t in MEAN_TASKS if t in per_task]
     result = {
         "source": used,
-        "scorer": scorer,
         "data_dir": str(data_dir()) if used == "local" else None,
         "limit": limit,
         "seed": seed,
@@ -191,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=list(LOCAL_TASKS))
     parser.add_argument("--source", default="auto", choices=["auto", "local", "harness"])
     parser.add_argument("--limit", type=positive_int, default=None, help="items per task (default: all)")
-    parser.add_argument("--scorer", default="shared-context", choices=list(SCORERS))
-    parser.add_argument("--batch-size", type=positive_int, default=16, help="batch size of the lm-eval scorer")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto")
@@ -207,12 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             raise DataSourceError(f"--json: the directory {args.json.parent} does not exist")
         cache = cache_dir(None)
         model, tokenizer = load_model(resolve_model_source(args.model, cache), args.dtype, args.device, cache)
-        result = zeroshot_accuracy(
-            model, tokenizer, args.tasks, args.source, args.limit, args.batch_size, args.seed, scorer=args.scorer
-        )
+        result = zeroshot_accuracy(model, tokenizer, args.tasks, args.source, args.limit, args.batch_size, args.seed)
         if args.json:
             atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
-        print(f"{args.model}: {result['source']} tasks, limit {args.limit}, {args.scorer} scorer")
+        print(f"{args.model}: {result['source']} tasks, limit {args.limit}")
         print("| task | items | acc ± standard error | acc_norm ± standard error |\n|---|---:|---:|---:|")
         for task, metrics in result["tasks"].items():
             norm = percent(metrics["acc_norm"], metrics["acc_norm_stderr"]) if "acc_norm" in metrics else "-"

@@ -160,7 +160,7 @@ def evaluate_perplexity(inputs: EvaluationInputs) -> PerplexityReport:
 def _zeroshot(model: nn.Module, tokenizer: Any, recipe: Recipe) -> dict:
     zs = recipe.evaluation.zeroshot
     source = resolve_source(zs.tasks, zs.source)
-    return zeroshot_accuracy(model, tokenizer, zs.tasks, source, zs.limit, zs.batch_size, zs.seed, scorer=zs.scorer)
+    return zeroshot_accuracy(model, tokenizer, zs.tasks, source, zs.limit, zs.batch_size, zs.seed)
 
 
 def dense_zeroshot(inputs: DenseInputs) -> tuple[dict, str | None]:
@@ -174,7 +174,6 @@ def dense_zeroshot(inputs: DenseInputs) -> tuple[dict, str | None]:
         "source": source,
         "files": files,
         "limit": zs.limit,
-        "scorer": zs.scorer,
         "batch_size": zs.batch_size,
         "seed": zs.seed,
         "standard_errors": True,
@@ -207,7 +206,6 @@ def evaluate_zeroshot(inputs: EvaluationInputs) -> ZeroshotReport:
         dense=scores(dense),
         pruned=scores(pruned),
         dense_reused_from=reused,
-        scorer=pruned["scorer"],
     )
 
 

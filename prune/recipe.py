@@ -170,11 +170,7 @@ class ZeroshotSection:
     ``auto``: local when present."""
     limit: int | None = 100
     """Items per task (the first ones); null = all."""
-    scorer: Literal["shared-context", "lm-eval"] = "shared-context"
-    """``shared-context``: each item's context run once, its choices on its key/value cache; ``lm-eval``:
-    lm-eval's own batches (context + choice per choice), the reference; the same numbers up to rounding."""
     batch_size: int = 16
-    """Batch size of the ``lm-eval`` scorer."""
     seed: int = 0
 
 

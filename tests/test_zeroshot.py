@@ -5,7 +5,7 @@ import string
 
 import pytest
 import torch
-from conftest import EXPERT_FAMILY_TYPES, FAMILY_TYPES, byte_level_tokenizer, random_tokens, shared_dir, tiny_model
+from conftest import shared_dir
 
 from eval.tasks.local_tasks import choices, joined
 from eval.zeroshot import LOCAL_TASKS, MEAN_TASKS, local_task_config, resolve_source
@@ -102,65 +102,3 @@ def test_harness_log_likelihoods_equal_an_independent_computation(tmp_path):
         assert result["tasks"][task]["acc_stderr"] == pytest.approx((p * (1 - p) / (n - 1)) ** 0.5, rel=1e-9)
         errors.append(result["tasks"][task]["acc_stderr"])
     assert result["mean_stderr"] == pytest.approx((errors[0] ** 2 + errors[1] ** 2) ** 0.5 / 2, rel=1e-12)
-
-
-def _whole_pair_loglikelihood(model, context: list[int], continuation: list[int]) -> tuple[float, bool]:
-    """What lm-eval computes for one pair: context + continuation run whole, the continuation's tokens scored."""
-    whole = context + continuation
-    with torch.no_grad():
-        logits = model(torch.tensor([whole[:-1]])).logits[0, len(context) - 1 :]
-    log_probs = torch.log_softmax(logits.float(), -1)
-    target = torch.tensor(continuation)
-    return float(log_probs.gather(1, target.unsqueeze(1)).sum()), bool((log_probs.argmax(-1) == target).all())
-
-
-def _requests(model, vocab: int, seed: int) -> list:
-    """Contexts of 1 to 20 tokens, each with 1 to 4 continuations of 1 to 6 tokens; one continuation per context is
-    the model's greedy one (so both answers of the greedy flag occur)."""
-    generator = torch.Generator().manual_seed(seed)
-    requests = []
-    for _ in range(6):
-        context = torch.randint(0, vocab, (int(torch.randint(1, 21, (1,), generator=generator)),), generator=generator)
-        greedy = model.generate(
-            context.unsqueeze(0), max_new_tokens=3, do_sample=False, attention_mask=torch.ones(1, len(context))
-        )[0, len(context) :]
-        continuations = [greedy.tolist()]
-        for _ in range(int(torch.randint(0, 4, (1,), generator=generator))):
-            length = int(torch.randint(1, 7, (1,), generator=generator))
-            continuations.append(torch.randint(0, vocab, (length,), generator=generator).tolist())
-        requests += [(("", ""), context.tolist(), c) for c in continuations]
-    return requests
-
-
-@pytest.mark.parametrize("family", [*FAMILY_TYPES, *EXPERT_FAMILY_TYPES])
-def test_shared_context_loglikelihoods_equal_running_each_pair_whole(family):
-    from eval.loglikelihood import shared_context_loglikelihoods
-
-    model = tiny_model(family)
-    model.generation_config.pad_token_id = 0
-    requests = _requests(model, 128, seed=3)
-    shared = shared_context_loglikelihoods(model, requests, progress=False)
-    whole = [_whole_pair_loglikelihood(model, context, continuation) for _, context, continuation in requests]
-    assert [s[0] for s in shared] == pytest.approx([w[0] for w in whole], abs=1e-4)
-    assert [s[1] for s in shared] == [w[1] for w in whole]
-    assert any(s[1] for s in shared) and not all(s[1] for s in shared)
-    assert len({tuple(r[1]) for r in requests}) < len(requests)  # contexts were shared
-
-
-def test_shared_context_lm_equals_lm_eval_batches_including_pairs_longer_than_the_window():
-    from lm_eval.models.huggingface import HFLM
-
-    from eval.loglikelihood import SharedContextLM
-
-    tokenizer = byte_level_tokenizer()
-    model = tiny_model("llama", vocab=len(tokenizer))
-    requests = _requests(model, len(tokenizer), seed=4)
-    long_context = random_tokens(1, 300, vocab=len(tokenizer), seed=5)[0].tolist()  # beyond the 256-token window
-    requests.insert(2, (("", ""), long_context, [5, 6]))
-    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, device="cpu")
-    shared = SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=4, device="cpu")
-    assert shared.max_length == 256
-    expected = reference._loglikelihood_tokens(requests, disable_tqdm=True)
-    got = shared._loglikelihood_tokens(requests, disable_tqdm=True)
-    assert [g[0] for g in got] == pytest.approx([e[0] for e in expected], abs=1e-4)
-    assert [g[1] for g in got] == [e[1] for e in expected]
