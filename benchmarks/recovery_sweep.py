@@ -39,12 +39,13 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 def heldin_split(heldin: Path, documents: list[str], tokenizer, seqlen: int, windows: int):
     """(evaluation tokens [windows * seqlen], training documents): the held-in text's first windows, and the
-    ``documents`` that do not begin inside them."""
-    tokens = torch.tensor(tokenizer(heldin.read_text()).input_ids[: windows * seqlen], dtype=torch.long)
+    ``documents`` that do not begin inside them (found by their first 200 characters in the held-in text)."""
+    text = heldin.read_text()
+    tokens = torch.tensor(tokenizer(text).input_ids[: windows * seqlen], dtype=torch.long)
     if len(tokens) < windows * seqlen:
         raise SystemExit(f"error: {heldin} has fewer than {windows} windows of {seqlen} tokens")
-    evaluated_text = tokenizer.decode(tokens)
-    training = [d for d in documents if d[:200].strip() not in evaluated_text]
+    evaluated_characters = len(tokenizer.decode(tokens))
+    training = [d for d in documents if not 0 <= text.find(d[:200]) < evaluated_characters]
     return tokens, training
 
 
