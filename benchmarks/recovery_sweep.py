@@ -28,7 +28,7 @@ from prune.calibration import read_documents, resolve_text_source
 from prune.models import load_model
 from prune.prepare import prepare
 from prune.recipe import load_recipe
-from prune.recovery import recover, training_windows
+from prune.recovery import document_windows, recover
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -75,17 +75,16 @@ def main() -> None:
     dense = perplexity(teacher, tokens, seqlen, None, "dense")["perplexity"]
     args.jsonl.parent.mkdir(parents=True, exist_ok=True)
     rows = []
+    windows_by_seqlen: dict[int, torch.Tensor] = {}  # training windows [n, seqlen], tokenized once per seqlen
     with tempfile.TemporaryDirectory() as scratch:
-        training_file = Path(scratch) / "training.jsonl"
-        training_file.write_text("".join(json.dumps({"text": d}) + "\n" for d in training))
-        windows = training_windows(tokenizer, resolve_text_source(str(training_file), "recovery.source"), 256)
         for variant in args.variant:
             name, overrides = parse_variant(variant)
             settings = load_recipe(args.recipe, [*args.overrides, *overrides]).recovery
-            if settings.seqlen != 256:
-                windows = training_windows(
-                    tokenizer, resolve_text_source(str(training_file), "recovery.source"), settings.seqlen
+            if settings.seqlen not in windows_by_seqlen:
+                windows_by_seqlen[settings.seqlen] = document_windows(
+                    tokenizer, training, settings.seqlen, f"{source.name} without the held-in windows' documents"
                 )
+            windows = windows_by_seqlen[settings.seqlen]
             student = AutoModelForCausalLM.from_pretrained(args.model_dir, trust_remote_code=True, dtype=torch.float32)
             _, outcome = recover(
                 student.eval(),

@@ -74,14 +74,18 @@ class RecoveryOutcome:
 
 def training_windows(tokenizer: PreTrainedTokenizerBase, source: TextSource, seqlen: int) -> torch.Tensor:
     """The source's documents, each ended by the end-of-text token, joined and cut: LongTensor [n, seqlen]."""
+    return document_windows(tokenizer, read_documents(source), seqlen, source.name)
+
+
+def document_windows(tokenizer: PreTrainedTokenizerBase, documents: list[str], seqlen: int, name: str) -> torch.Tensor:
+    """``documents``, each ended by the end-of-text token, joined and cut: LongTensor [n, seqlen]; ``name`` (their
+    source) is named in the error when they hold less than one window."""
     ids: list[int] = []
-    for text in read_documents(source):
+    for text in documents:
         ids += tokenizer(text).input_ids + [tokenizer.eos_token_id]
     count = len(ids) // seqlen
     if count == 0:
-        raise DataSourceError(
-            f"recovery.source: {source.name} has {len(ids)} tokens, fewer than one window of {seqlen}"
-        )
+        raise DataSourceError(f"recovery.source: {name} has {len(ids)} tokens, fewer than one window of {seqlen}")
     return torch.tensor(ids[: count * seqlen], dtype=torch.long).view(count, seqlen)
 
 
