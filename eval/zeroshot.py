@@ -177,7 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=list(LOCAL_TASKS))
     parser.add_argument("--source", default="auto", choices=["auto", "local", "harness"])
     parser.add_argument("--limit", type=positive_int, default=None, help="items per task (default: all)")
-    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=16,
+        help="requests per forward pass (default 16); memory grows with batch x longest request x vocabulary "
+        "(full-vocabulary float32 log-probabilities): 64 ran out of 24 GiB on SmolLM2's full task sets",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto")
