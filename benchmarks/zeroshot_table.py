@@ -19,6 +19,11 @@ from pathlib import Path
 from eval.zeroshot import percent
 
 
+def _items(result: dict) -> dict[str, int]:
+    """{task: items scored} of one eval.zeroshot result."""
+    return {task: metrics["items"] for task, metrics in result["tasks"].items()}
+
+
 def zeroshot_table(results: dict[str, dict]) -> str:
     """The markdown table of ``results`` ({label: eval.zeroshot result}), the first label the reference.
 
@@ -27,9 +32,7 @@ def zeroshot_table(results: dict[str, dict]) -> str:
     labels = list(results)
     first = results[labels[0]]
     for label in labels[1:]:
-        if {t: m["items"] for t, m in results[label]["tasks"].items()} != {
-            t: m["items"] for t, m in first["tasks"].items()
-        }:
+        if _items(results[label]) != _items(first):
             raise ValueError(f"{label}: other tasks or item counts than {labels[0]}")
     lines = [
         "| task | items | " + " | ".join(f"{label} acc" for label in labels) + " |",

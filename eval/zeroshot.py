@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         type=positive_int,
         default=16,
         help="requests per forward pass (default 16); memory grows with batch x longest request x vocabulary "
-        "(full-vocabulary float32 log-probabilities): 64 ran out of 24 GiB on SmolLM2's full task sets",
+        "(log-probabilities over the whole vocabulary at every position): 64 ran out of 24 GiB on SmolLM2's "
+        "full task sets in float32",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])

@@ -1,19 +1,6 @@
 """benchmarks/recovery_sweep.py: no recovery setting is measured on text it trained on."""
 
-import importlib.util
-from pathlib import Path
-
-from conftest import byte_level_tokenizer, word_text
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "recovery_sweep.py"
-
-
-def _sweep_module():
-    spec = importlib.util.spec_from_file_location("recovery_sweep", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import benchmark_script, byte_level_tokenizer, word_text
 
 
 def test_training_documents_leave_out_every_document_that_begins_in_the_evaluated_windows(tmp_path):
@@ -21,7 +8,9 @@ def test_training_documents_leave_out_every_document_that_begins_in_the_evaluate
     documents = [word_text(40, seed=i) for i in range(12)]
     heldin = tmp_path / "heldin.txt"
     heldin.write_text("\n\n".join(documents[4:]))  # the first 4 documents are calibration's
-    tokens, training = _sweep_module().heldin_split(heldin, documents, tokenizer, seqlen=32, windows=5)
+    tokens, training = benchmark_script("recovery_sweep").heldin_split(
+        heldin, documents, tokenizer, seqlen=32, windows=5
+    )
     assert tokens.shape == (160,)
     evaluated = tokenizer.decode(tokens)
     inside = [d for d in documents[4:] if heldin.read_text().find(d) < len(evaluated)]

@@ -1,19 +1,7 @@
 """benchmarks/zeroshot_table.py: models side by side, each mean against the first's."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "zeroshot_table.py"
-
-
-def _table_module():
-    spec = importlib.util.spec_from_file_location("zeroshot_table", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import benchmark_script
 
 
 def _result(boolq: float, piqa: float, piqa_items: int = 400) -> dict:
@@ -25,7 +13,9 @@ def _result(boolq: float, piqa: float, piqa_items: int = 400) -> dict:
 
 
 def test_table_puts_models_side_by_side_and_each_mean_as_a_share_of_the_first():
-    table = _table_module().zeroshot_table({"dense": _result(0.6, 0.7), "pruned": _result(0.5, 0.69)})
+    table = benchmark_script("zeroshot_table").zeroshot_table(
+        {"dense": _result(0.6, 0.7), "pruned": _result(0.5, 0.69)}
+    )
     assert table.splitlines()[2:] == [
         "| boolq | 100 | 60.00 ± 2.00 | 50.00 ± 2.00 |",
         "| piqa | 400 | 70.00 ± 1.00 | 69.00 ± 1.00 |",
@@ -36,4 +26,6 @@ def test_table_puts_models_side_by_side_and_each_mean_as_a_share_of_the_first():
 
 def test_results_over_other_items_do_not_compare():
     with pytest.raises(ValueError, match="pruned: other tasks or item counts than dense"):
-        _table_module().zeroshot_table({"dense": _result(0.6, 0.7), "pruned": _result(0.5, 0.7, piqa_items=100)})
+        benchmark_script("zeroshot_table").zeroshot_table(
+            {"dense": _result(0.6, 0.7), "pruned": _result(0.5, 0.7, piqa_items=100)}
+        )
