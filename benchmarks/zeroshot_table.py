@@ -40,6 +40,11 @@ def chance_accuracy(task: str, items: int, data: Path) -> float:
     return sum(1 / count for count in choices) / len(choices)
 
 
+def _row(cells: list[str]) -> str:
+    """One markdown table row; an empty cell is written ``| |``."""
+    return "|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|"
+
+
 def zeroshot_table(results: dict[str, dict]) -> str:
     """The markdown table of ``results`` ({label: eval.zeroshot result}), the first label the reference.
 
@@ -51,36 +56,36 @@ def zeroshot_table(results: dict[str, dict]) -> str:
     for label in labels[1:]:
         if _items(results[label]) != _items(first):
             raise ValueError(f"{label}: other tasks or item counts than {labels[0]}")
-    chance = {}
+    chance: dict[str, float] = {}  # {task: acc of a uniform guess}, empty when not over local task files
     if first["source"] == "local":
         data = Path(os.path.expandvars(first["data_dir"]))
         chance = {task: chance_accuracy(task, items, data) for task, items in _items(first).items()}
-    chance_header = " chance |" if chance else ""
+
+    def row(name: str, items: str, chance_cell: str, cells: list[str]) -> str:
+        return _row([name, items, *([chance_cell] if chance else []), *cells])
+
     lines = [
-        f"| task | items |{chance_header} " + " | ".join(f"{label} acc" for label in labels) + " |",
+        row("task", "items", "chance", [f"{label} acc" for label in labels]),
         "|---|---:|" + "---:|" * (len(labels) + bool(chance)),
     ]
     for task, metrics in first["tasks"].items():
-        cells = [percent(chance[task], None)] if chance else []
-        cells += [
+        cells = [
             percent(results[label]["tasks"][task]["acc"], results[label]["tasks"][task]["acc_stderr"])
             for label in labels
         ]
-        lines.append(f"| {task} | {metrics['items']} | " + " | ".join(cells) + " |")
+        lines.append(row(task, str(metrics["items"]), percent(chance[task], None) if chance else "", cells))
     if first["mean"] is None:
         return "\n".join(lines)
     mean_tasks = first["mean_tasks"]
-    chance_mean = sum(chance[task] for task in mean_tasks) / len(mean_tasks) if chance else None
-    blank = " |" if chance else ""
-    cells = [percent(chance_mean, None)] if chance_mean is not None else []
-    cells += [percent(results[label]["mean"], results[label]["mean_stderr"]) for label in labels]
-    lines.append(f"| mean acc ({len(mean_tasks)} tasks) | | " + " | ".join(cells) + " |")
+    chance_mean = sum(chance[task] for task in mean_tasks) / len(mean_tasks) if chance else 0.0
+    cells = [percent(results[label]["mean"], results[label]["mean_stderr"]) for label in labels]
+    lines.append(row(f"mean acc ({len(mean_tasks)} tasks)", "", percent(chance_mean, None), cells))
     cells = [f"{100 * results[label]['mean'] / first['mean']:.1f}%" for label in labels]
-    lines.append(f"| mean, % of {labels[0]} | |{blank} " + " | ".join(cells) + " |")
-    if chance_mean is not None:
+    lines.append(row(f"mean, % of {labels[0]}", "", "", cells))
+    if chance:
         margin = first["mean"] - chance_mean
         cells = [f"{100 * (results[label]['mean'] - chance_mean) / margin:.1f}%" for label in labels]
-        lines.append(f"| mean above chance, % of {labels[0]}'s | | | " + " | ".join(cells) + " |")
+        lines.append(row(f"mean above chance, % of {labels[0]}'s", "", "", cells))
     return "\n".join(lines)
 
 
