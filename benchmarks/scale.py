@@ -35,7 +35,7 @@ from prune.checkpoint import save_checkpoint
 from prune.estimate import estimate_memory
 from prune.memory import current_bytes, make_resident, peak_bytes, reset_peak
 from prune.models import resolve_device
-from prune.prepare import added_bias_parameters, statistics_needs
+from prune.prepare import added_bias_parameters, for_device, statistics_needs
 from prune.pruner import prune_model
 from prune.recipe import load_recipe
 from prune.run import recipe_refit
@@ -68,7 +68,7 @@ def measured(rows: list[dict], stage: str, device: torch.device, weight_bytes: i
 def rehearse(shape_name: str, samples: int, seqlen: int, dtype: torch.dtype, device: torch.device, work: Path) -> dict:
     overrides = [f"calibration.samples={samples}", f"calibration.seqlen={seqlen}", "evaluation.speed.enabled=false"]
     overrides.append(f"model.dtype={str(dtype).removeprefix('torch.')}")
-    recipe = load_recipe("recipes/smollm2_30pct.yaml", overrides)
+    recipe = for_device(load_recipe("recipes/smollm2_30pct.yaml", overrides), device)
     config = AutoConfig.for_model("llama", **KNOWN_SHAPES[shape_name])
     shape = block_shape(config)
     model = random_model(config, list(shape.layers), dtype, device)

@@ -203,6 +203,9 @@ class SpeedResult:
     """Multiply-adds of every linear layer (decoder linears and lm_head) for one token: its weight count."""
     peak_memory_bytes: int
     """Weight bytes plus the largest working memory (activations, KV cache) of one prefill + decode run."""
+    compile_seconds: float | None = None
+    """Seconds of the first generation with a compiled decode step (compiling it, capturing its CUDA graphs),
+    before and apart from the warm-up and the timed repeats; None when the step runs eagerly."""
 
 
 @dataclass

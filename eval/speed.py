@@ -48,9 +48,17 @@ def cache_keyword(model: PreTrainedModel) -> str:
 
 DECODE_LOOPS = ("auto", "dynamic", "static")
 """``dynamic``: a KV cache that grows by one entry per step, each step run eagerly (launch-bound on a GPU);
-``static``: a KV cache allocated for the whole generation, each decode step on CUDA replayed from a CUDA
-graph (``torch.compile`` with ``mode="reduce-overhead"``), on the CPU run eagerly; ``auto``: static on CUDA,
-dynamic on the CPU."""
+``static``: a KV cache allocated once for the whole generation, each decode step compiled as
+:data:`STATIC_STEP_COMPILE` says for the device (on CUDA: kernels replayed from CUDA graphs), else run eagerly;
+``auto``: static on CUDA, dynamic on the CPU."""
+
+STATIC_STEP_COMPILE: dict[str, dict[str, Any]] = {
+    "cuda": {"backend": "inductor", "mode": "reduce-overhead", "fullgraph": True},
+}
+"""``torch.compile`` arguments of the static loop's decode step, by device type. On CUDA inductor's fused kernels,
+replayed from one captured CUDA graph per batch size (``reduce-overhead``), so that a step costs no kernel
+launches. A device type not listed runs the step eagerly: on the CPU the compilation costs more than the
+measurement it would speed up."""
 
 
 def resolve_decode_loop(loop: str, device: torch.device) -> str:
@@ -61,43 +69,76 @@ def resolve_decode_loop(loop: str, device: torch.device) -> str:
 
 
 def decode_step(model: PreTrainedModel, loop: str) -> Callable[..., Any]:
-    """The callable one decode step runs: the model itself, or (static loop on CUDA) the model compiled so that
-    every step replays one captured CUDA graph. Compile once per model; the first steps pay for it."""
+    """The callable one decode step runs: the model itself, or, in the static loop on a device type of
+    :data:`STATIC_STEP_COMPILE`, the model compiled as it says. Make it once per model: its first generation at
+    batch size 1 compiles it, and its first at a larger batch size compiles it once more for every larger size
+    (:func:`greedy_decode` marks the batch dimension dynamic there). A graph dynamic at size 1 too would need an
+    unbacked size, which CUDA graphs refuse."""
     device = next(model.parameters()).device
-    if loop == "static" and device.type == "cuda":
-        return torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    arguments = STATIC_STEP_COMPILE.get(device.type)
+    if loop == "static" and arguments is not None:
+        return torch.compile(model, **arguments)
     return model
+
+
+def static_cache(model: PreTrainedModel, tokens: int) -> StaticCache:
+    """A KV cache of ``tokens`` positions for the static loop; its tensors are allocated by the first prefill and
+    keep their addresses when :func:`greedy_decode` reuses it (a CUDA graph reads them where it captured them)."""
+    return StaticCache(config=model.config, max_cache_len=tokens)
 
 
 @torch.inference_mode()
 def greedy_decode(
-    model: PreTrainedModel, prompt: torch.Tensor, new_tokens: int, loop: str = "dynamic", step: Any = None
+    model: PreTrainedModel,
+    prompt: torch.Tensor,
+    new_tokens: int,
+    loop: str = "dynamic",
+    step: Any = None,
+    cache: StaticCache | None = None,
 ) -> tuple[float, float, torch.Tensor]:
     """One greedy generation with the KV cache: the prompt [B, T] in one forward pass (prefill, which also gives
     the first new token), then ``new_tokens`` decode steps of one token each. ``loop``: ``dynamic`` or
-    ``static`` (:data:`DECODE_LOOPS`); ``step``: the decode step of :func:`decode_step` (default: the model).
+    ``static`` (:data:`DECODE_LOOPS`); ``step``: the decode step of :func:`decode_step` (default: the model);
+    ``cache``: the static loop's KV cache of :func:`static_cache` for this batch size, emptied here and reused
+    (default: a new one of T + ``new_tokens`` + 1 positions).
 
     Returns (prefill seconds, decode seconds, the generated tokens [B, new_tokens + 1]).
     """
     device = prompt.device
     keyword = cache_keyword(model)
-    cache = {}
+    step = model if step is None else step
+    compiled = step is not model
+    cache_argument = {}
     if loop == "static":
-        cache = {keyword: StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens + 1)}
-    step = step or model
+        if cache is None:
+            cache = static_cache(model, prompt.shape[1] + new_tokens + 1)
+        cache.reset()
+        cache_argument = {keyword: cache}
     start = synchronized_clock(device)
-    out = model(input_ids=prompt, use_cache=True, **cache)
+    out = model(input_ids=prompt, use_cache=True, **cache_argument)
     next_token = out.logits[:, -1].argmax(-1, keepdim=True)
     prefilled = synchronized_clock(device)
+    if compiled and len(prompt) > 1:  # one compilation for every batch size above 1
+        for tensor in (next_token, *static_cache_tensors(cache)):
+            torch._dynamo.mark_dynamic(tensor, 0)
     tokens = [next_token]
     for _ in range(new_tokens):
         if loop == "dynamic":
-            cache = {keyword: getattr(out, keyword)}
-        out = step(input_ids=next_token, use_cache=True, **cache)
+            cache_argument = {keyword: getattr(out, keyword)}
+        if compiled:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the last one's outputs, read, may be overwritten
+        out = step(input_ids=next_token, use_cache=True, **cache_argument)
         next_token = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(next_token)
     done = synchronized_clock(device)
     return prefilled - start, done - prefilled, torch.cat(tokens, dim=1)
+
+
+def static_cache_tensors(cache: StaticCache | None) -> list[torch.Tensor]:
+    """The key and value tensors [B, KV heads, positions, head_dim] of every layer of a prefilled static cache."""
+    if cache is None:
+        return []
+    return [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
 
 
 def weight_bytes(model: PreTrainedModel) -> int:
@@ -132,26 +173,43 @@ def measure_speed(
     decode_loop: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    steps: dict[str, Callable[..., Any]] | None = None,
 ) -> dict[str, SpeedResult]:
     """Time every model of ``models`` (name -> model, all on one device) interleaved; results by name.
 
-    ``decode_loop``: one of :data:`DECODE_LOOPS`. Decode throughput: ``new_tokens`` decode steps over their
-    time (the prefill's token aside).
+    ``decode_loop``: one of :data:`DECODE_LOOPS`; ``steps``: each model's decode step (:func:`decode_step`; default:
+    made here), to be passed again for another batch size so that a compiled step is compiled once. A compiled
+    step's first generation at this batch size (compiling, capturing CUDA graphs) runs before the warm-up, timed
+    apart. Decode throughput: ``new_tokens`` decode steps over their time (the prefill's token aside).
     """
     first = next(iter(models.values()))
     device = next(first.parameters()).device
     loop = resolve_decode_loop(decode_loop, device)
-    steps = {name: decode_step(model, loop) for name, model in models.items()}
+    steps = steps or {name: decode_step(model, loop) for name, model in models.items()}
+    positions = prompt_tokens + new_tokens + 1
+    caches = {name: static_cache(model, positions) if loop == "static" else None for name, model in models.items()}
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, first.config.vocab_size, (batch_size, prompt_tokens), generator=generator).to(device)
     timings: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
     working = dict.fromkeys(models, 0)
-    runs = [(r, name) for r in range(warmup + repeats) for name in models]
-    for r, name in tqdm(runs, desc="speed (prefill + decode)", unit="run", disable=not progress):
+    compile_seconds: dict[str, float | None] = dict.fromkeys(models)
+
+    def generate(name: str) -> tuple[float, float]:
+        """One generation; its working memory (the first allocates the static cache) counts towards the peak."""
         reset_peak(device)
         before = current_bytes(device)
-        prefill, decode, _ = greedy_decode(models[name], prompt, new_tokens, loop, steps[name])
+        prefill, decode, _ = greedy_decode(models[name], prompt, new_tokens, loop, steps[name], caches[name])
         working[name] = max(working[name], peak_bytes(device) - before)
+        return prefill, decode
+
+    for name in models:
+        if steps[name] is not models[name]:
+            start = synchronized_clock(device)
+            generate(name)
+            compile_seconds[name] = synchronized_clock(device) - start
+    runs = [(r, name) for r in range(warmup + repeats) for name in models]
+    for r, name in tqdm(runs, desc="speed (prefill + decode)", unit="run", disable=not progress):
+        prefill, decode = generate(name)
         if r >= warmup:
             timings[name].append((prefill, decode))
     results = {}
@@ -168,6 +226,7 @@ def measure_speed(
             weight_bytes=weight_bytes(models[name]),
             linear_macs_per_token=linear_macs_per_token(models[name]),
             peak_memory_bytes=weight_bytes(models[name]) + working[name],
+            compile_seconds=compile_seconds[name],
         )
     return results
 
@@ -327,11 +386,12 @@ def shape_only_models(
 
 
 def speed_table(rows: list[dict]) -> str:
-    """Markdown table of :func:`main`'s results: one line per (batch size, model)."""
+    """Markdown table of :func:`main`'s results: one line per (batch size, model). ``weights GB/s``: the weight
+    bytes one decode step reads over the step's median time (the memory bandwidth the weights alone take)."""
     lines = [
-        "| batch | model | parameters | linear MACs / token | prefill ms (median, min-max) | "
-        "decode tokens/s (median, min-max) | peak memory GiB | speedup prefill / decode | limit |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | model | parameters | linear MACs / token | compile s | prefill ms (median, min-max) | "
+        "decode tokens/s (median, min-max) | weights GB/s | peak memory GiB | speedup prefill / decode | limit |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         dense = row["results"]["dense"]
@@ -343,11 +403,14 @@ def speed_table(rows: list[dict]) -> str:
                     f"{r['decode_tokens_per_s_median'] / dense['decode_tokens_per_s_median']:.2f}x"
                 )
                 limit = f"{dense['linear_macs_per_token'] / r['linear_macs_per_token']:.2f}x"
+            compiled = "-" if r.get("compile_seconds") is None else f"{r['compile_seconds']:.1f}"
+            steps_per_s = r["decode_tokens_per_s_median"] / row["batch_size"]
             lines.append(
                 f"| {row['batch_size']} | {name} | {row['parameters'][name]:,} | {r['linear_macs_per_token']:,} | "
-                f"{r['prefill_ms_median']:.1f} ({r['prefill_ms_min']:.1f}-{r['prefill_ms_max']:.1f}) | "
+                f"{compiled} | {r['prefill_ms_median']:.1f} ({r['prefill_ms_min']:.1f}-{r['prefill_ms_max']:.1f}) | "
                 f"{r['decode_tokens_per_s_median']:.1f} "
                 f"({r['decode_tokens_per_s_min']:.1f}-{r['decode_tokens_per_s_max']:.1f}) | "
+                f"{r['weight_bytes'] * steps_per_s / 1e9:.1f} | "
                 f"{r['peak_memory_bytes'] / 2**30:.2f} | {ratios} | {limit} |"
             )
     return "\n".join(lines)
@@ -359,7 +422,7 @@ class SpeedArgumentError(ValueError):
 
 def main(argv: list[str] | None = None) -> int:
     from prune.cli import ArgumentParser, non_negative_int, positive_int, run_command
-    from prune.models import ModelSourceError, resolve_device, resolve_dtype
+    from prune.models import ModelSourceError, default_round_to, resolve_device, resolve_dtype
     from prune.paths import atomic_write_text, cache_dir
 
     parser = ArgumentParser(
@@ -381,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         "--round-to",
         type=positive_int,
         default=None,
-        help="FFN widths rounded to this multiple (default: the run's pruning.round_to)",
+        help="FFN widths rounded to this multiple (default: what a run's null pruning.round_to is on the device: "
+        "128 on CUDA, 8 on the CPU)",
     )
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1])
     parser.add_argument("--prompt-tokens", type=positive_int, default=128)
@@ -415,18 +479,43 @@ def main(argv: list[str] | None = None) -> int:
             report = read_report(report_path)
         except ValueError as error:
             raise SpeedArgumentError(f"--allocation: {error}") from None
-        round_to = args.round_to or report.method.round_to
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
+        round_to = args.round_to or default_round_to(device)
         models, widths = shape_only_models(shaped_config(args.config, cache_dir(None)), report, dtype, device, round_to)
         parameters = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
         device_name = (
             torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
         )
-        rows = []
+        loop = resolve_decode_loop(args.decode_loop, device)
+        summary = {
+            "config": args.config,
+            "allocation": str(report_path),
+            "round_to": round_to,
+            "device": device_name,
+            "dtype": str(dtype).removeprefix("torch."),
+            "decode_loop": loop,
+            "prompt_tokens": args.prompt_tokens,
+            "new_tokens": args.new_tokens,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "torch": torch.__version__,
+            "pruned_widths": [None if w is None else asdict(w) for w in widths],
+            "removed_fraction": 1 - parameters["pruned"] / parameters["dense"],
+            "rows": [],
+        }
+        print(
+            f"{args.config} shapes, {summary['dtype']} on {device_name}, {loop} decode loop; "
+            f"widths from {report_path} "
+            f"(FFN rounded to {round_to}); {summary['removed_fraction']:.1%} of parameters removed; "
+            f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
+            f"{args.warmup} warm-up + {args.repeats} repeats"
+        )
+        steps = {name: decode_step(model, loop) for name, model in models.items()}
+        rows = summary["rows"]
         for batch_size in args.batch_sizes:
             results = measure_speed(
-                models, args.prompt_tokens, batch_size, args.new_tokens, args.warmup, args.repeats, args.decode_loop
+                models, args.prompt_tokens, batch_size, args.new_tokens, args.warmup, args.repeats, loop, steps=steps
             )
             rows.append(
                 {
@@ -435,31 +524,8 @@ def main(argv: list[str] | None = None) -> int:
                     "results": {name: asdict(result) for name, result in results.items()},
                 }
             )
-        summary = {
-            "config": args.config,
-            "allocation": str(report_path),
-            "round_to": round_to,
-            "device": device_name,
-            "dtype": str(dtype).removeprefix("torch."),
-            "decode_loop": resolve_decode_loop(args.decode_loop, device),
-            "prompt_tokens": args.prompt_tokens,
-            "new_tokens": args.new_tokens,
-            "warmup": args.warmup,
-            "repeats": args.repeats,
-            "torch": torch.__version__,
-            "pruned_widths": [None if w is None else asdict(w) for w in widths],
-            "removed_fraction": 1 - parameters["pruned"] / parameters["dense"],
-            "rows": rows,
-        }
-        if args.json:
-            atomic_write_text(args.json, json.dumps(summary, indent=2) + "\n")
-        print(
-            f"{args.config} shapes, {summary['dtype']} on {device_name}, {summary['decode_loop']} decode loop; "
-            f"widths from {report_path} "
-            f"(FFN rounded to {round_to}); {summary['removed_fraction']:.1%} of parameters removed; "
-            f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
-            f"{args.warmup} warm-up + {args.repeats} repeats"
-        )
+            if args.json:  # each batch size's results as soon as they exist
+                atomic_write_text(args.json, json.dumps(summary, indent=2) + "\n")
         print(speed_table(rows))
         return "done"
 

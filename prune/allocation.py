@@ -114,6 +114,13 @@ def _attention_unit_cost(shape: BlockShape, layer: int, unit: str, protected: fr
     return cost, 0 if layer in protected else steps
 
 
+def ffn_multiple(pruning: PruningSection) -> int:
+    """``pruning.round_to``, a recipe's null resolved for the device before pruning (``prune.prepare.for_device``)."""
+    if pruning.round_to is None:
+        raise ValueError("pruning.round_to: null is resolved for the device first (prune.prepare.for_device)")
+    return pruning.round_to
+
+
 def min_expert_channels(channels: int, round_to: int, min_ffn_channels: int) -> int:
     """Fewest FFN channels a layer (or one expert of ``channels``) keeps: ``min_ffn_channels`` rounded up to
     ``round_to``, at most all of them."""
@@ -459,7 +466,14 @@ def _plans_from_counts(problem: AllocationProblem, steps: list[int], ffn_kept: l
     p = problem.pruning
     return [
         layer_plan(
-            problem.shape, i, problem.scores[i], steps[i], p.attention_unit, ffn_kept[i], p.round_to, p.min_ffn_channels
+            problem.shape,
+            i,
+            problem.scores[i],
+            steps[i],
+            p.attention_unit,
+            ffn_kept[i],
+            ffn_multiple(p),
+            p.min_ffn_channels,
         )
         for i in range(problem.shape.num_layers)
     ]
@@ -482,7 +496,7 @@ def _by_layer_sparsity(
         layer_sparsity,
         problem.params_to_remove,
         p.attention_unit,
-        p.round_to,
+        ffn_multiple(p),
         p.min_ffn_channels,
         problem.protected,
     )
@@ -502,6 +516,7 @@ def _spend_expert_surplus(
     channels and keeps more) adds the fewest parameters gets it, as long as the removal stays >= the budget."""
     shape, p, scores = problem.shape, problem.pruning, problem.scores
     assert scores is not None
+    round_to = ffn_multiple(p)
     plans, ffn_kept = list(plans), list(ffn_kept)
     surplus = _removed(shape, list(plans)) - problem.params_to_remove
 
@@ -510,17 +525,13 @@ def _spend_expert_surplus(
     def larger(i: int) -> tuple[int, int, LayerPlan] | None:
         """(added parameters, share, plan) of layer i's next larger share that keeps more channels, if any."""
         widths, current = shape.layers[i], plans[i]
-        minimum = min_expert_channels(widths.ffn_channels, p.round_to, p.min_ffn_channels)
+        minimum = min_expert_channels(widths.ffn_channels, round_to, p.min_ffn_channels)
         share, steps_of_n = ffn_kept[i], range(max(1, shape.experts_per_token), widths.experts + 1)
         while share < widths.all_ffn_channels:  # the next share at which some n gets a wider f
-            share = min(
-                [widths.all_ffn_channels, *((share // (n * p.round_to) + 1) * n * p.round_to for n in steps_of_n)]
-            )
-            n, f = expert_widths(rankings[i], share, shape.experts_per_token, p.round_to, minimum)
+            share = min([widths.all_ffn_channels, *((share // (n * round_to) + 1) * n * round_to for n in steps_of_n)])
+            n, f = expert_widths(rankings[i], share, shape.experts_per_token, round_to, minimum)
             if n * f > len(current.kept_ffn_channels):
-                plan = layer_plan(
-                    shape, i, scores[i], steps[i], p.attention_unit, share, p.round_to, p.min_ffn_channels
-                )
+                plan = layer_plan(shape, i, scores[i], steps[i], p.attention_unit, share, round_to, p.min_ffn_channels)
                 return shape.layer_params(plan.widths) - shape.layer_params(current.widths), share, plan
         return None
 
@@ -591,7 +602,7 @@ def global_allocation(problem: AllocationProblem) -> Allocation:
         problem.scores,
         problem.params_to_remove,
         p.attention_unit,
-        p.round_to,
+        ffn_multiple(p),
         p.min_ffn_channels,
         problem.protected,
     )
@@ -613,9 +624,9 @@ def searched_allocation(problem: AllocationProblem) -> Allocation:
         attention_cost=tuple(cost for cost, _ in attention),
         max_attention_steps=tuple(steps for _, steps in attention),
         ffn_cost=shape.ffn_channel_params(),
-        round_to=p.round_to,
+        round_to=ffn_multiple(p),
         full_ffn=tuple(w.ffn_channels for w in shape.layers),
-        min_ffn=tuple(_min_kept_ffn(shape, p.round_to, p.min_ffn_channels, problem.protected)),
+        min_ffn=tuple(_min_kept_ffn(shape, ffn_multiple(p), p.min_ffn_channels, problem.protected)),
         budget=problem.params_to_remove,
     )
 
@@ -664,7 +675,9 @@ def layer_removal(problem: AllocationProblem) -> Allocation:
 
 def removable_units(shape: BlockShape, pruning: PruningSection, protected: frozenset[int]) -> int:
     """Most parameters unit removal can take (every layer keeps its minimum units)."""
-    return removable_parameters(shape, pruning.attention_unit, pruning.round_to, pruning.min_ffn_channels, protected)
+    return removable_parameters(
+        shape, pruning.attention_unit, ffn_multiple(pruning), pruning.min_ffn_channels, protected
+    )
 
 
 def removable_layers(shape: BlockShape, pruning: PruningSection, protected: frozenset[int]) -> int:

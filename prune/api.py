@@ -21,7 +21,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from eval.report import LayerReport, Report
 from prune.blocks import block_shape, count_parameters
 from prune.calibration import calibration_samples, resolve_text_source
-from prune.prepare import check_memory_plan, parameters_to_remove, prepare, reads_samples, statistics_needs
+from prune.prepare import (
+    check_memory_plan,
+    for_device,
+    parameters_to_remove,
+    prepare,
+    reads_samples,
+    statistics_needs,
+)
 from prune.recipe import Recipe, load_recipe, recipe_from_mapping, recipe_to_dict
 from prune.run import execute, layer_table, prune_as_recipe_says
 from prune.statistics import collect_statistics
@@ -75,7 +82,7 @@ def prune_loaded_model(
     source is read and sampled with ``tokenizer`` (which is needed only then). The statistics are computed on
     the model's device and not cached (a model in memory has no file to key a cache by).
     """
-    recipe = resolve_recipe(recipe, overrides)
+    recipe = for_device(resolve_recipe(recipe, overrides), next(model.parameters()).device)
     total = count_parameters(model)["total"]
     params_to_remove = parameters_to_remove(recipe, block_shape(model.config), total)
     statistics = None

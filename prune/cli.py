@@ -2,10 +2,10 @@
 nothing half-written.
 
 Exit codes: 0 done; 2 bad input (recipe, arguments, files), with one ``error:`` line naming the key or
-path; 1 an I/O failure while working (a full disk, say), with one line; 130 interrupted (Ctrl-C,
-SIGINT), 143 terminated (SIGTERM, as ``timeout`` and schedulers send). Outputs are staged and caches
-written atomically (``prune/paths.py``), so an error or an interruption unwinds them: nothing
-half-written stays behind.
+path; 1 an I/O failure while working (a full disk, say), or a stage that failed after the run kept its
+finished work, with one line; 130 interrupted (Ctrl-C, SIGINT), 143 terminated (SIGTERM, as ``timeout``
+and schedulers send). Outputs are staged and caches written atomically (``prune/paths.py``), so an error
+or an interruption unwinds them: nothing half-written stays behind.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from types import FrameType
@@ -47,6 +48,11 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+class StageFailure(Exception):
+    """A stage failed after the run had kept its finished work for a rerun to resume from; the message says which
+    stage, why and where the work is kept."""
+
+
 class Terminated(BaseException):
     """SIGTERM arrived; raised like KeyboardInterrupt so that staged outputs unwind."""
 
@@ -57,7 +63,7 @@ def _terminated(signum: int, frame: FrameType | None) -> None:
 
 def run_command(body: Callable[[], str], user_errors: tuple[type[Exception], ...]) -> int:
     """Run a command's ``body`` (which returns its closing message) and map its end to an exit code and one
-    line on stderr: ``user_errors`` exit 2, an OSError exits 1, SIGINT 130, SIGTERM 143.
+    line on stderr: ``user_errors`` exit 2, an OSError or a :class:`StageFailure` exits 1, SIGINT 130, SIGTERM 143.
 
     In a process other than the first of those a launcher started (``prune/processes.py``) the body's output
     (progress bars, stage names) is discarded, and so are the lines every process would print alike (bad input,
@@ -70,6 +76,8 @@ def run_command(body: Callable[[], str], user_errors: tuple[type[Exception], ...
             message = body()
     except user_errors as error:
         return _fail(EXIT_BAD_INPUT, f"error: {error}", index == 0)
+    except StageFailure as error:
+        return _fail(EXIT_FAILED, f"error: {error}", index == 0)
     except OSError as error:
         where = f" ({error.filename})" if error.filename else ""
         process = f" in process {index}" if index else ""
@@ -89,6 +97,15 @@ def run_command(body: Callable[[], str], user_errors: tuple[type[Exception], ...
 def _discarded_output() -> Iterator[None]:
     with open(os.devnull, "w") as devnull, redirect_stdout(devnull), redirect_stderr(devnull):
         yield
+
+
+@contextmanager
+def timed(stage_seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Announce a stage on stderr and add its wall time (seconds) to ``stage_seconds``."""
+    print(f"[{name}]", file=sys.stderr)
+    start = time.perf_counter()
+    yield
+    stage_seconds[name] = time.perf_counter() - start
 
 
 def _fail(code: int, line: str, printed: bool) -> int:

@@ -27,7 +27,7 @@ from eval.zeroshot import local_data_file, resolve_source, zeroshot_accuracy
 from prune.export import gguf_tokenizer_source
 from prune.gguf_export import GGUF_EXPORT_VERSION, write_gguf
 from prune.models import ModelSourceError, check_gguf
-from prune.paths import DamagedCacheError, atomic_write_text, data_dir, file_identity, recomputing
+from prune.paths import DamagedCacheError, data_dir, file_identity, read_checked_json, recomputing, write_checked_json
 from prune.placement import input_device
 from prune.prepare import Prepared
 from prune.recipe import Recipe
@@ -42,7 +42,8 @@ class EvaluationInputs:
     """What an evaluation stage reads."""
 
     prepared: Prepared
-    dense: nn.Module
+    dense: nn.Module | None
+    """The dense model; None when the run pruned it in place (its parts of the evaluation are in ``dense_parts``)."""
     pruned: nn.Module
     """The model the run saves (after recovery when there is one)."""
     tokenizer: Any
@@ -62,7 +63,7 @@ class EvaluationInputs:
         """The stage's dense part: computed before pruning in place, else now (from the cache when it holds it)."""
         if stage.section in self.dense_parts:
             return self.dense_parts[stage.section]
-        assert stage.dense is not None
+        assert stage.dense is not None and self.dense is not None
         return stage.dense(DenseInputs(self.prepared, self.dense, self.tokenizer, self.text))
 
 
@@ -98,33 +99,12 @@ def cached_dense_evaluation(
     path = prepared.cache / "dense_evaluation" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.is_file():
         try:
-            return read_checked_json(path), str(path)
+            return read_checked_json(path, DENSE_EVALUATION_VERSION), str(path)
         except DamagedCacheError as error:
             recomputing(path, error)
     result = compute()
-    write_checked_json(path, result)
+    write_checked_json(path, result, DENSE_EVALUATION_VERSION)
     return result, None
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
-
-def write_checked_json(path: Path, value: Any) -> None:
-    """Write ``value`` as JSON with its format version and checksum, atomically."""
-    atomic_write_text(path, json.dumps({"version": DENSE_EVALUATION_VERSION, "sha256": _digest(value), "value": value}))
-
-
-def read_checked_json(path: Path) -> Any:
-    """The value :func:`write_checked_json` wrote; DamagedCacheError when the file is damaged or of another version."""
-    try:
-        stored = json.loads(path.read_text())
-        value, version, digest = stored["value"], stored["version"], stored["sha256"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
-        raise DamagedCacheError(f"not a readable cache file ({type(error).__name__})") from None
-    if version != DENSE_EVALUATION_VERSION or digest != _digest(value):
-        raise DamagedCacheError("its content does not match its checksum or version")
-    return value
 
 
 def dense_perplexity(inputs: DenseInputs) -> tuple[dict, str | None]:
@@ -212,6 +192,7 @@ def evaluate_zeroshot(inputs: EvaluationInputs) -> ZeroshotReport:
 def evaluate_speed(inputs: EvaluationInputs) -> SpeedReport:
     """Prefill latency and decode throughput of the dense and the pruned model, interleaved in this process."""
     speed = inputs.prepared.recipe.evaluation.speed
+    assert inputs.dense is not None  # a run that measures speed keeps the dense model
     results = measure_speed(
         {"dense": inputs.dense, "pruned": inputs.pruned},
         speed.prompt_tokens,

@@ -29,7 +29,7 @@ from prune.cli import ArgumentParser, run_command
 from prune.families import UnsupportedFamilyError, family_of
 from prune.gguf_export import TENSOR_TYPES, GgufExportError, gguf_coverage, write_gguf
 from prune.models import ModelSource, ModelSourceError, load_config, load_model, resolve_model_source
-from prune.paths import cache_dir
+from prune.paths import cache_dir, link_or_copy
 from prune.pruner import has_layer_widths
 
 if TYPE_CHECKING:
@@ -47,6 +47,8 @@ class ExportInputs:
     directory: Path
     """The run directory (being staged); an exporter writes inside it."""
     settings: ExportSection
+    checkpoint: Path | None = None
+    """The model already saved as a Hugging Face checkpoint (the run's resume point), which ``hf`` links."""
 
 
 def directory_bytes(path: Path) -> int:
@@ -55,9 +57,13 @@ def directory_bytes(path: Path) -> int:
 
 
 def export_hf(inputs: ExportInputs) -> ExportReport:
-    """The Hugging Face checkpoint: ``model/`` with safetensors, config, tokenizer (and modeling code if needed)."""
+    """The Hugging Face checkpoint: ``model/`` with safetensors, config, tokenizer (and modeling code if needed);
+    links to the files of ``inputs.checkpoint`` when the model is saved there already."""
     directory = inputs.directory / "model"
-    save_checkpoint(inputs.model, inputs.tokenizer, directory)
+    if inputs.checkpoint is not None:
+        link_or_copy(inputs.checkpoint, directory)
+    else:
+        save_checkpoint(inputs.model, inputs.tokenizer, directory)
     return ExportReport(
         format="hf",
         path=directory.name,

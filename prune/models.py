@@ -224,6 +224,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def default_round_to(device: torch.device) -> int:
+    """The multiple of kept FFN channels when a recipe leaves ``pruning.round_to`` null: 128 on CUDA, where a
+    tensor-core matrix-multiply tile is 128 channels wide (a partial tile costs a whole tile's time; the families'
+    own FFN widths are multiples of 128), else 8."""
+    return 128 if device.type == "cuda" else 8
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -10,6 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def cache_dir(configured: str | None = None) -> Path:
@@ -79,6 +81,28 @@ def atomic_write_text(path: Path, text: str) -> None:
         temporary.write_text(text)
 
 
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def write_checked_json(path: Path, value: Any, version: int) -> None:
+    """Write ``value`` as JSON with the format ``version`` and its checksum, atomically."""
+    atomic_write_text(path, json.dumps({"version": version, "sha256": _digest(value), "value": value}))
+
+
+def read_checked_json(path: Path, version: int) -> Any:
+    """The value :func:`write_checked_json` wrote; DamagedCacheError when the file is damaged or of another
+    format version."""
+    try:
+        stored = json.loads(path.read_text())
+        value, stored_version, digest = stored["value"], stored["version"], stored["sha256"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise DamagedCacheError(f"not a readable cache file ({type(error).__name__})") from None
+    if stored_version != version or digest != _digest(value):
+        raise DamagedCacheError("its content does not match its checksum or version")
+    return value
+
+
 @contextmanager
 def atomic_directory(path: Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``path``; on success it is renamed to ``path``.
@@ -97,6 +121,21 @@ def atomic_directory(path: Path) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def link_or_copy(source: Path, destination: Path) -> None:
+    """``destination`` made the same file as ``source``: a hard link, so that no byte is written twice, or a copy
+    where links cannot be made (another file system); for a directory, every file under it."""
+    if source.is_dir():
+        for file in sorted(source.rglob("*")):
+            if file.is_file():
+                link_or_copy(file, destination / file.relative_to(source))
+        return
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
 
 
 @contextmanager

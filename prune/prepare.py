@@ -7,7 +7,7 @@ and refuses an impossible one; :func:`dry_run_text` prints what it resolved (``-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,7 +20,14 @@ from prune.calibration import DataSourceError, TextSource, resolve_text_source
 from prune.estimate import MemoryPlanError, StageMemory, available_bytes, check_memory, estimate_memory
 from prune.families import FAMILIES, family_of
 from prune.gguf_export import gguf_coverage
-from prune.models import ModelSource, ModelSourceError, load_config, resolve_device, resolve_model_source
+from prune.models import (
+    ModelSource,
+    ModelSourceError,
+    default_round_to,
+    load_config,
+    resolve_device,
+    resolve_model_source,
+)
 from prune.paths import cache_dir
 from prune.pruner import model_class_for
 from prune.recipe import Recipe, RecipeError, recipe_to_dict
@@ -53,6 +60,17 @@ def needs_dense_after_pruning(recipe: Recipe) -> bool:
     """Whether a stage after pruning needs the whole dense model: the recovery's teacher, or the speed stage
     (which times both models side by side). Otherwise the run prunes in place, after the dense parts."""
     return recipe.recovery.method != "none" or recipe.evaluation.speed.enabled
+
+
+def for_device(recipe: Recipe, device: torch.device | None = None) -> Recipe:
+    """The recipe with its device-dependent defaults filled in for ``device`` (default: the recipe's
+    ``model.device``, ``auto`` being CUDA when present): a null ``pruning.round_to``."""
+    if recipe.pruning.round_to is not None:
+        return recipe
+    if device is None:
+        name = recipe.model.device
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    return replace(recipe, pruning=replace(recipe.pruning, round_to=default_round_to(device)))
 
 
 def check_processes(recipe: Recipe, count: int) -> None:
@@ -167,6 +185,7 @@ def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
     Writes nothing outside the cache (a missing ``smollm2-135m`` file is fetched into it).
     Raises one of USER_ERRORS with a message naming the key or path at fault.
     """
+    recipe = for_device(recipe)
     output = Path(recipe.output).expanduser()
     if output.exists() and not overwrite:
         raise RecipeError(f"output: {output} already exists; choose another (--set output=...) or pass --overwrite")

@@ -86,8 +86,9 @@ class PruningSection:
     """Fraction of the dense model's total parameters to remove (embeddings counted once)."""
     attention_unit: Literal["kv_group", "query_head"] = "query_head"
     """``kv_group``: remove whole KV groups; ``query_head``: the same number of query heads from every group."""
-    round_to: int = 8
-    """Kept FFN channels per layer are a multiple of this."""
+    round_to: int | None = None
+    """Kept FFN channels per layer are a multiple of this; null: 128 when the model runs on CUDA (a tensor-core
+    tile's width), 8 elsewhere (``prune.models.default_round_to``)."""
     min_ffn_channels: int = 64
     """Every layer keeps at least this many FFN channels (and always >= 1 KV group and >= 1 head per group)."""
     reconstruct: str = "lstsq"
@@ -227,7 +228,7 @@ def _check_ranges(recipe: Recipe) -> None:
         ("allocation.strategy", strategy is not None, _one_of(ALLOCATIONS)),
         ("pruning.reconstruct", pruning.reconstruct in RECONSTRUCTIONS, _one_of(RECONSTRUCTIONS)),
         ("pruning.target", 0 <= pruning.target < 1, "must be in [0, 1)"),
-        ("pruning.round_to", pruning.round_to >= 1, "must be >= 1"),
+        ("pruning.round_to", pruning.round_to is None or pruning.round_to >= 1, "must be >= 1 or null"),
         ("pruning.min_ffn_channels", pruning.min_ffn_channels >= 1, "must be >= 1"),
         ("pruning.damping", pruning.damping >= 0, "must be >= 0"),
         ("pruning.rounds", pruning.rounds >= 1, "must be >= 1"),

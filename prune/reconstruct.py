@@ -95,33 +95,34 @@ def least_squares_refit(
 def removal_errors(weight: torch.Tensor, second: torch.Tensor, groups: torch.Tensor, damping: float) -> torch.Tensor:
     """Output error [n_groups] of removing each group of input columns alone, the others refit (float64, CPU).
 
-    ``weight`` [out, F]; ``second`` [F+1, F+1] from :func:`second_moment` (damped and factorised in place: pass it
-    without keeping a reference, so that one [F+1, F+1] matrix exists at a time); ``groups`` [n_groups, size]
-    column indices. With S the damped second moment (damping on the F input features), the least-squares
-    refit of the other columns and the bias leaves the mean squared output error per token (Optimal Brain
-    Surgeon, for a group R of columns)
+    ``weight`` [out, F]; ``second`` [F+1, F+1] from :func:`second_moment`, on the device the solve runs on (damped
+    and factorised in place: pass it without keeping a reference, so that one [F+1, F+1] matrix exists at a
+    time); ``groups`` [n_groups, size] column indices. With S the damped second moment (damping on the F input
+    features), the least-squares refit of the other columns and the bias leaves the mean squared output error per
+    token (Optimal Brain Surgeon, for a group R of columns)
 
         E_R = trace(W_R (S⁻¹[R, R])⁻¹ W_Rᵀ)
 
     S⁻¹[:, R] is solved from the LU factors of S for GROUP_COLUMNS columns at a time, never the whole inverse.
     """
-    features = weight.shape[1]
-    damped = damp(second.cpu(), torch.arange(features), damping)
+    features, device = weight.shape[1], second.device
+    damped = damp(second, torch.arange(features, device=device), damping)
     del second
     factors, pivots = torch.linalg.lu_factor(damped)
     del damped
-    w_groups = weight.detach().cpu().double()[:, groups].permute(1, 2, 0)  # [n_groups, size, out]
+    groups = groups.to(device)
+    w_groups = weight.detach().to(device, torch.float64)[:, groups].permute(1, 2, 0)  # [n_groups, size, out]
     n_groups, size = groups.shape
     per_chunk = max(1, GROUP_COLUMNS // size)
-    blocks = torch.empty(n_groups, size, size, dtype=torch.float64)  # S⁻¹[R, R] per group
+    blocks = torch.empty(n_groups, size, size, dtype=torch.float64, device=device)  # S⁻¹[R, R] per group
     for first in range(0, n_groups, per_chunk):
         chunk = groups[first : first + per_chunk]  # [count, size]
         count, columns = len(chunk), chunk.flatten()
-        unit = torch.zeros(features + 1, len(columns), dtype=torch.float64)
-        unit[columns, torch.arange(len(columns))] = 1
+        unit = torch.zeros(features + 1, len(columns), dtype=torch.float64, device=device)
+        unit[columns, torch.arange(len(columns), device=device)] = 1
         solved = torch.linalg.lu_solve(factors, pivots, unit)[columns]  # S⁻¹[columns, columns]
         blocks[first : first + count] = solved.view(count, size, count, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-    return (w_groups * torch.linalg.solve(blocks, w_groups)).sum(dim=(1, 2))
+    return (w_groups * torch.linalg.solve(blocks, w_groups)).sum(dim=(1, 2)).cpu()
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from functools import partial as partial_call
 from pathlib import Path
 
 import torch
@@ -40,15 +40,22 @@ from eval.report import (
     WidthsReport,
     write_report,
 )
-from prune.allocation import ALLOCATIONS, Allocation, allocate, over_rounds
+from prune.allocation import ALLOCATIONS, Allocation, allocate, ffn_multiple, over_rounds
 from prune.blocks import BlockShape, block_shape, count_parameters
 from prune.calibration import DataSourceError, calibration_samples, evaluation_tokens
-from prune.cli import ArgumentParser, run_command
+from prune.cli import ArgumentParser, run_command, timed
 from prune.evaluation import EVALUATIONS, DenseInputs, EvaluationInputs, dense_first
 from prune.export import EXPORTERS, ExportInputs
 from prune.memory import current_bytes, make_resident, peak_bytes, reset_peak
-from prune.models import ModelSourceError, base_model_facts, check_finite, load_model, resolve_device
-from prune.paths import DamagedCacheError, atomic_write_text, recomputing, staged_directory
+from prune.models import ModelSource, ModelSourceError, base_model_facts, check_finite, load_model, resolve_device
+from prune.paths import (
+    DamagedCacheError,
+    atomic_directory,
+    atomic_write_text,
+    link_or_copy,
+    recomputing,
+    staged_directory,
+)
 from prune.placement import input_device
 from prune.prepare import (
     USER_ERRORS,
@@ -57,6 +64,7 @@ from prune.prepare import (
     check_memory_plan,
     check_processes,
     dry_run_text,
+    for_device,
     needs_dense_after_pruning,
     prepare,
     protected_layers,
@@ -68,6 +76,15 @@ from prune.pruner import LayerPlan, LayerRefit, compose_plans, prune_model
 from prune.recipe import Recipe, load_recipe, recipe_to_dict
 from prune.reconstruct import RECONSTRUCTIONS, reconstructed_layer
 from prune.recovery import recover, training_windows
+from prune.resume import (
+    OUTPUT_FILES,
+    PrunedState,
+    kept_evaluation,
+    kept_on_failure,
+    read_resume_point,
+    resume_directory,
+    save_resume_point,
+)
 from prune.scoring import score_units
 from prune.sequential import sequential_refit
 from prune.statistics import (
@@ -78,15 +95,6 @@ from prune.statistics import (
     check_statistics,
     collect_statistics,
 )
-
-
-@contextmanager
-def timed(stage_seconds: dict[str, float], name: str) -> Iterator[None]:
-    """Announce a stage on stderr and add its wall time (seconds) to ``stage_seconds``."""
-    print(f"[{name}]", file=sys.stderr)
-    start = time.perf_counter()
-    yield
-    stage_seconds[name] = time.perf_counter() - start
 
 
 def recipe_calibration(prepared: Prepared, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
@@ -255,6 +263,7 @@ def prune_as_recipe_says(
     round's second moments and layer boundaries (None: in memory). Returns the pruned model and the allocation
     over ``model``'s layers and units.
     """
+    recipe = for_device(recipe, next(model.parameters()).device)
     rounds, shape = recipe.pruning.rounds, block_shape(model.config)
     total = count_parameters(model)["total"]
     pruned, plans, first = model, None, None
@@ -479,7 +488,7 @@ def method_report(prepared: Prepared, statistics: ActivationStatistics | None) -
         aggregate=recipe.scoring.aggregate if uses_scores else None,
         allocation=recipe.allocation.strategy,
         attention_unit=recipe.pruning.attention_unit,
-        round_to=recipe.pruning.round_to,
+        round_to=ffn_multiple(recipe.pruning),
         reconstruction=recipe.pruning.reconstruct,
     )
 
@@ -487,12 +496,17 @@ def method_report(prepared: Prepared, statistics: ActivationStatistics | None) -
 def execute(prepared: Prepared, processes: Processes = ALONE) -> Report | None:
     """Run every stage; returns the report (written, with the model, into the output directory).
 
-    A process other than the main one (``prune/processes.py``) does its share of the statistics pass and of
-    recovery, writes nothing and returns None.
+    The pruned model is first saved at the run's resume point (``prune/resume.py``); the stages after it are kept
+    there as they finish, so that a rerun after a failure starts from them. A process other than the main one
+    (``prune/processes.py``) does its share of the statistics pass and of recovery, writes nothing and returns None.
     """
-    recipe, shape = prepared.recipe, prepared.shape
+    recipe = prepared.recipe
     stage_seconds: dict[str, float] = {}
-    notes: list[str] = []
+    resume = resume_directory(prepared)
+    state = processes.from_main(read_resume_point(resume) if processes.main else None)
+    if state is not None and not processes.main:
+        return None
+    in_place = not needs_dense_after_pruning(recipe)
     with staged_directory(prepared.output) if processes.main else nullcontext() as partial:
         with timed(stage_seconds, "load model"):
             model, tokenizer = load_model(
@@ -506,65 +520,163 @@ def execute(prepared: Prepared, processes: Processes = ALONE) -> Report | None:
             check_finite(model)
             check_tokenizer(recipe, tokenizer)
             text = perplexity_text(prepared, tokenizer)
-        statistics, statistics_info = None, None
-        if prepared.needs:
-            with timed(stage_seconds, "activation statistics"):
-                statistics, statistics_info = obtain_statistics(prepared, model, tokenizer, processes)
-                check_statistics(statistics)
-                if partial is not None:
-                    statistics.save_tensors(partial / "activation_stats.safetensors")
-            if recipe.calibration.source == "wikitext2" and recipe.evaluation.perplexity.dataset == "wikitext2":
-                notes.append(
-                    "Calibration text and perplexity text are both WikiText-2 (test split): "
-                    "the perplexity is optimistic."
+        dense_parts: dict = {}
+        if state is None:
+            with atomic_directory(resume) if processes.main else nullcontext() as staging:
+                made = prune_to_resume_point(prepared, model, tokenizer, text, staging, processes)
+                if made is None:
+                    return None
+                pruned, state, dense_parts = made
+                assert staging is not None
+                save_resume_point(staging, pruned, tokenizer, state)
+        else:
+            print(f"[pruned model] kept from an earlier attempt ({resume}): not pruned again", file=sys.stderr)
+            if in_place:  # the dense model's parts of the evaluation, then only the pruned model in memory
+                dense_parts = dense_first(DenseInputs(prepared, model, tokenizer, text), stage_seconds)
+                del model
+            with timed(stage_seconds, "load pruned model"):
+                pruned, _ = load_model(
+                    ModelSource("directory", str(resume / "model")),
+                    recipe.model.dtype,
+                    str(resolve_device(recipe.model.device)),
+                    prepared.cache,
+                    recipe.model.device_map,
+                    recipe.model.max_memory,
                 )
-        if not processes.main and recipe.recovery.method == "none" and recipe.pruning.rounds == 1:
-            return None  # its share is done: a later round's statistics or recovery would need it again
-        in_place = not needs_dense_after_pruning(recipe)
-        dense_parts = {}
-        if in_place:  # nothing after pruning needs the whole dense model: its parts of the evaluation first
-            dense_parts = dense_first(DenseInputs(prepared, model, tokenizer, text), stage_seconds)
-        samples = recipe_calibration(prepared, tokenizer) if reads_samples(recipe) else None
-        pruned, allocation = prune_as_recipe_says(
-            recipe,
-            model,
-            prepared.params_to_remove,
-            statistics,
+        assert partial is not None
+        report = evaluated_report(
+            prepared,
+            None if in_place else model,
+            pruned,
+            tokenizer,
+            text,
+            state,
+            dense_parts,
+            resume,
+            partial,
             stage_seconds,
-            in_place,
-            samples,
-            processes,
-            prepared.cache / "scratch",
         )
-        recovery, before_recovery = None, None
-        if recipe.recovery.method != "none":
-            ppl = recipe.evaluation.perplexity
-            if processes.main:
-                with timed(stage_seconds, "perplexity before recovery"):
-                    before_recovery = perplexity(pruned, text, ppl.seqlen, ppl.windows, "pruned")["perplexity"]
-            with timed(stage_seconds, f"recovery ({recipe.recovery.method})"):
-                pruned, recovery = recover_as_recipe_says(prepared, model, pruned, tokenizer, text, partial, notes)
-        if partial is None:
-            return None
-        exports: list[ExportReport] = []
-        for name in recipe.export.formats:
-            with timed(stage_seconds, f"export ({name})"):
-                exports.append(
-                    EXPORTERS[name](ExportInputs(pruned, tokenizer, prepared.model_source, partial, recipe.export))
-                )
-        inputs = EvaluationInputs(
-            prepared, model, pruned, tokenizer, text, before_recovery, partial, exports, notes, dense_parts
+    shutil.rmtree(resume, ignore_errors=True)
+    if report.recovery:
+        shutil.rmtree(report.recovery.state_dir, ignore_errors=True)
+    return report
+
+
+def prune_to_resume_point(
+    prepared: Prepared,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    text: torch.Tensor,
+    staging: Path | None,
+    processes: Processes,
+) -> tuple[PreTrainedModel, PrunedState, dict] | None:
+    """The stages that make the pruned model: statistics, scoring, allocation, pruning, reconstruction, recovery.
+    Writes the statistics and the recovery log into ``staging`` (the resume point being made; None in a process
+    other than the main one, which returns None once its share is done). Returns the pruned model, what the
+    report needs of these stages, and the dense model's evaluation parts computed before pruning in place."""
+    recipe = prepared.recipe
+    stage_seconds: dict[str, float] = {}
+    notes: list[str] = []
+    statistics, statistics_info = None, None
+    if prepared.needs:
+        with timed(stage_seconds, "activation statistics"):
+            statistics, statistics_info = obtain_statistics(prepared, model, tokenizer, processes)
+            check_statistics(statistics)
+            if staging is not None:
+                statistics.save_tensors(staging / "activation_stats.safetensors")
+        if recipe.calibration.source == "wikitext2" and recipe.evaluation.perplexity.dataset == "wikitext2":
+            notes.append(
+                "Calibration text and perplexity text are both WikiText-2 (test split): the perplexity is optimistic."
+            )
+    if not processes.main and recipe.recovery.method == "none" and recipe.pruning.rounds == 1:
+        return None  # its share is done: a later round's statistics or recovery would need it again
+    in_place = not needs_dense_after_pruning(recipe)
+    dense_parts = {}
+    if in_place:  # nothing after pruning needs the whole dense model: its parts of the evaluation first
+        dense_parts = dense_first(DenseInputs(prepared, model, tokenizer, text), stage_seconds)
+    samples = recipe_calibration(prepared, tokenizer) if reads_samples(recipe) else None
+    pruned, allocation = prune_as_recipe_says(
+        recipe,
+        model,
+        prepared.params_to_remove,
+        statistics,
+        stage_seconds,
+        in_place,
+        samples,
+        processes,
+        prepared.cache / "scratch",
+    )
+    recovery, before_recovery = None, None
+    if recipe.recovery.method != "none":
+        ppl = recipe.evaluation.perplexity
+        if processes.main:
+            with timed(stage_seconds, "perplexity before recovery"):
+                before_recovery = perplexity(pruned, text, ppl.seqlen, ppl.windows, "pruned")["perplexity"]
+        with timed(stage_seconds, f"recovery ({recipe.recovery.method})"):
+            pruned, recovery = recover_as_recipe_says(prepared, model, pruned, tokenizer, text, staging, notes)
+    if staging is None:
+        return None
+    state = PrunedState(
+        method=method_report(prepared, statistics),
+        layers=layer_table(prepared.shape, allocation),
+        allocation=allocation_report(recipe, allocation),
+        statistics=statistics_info,
+        recovery=recovery,
+        before_recovery=before_recovery,
+        notes=notes,
+        stage_seconds=stage_seconds,
+    )
+    return pruned, state, dense_parts
+
+
+def evaluated_report(
+    prepared: Prepared,
+    dense: PreTrainedModel | None,
+    pruned: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    text: torch.Tensor,
+    state: PrunedState,
+    dense_parts: dict,
+    resume: Path,
+    partial: Path,
+    stage_seconds: dict[str, float],
+) -> Report:
+    """The stages after the resume point ``resume``: exports, evaluations (each kept there as it finishes) and the
+    report, written into the staged output ``partial``. ``dense``: None when pruning in place left no dense model
+    (its evaluation parts are in ``dense_parts``). ``stage_seconds``: those of this attempt so far."""
+    recipe = prepared.recipe
+    notes = list(state.notes)
+    seconds = state.stage_seconds | stage_seconds
+    if "load pruned model" in stage_seconds:
+        notes.append(
+            f"Continued from the resume point an earlier attempt left ({resume}): the stages up to the pruned model "
+            "(and any evaluation marked kept in the log) were not run again; their times are that attempt's."
         )
-        sections = {}
-        for stage in EVALUATIONS:
-            if stage.enabled(recipe):
-                with timed(stage_seconds, stage.name):
-                    sections[stage.section] = stage.run(inputs)
+    exports: list[ExportReport] = []
+    for name in recipe.export.formats:
+        with kept_on_failure(f"export ({name})", resume), timed(seconds, f"export ({name})"):
+            exporting = ExportInputs(pruned, tokenizer, prepared.model_source, partial, recipe.export, resume / "model")
+            exports.append(EXPORTERS[name](exporting))
+    inputs = EvaluationInputs(
+        prepared, dense, pruned, tokenizer, text, state.before_recovery, partial, exports, notes, dense_parts
+    )
+    evaluation, export = recipe_to_dict(recipe)["evaluation"], recipe_to_dict(recipe)["export"]
+    sections = {}
+    for stage in EVALUATIONS:
+        if stage.enabled(recipe):
+            settings = {"evaluation": evaluation[stage.section], "export": export}
+            sections[stage.section] = kept_evaluation(
+                resume, stage.name, stage.section, settings, notes, seconds, partial_call(stage.run, inputs)
+            )
+    with kept_on_failure("report", resume):
+        for name in OUTPUT_FILES:
+            if (resume / name).is_file():
+                link_or_copy(resume / name, partial / name)
         dense_parameters, pruned_parameters = prepared.dense_parameters, count_parameters(pruned)
         report = Report(
             recipe=recipe_to_dict(recipe),
             model=model_report(prepared),
-            method=method_report(prepared, statistics),
+            method=state.method,
             parameters=ParametersReport(
                 dense=ParameterCounts(**dense_parameters),
                 pruned=ParameterCounts(**pruned_parameters),
@@ -572,23 +684,21 @@ def execute(prepared: Prepared, processes: Processes = ALONE) -> Report | None:
                 removed=dense_parameters["total"] - pruned_parameters["total"],
                 removed_fraction=1 - pruned_parameters["total"] / dense_parameters["total"],
             ),
-            layers=layer_table(shape, allocation),
-            allocation=allocation_report(recipe, allocation),
-            statistics=statistics_info,
+            layers=state.layers,
+            allocation=state.allocation,
+            statistics=state.statistics,
             perplexity=sections.get("perplexity"),
             zeroshot=sections.get("zeroshot"),
             speed=sections.get("speed"),
             engine=sections.get("engine"),
-            recovery=recovery,
+            recovery=state.recovery,
             exports=exports,
-            stage_seconds=stage_seconds,
+            stage_seconds=seconds,
             notes=notes,
         )
         write_report(report, partial)
         if report.export("hf"):
             atomic_write_text(partial / "model" / "README.md", model_card(report, prepared.output.name))
-    if recovery:
-        shutil.rmtree(recovery.state_dir, ignore_errors=True)
     return report
 
 

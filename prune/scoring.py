@@ -130,10 +130,11 @@ def reconstruction_error_scores(
 
     def errors(linear, site: str, groups: torch.Tensor) -> torch.Tensor:
         x_sum = statistics.get(layer, f"{site}.x_sum")
-        # passed without a name, so that removal_errors holds the only reference and frees it once factorised
+        # on the weights' device (a model on a GPU solves there, not on the host's cores); passed without
+        # a name, so that removal_errors holds the only reference and frees it once factorised
         return removal_errors(
             linear.weight,
-            second_moment(statistics.get(layer, f"{site}.xxt"), x_sum, statistics.tokens),
+            second_moment(statistics.get(layer, f"{site}.xxt"), x_sum, statistics.tokens, linear.weight.device),
             groups,
             damping,
         )

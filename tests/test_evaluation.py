@@ -1,12 +1,24 @@
 """Perplexity and the speed machinery on tiny models."""
 
+import json
 import math
 
 import torch
-from conftest import BASIC_STATISTICS, MIXED_PLANS, layer_row, make_report, random_tokens, tiny_config, tiny_model
+from conftest import (  # noqa: F401 (fixture)
+    BASIC_STATISTICS,
+    MIXED_PLANS,
+    layer_row,
+    make_report,
+    random_tokens,
+    tiny_config,
+    tiny_files,
+    tiny_model,
+    tiny_recipe,
+)
 
+from eval import speed as speed_module
 from eval.perplexity import perplexity, window_count
-from eval.speed import greedy_decode, measure_speed
+from eval.speed import decode_step, greedy_decode, measure_speed, static_cache
 
 
 def test_perplexity_equals_token_by_token_computation():
@@ -56,6 +68,53 @@ def test_static_cache_loop_gives_the_dynamic_loops_tokens_with_per_layer_widths(
     assert dynamic.shape == (2, 13) and torch.equal(static, dynamic)
     pruned.generation_config.eos_token_id = None
     assert torch.equal(pruned.generate(prompt, max_new_tokens=13, do_sample=False)[:, 9:], dynamic)
+
+
+def compiling_on_the_cpu(monkeypatch) -> list:
+    """Make the static loop compile its decode step on the CPU as on CUDA, with AOTAutograd and eager kernels instead
+    of inductor's and no CUDA graphs; returns the list of graphs compiled, which grows with every compilation."""
+    compiled = []
+
+    def counting_aot_eager(graph, example_inputs):
+        compiled.append(graph)
+        return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
+
+    monkeypatch.setitem(speed_module.STATIC_STEP_COMPILE, "cpu", {"backend": counting_aot_eager, "fullgraph": True})
+    torch._dynamo.reset()
+    return compiled
+
+
+def test_compiled_static_step_gives_the_dynamic_loops_tokens_and_compiles_once_for_every_batch_above_one(monkeypatch):
+    from prune.pruner import prune_model
+
+    compiled = compiling_on_the_cpu(monkeypatch)
+    pruned = prune_model(tiny_model(layers=4), MIXED_PLANS, output_bias=True)  # per-layer widths, a removed layer
+    step = decode_step(pruned, "static")
+    assert step is not pruned and decode_step(pruned, "dynamic") is pruned
+    compilations = []
+    for batch in (2, 3, 1, 5):
+        prompt = random_tokens(batch, 9, seed=batch)
+        _, _, dynamic = greedy_decode(pruned, prompt, new_tokens=6, loop="dynamic")
+        cache = static_cache(pruned, 9 + 6 + 1)
+        for _ in range(2):  # a reused cache starts empty again
+            _, _, static = greedy_decode(pruned, prompt, new_tokens=6, loop="static", step=step, cache=cache)
+            assert torch.equal(static, dynamic)
+        compilations.append(len(compiled))
+    assert compilations == [1, 1, 2, 2]
+
+
+def test_the_runs_speed_stage_with_a_compiled_static_step(tmp_path, tiny_files, monkeypatch):  # noqa: F811
+    import prune.run as run_module
+
+    compiled = compiling_on_the_cpu(monkeypatch)
+    data = tiny_recipe(tiny_files, tmp_path / "out", tmp_path / "cache")
+    data["evaluation"]["speed"] |= {"decode_loop": "static", "batch_size": 2, "warmup": 1, "repeats": 2}
+    (tmp_path / "recipe.json").write_text(json.dumps(data))
+    assert run_module.main([str(tmp_path / "recipe.json")]) == 0
+    speed = json.loads((tmp_path / "out" / "report.json").read_text())["speed"]
+    assert speed["decode_loop"] == "static" and len(compiled) == 2  # the dense and the pruned model, once each
+    for model in ("dense", "pruned"):
+        assert speed[model]["compile_seconds"] > 0 and speed[model]["decode_tokens_per_s_median"] > 0
 
 
 def test_measure_speed_reports_every_model():

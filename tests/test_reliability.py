@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import prune.analysis.run as analysis_run
+import prune.resume as resume_module
 import prune.run as run_module
 from eval import speed as speed_module
 from eval import zeroshot as zeroshot_module
@@ -409,6 +410,54 @@ def test_a_killed_run_rerun_gives_the_uninterrupted_bytes(tmp_path, slow_recipe,
     assert _outputs(output) == expected and not output.with_name("out.partial").exists()
 
 
+@pytest.mark.parametrize("failing, speed", [("speed", True), ("report", False)])
+def test_a_failed_last_stage_keeps_the_pruned_model_and_the_rerun_finishes_from_it(
+    tmp_path,
+    tiny_files,  # noqa: F811
+    monkeypatch,
+    failing,
+    speed,
+):
+    import prune.evaluation as evaluation_module
+
+    data = tiny_recipe(tiny_files, tmp_path / "reference", tmp_path / "reference_cache")
+    data["evaluation"]["speed"]["enabled"] = speed  # without the speed stage the run prunes in place
+    recipe = _write_recipe(tmp_path / "r.yaml", data)
+    assert run_module.main([str(recipe)]) == 0
+    expected = _outputs(tmp_path / "reference")
+    output, cache = tmp_path / "out", tmp_path / "cache"
+    sets = ["--set", f"output={output}", "--set", f"cache_dir={cache}"]
+
+    def failure(*args, **kwargs):
+        raise RuntimeError("the device fell over")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluation_module if failing == "speed" else run_module, {"speed": "measure_speed"}.get(
+            failing, "write_report"), failure)  # fmt: skip
+        with _captured_stderr() as stderr:
+            code = run_module.main([str(recipe), *sets])
+    line = stderr.getvalue().strip().splitlines()[-1]
+    assert code == 1 and line.startswith(f"error: {failing} failed (RuntimeError: the device fell over); "), line
+    assert "run the same command again" in line
+    assert not output.exists() and not output.with_name("out.partial").exists()
+    (resume,) = (cache / "resume").iterdir()
+    assert "the device fell over" in (resume / "failure.txt").read_text()
+
+    rerun_calls = []
+    for module, name in [(run_module, "obtain_statistics"), (run_module, "prune_as_recipe_says"),
+                         (evaluation_module, "perplexity")]:  # fmt: skip
+        monkeypatch.setattr(module, name, lambda *args, name=name, **kwargs: rerun_calls.append(name))
+    with _captured_stderr() as stderr:
+        code = run_module.main([str(recipe), *sets])
+    log = stderr.getvalue()
+    assert code == 0, log[-2000:]
+    assert rerun_calls == []  # no statistics, scoring or pruning, and the perplexities kept from the failed attempt
+    assert "[pruned model] kept from an earlier attempt" in log and "[perplexity] kept from an earlier attempt" in log
+    assert _outputs(output) == expected and not resume.exists()
+    report = json.loads((output / "report.json").read_text())
+    assert any(note.startswith("Continued from the resume point") for note in report["notes"])
+
+
 @pytest.mark.parametrize("sig, code, line", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
 def test_sigterm_and_sigint_remove_the_staged_output(tmp_path, slow_recipe, sig, code, line):
     recipe, expected = slow_recipe
@@ -427,11 +476,12 @@ def test_a_full_disk_while_writing_the_checkpoint_leaves_nothing(tmp_path, tiny_
     recipe = _write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_files, output, tmp_path / "cache"))
 
     def disk_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(output) + ".partial/model/model.safetensors")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "model.safetensors")
 
-    monkeypatch.setattr(export_module, "save_checkpoint", disk_full)
+    monkeypatch.setattr(resume_module, "save_checkpoint", disk_full)  # the pruned checkpoint at the resume point
     with _captured_stderr() as stderr:
         code = run_module.main([str(recipe)])
     lines = stderr.getvalue().strip().splitlines()
     assert code == 1 and lines[-1].startswith("error: No space left on device") and "nothing was written" in lines[-1]
     assert not output.exists() and not output.with_name("out.partial").exists()
+    assert not any((tmp_path / "cache" / "resume").iterdir())
