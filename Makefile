@@ -12,7 +12,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup run test lint engine
+.PHONY: setup run test lint engine gpu-wheels gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -45,3 +45,15 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+
+# The GPU check (benchmarks/gpu_check.py): what a short GPU lease runs, about 8 minutes on one H200. A GPU machine
+# without network runs it with the machine's own torch and the wheels carried in .whl/, which gpu-wheels downloads
+# (for Python 3.12 on x86-64 Linux) on a machine with network.
+GPU_WHEELS := transformers==5.25.0 huggingface_hub==2.4.0 kernels==0.19.1 httpx2==2.16.2 httpcore2==2.16.2 \
+	truststore==0.10.5 tomlkit==0.15.3 click==8.5.1 hf-xet==1.8.0 idna==3.20 gguf==0.19.0
+gpu-wheels:
+	python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 -d .whl $(GPU_WHEELS)
+
+gpu-check:
+	bash benchmarks/gpu_check.sh --out gpu_check $(ARGS)

@@ -26,15 +26,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
 
-from eval.speed import KNOWN_SHAPES, random_model
+from eval.speed import random_model, shaped_config
 from prune.allocation import allocate
 from prune.blocks import block_shape, count_parameters
 from prune.checkpoint import save_checkpoint
 from prune.estimate import estimate_memory
 from prune.memory import current_bytes, make_resident, peak_bytes, reset_peak
 from prune.models import resolve_device
+from prune.paths import cache_dir
 from prune.prepare import added_bias_parameters, for_device, statistics_needs
 from prune.pruner import prune_model
 from prune.recipe import load_recipe
@@ -69,7 +69,7 @@ def rehearse(shape_name: str, samples: int, seqlen: int, dtype: torch.dtype, dev
     overrides = [f"calibration.samples={samples}", f"calibration.seqlen={seqlen}", "evaluation.speed.enabled=false"]
     overrides.append(f"model.dtype={str(dtype).removeprefix('torch.')}")
     recipe = for_device(load_recipe("recipes/smollm2_30pct.yaml", overrides), device)
-    config = AutoConfig.for_model("llama", **KNOWN_SHAPES[shape_name])
+    config = shaped_config(shape_name, cache_dir(None))
     shape = block_shape(config)
     model = random_model(config, list(shape.layers), dtype, device)
     make_resident(model)
@@ -118,7 +118,12 @@ def rehearse(shape_name: str, samples: int, seqlen: int, dtype: torch.dtype, dev
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=["llama-3.2-1b", "llama-3.2-3b", "llama-2-7b", "llama-3-8b"])
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=["llama-3.2-1b", "llama-3.2-3b", "llama-2-7b", "llama-3-8b"],
+        help="shape names of eval.speed.KNOWN_SHAPES, or model sources whose configuration gives the shape",
+    )
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

@@ -646,7 +646,7 @@ def evaluated_report(
     (its evaluation parts are in ``dense_parts``). ``stage_seconds``: those of this attempt so far."""
     recipe = prepared.recipe
     notes = list(state.notes)
-    seconds = state.stage_seconds | stage_seconds
+    seconds = {"load model": stage_seconds["load model"]} | state.stage_seconds | stage_seconds
     if "load pruned model" in stage_seconds:
         notes.append(
             f"Continued from the resume point an earlier attempt left ({resume}): the stages up to the pruned model "

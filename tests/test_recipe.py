@@ -158,3 +158,24 @@ def test_every_pruning_recipe_in_the_repository_validates():
     paths = sorted(p for p in (REPO / "recipes").glob("*.yaml") if not p.name.startswith("analysis_"))
     recipes = {path.name: load_recipe(path) for path in paths}
     assert len(recipes) >= 5 and all(r.pruning.reconstruct == "lstsq-sequential" for r in recipes.values())
+
+
+def test_a_null_round_to_is_128_on_cuda_and_8_on_the_cpu_and_an_explicit_one_stays():
+    import torch
+
+    from prune.allocation import removable_units
+    from prune.blocks import block_shape
+    from prune.prepare import for_device
+
+    recipe = load_recipe(None, [])
+    assert recipe.pruning.round_to is None
+    assert for_device(recipe, torch.device("cuda")).pruning.round_to == 128
+    assert for_device(recipe, torch.device("cpu")).pruning.round_to == 8
+    assert for_device(load_recipe(None, ["pruning.round_to=64"]), torch.device("cuda")).pruning.round_to == 64
+    shape = block_shape(tiny_model(ffn=640).config)
+    with pytest.raises(ValueError, match="resolved for the device"):
+        removable_units(shape, recipe.pruning, frozenset())  # nothing prunes with an unresolved multiple
+    coarse, fine = (
+        removable_units(shape, for_device(recipe, torch.device(d)).pruning, frozenset()) for d in ("cuda", "cpu")
+    )
+    assert coarse < fine  # 64 minimum channels kept: 128 when rounded to 128, 64 when rounded to 8
