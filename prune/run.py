@@ -3,7 +3,8 @@
 Thin orchestrator over the stages: recipe -> (prepare) -> model -> activation statistics -> scores ->
 allocation -> pruned model -> reconstruction -> recovery -> exports -> evaluation -> report.
 Everything is validated before anything is written; the run writes into ``<output>.partial`` and
-renames it to ``<output>`` only when every stage has succeeded.
+renames it to ``<output>`` only when every stage has succeeded. The pruned model is kept at a resume point
+(``prune/resume.py``) before the exports and evaluations, so that a rerun after one of them failed starts there.
 """
 
 from __future__ import annotations
