@@ -28,7 +28,15 @@ from prune.checkpoint import save_checkpoint
 from prune.cli import ArgumentParser, run_command
 from prune.families import UnsupportedFamilyError, family_of
 from prune.gguf_export import TENSOR_TYPES, GgufExportError, gguf_coverage, write_gguf
-from prune.models import ModelSource, ModelSourceError, load_config, load_model, resolve_model_source
+from prune.models import (
+    ModelSource,
+    ModelSourceError,
+    check_checkpoint,
+    load_config,
+    load_model,
+    resolve_model_source,
+)
+from prune.outputs import OutputRefused, check_output, output_lock
 from prune.paths import cache_dir, link_or_copy
 from prune.pruner import has_layer_widths
 
@@ -113,11 +121,21 @@ def _source_of(target: Path | str) -> tuple[ModelSource, Path | None, str]:
         checkpoint = run / "model"
         if not (checkpoint / "config.json").is_file():
             raise ExportError(f"{run}: the run has no Hugging Face checkpoint (model/) to export")
+        check_checkpoint(checkpoint)
         origin = ModelSource(report.model.kind, report.model.location)
         name = f"{Path(report.model.source).stem} (pruned {report.parameters.removed_fraction:.0%})"
         return ModelSource("directory", str(checkpoint)), gguf_tokenizer_source(origin), name
     source = resolve_model_source(str(target), cache_dir(None))
     return source, gguf_tokenizer_source(source), Path(source.location).stem
+
+
+def is_gguf_file(path: Path) -> bool:
+    """Whether ``path`` is a file that starts as a GGUF file does (one an export may replace)."""
+    try:
+        with path.open("rb") as file:
+            return path.is_file() and file.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def export_command(target: str, tensor_type: str, output: Path | None, overwrite: bool) -> Path:
@@ -130,18 +148,22 @@ def export_command(target: str, tensor_type: str, output: Path | None, overwrite
         if not (run / "report.json").is_file():
             raise ExportError(f"--output: required when {target!r} is not a run directory")
         output = run / f"model-{tensor_type}.gguf"
-    if output.exists() and not overwrite:
-        raise ExportError(f"--output: {output} already exists; choose another or pass --overwrite")
     if not output.parent.is_dir():
         raise ExportError(f"--output: the directory {output.parent} does not exist")
+    inputs = [("the model", Path(source.location)), ("cache_dir", cache_dir(None))]
+    if tokenizer_source is not None:
+        inputs.append(("the GGUF file the tokenizer comes from", tokenizer_source))
+    check_output(output, inputs, overwrite, is_gguf_file, "--output", "a GGUF file")
     try:
         family = family_of(load_config(source))
     except UnsupportedFamilyError as error:
         raise ExportError(f"{target}: {error}") from None
     if not family.gguf:
         raise ExportError(f"{target}: {gguf_coverage(family)}")
-    model, tokenizer = load_model(source, "float32", "cpu", cache_dir(None))
-    written = write_gguf(model, tokenizer, output, tensor_type, tokenizer_source, name)
+    with output_lock(output, "--output"):
+        check_output(output, inputs, overwrite, is_gguf_file, "--output", "a GGUF file")  # no export since the first
+        model, tokenizer = load_model(source, "float32", "cpu", cache_dir(None))
+        written = write_gguf(model, tokenizer, output, tensor_type, tokenizer_source, name)
     for note in written.notes:
         print(f"note: {note}", file=sys.stderr)
     return output
@@ -164,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError(f"--format: {args.format!r} is not one this command writes (gguf)")
         return f"done: {export_command(args.source, args.type, args.output, args.overwrite)}"
 
-    return run_command(export, (ExportError, GgufExportError, ModelSourceError))
+    return run_command(export, (ExportError, GgufExportError, ModelSourceError, OutputRefused))
 
 
 if __name__ == "__main__":

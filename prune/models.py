@@ -23,6 +23,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from prune.outputs import cache_lock
 from prune.paths import DamagedCacheError, atomic_directory, atomic_path, file_identity, recomputing
 from prune.placement import resident
 
@@ -102,6 +103,45 @@ def check_gguf(path: Path) -> None:
         raise ModelSourceError(f"model.source: {path} is a damaged GGUF file ({first_line[:160]})") from None
 
 
+def check_checkpoint(directory: Path) -> None:
+    """ModelSourceError naming the file unless every safetensors file of the checkpoint ``directory`` (and every one
+    its index names) is whole: its header readable and its data as long as the header says (no tensor is read)."""
+    from safetensors import safe_open
+
+    index = directory / "model.safetensors.index.json"
+    names = set()
+    if index.is_file():
+        try:
+            names = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+            raise ModelSourceError(f"model.source: {index} is not a readable safetensors index") from None
+    for name in sorted(names | {f.name for f in directory.glob("*.safetensors")}):
+        try:
+            with safe_open(str(directory / name), framework="pt"):
+                pass
+        except Exception as error:  # safetensors reports a damaged file with its own exception types
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+            raise ModelSourceError(f"model.source: {directory / name} is damaged or missing ({reason})") from None
+
+
+def check_weights_fit(directory: Path, model: torch.nn.Module) -> None:
+    """ModelSourceError unless every tensor of the checkpoint ``directory``'s safetensors files that ``model`` (built
+    from its configuration, e.g. on the meta device) also has is of the shape the model expects (read from the
+    files' headers: no tensor is loaded)."""
+    from safetensors import safe_open
+
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as weights:
+            for name in weights.keys():  # noqa: SIM118 (a safetensors file is not a mapping)
+                shape = tuple(weights.get_slice(name).get_shape())
+                if name in expected and expected[name] != shape:
+                    raise ModelSourceError(
+                        f"model.source: {file}: {name} is {list(shape)}, but the configuration makes it "
+                        f"{list(expected[name])}: the weights do not fit config.json"
+                    )
+
+
 def resolve_model_source(source: str, cache: Path) -> ModelSource:
     """Turn a recipe's ``model.source`` into a :class:`ModelSource`.
 
@@ -131,6 +171,7 @@ def resolve_model_source(source: str, cache: Path) -> ModelSource:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelSourceError(f"model.source: {path} is a directory without config.json")
+        check_checkpoint(path)
         return ModelSource("directory", str(path))
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise ModelSourceError(f"model.source: no such file or directory: {path}")
@@ -193,7 +234,7 @@ def load_config(source: ModelSource):
                 del config.quantization_config
             return config
         return AutoConfig.from_pretrained(source.location)
-    except (OSError, ValueError, KeyError) as error:
+    except Exception as error:  # unreadable, inconsistent (transformers validates it), or no network
         raise ModelSourceError(_one_line_hub_error(source, error)) from None
 
 
@@ -251,16 +292,23 @@ def _converted_gguf_dir(source: ModelSource, cache: Path) -> Path:
         except DamagedCacheError as error:
             recomputing(target, error)
             shutil.rmtree(target, ignore_errors=True)
-    print(f"dequantizing {path.name} (first use; cached in {target}) ...", file=sys.stderr)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    # The GGUF loader leaves a quantization marker that blocks save_pretrained; the weights are plain floats.
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    with atomic_directory(target) as partial:
-        model.save_pretrained(partial, safe_serialization=True)
-        tokenizer.save_pretrained(partial)
-        write_manifest(partial)
+    with cache_lock(target):  # another run converting the same file: wait for it and take its conversion
+        if target.is_dir():
+            return target
+        print(f"dequantizing {path.name} (first use; cached in {target}) ...", file=sys.stderr)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        except Exception as error:  # a tensor the GGUF loader cannot read or dequantize
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+            raise ModelSourceError(f"model.source: {path} holds tensors that cannot be loaded ({reason})") from None
+        # The GGUF loader leaves a quantization marker that blocks save_pretrained; the weights are plain floats.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        with atomic_directory(target) as partial:
+            model.save_pretrained(partial, safe_serialization=True)
+            tokenizer.save_pretrained(partial)
+            write_manifest(partial)
     return target
 
 
@@ -324,7 +372,7 @@ def load_model(
             **placement,
         )
         tokenizer = AutoTokenizer.from_pretrained(location)
-    except OSError as error:
+    except Exception as error:  # a missing or damaged file, weights that do not fit the configuration, no network
         raise ModelSourceError(_one_line_hub_error(source, error)) from None
     if device_map is None:
         model = model.to(torch_device)

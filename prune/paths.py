@@ -136,19 +136,3 @@ def link_or_copy(source: Path, destination: Path) -> None:
         os.link(source, destination)
     except OSError:
         shutil.copy2(source, destination)
-
-
-@contextmanager
-def staged_directory(output: Path) -> Iterator[Path]:
-    """Yield ``<output>.partial`` to write into; it replaces ``output`` on success and is removed on any error."""
-    partial = output.with_name(output.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        yield partial
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if output.exists():
-        shutil.rmtree(output)
-    partial.rename(output)

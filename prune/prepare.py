@@ -7,6 +7,9 @@ and refuses an impossible one; :func:`dry_run_text` prints what it resolved (``-
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,23 +22,34 @@ from prune.blocks import BlockShape, block_shape, count_parameters
 from prune.calibration import DataSourceError, TextSource, resolve_text_source
 from prune.estimate import MemoryPlanError, StageMemory, available_bytes, check_memory, estimate_memory
 from prune.families import FAMILIES, family_of
-from prune.gguf_export import gguf_coverage
+from prune.gguf_export import TENSOR_TYPES, gguf_coverage
 from prune.models import (
     ModelSource,
     ModelSourceError,
+    check_weights_fit,
     default_round_to,
     load_config,
     resolve_device,
+    resolve_dtype,
     resolve_model_source,
 )
+from prune.outputs import OutputRefused, check_output, is_run_output
 from prune.paths import cache_dir
 from prune.pruner import model_class_for
 from prune.recipe import Recipe, RecipeError, recipe_to_dict
 from prune.reconstruct import RECONSTRUCTIONS
 from prune.scoring import SCORERS, scores_experts
-from prune.statistics import Statistic, StatisticsError
+from prune.statistics import SUMMARY_FILE, Statistic, StatisticsError, cache_key
 
-USER_ERRORS = (RecipeError, ModelSourceError, DataSourceError, ImpossibleTargetError, StatisticsError, MemoryPlanError)
+USER_ERRORS = (
+    RecipeError,
+    ModelSourceError,
+    DataSourceError,
+    ImpossibleTargetError,
+    StatisticsError,
+    MemoryPlanError,
+    OutputRefused,
+)
 """Errors that mean "the recipe or its inputs are wrong": one line, exit code 2."""
 
 
@@ -62,14 +76,18 @@ def needs_dense_after_pruning(recipe: Recipe) -> bool:
     return recipe.recovery.method != "none" or recipe.evaluation.speed.enabled
 
 
+def recipe_device(recipe: Recipe) -> torch.device:
+    """The device ``model.device`` names (``auto``: CUDA when present), whether or not this machine has it."""
+    name = recipe.model.device
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
 def for_device(recipe: Recipe, device: torch.device | None = None) -> Recipe:
-    """The recipe with its device-dependent defaults filled in for ``device`` (default: the recipe's
-    ``model.device``, ``auto`` being CUDA when present): a null ``pruning.round_to``."""
+    """The recipe with its device-dependent defaults filled in for ``device`` (default: :func:`recipe_device`):
+    a null ``pruning.round_to``."""
     if recipe.pruning.round_to is not None:
         return recipe
-    if device is None:
-        name = recipe.model.device
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    device = device or recipe_device(recipe)
     return replace(recipe, pruning=replace(recipe.pruning, round_to=default_round_to(device)))
 
 
@@ -138,6 +156,15 @@ class Prepared:
     recovery_source: TextSource | None
     memory: list[StageMemory]
     """Estimated peak memory of every stage (:mod:`prune.estimate`)."""
+    inputs: list[tuple[str, Path]]
+    """What the run reads, by name (:func:`run_inputs`): the output must not touch it."""
+    overwrite: bool
+    """Whether an existing output of an earlier run may be replaced."""
+
+    def check_output(self) -> None:
+        """OutputRefused unless the output may be written (:func:`prune.outputs.check_output`); called again by the
+        run once it holds the output's lock, since another run may have written it meanwhile."""
+        check_output(self.output, self.inputs, self.overwrite, is_run_output)
 
     @property
     def needs(self) -> frozenset[Statistic]:
@@ -187,8 +214,6 @@ def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
     """
     recipe = for_device(recipe)
     output = Path(recipe.output).expanduser()
-    if output.exists() and not overwrite:
-        raise RecipeError(f"output: {output} already exists; choose another (--set output=...) or pass --overwrite")
     cache = cache_dir(recipe.cache_dir)
     model_source = resolve_model_source(recipe.model.source, cache)
     config = load_config(model_source)
@@ -202,6 +227,8 @@ def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
                 f"recovery.source: {recipe.recovery.source!r} is the perplexity text "
                 "(evaluation.perplexity.dataset); recovery must train on other text"
             )
+    inputs = run_inputs(cache, model_source, [calibration_source, evaluation_source, recovery_source])
+    check_output(output, inputs, overwrite, is_run_output)
     try:
         shape = block_shape(config)
     except ValueError as error:
@@ -210,8 +237,10 @@ def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
     check_experts(recipe, shape)
     if "gguf" in recipe.export.formats and not family.gguf:
         raise RecipeError(f"export.formats: {gguf_coverage(family)}")
-    with torch.device("meta"):
-        dense_parameters = count_parameters(model_class_for(config)(config))
+    dense_model = model_of(config, model_source)
+    if model_source.kind == "directory":
+        check_weights_fit(Path(model_source.location), dense_model)
+    dense_parameters = count_parameters(dense_model)
     params_to_remove = parameters_to_remove(recipe, shape, dense_parameters["total"])
     zs = recipe.evaluation.zeroshot
     if zs.enabled and resolve_source(zs.tasks, zs.source) == "local":
@@ -219,7 +248,7 @@ def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
     needs = statistics_needs(recipe)
     in_place = not needs_dense_after_pruning(recipe)
     memory = estimate_memory(recipe, shape, config.vocab_size, dense_parameters["total"], needs, in_place)
-    return Prepared(
+    prepared = Prepared(
         recipe,
         output,
         cache,
@@ -231,7 +260,102 @@ def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
         evaluation_source,
         recovery_source,
         memory,
+        inputs,
+        overwrite,
     )
+    check_disk(prepared)
+    return prepared
+
+
+def statistics_path(prepared: Prepared, dtype: torch.dtype) -> Path:
+    """The statistics cache directory of the recipe's model (loaded in ``dtype``), calibration and objective."""
+    recipe = prepared.recipe
+    key = cache_key(
+        prepared.model_source.fingerprint(),
+        str(dtype),
+        recipe_to_dict(recipe)["calibration"],
+        prepared.calibration_source.fingerprint(),
+        recipe.scoring.objective,
+    )
+    return prepared.cache / "stats" / key
+
+
+def disk_needs(prepared: Prepared) -> dict[str, dict[str, int]]:
+    """Bytes the run writes, by where (``cache_dir``, ``output``) and what: the pruned checkpoint at the resume point
+    (in the cache; the output links it), the second moments when the statistics cache lacks them, the GGUF export.
+    Not counted: recovery's resumable state, the dense model's GGUF file of the engine stage, a GGUF conversion."""
+    recipe, shape = prepared.recipe, prepared.shape
+    dtype = resolve_dtype(recipe.model.dtype, recipe_device(recipe))
+    kept = prepared.dense_parameters["total"] - prepared.params_to_remove + added_bias_parameters(recipe, shape)
+    cache = {"the pruned checkpoint": kept * dtype.itemsize}
+    if Statistic.SECOND_MOMENTS in prepared.needs and Statistic.SECOND_MOMENTS not in cached_statistics(
+        statistics_path(prepared, dtype)
+    ):
+        features = [(w.query_heads * shape.head_dim, w.ffn_channels) for w in shape.layers]
+        cache["the second moments"] = sum(4 * (o * o + f * f) for o, f in features)
+    output = {}
+    if "gguf" in recipe.export.formats:
+        per_parameter = {"f32": 4}.get(recipe.export.gguf_type, 2) + TENSOR_TYPES[
+            recipe.export.gguf_type
+        ].engine_quantized
+        output["the GGUF export"] = kept * per_parameter
+    return {"cache_dir": cache, "output": output}
+
+
+def cached_statistics(path: Path) -> frozenset[Statistic]:
+    """What the statistics cache directory ``path`` says it provides (nothing when there is none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / SUMMARY_FILE), framework="pt") as file:
+            return frozenset(Statistic(kind) for kind in json.loads((file.metadata() or {})["provides"]))
+    except Exception:  # no cache, or a damaged one: it will be computed again
+        return frozenset()
+
+
+def check_disk(prepared: Prepared) -> None:
+    """OutputRefused when the file system of the cache or of the output is read-only or has less free space than
+    the run writes there (:func:`disk_needs`; both on one file system: their sum)."""
+    needs = disk_needs(prepared)
+    places = {"cache_dir": prepared.cache, "output": prepared.output}
+    existing = {key: next(p for p in [path, *path.parents] if p.exists()) for key, path in places.items()}
+    if os.stat(existing["cache_dir"]).st_dev == os.stat(existing["output"]).st_dev:
+        needs = {"cache_dir": needs["cache_dir"] | needs["output"]}
+    for key, parts in needs.items():
+        place = existing[key]
+        if not os.access(place, os.W_OK):
+            raise OutputRefused(f"{key}: cannot write into {place} (read-only)")
+        free, total = shutil.disk_usage(place).free, sum(parts.values())
+        if total > free:
+            raise OutputRefused(
+                f"{key}: {place} has {free / 2**30:.2f} GiB free and the run writes {total / 2**30:.2f} GiB there "
+                f"({', '.join(parts)}); free some space or choose another {key}"
+            )
+
+
+def run_inputs(cache: Path, model: ModelSource, texts: list[TextSource | None]) -> list[tuple[str, Path]]:
+    """What a run reads, which its output must not touch: the model source, the data files, the data and models
+    directories, the cache."""
+    inputs = [("cache_dir", cache)]
+    if model.kind != "hub":
+        inputs.append(("the model source", Path(model.location)))
+    inputs += [(text.key, Path(text.location)) for text in texts if text is not None and text.kind != "hub"]
+    for variable in ("PRUNE_DATA_DIR", "PRUNE_MODELS_DIR"):
+        if os.environ.get(variable):
+            inputs.append((f"${variable}", Path(os.environ[variable])))
+    return inputs
+
+
+def model_of(config, source: ModelSource) -> torch.nn.Module:
+    """The model ``config`` builds, without memory (meta tensors); ModelSourceError when it builds none."""
+    try:
+        with torch.device("meta"):
+            return model_class_for(config)(config)
+    except Exception as error:  # transformers rejects an inconsistent configuration in many ways
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise ModelSourceError(
+            f"model.source: {source.location}: its configuration builds no model ({reason})"
+        ) from None
 
 
 def check_memory_plan(prepared: Prepared) -> None:

@@ -13,9 +13,7 @@ import hashlib
 import json
 import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from functools import partial as partial_call
 from pathlib import Path
 
@@ -49,13 +47,13 @@ from prune.evaluation import EVALUATIONS, DenseInputs, EvaluationInputs, dense_f
 from prune.export import EXPORTERS, ExportInputs
 from prune.memory import current_bytes, make_resident, peak_bytes, reset_peak
 from prune.models import ModelSource, ModelSourceError, base_model_facts, check_finite, load_model, resolve_device
+from prune.outputs import cache_lock, output_lock, remove_stale_scratch, scratch_directory, staged_directory
 from prune.paths import (
     DamagedCacheError,
     atomic_directory,
     atomic_write_text,
     link_or_copy,
     recomputing,
-    staged_directory,
 )
 from prune.placement import input_device
 from prune.prepare import (
@@ -71,6 +69,7 @@ from prune.prepare import (
     protected_layers,
     reads_samples,
     statistics_needs,
+    statistics_path,
 )
 from prune.processes import ALONE, Processes, launched_count, launched_processes
 from prune.pruner import LayerPlan, LayerRefit, compose_plans, prune_model
@@ -92,7 +91,7 @@ from prune.statistics import (
     BACKWARD,
     SUMMARY_FILE,
     ActivationStatistics,
-    cache_key,
+    Statistic,
     check_statistics,
     collect_statistics,
 )
@@ -110,26 +109,35 @@ def obtain_statistics(
     """The statistics the recipe needs: from the cache, else computed (only what the cache lacks) and cached.
 
     Returns them and their provenance; the peak memory is that of the pass run here (none when reused).
-    With several ``processes`` each computes its share and the main one writes the cache.
+    With several ``processes`` each computes its share and the main one writes the cache. Another run computing
+    the same statistics is waited for (:func:`prune.outputs.cache_lock`), and its result taken.
     """
-    recipe = prepared.recipe
-    key = cache_key(
-        prepared.model_source.fingerprint(),
-        str(next(model.parameters()).dtype),
-        recipe_to_dict(recipe)["calibration"],
-        prepared.calibration_source.fingerprint(),
-        recipe.scoring.objective,
-    )
-    path = prepared.cache / "stats" / key
-    cached = None
-    if (path / SUMMARY_FILE).is_file():
-        try:
-            cached = ActivationStatistics.load(path)
-        except DamagedCacheError as error:
-            if processes.main:
+    path = statistics_path(prepared, next(model.parameters()).dtype)
+    with cache_lock(path) if processes.main else nullcontext():
+        cached = None
+        if processes.main and (path / SUMMARY_FILE).is_file():
+            try:
+                cached = ActivationStatistics.load(path)
+            except DamagedCacheError as error:
                 recomputing(path, error)
                 shutil.rmtree(path, ignore_errors=True)
-    missing = prepared.needs - (cached.provides if cached else frozenset())
+        missing = processes.from_main(prepared.needs - (cached.provides if cached else frozenset()))
+        if not processes.main and missing != prepared.needs:
+            cached = ActivationStatistics.load(path)  # whole: the main process checked it
+        return _statistics_for(prepared, model, tokenizer, processes, path, cached, missing)
+
+
+def _statistics_for(
+    prepared: Prepared,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    processes: Processes,
+    path: Path,
+    cached: ActivationStatistics | None,
+    missing: frozenset[Statistic],
+) -> tuple[ActivationStatistics, StatisticsReport]:
+    """:func:`obtain_statistics` once the cache at ``path`` was read: ``cached`` and the ``missing`` kinds computed."""
+    recipe = prepared.recipe
     info = StatisticsReport(
         source=recipe.calibration.source,
         samples=recipe.calibration.samples,
@@ -303,17 +311,6 @@ def prune_as_recipe_says(
     return pruned, over_rounds(shape, first, plans, recipe.pruning.attention_unit, rounds)
 
 
-@contextmanager
-def scratch_directory(parent: Path | None) -> Iterator[Path | None]:
-    """A fresh directory under ``parent``, removed after the block; None without a parent."""
-    if parent is None:
-        yield None
-        return
-    parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=parent) as directory:
-        yield Path(directory)
-
-
 def _prune_once(
     recipe: Recipe,
     model: PreTrainedModel,
@@ -329,7 +326,8 @@ def _prune_once(
     only where the model does not have them yet (a later round's model does)."""
     shape = block_shape(model.config)
     has_biases = bool(getattr(model.config, "output_projection_bias", False))
-    budget = params_to_remove + (0 if has_biases else added_bias_parameters(recipe, shape))
+    nothing = params_to_remove <= 0  # nothing to remove: no unit goes, no bias comes, no layer is refit
+    budget = params_to_remove + (0 if has_biases or nothing else added_bias_parameters(recipe, shape))
     scores = None
     if ALLOCATIONS[recipe.allocation.strategy].uses_scores:
         with timed(stage_seconds, f"scoring{suffix}"):
@@ -350,7 +348,7 @@ def _prune_once(
         )
         allocation = processes.from_main(allocation)
     method = recipe.pruning.reconstruct
-    refit = recipe_refit(recipe, model, shape, statistics, samples)
+    refit = None if nothing else recipe_refit(recipe, model, shape, statistics, samples)
     stage = "pruning" if refit is None else f"pruning + reconstruction ({method})"
     with timed(stage_seconds, f"{stage}{suffix}"):
         pruned = prune_model(model, allocation.plans, output_bias=refit is not None, refit=refit, in_place=in_place)
@@ -501,6 +499,15 @@ def execute(prepared: Prepared, processes: Processes = ALONE) -> Report | None:
     there as they finish, so that a rerun after a failure starts from them. A process other than the main one
     (``prune/processes.py``) does its share of the statistics pass and of recovery, writes nothing and returns None.
     """
+    with output_lock(prepared.output) if processes.main else nullcontext():
+        if processes.main:
+            prepared.check_output()  # as prepared, now that no other run can write it
+            remove_stale_scratch(prepared.cache / "scratch")
+        return _execute(prepared, processes)
+
+
+def _execute(prepared: Prepared, processes: Processes) -> Report | None:
+    """:func:`execute`, holding the output's lock in the main process."""
     recipe = prepared.recipe
     stage_seconds: dict[str, float] = {}
     resume = resume_directory(prepared)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import random
 import subprocess
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from eval.report import (
@@ -274,3 +277,37 @@ def reload_in_fresh_process(directory, remote: bool) -> dict:
     process where the toolkit cannot be imported, and the class it loaded as."""
     subprocess.run([sys.executable, "-c", RELOAD.format(remote=remote), str(directory)], check=True, cwd="/")
     return torch.load(directory / "reloaded.pt")
+
+
+def run_cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """``python -m prune.run`` with ``args`` in a fresh process, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "prune.run", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
+
+
+def write_recipe(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def assert_refused(result, output: Path, *fragments: str) -> None:
+    """A command that ended with exit code 2 and one ``error:`` line holding every fragment, leaving no output."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert lines[-1].startswith("error: ") and all(f in lines[-1] for f in fragments), lines[-1]
+    assert "Traceback" not in result.stderr
+    assert not output.exists() and not output.with_name(output.name + ".partial").exists()
+
+
+def run_outputs(run: Path) -> tuple:
+    """What must not depend on interruptions or on other runs: the weights' bytes, the widths and the measured
+    perplexities of a run directory."""
+    report = json.loads((run / "report.json").read_text())
+    weights = hashlib.sha256((run / "model" / "model.safetensors").read_bytes()).hexdigest()
+    return weights, report["layers"], report["perplexity"]["dense"], report["perplexity"]["pruned"]

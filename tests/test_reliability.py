@@ -2,7 +2,6 @@
 caches check themselves, and interrupted runs leave nothing half-done (a rerun gives the same bytes)."""
 
 import errno
-import hashlib
 import json
 import os
 import signal
@@ -15,7 +14,18 @@ import huggingface_hub
 import pytest
 import torch
 import yaml
-from conftest import REPO, byte_level_tokenizer, tiny_files, tiny_model, tiny_recipe, word_text  # noqa: F401
+from conftest import (  # noqa: F401 (fixture)
+    REPO,
+    assert_refused,
+    byte_level_tokenizer,
+    run_cli,
+    run_outputs,
+    tiny_files,
+    tiny_model,
+    tiny_recipe,
+    word_text,
+    write_recipe,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -211,30 +221,6 @@ def test_generated_bad_arguments_get_one_line(tmp_path_factory, monkeypatch, com
 # Bad data
 
 
-def _cli(*args, env=None, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "prune.run", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-        timeout=timeout,
-    )
-
-
-def _write_recipe(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def _assert_refused(result, output: Path, *fragments: str) -> None:
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert lines[-1].startswith("error: ") and all(f in lines[-1] for f in fragments), lines[-1]
-    assert "Traceback" not in result.stderr
-    assert not output.exists() and not output.with_name(output.name + ".partial").exists()
-
-
 def test_bad_data_is_refused_in_one_line_before_anything_is_written(tmp_path, tiny_files):  # noqa: F811
     output = tmp_path / "out"
     base = tiny_recipe(tiny_files, output, tmp_path / "cache")
@@ -253,17 +239,17 @@ def test_bad_data_is_refused_in_one_line_before_anything_is_written(tmp_path, ti
         data = json.loads(json.dumps(base))
         for section, values in change.items():
             data[section] = data[section] | values
-        _assert_refused(_cli(_write_recipe(tmp_path / "r.yaml", data)), output, *fragments)
+        assert_refused(run_cli(write_recipe(tmp_path / "r.yaml", data)), output, *fragments)
     garbage = tmp_path / "x.gguf"
     garbage.write_bytes(b"garbage")
     truncated = tmp_path / "t.gguf"
     truncated.write_bytes(b"GGUF" + bytes(40))
     for gguf_file, fragment in ((garbage, "is not a GGUF file"), (truncated, "damaged GGUF file")):
         data = base | {"model": {"source": str(gguf_file)}}
-        _assert_refused(_cli(_write_recipe(tmp_path / "r.yaml", data)), output, "model.source", fragment)
+        assert_refused(run_cli(write_recipe(tmp_path / "r.yaml", data)), output, "model.source", fragment)
     for document in ("", "[]\n"):
         (tmp_path / "doc.yaml").write_text(document)
-        _assert_refused(_cli(tmp_path / "doc.yaml", "--set", f"output={output}"), output, "doc.yaml")
+        assert_refused(run_cli(tmp_path / "doc.yaml", "--set", f"output={output}"), output, "doc.yaml")
 
 
 def _broken_model(tmp_path: Path, name: str, change) -> Path:
@@ -301,26 +287,19 @@ def test_a_model_that_cannot_be_pruned_is_refused_in_one_line(tmp_path, tiny_fil
     for change, extra, fragments in cases:
         source = _broken_model(tmp_path, change.__name__, change)
         data = base | {"model": base["model"] | {"source": str(source)}} | extra
-        _assert_refused(_cli(_write_recipe(tmp_path / "r.yaml", data)), output, *fragments)
+        assert_refused(run_cli(write_recipe(tmp_path / "r.yaml", data)), output, *fragments)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Caches that check themselves
 
 
-def _outputs(run: Path) -> tuple:
-    """What must not depend on interruptions: the weights' bytes, the widths and the measured perplexities."""
-    report = json.loads((run / "report.json").read_text())
-    weights = hashlib.sha256((run / "model" / "model.safetensors").read_bytes()).hexdigest()
-    return weights, report["layers"], report["perplexity"]["dense"], report["perplexity"]["pruned"]
-
-
 def test_damaged_caches_are_detected_reported_and_recomputed(tmp_path, tiny_files):  # noqa: F811
     cache = tmp_path / "cache"
-    recipe = _write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_files, tmp_path / "first", cache))
-    first = _cli(recipe)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_files, tmp_path / "first", cache))
+    first = run_cli(recipe)
     assert first.returncode == 0, first.stderr[-2000:]
-    expected = _outputs(tmp_path / "first")
+    expected = run_outputs(tmp_path / "first")
     (statistics_directory,) = (cache / "stats").iterdir()
     statistics = statistics_directory / "summary.safetensors"
     damaged = bytearray(statistics.read_bytes())
@@ -328,12 +307,12 @@ def test_damaged_caches_are_detected_reported_and_recomputed(tmp_path, tiny_file
     statistics.write_bytes(bytes(damaged))
     (dense,) = (cache / "dense_evaluation").iterdir()
     dense.write_text(dense.read_text()[:-10])  # a truncated file
-    second = _cli(recipe, "--set", f"output={tmp_path / 'second'}")
+    second = run_cli(recipe, "--set", f"output={tmp_path / 'second'}")
     assert second.returncode == 0, second.stderr[-2000:]
     warnings = [line for line in second.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 2 and "checksum" in warnings[0] and "not a readable cache file" in warnings[1]
-    assert _outputs(tmp_path / "second") == expected
-    third = _cli(recipe, "--set", f"output={tmp_path / 'third'}")  # the recomputed caches are whole again
+    assert run_outputs(tmp_path / "second") == expected
+    third = run_cli(recipe, "--set", f"output={tmp_path / 'third'}")  # the recomputed caches are whole again
     assert third.returncode == 0 and "warning: " not in third.stderr
     report = json.loads((tmp_path / "third" / "report.json").read_text())
     assert report["statistics"]["reused"] and report["perplexity"]["dense_reused_from"]
@@ -385,13 +364,13 @@ def slow_recipe(tmp_path_factory, tiny_files):  # noqa: F811
         "heldout_windows": 1,
     }
     data["evaluation"]["speed"] = {"enabled": False}
-    recipe = _write_recipe(root / "recipe.yaml", data)
+    recipe = write_recipe(root / "recipe.yaml", data)
     reference = subprocess.run(
         [sys.executable, "-m", "prune.run", str(recipe), "--set", f"output={root / 'reference'}",
          "--set", f"cache_dir={root / 'reference_cache'}"], cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
     assert reference.returncode == 0, reference.stderr[-2000:]
-    return recipe, _outputs(root / "reference")
+    return recipe, run_outputs(root / "reference")
 
 
 @pytest.mark.parametrize(
@@ -407,7 +386,7 @@ def test_a_killed_run_rerun_gives_the_uninterrupted_bytes(tmp_path, slow_recipe,
     rerun = _start(recipe, output)
     _, stderr = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, stderr[-2000:]
-    assert _outputs(output) == expected and not output.with_name("out.partial").exists()
+    assert run_outputs(output) == expected and not output.with_name("out.partial").exists()
 
 
 @pytest.mark.parametrize("failing, speed", [("speed", True), ("report", False)])
@@ -422,9 +401,9 @@ def test_a_failed_last_stage_keeps_the_pruned_model_and_the_rerun_finishes_from_
 
     data = tiny_recipe(tiny_files, tmp_path / "reference", tmp_path / "reference_cache")
     data["evaluation"]["speed"]["enabled"] = speed  # without the speed stage the run prunes in place
-    recipe = _write_recipe(tmp_path / "r.yaml", data)
+    recipe = write_recipe(tmp_path / "r.yaml", data)
     assert run_module.main([str(recipe)]) == 0
-    expected = _outputs(tmp_path / "reference")
+    expected = run_outputs(tmp_path / "reference")
     output, cache = tmp_path / "out", tmp_path / "cache"
     sets = ["--set", f"output={output}", "--set", f"cache_dir={cache}"]
 
@@ -453,7 +432,7 @@ def test_a_failed_last_stage_keeps_the_pruned_model_and_the_rerun_finishes_from_
     assert code == 0, log[-2000:]
     assert rerun_calls == []  # no statistics, scoring or pruning, and the perplexities kept from the failed attempt
     assert "[pruned model] kept from an earlier attempt" in log and "[perplexity] kept from an earlier attempt" in log
-    assert _outputs(output) == expected and not resume.exists()
+    assert run_outputs(output) == expected and not resume.exists()
     report = json.loads((output / "report.json").read_text())
     assert any(note.startswith("Continued from the resume point") for note in report["notes"])
 
@@ -468,12 +447,12 @@ def test_sigterm_and_sigint_remove_the_staged_output(tmp_path, slow_recipe, sig,
     assert not output.exists() and not output.with_name("out.partial").exists()
     rerun = _start(recipe, output, cache)  # the caches it left are whole: the same command just runs
     _, stderr = rerun.communicate(timeout=600)
-    assert rerun.returncode == 0 and "warning: " not in stderr and _outputs(output) == expected
+    assert rerun.returncode == 0 and "warning: " not in stderr and run_outputs(output) == expected
 
 
 def test_a_full_disk_while_writing_the_checkpoint_leaves_nothing(tmp_path, tiny_files, monkeypatch):  # noqa: F811
     output = tmp_path / "out"
-    recipe = _write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_files, output, tmp_path / "cache"))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_files, output, tmp_path / "cache"))
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "model.safetensors")

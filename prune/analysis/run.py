@@ -31,12 +31,14 @@ from prune.analysis.recipe import AnalysisRecipe, load_analysis_recipe
 from prune.analysis.report import write_analysis
 from prune.calibration import LOCAL_FILES, DataSourceError, resolve_text_source
 from prune.cli import ArgumentParser, run_command
-from prune.models import ModelSourceError, load_model, resolve_model_source
-from prune.paths import cache_dir, staged_directory
+from prune.models import ModelSource, ModelSourceError, load_model, resolve_model_source
+from prune.outputs import OutputRefused, check_output, is_analysis_output, output_lock, staged_directory
+from prune.paths import cache_dir
+from prune.prepare import run_inputs
 from prune.recipe import RecipeError
 from prune.schema import to_mapping
 
-USER_ERRORS = (RecipeError, ModelSourceError, DataSourceError)
+USER_ERRORS = (RecipeError, ModelSourceError, DataSourceError, OutputRefused)
 
 
 def deep_layer_range(configured: list[int] | None, num_layers: int) -> tuple[int, int]:
@@ -151,11 +153,20 @@ def check_inputs(recipe: AnalysisRecipe) -> Path | None:
 
 def execute(recipe: AnalysisRecipe, overwrite: bool) -> Path:
     output = Path(recipe.output).expanduser()
-    if output.exists() and not overwrite:
-        raise RecipeError(f"output: {output} already exists; choose another (--set output=...) or pass --overwrite")
     pair_file = check_inputs(recipe)
     cache = cache_dir(recipe.cache_dir)
     source = resolve_model_source(recipe.model.source, cache)
+    inputs = run_inputs(cache, source, [])
+    if pair_file is not None:
+        inputs.append(("similarity.dataset", pair_file))
+    check_output(output, inputs, overwrite, is_analysis_output, what="an analysis output")
+    with output_lock(output):
+        check_output(output, inputs, overwrite, is_analysis_output, what="an analysis output")
+        return _analyze(recipe, output, source, cache, pair_file)
+
+
+def _analyze(recipe: AnalysisRecipe, output: Path, source: ModelSource, cache: Path, pair_file: Path | None) -> Path:
+    """:func:`execute` once the output may be written and its lock is held."""
     model, tokenizer = load_model(source, recipe.model.dtype, recipe.model.device, cache)
     deep = deep_layer_range(recipe.deep_layers, model.config.num_hidden_layers)
     seconds: dict[str, float] = {}
