@@ -244,8 +244,8 @@ def _one_line_hub_error(source: ModelSource, error: Exception) -> str:
             f"model.source: cannot load {source.location!r} from the Hugging Face Hub "
             f"(no network or no access; download it and give a local directory instead)"
         )
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return f"model.source: cannot load {source.location}: {first_line}"
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return f"model.source: cannot load {source.location}: {(lines or [type(error).__name__])[-1][:200]}"
 
 
 def check_finite(model: PreTrainedModel) -> None:
