@@ -242,11 +242,18 @@ def test_a_damaged_model_is_bad_input_for_every_command(tmp_path, tiny_files, ch
         assert_refused(result, tmp_path / "analysis", *fragments)
 
 
-def test_the_export_of_a_run_with_truncated_weights_is_bad_input(tmp_path, tiny_files):  # noqa: F811
+def test_the_export_refuses_inputs_and_foreign_files_and_a_run_with_truncated_weights(tmp_path, tiny_files):  # noqa: F811
     output = tmp_path / "out"
     assert (
         run_cli(write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_files, output, tmp_path / "cache"))).returncode == 0
     )
+    notes = output / "notes.txt"
+    notes.write_text("mine")
+    for target, fragment in [(output / "model" / "x.gguf", "lies inside the model"), (notes, "is not a GGUF file")]:
+        export = [sys.executable, "-m", "prune.export", str(output), "--output", str(target), "--overwrite"]
+        result = subprocess.run(export, cwd=REPO, capture_output=True, text=True)
+        assert_refused_keeping(result, f"error: --output: {target}", fragment)
+    assert notes.read_text() == "mine" and not (output / "model" / "x.gguf").exists()
     _truncate_weights(output / "model")
     export = subprocess.run(
         [sys.executable, "-m", "prune.export", str(output)], cwd=REPO, capture_output=True, text=True
