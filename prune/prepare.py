@@ -162,9 +162,12 @@ class Prepared:
     """Whether an existing output of an earlier run may be replaced."""
 
     def check_output(self) -> None:
-        """OutputRefused unless the output may be written (:func:`prune.outputs.check_output`); called again by the
+        """RecipeError unless the output may be written (:func:`prune.outputs.check_output`); called again by the
         run once it holds the output's lock, since another run may have written it meanwhile."""
-        check_output(self.output, self.inputs, self.overwrite, is_run_output)
+        try:
+            check_output(self.output, self.inputs, self.overwrite, is_run_output)
+        except OutputRefused as error:
+            raise RecipeError(str(error)) from None
 
     @property
     def needs(self) -> frozenset[Statistic]:
@@ -228,7 +231,10 @@ def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
                 "(evaluation.perplexity.dataset); recovery must train on other text"
             )
     inputs = run_inputs(cache, model_source, [calibration_source, evaluation_source, recovery_source])
-    check_output(output, inputs, overwrite, is_run_output)
+    try:
+        check_output(output, inputs, overwrite, is_run_output)
+    except OutputRefused as error:  # the recipe's output
+        raise RecipeError(str(error)) from None
     try:
         shape = block_shape(config)
     except ValueError as error:
@@ -314,7 +320,7 @@ def cached_statistics(path: Path) -> frozenset[Statistic]:
 
 
 def check_disk(prepared: Prepared) -> None:
-    """OutputRefused when the file system of the cache or of the output is read-only or has less free space than
+    """RecipeError when the file system of the cache or of the output is read-only or has less free space than
     the run writes there (:func:`disk_needs`; both on one file system: their sum)."""
     needs = disk_needs(prepared)
     places = {"cache_dir": prepared.cache, "output": prepared.output}
@@ -324,10 +330,10 @@ def check_disk(prepared: Prepared) -> None:
     for key, parts in needs.items():
         place = existing[key]
         if not os.access(place, os.W_OK):
-            raise OutputRefused(f"{key}: cannot write into {place} (read-only)")
+            raise RecipeError(f"{key}: cannot write into {place} (read-only)")
         free, total = shutil.disk_usage(place).free, sum(parts.values())
         if total > free:
-            raise OutputRefused(
+            raise RecipeError(
                 f"{key}: {place} has {free / 2**30:.2f} GiB free and the run writes {total / 2**30:.2f} GiB there "
                 f"({', '.join(parts)}); free some space or choose another {key}"
             )

@@ -132,7 +132,7 @@ def test_cli_refuses_existing_output(tmp_path):
     output.mkdir()
     (output / "keep.txt").write_text("mine")
     result = _cli(str(_write(tmp_path, {"output": str(output)})))
-    assert result.returncode == 2 and "already exists" in result.stderr
+    assert result.returncode == 2 and "exists and is not a run's output" in result.stderr
     assert (output / "keep.txt").read_text() == "mine"
 
 
