@@ -1,8 +1,8 @@
 """The model card (``README.md``) written into every pruned checkpoint, from the run's report.
 
 Hugging Face model-card format: YAML front matter (``base_model``, ``library_name``, ``pipeline_tag``,
-``license`` when known, ``tags``, ``model-index`` with what lm-eval measured, and the toolkit's own
-measurements under ``pruning``), then a short body: what was removed, the per-layer widths, how to load
+``license`` when known, ``tags``, ``model-index`` with what lm-eval measured on every item of a task, and the
+toolkit's own measurements under ``pruning``), then a short body: what was removed, the per-layer widths, how to load
 the checkpoint and run its GGUF file, and where the base model comes from. Every number is the
 report's; nothing is written by hand.
 """
@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from eval.report import Report, method_description, widths_cells, widths_columns
+from eval.report import Report, change_text, margin_text, method_description, widths_cells, widths_columns
+from eval.zeroshot import percent
 
 ZEROSHOT_DATASETS = {
     "boolq": ("BoolQ", "boolq"),
@@ -29,24 +30,36 @@ ZEROSHOT_DATASETS = {
 
 
 def _model_index(report: Report, name: str) -> list[dict[str, Any]]:
-    """``model-index``: the pruned model's zero-shot accuracies as lm-eval measured them."""
+    """``model-index``: the pruned model's zero-shot accuracies as lm-eval measured them, only when every item of
+    the tasks was scored (a first-N-items accuracy is too noisy to publish as a result), each metric named with
+    its item count and standard error."""
     zeroshot = report.zeroshot
-    if zeroshot is None:
+    if zeroshot is None or zeroshot.limit is not None:
         return []
     results = []
     for task, accuracy in zeroshot.pruned.tasks.items():
         dataset_name, dataset_type = ZEROSHOT_DATASETS.get(task, (task, task))
-        metrics = [{"type": "acc", "value": round(100 * accuracy.acc, 2), "name": "accuracy (zero-shot)"}]
+        measured = [("acc", "accuracy", accuracy.acc, accuracy.acc_stderr)]
         if accuracy.acc_norm is not None:
-            metrics.append({"type": "acc_norm", "value": round(100 * accuracy.acc_norm, 2), "name": "acc_norm"})
-        results.append(
+            measured.append(("acc_norm", "length-normalised accuracy", accuracy.acc_norm, accuracy.acc_norm_stderr))
+        metrics = [
             {
-                "task": {"type": "multiple-choice", "name": "zero-shot multiple choice (lm-eval-harness)"},
-                "dataset": {"name": dataset_name, "type": dataset_type},
-                "metrics": metrics,
+                "type": kind,
+                "value": round(100 * value, 2),
+                "name": f"{label} (zero-shot, {accuracy.items:,} items, standard error {100 * stderr:.2f})",
             }
-        )
-    return [{"name": name, "results": results}]
+            for kind, label, value, stderr in measured
+            if stderr is not None
+        ]
+        if metrics:
+            results.append(
+                {
+                    "task": {"type": "multiple-choice", "name": "zero-shot multiple choice (lm-eval-harness)"},
+                    "dataset": {"name": dataset_name, "type": dataset_type},
+                    "metrics": metrics,
+                }
+            )
+    return [{"name": name, "results": results}] if results else []
 
 
 def front_matter(report: Report, name: str) -> dict[str, Any]:
@@ -80,6 +93,14 @@ def front_matter(report: Report, name: str) -> dict[str, Any]:
             "dense": report.zeroshot.dense.mean,
             "pruned": report.zeroshot.pruned.mean,
         }
+        change = report.zeroshot.mean_change
+        if change is not None:
+            measured["zeroshot_mean_acc"] |= {
+                "paired_difference": change.difference,
+                "difference_interval95": change.interval95,
+                "chance": change.chance,
+                "margin_kept": report.zeroshot.margin_kept,
+            }
     if report.speed:
         d, p = report.speed.dense, report.speed.pruned
         measured["speed"] = {
@@ -156,10 +177,15 @@ def model_card(report: Report, name: str) -> str:
     zeroshot = report.zeroshot
     if zeroshot and zeroshot.dense.mean is not None and zeroshot.pruned.mean is not None:
         limit = f", first {zeroshot.limit} items each" if zeroshot.limit else ""
-        lines.append(
+        line = (
             f"- Zero-shot mean accuracy ({len(zeroshot.mean_tasks)} tasks{limit}, lm-eval-harness): dense "
-            f"{100 * zeroshot.dense.mean:.2f}, pruned {100 * zeroshot.pruned.mean:.2f}."
+            f"{percent(zeroshot.dense.mean, zeroshot.dense.mean_stderr)}, pruned "
+            f"{percent(zeroshot.pruned.mean, zeroshot.pruned.mean_stderr)}"
         )
+        if zeroshot.mean_change is not None:
+            line += f"; pruned - dense, paired by item: {change_text(zeroshot.mean_change)}"
+        margin = margin_text(zeroshot)
+        lines.append(line + (f"; it keeps {margin}." if margin else "."))
     if report.speed:
         speed = matter["pruning"]["speed"]
         lines.append(

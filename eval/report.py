@@ -174,6 +174,25 @@ class ZeroshotScores:
 
 
 @dataclass
+class AccuracyChange:
+    """Pruned minus dense ``acc`` over the same items, fractions of 1 (``eval.zeroshot.paired_change``)."""
+
+    difference: float
+    stderr: float | None
+    """Of the paired difference: sd(pruned_i - dense_i) / sqrt(items); for the mean over tasks, sqrt(sum of
+    the tasks' squared standard errors) / tasks. None with a single item."""
+    interval95: float | None
+    """Half-width of the 95% interval, 1.96 standard errors: a difference within it is no measurable change."""
+    chance: float
+    """Expected ``acc`` of a uniform guess among each item's choices."""
+
+    @property
+    def measurable(self) -> bool:
+        """True when the 95% interval excludes no change."""
+        return self.interval95 is not None and abs(self.difference) > self.interval95
+
+
+@dataclass
 class ZeroshotReport:
     source: str
     """``local`` or ``harness``."""
@@ -185,6 +204,15 @@ class ZeroshotReport:
     dense: ZeroshotScores
     pruned: ZeroshotScores
     dense_reused_from: str | None
+    changes: dict[str, AccuracyChange] = field(default_factory=dict)
+    """By task, paired over the items both models scored."""
+    mean_change: AccuracyChange | None = None
+    """Of the mean over ``mean_tasks``."""
+    margin_kept: float | None = None
+    """(pruned mean - chance) / (dense mean - chance): the share of the dense model's margin above a uniform
+    guess that the pruned model keeps."""
+    margin_kept_interval95: float | None = None
+    """Half-width of its 95% interval: the mean change's, over the dense margin (the dense mean taken as exact)."""
 
 
 @dataclass
@@ -358,6 +386,28 @@ def _limit(zeroshot: ZeroshotReport) -> str:
     return f", first {zeroshot.limit} items each" if zeroshot.limit else ""
 
 
+def change_text(change: AccuracyChange) -> str:
+    """A paired change in words, in accuracy points: "-4.90 points (95% interval ± 1.38)", or "no measurable
+    change (-0.43 ± 1.62 points, 95%)" when the interval holds no change."""
+    points = f"{100 * change.difference:+.2f}"
+    if change.interval95 is None:
+        return f"{points} points (one item: no interval)"
+    if not change.measurable:
+        return f"no measurable change ({points} ± {100 * change.interval95:.2f} points, 95%)"
+    return f"{points} points (95% interval ± {100 * change.interval95:.2f})"
+
+
+def margin_text(zeroshot: ZeroshotReport) -> str | None:
+    """The share of dense's margin above chance the pruned model keeps: "28.0% ± 19.1% (95%) of dense's
+    margin above chance (35.71)"; None when the report has no such share."""
+    if zeroshot.margin_kept is None or zeroshot.mean_change is None:
+        return None
+    spread = "" if zeroshot.margin_kept_interval95 is None else f" ± {zeroshot.margin_kept_interval95:.1%} (95%)"
+    return (
+        f"{zeroshot.margin_kept:.1%}{spread} of dense's margin above chance ({100 * zeroshot.mean_change.chance:.2f})"
+    )
+
+
 def _zeroshot_section(zeroshot: ZeroshotReport) -> list[str]:
     source = (
         f"the toolkit's local task definitions over `{zeroshot.data_dir}/zeroshot`"
@@ -370,23 +420,40 @@ def _zeroshot_section(zeroshot: ZeroshotReport) -> list[str]:
         f"lm-eval-harness, {source}{_limit(zeroshot)}, seed {zeroshot.seed}. The mean is over "
         f"{', '.join(zeroshot.mean_tasks)} and uses `{zeroshot.mean_metric}`.",
         "",
-        "| task | items | dense acc | pruned acc | dense acc_norm | pruned acc_norm |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| task | items | chance | dense acc | pruned acc | pruned - dense acc | dense acc_norm | pruned acc_norm |",
+        "|---|---:|---:|---:|---:|---|---:|---:|",
     ]
+
+    def change_cells(change: AccuracyChange | None) -> list[str]:
+        return ["-", "-"] if change is None else [percent(change.chance, None, 1), change_text(change)]
+
     for task, dense in zeroshot.dense.tasks.items():
         pruned = zeroshot.pruned.tasks[task]
-        cells = [percent(dense.acc, dense.acc_stderr, 1), percent(pruned.acc, pruned.acc_stderr, 1), "-", "-"]
+        chance, change = change_cells(zeroshot.changes.get(task))
+        cells = [chance, percent(dense.acc, dense.acc_stderr, 1), percent(pruned.acc, pruned.acc_stderr, 1), change]
         if dense.acc_norm is not None and pruned.acc_norm is not None:
-            cells[2:] = [
+            cells += [
                 percent(dense.acc_norm, dense.acc_norm_stderr, 1),
                 percent(pruned.acc_norm, pruned.acc_norm_stderr, 1),
             ]
+        else:
+            cells += ["-", "-"]
         lines.append(f"| {task} | {dense.items} | {' | '.join(cells)} |")
     if zeroshot.dense.mean is not None and zeroshot.pruned.mean is not None:
         dense_mean = percent(zeroshot.dense.mean, zeroshot.dense.mean_stderr, 1)
         pruned_mean = percent(zeroshot.pruned.mean, zeroshot.pruned.mean_stderr, 1)
-        lines.append(f"| mean {zeroshot.mean_metric} | | {dense_mean} | {pruned_mean} | | |")
-    lines += ["", "± one standard error over the items; the mean's is sqrt(Σ se²) / tasks."]
+        chance, change = change_cells(zeroshot.mean_change)
+        lines.append(f"| mean {zeroshot.mean_metric} | | {chance} | {dense_mean} | {pruned_mean} | {change} | | |")
+    lines += [
+        "",
+        "± one standard error over the items; the mean's is sqrt(Σ se²) / tasks. `pruned - dense` pairs the two "
+        "models item by item (lm-eval's per-item results): its 95% interval is 1.96 standard errors of the mean "
+        "per-item difference, and a change within it is no measurable change. `chance` is the accuracy of a "
+        "uniform guess among each item's choices.",
+    ]
+    margin = margin_text(zeroshot)
+    if margin:
+        lines += ["", f"The pruned model keeps {margin}."]
     return [*lines, ""]
 
 
@@ -483,11 +550,14 @@ def _headline_rows(report: Report, pruned_label: str) -> list[str]:
                 f"{_ratio(ppl.before_recovery, ppl.dense)} |"
             )
     if zeroshot and zeroshot.dense.mean is not None and zeroshot.pruned.mean is not None:
-        lines.append(
-            f"| zero-shot mean {zeroshot.mean_metric} ({len(zeroshot.mean_tasks)} tasks{_limit(zeroshot)}) | "
-            f"{100 * zeroshot.dense.mean:.2f} | {100 * zeroshot.pruned.mean:.2f} | "
-            f"{_ratio(zeroshot.pruned.mean, zeroshot.dense.mean)} |"
-        )
+        label = f"zero-shot mean {zeroshot.mean_metric} ({len(zeroshot.mean_tasks)} tasks{_limit(zeroshot)})"
+        dense_mean = percent(zeroshot.dense.mean, zeroshot.dense.mean_stderr)
+        pruned_mean = percent(zeroshot.pruned.mean, zeroshot.pruned.mean_stderr)
+        change = "n/a" if zeroshot.mean_change is None else change_text(zeroshot.mean_change)
+        lines.append(f"| {label} | {dense_mean} | {pruned_mean} | {change} |")
+        margin = margin_text(zeroshot)
+        if margin:
+            lines.append(f"| zero-shot: margin above chance kept | | | {margin} |")
     if speed:
         d, p = speed.dense, speed.pruned
         limit = d.linear_macs_per_token / p.linear_macs_per_token

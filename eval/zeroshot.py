@@ -34,6 +34,8 @@ MEAN_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_chall
 LOCAL_TASKS = (*MEAN_TASKS, "social_iqa")
 """lm-eval task names with a shipped local definition (``eval/tasks``): the seven above and SIQA, reported beside."""
 MEAN_METRIC = "acc"
+Z95 = 1.959963984540054
+"""The normal distribution's two-sided 95% quantile: a 95% interval is the estimate ± Z95 standard errors."""
 
 
 def _function_loader(module) -> type[yaml.SafeLoader]:
@@ -106,11 +108,12 @@ def zeroshot_accuracy(
     """Accuracy of ``model`` on lm-eval tasks.
 
     Returns ``{"source", "data_dir", "limit", "seed", "tasks": {task: {"acc", "acc_stderr", "acc_norm"?,
-    "acc_norm_stderr"?, "items"}}, "mean_metric", "mean_tasks", "mean", "mean_stderr"}`` (accuracies as
-    fractions in [0, 1]; a standard error is lm-eval's, sqrt(p (1 - p) / (n - 1)) over the n items; ``mean``
-    is the mean of ``acc`` over the MEAN_TASKS that were evaluated, None if none were, and its standard error
-    that of a mean of independent estimates, sqrt(sum of squared standard errors) / tasks) and, with
-    ``log_samples``, ``"samples"``: lm-eval's per-item records by task.
+    "acc_norm_stderr"?, "items"}}, "mean_metric", "mean_tasks", "mean", "mean_stderr", "per_item"}``
+    (accuracies as fractions in [0, 1]; a standard error is lm-eval's, sqrt(p (1 - p) / (n - 1)) over the n
+    items; ``mean`` is the mean of ``acc`` over the MEAN_TASKS that were evaluated, None if none were, and its
+    standard error that of a mean of independent estimates, sqrt(sum of squared standard errors) / tasks;
+    ``per_item``: {task: :func:`item_results`}, which :func:`accuracy_changes` pairs with another model's) and,
+    with ``log_samples``, ``"samples"``: lm-eval's per-item records by task.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -123,7 +126,7 @@ def zeroshot_accuracy(
         model=lm,
         tasks=specs,
         limit=limit,
-        log_samples=log_samples,
+        log_samples=True,
         bootstrap_iters=1000,  # acc and acc_norm are means: lm-eval takes their closed-form standard error
         random_seed=seed,
         numpy_random_seed=seed,
@@ -152,10 +155,61 @@ def zeroshot_accuracy(
         "mean_stderr": math.sqrt(sum(per_task[t][f"{MEAN_METRIC}_stderr"] ** 2 for t in in_mean)) / len(in_mean)
         if in_mean
         else None,
+        "per_item": {task: item_results(output["samples"][task]) for task in tasks},
     }
     if log_samples:
         result["samples"] = output["samples"]
     return result
+
+
+def item_results(samples: list[dict]) -> dict[str, list[int]]:
+    """One task's items from lm-eval's logged samples, in item order: ``{"doc_id", "acc", "choices"}``, lists
+    of the item's index in the task, 1 if ``acc`` scored it right else 0, and its number of choices (the
+    requests lm-eval scored for it: one per answer, or per context option for WinoGrande)."""
+    ordered = sorted(samples, key=lambda sample: sample["doc_id"])
+    return {
+        "doc_id": [sample["doc_id"] for sample in ordered],
+        "acc": [int(sample[MEAN_METRIC]) for sample in ordered],
+        "choices": [len(sample["arguments"]) for sample in ordered],
+    }
+
+
+def paired_change(dense: dict[str, list[int]], pruned: dict[str, list[int]], task: str) -> dict:
+    """Pruned minus dense ``acc`` of one task over the same items (:func:`item_results` of each):
+    ``{"difference", "stderr", "interval95", "chance"}``, fractions of 1. The standard error is that of a mean
+    of paired differences, sd(pruned_i - dense_i) / sqrt(n) (None for one item); ``chance`` is the expected acc
+    of a uniform guess, the mean of 1 / choices. ValueError when the two did not score the same items."""
+    if dense["doc_id"] != pruned["doc_id"]:
+        raise ValueError(f"zero-shot {task}: the dense and the pruned model were scored on different items")
+    differences = [p - d for d, p in zip(dense["acc"], pruned["acc"], strict=True)]
+    n = len(differences)
+    stderr = statistics.stdev(differences) / math.sqrt(n) if n > 1 else None
+    return {
+        "difference": statistics.mean(differences),
+        "stderr": stderr,
+        "interval95": None if stderr is None else Z95 * stderr,
+        "chance": statistics.mean(1 / count for count in dense["choices"]),
+    }
+
+
+def accuracy_changes(dense: dict, pruned: dict) -> tuple[dict[str, dict], dict | None]:
+    """Paired changes (:func:`paired_change`) of two :func:`zeroshot_accuracy` results on the same items: by
+    task, and of the mean over their ``mean_tasks`` (the mean of the tasks' differences, its standard error
+    sqrt(sum of the tasks' squared standard errors) / tasks, its chance the mean of theirs; None without
+    tasks of the mean)."""
+    changes = {task: paired_change(dense["per_item"][task], pruned["per_item"][task], task) for task in dense["tasks"]}
+    in_mean = [changes[task] for task in dense["mean_tasks"]]
+    if not in_mean:
+        return changes, None
+    errors = [change["stderr"] for change in in_mean]
+    stderr = None if None in errors else math.sqrt(sum(e**2 for e in errors)) / len(in_mean)
+    mean = {
+        "difference": statistics.mean(change["difference"] for change in in_mean),
+        "stderr": stderr,
+        "interval95": None if stderr is None else Z95 * stderr,
+        "chance": statistics.mean(change["chance"] for change in in_mean),
+    }
+    return changes, mean
 
 
 def percent(value: float, stderr: float | None, digits: int = 2) -> str:

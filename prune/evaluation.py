@@ -21,9 +21,17 @@ from torch import nn
 
 from eval.engine import engine_available, engine_perplexity, engine_speed, open_gguf
 from eval.perplexity import perplexity
-from eval.report import EngineReport, ExportReport, PerplexityReport, SpeedReport, ZeroshotReport, ZeroshotScores
+from eval.report import (
+    AccuracyChange,
+    EngineReport,
+    ExportReport,
+    PerplexityReport,
+    SpeedReport,
+    ZeroshotReport,
+    ZeroshotScores,
+)
 from eval.speed import linear_macs_per_token, measure_speed, resolve_decode_loop
-from eval.zeroshot import local_data_file, resolve_source, zeroshot_accuracy
+from eval.zeroshot import accuracy_changes, local_data_file, resolve_source, zeroshot_accuracy
 from prune.export import gguf_tokenizer_source
 from prune.gguf_export import GGUF_EXPORT_VERSION, write_gguf
 from prune.models import ModelSourceError, check_gguf
@@ -157,6 +165,7 @@ def dense_zeroshot(inputs: DenseInputs) -> tuple[dict, str | None]:
         "batch_size": zs.batch_size,
         "seed": zs.seed,
         "standard_errors": True,
+        "per_item": True,
     }
     return cached_dense_evaluation(
         inputs.prepared,
@@ -167,15 +176,21 @@ def dense_zeroshot(inputs: DenseInputs) -> tuple[dict, str | None]:
     )
 
 
-def evaluate_zeroshot(inputs: EvaluationInputs) -> ZeroshotReport:
-    """Zero-shot accuracy of the dense (cached) and the pruned model through lm-eval."""
-    dense, reused = inputs.dense_part(ZEROSHOT)
-    pruned = _zeroshot(inputs.pruned, inputs.tokenizer, inputs.prepared.recipe)
+def zeroshot_report(dense: dict, pruned: dict, dense_reused_from: str | None) -> ZeroshotReport:
+    """The report section of two ``eval.zeroshot.zeroshot_accuracy`` results on the same items: both models'
+    accuracies, their paired changes and the share of dense's margin above chance the pruned model keeps."""
 
     def scores(result: dict) -> ZeroshotScores:
         fields = {"tasks": result["tasks"], "mean": result["mean"], "mean_stderr": result["mean_stderr"]}
         return from_mapping(ZeroshotScores, fields, "zeroshot")
 
+    changes, mean_change = accuracy_changes(dense, pruned)
+    margin_kept = margin_kept_interval95 = None
+    if mean_change is not None and dense["mean"] > mean_change["chance"]:  # a share of a margin that exists
+        margin = dense["mean"] - mean_change["chance"]
+        margin_kept = (pruned["mean"] - mean_change["chance"]) / margin
+        if mean_change["interval95"] is not None:
+            margin_kept_interval95 = mean_change["interval95"] / margin
     return ZeroshotReport(
         source=dense["source"],
         data_dir=dense["data_dir"],
@@ -185,8 +200,18 @@ def evaluate_zeroshot(inputs: EvaluationInputs) -> ZeroshotReport:
         mean_tasks=dense["mean_tasks"],
         dense=scores(dense),
         pruned=scores(pruned),
-        dense_reused_from=reused,
+        dense_reused_from=dense_reused_from,
+        changes={task: from_mapping(AccuracyChange, change, "zeroshot") for task, change in changes.items()},
+        mean_change=None if mean_change is None else from_mapping(AccuracyChange, mean_change, "zeroshot"),
+        margin_kept=margin_kept,
+        margin_kept_interval95=margin_kept_interval95,
     )
+
+
+def evaluate_zeroshot(inputs: EvaluationInputs) -> ZeroshotReport:
+    """Zero-shot accuracy of the dense (cached) and the pruned model through lm-eval, paired by item."""
+    dense, reused = inputs.dense_part(ZEROSHOT)
+    return zeroshot_report(dense, _zeroshot(inputs.pruned, inputs.tokenizer, inputs.prepared.recipe), reused)
 
 
 def evaluate_speed(inputs: EvaluationInputs) -> SpeedReport:

@@ -1,5 +1,6 @@
 """Python API, installed commands and the model card every checkpoint carries."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -47,20 +48,26 @@ def test_run_recipe_is_the_command_line_run_and_writes_a_model_card(tmp_path, ti
         prune.run_recipe(recipe)  # the same validation as the command line
 
 
-def test_model_index_holds_what_lm_eval_measured():
-    dense = ZeroshotScores({"piqa": TaskAccuracy(0.70, 100, 0.68), "boolq": TaskAccuracy(0.60, 100)}, 0.65)
-    pruned = ZeroshotScores({"piqa": TaskAccuracy(0.612, 100, 0.60), "boolq": TaskAccuracy(0.55, 100)}, 0.581)
+def test_model_index_holds_only_full_task_sets_with_items_and_standard_errors():
+    dense = ZeroshotScores({"piqa": TaskAccuracy(0.70, 1838, 0.68), "boolq": TaskAccuracy(0.60, 3270)}, 0.65)
+    pruned_tasks = {"piqa": TaskAccuracy(0.612, 1838, 0.60, 0.0114), "boolq": TaskAccuracy(0.55, 3270)}
+    pruned = ZeroshotScores(pruned_tasks, 0.581)
+    section = ZeroshotReport("local", "/data", None, 0, "acc", ["boolq", "piqa"], dense, pruned, None)
     report = make_report(
-        perplexity=PerplexityReport("wikitext2", 2048, 16, 32752, 20.7, 45.4, None, None),
-        zeroshot=ZeroshotReport("local", "/data", 100, 0, "acc", ["boolq", "piqa"], dense, pruned, None),
+        perplexity=PerplexityReport("wikitext2", 2048, 16, 32752, 20.7, 45.4, None, None), zeroshot=section
     )
     matter = _front_matter(model_card(report, "tiny-pruned"))
     assert matter["license"] == "apache-2.0"
     (entry,) = matter["model-index"]
     assert entry["name"] == "tiny-pruned"
-    piqa = next(r for r in entry["results"] if r["dataset"]["name"] == "PIQA")
-    assert piqa["metrics"][0] == {"type": "acc", "value": 61.2, "name": "accuracy (zero-shot)"}
+    (piqa,) = entry["results"]  # boolq has no standard error, PIQA's acc_norm neither: not published
+    assert piqa["dataset"]["name"] == "PIQA"
+    assert piqa["metrics"] == [
+        {"type": "acc", "value": 61.2, "name": "accuracy (zero-shot, 1,838 items, standard error 1.14)"}
+    ]
     assert matter["pruning"]["zeroshot_mean_acc"]["pruned"] == 0.581
+    first_items = make_report(zeroshot=dataclasses.replace(section, limit=100))  # the first 100 items: noise
+    assert "model-index" not in _front_matter(model_card(first_items, "tiny-pruned"))
 
 
 @pytest.mark.parametrize("reconstruct", ["lstsq", "lstsq-sequential"])

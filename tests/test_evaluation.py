@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 import torch
 from conftest import (  # noqa: F401 (fixture)
     BASIC_STATISTICS,
@@ -313,8 +314,72 @@ def test_report_writes_linked_figures_and_the_zero_shot_table(tmp_path):
     for name in ("headline.png", "widths.png", "allocation.png"):
         assert f"]({name})" in text
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| zero-shot mean acc (2 tasks, first 100 items each) | 65.00 | 58.00 | 0.892x |" in text
-    assert "| piqa | 100 | 70.0 ± 4.6 | 61.0 | 68.0 ± 4.7 | 60.0 |" in text  # without a standard error: none shown
-    assert "| boolq | 100 | 60.0 ± 4.9 | 55.0 | - | - |" in text and "| mean acc | | 65.0 ± 3.4 | 58.0 | | |" in text
+    assert "| zero-shot mean acc (2 tasks, first 100 items each) | 65.00 ± 3.40 | 58.00 | n/a |" in text
+    assert "| piqa | 100 | - | 70.0 ± 4.6 | 61.0 | - | 68.0 ± 4.7 | 60.0 |" in text  # no standard error: none shown
+    assert "| boolq | 100 | - | 60.0 ± 4.9 | 55.0 | - | - | - |" in text
+    assert "| mean acc | | - | 65.0 ± 3.4 | 58.0 | - | | |" in text
     assert "Dense perplexity reused from `/cache/p.json`" in text and "Dense zeroshot reused" not in text
     assert read_report(tmp_path) == report  # report.json reads back into the same typed report
+
+
+def _zeroshot_result(per_item: dict[str, tuple[list[int], int]]) -> dict:
+    """An eval.zeroshot result of made-up per-item answers: {task: (acc of each item, choices per item)}."""
+    tasks = {task: {"acc": sum(acc) / len(acc), "items": len(acc)} for task, (acc, _) in per_item.items()}
+    return {
+        "source": "local",
+        "data_dir": "/data",
+        "limit": None,
+        "seed": 0,
+        "mean_metric": "acc",
+        "mean_tasks": list(per_item),
+        "tasks": tasks,
+        "mean": sum(t["acc"] for t in tasks.values()) / len(tasks),
+        "mean_stderr": None,
+        "per_item": {
+            task: {"doc_id": list(range(len(acc))), "acc": acc, "choices": [choices] * len(acc)}
+            for task, (acc, choices) in per_item.items()
+        },
+    }
+
+
+def test_the_zero_shot_change_is_paired_by_item_with_its_95_percent_interval(tmp_path):
+    from eval.report import read_report, render_markdown, write_report
+    from prune.evaluation import zeroshot_report
+
+    dense = _zeroshot_result({"piqa": ([1, 1, 1, 1, 1, 0, 0, 0, 0, 0], 2), "arc_easy": ([1, 1, 1, 1, 1, 1, 0, 0], 4)})
+    pruned = _zeroshot_result({"piqa": ([1, 1, 1, 0, 0, 0, 0, 0, 0, 1], 2), "arc_easy": ([0] * 8, 4)})
+    section = zeroshot_report(dense, pruned, None)
+    # by hand: piqa's differences are 0 x 7, -1 x 2, +1: mean -0.1, squared deviations 7 x 0.01 + 2 x 0.81 + 1.21
+    piqa_se = math.sqrt((7 * 0.01 + 2 * 0.81 + 1.21) / 9 / 10)
+    # arc_easy's are -1 x 6, 0 x 2: mean -0.75, squared deviations 6 x 0.0625 + 2 x 0.5625
+    arc_se = math.sqrt((6 * 0.0625 + 2 * 0.5625) / 7 / 8)
+    piqa, arc = section.changes["piqa"], section.changes["arc_easy"]
+    assert piqa.difference == pytest.approx(-0.1) and piqa.stderr == pytest.approx(piqa_se)
+    assert piqa.interval95 == pytest.approx(1.959964 * piqa_se) and piqa.chance == 0.5
+    assert arc.difference == pytest.approx(-0.75) and arc.stderr == pytest.approx(arc_se) and arc.chance == 0.25
+    assert not piqa.measurable and arc.measurable  # |-0.1| < 0.352; |-0.75| > 0.321
+    mean = section.mean_change
+    assert mean is not None and mean.difference == pytest.approx(-0.425) and mean.chance == 0.375
+    assert mean.stderr == pytest.approx(math.sqrt(piqa_se**2 + arc_se**2) / 2)
+    # dense mean 0.625, pruned 0.2, chance 0.375: the pruned model keeps (0.2 - 0.375) / 0.25 of the margin
+    assert section.margin_kept == pytest.approx(-0.7)
+    assert section.margin_kept_interval95 == pytest.approx(1.959964 * mean.stderr / 0.25)
+
+    report = make_report(zeroshot=section)
+    text = render_markdown(report)
+    interval = 100 * 1.959964 * math.sqrt(piqa_se**2 + arc_se**2) / 2
+    assert f"| -42.50 points (95% interval ± {interval:.2f}) |" in text  # the headline: a change, not a ratio
+    assert f"no measurable change (-10.00 ± {100 * 1.959964 * piqa_se:.2f} points, 95%)" in text
+    assert "-70.0% ± " in text and "of dense's margin above chance (37.50)" in text
+    write_report(report, tmp_path)
+    assert read_report(tmp_path) == report
+
+
+def test_paired_changes_refuse_results_of_different_items():
+    from eval.zeroshot import accuracy_changes
+
+    dense = _zeroshot_result({"piqa": ([1, 0, 1], 2)})
+    pruned = _zeroshot_result({"piqa": ([1, 0, 1], 2)})
+    pruned["per_item"]["piqa"]["doc_id"] = [0, 1, 3]
+    with pytest.raises(ValueError, match="piqa: the dense and the pruned model were scored on different items"):
+        accuracy_changes(dense, pruned)

@@ -77,7 +77,7 @@ def test_harness_log_likelihoods_equal_an_independent_computation(tmp_path):
         model, tokenizer, ["arc_easy", "winogrande"], "local", limit=20, batch_size=8, log_samples=True
     )
     assert result["source"] == "local" and result["tasks"]["arc_easy"]["items"] == 20
-    correct = 0
+    correct = []
     for sample in result["samples"]["arc_easy"]:
         doc = sample["doc"]
         harness = [response[0][0] for response in sample["resps"]]
@@ -86,8 +86,15 @@ def test_harness_log_likelihoods_equal_an_independent_computation(tmp_path):
             for c in doc["choices"]
         ]
         assert harness == pytest.approx(independent, abs=2e-3)
-        correct += int(max(range(len(independent)), key=independent.__getitem__) == doc["gold"])
-    assert result["tasks"]["arc_easy"]["acc"] == correct / 20
+        correct.append(int(max(range(len(independent)), key=independent.__getitem__) == doc["gold"]))
+    assert result["tasks"]["arc_easy"]["acc"] == sum(correct) / 20
+    arc_easy = sorted(result["samples"]["arc_easy"], key=lambda sample: sample["doc_id"])
+    assert result["per_item"]["arc_easy"] == {  # what the paired change reads
+        "doc_id": list(range(20)),
+        "acc": [correct[result["samples"]["arc_easy"].index(sample)] for sample in arc_easy],
+        "choices": [len(sample["doc"]["choices"]) for sample in arc_easy],
+    }
+    assert result["per_item"]["winogrande"]["choices"] == [2] * 20
     for sample in result["samples"]["winogrande"][:8]:  # partial scoring: one continuation after each context option
         doc = sample["doc"]
         harness = [response[0][0] for response in sample["resps"]]
