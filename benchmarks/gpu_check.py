@@ -139,7 +139,7 @@ def run_step(device: str, work: Path, out: Path, seconds: float) -> None:
         "output": str(out / "run" / "output"),
         "cache_dir": str(work / "cache"),
         "model": {"source": str(work / "model"), "dtype": "auto", "device": device},
-        "calibration": {"source": str(work / "calibration.txt"), "samples": 8, "seqlen": 64},
+        "calibration": {"source": str(work / "calibration.txt"), "samples": 16, "seqlen": 64},
         "pruning": {"target": 0.3, "min_ffn_channels": 64, "reconstruct": "lstsq-sequential"},
         "export": {"formats": ["hf", "gguf"] if has["gguf"] else ["hf"], "gguf_type": "f16"},
         "evaluation": {

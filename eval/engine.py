@@ -20,6 +20,7 @@ import math
 import statistics
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,24 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from eval.report import EngineSpeed
-
 GGML_TYPE_F32 = 0
 """ggml's type id of float32 (the KV cache type for exact comparisons)."""
+
+
+@dataclass
+class EngineSpeed:
+    """Tokens per second of one GGUF file in llama.cpp (median, min, max of the timed repeats), from
+    ``eval.engine.engine_speed``."""
+
+    prompt_tokens_per_s_median: float
+    prompt_tokens_per_s_min: float
+    prompt_tokens_per_s_max: float
+    """Prompt processing: prompt tokens / seconds of one batched evaluation of the prompt."""
+    decode_tokens_per_s_median: float
+    decode_tokens_per_s_min: float
+    decode_tokens_per_s_max: float
+    """Generation: new tokens / seconds of the greedy decode steps after the prompt."""
+    file_bytes: int
 
 
 def engine_available() -> bool:

@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from eval.report import Report, change_text, margin_text, method_description, widths_cells, widths_columns
+from eval.report import Report, method_description, widths_cells, widths_columns
+from eval.stages.zeroshot import change_text, margin_text
 from eval.zeroshot import percent
 
 ZEROSHOT_DATASETS = {
@@ -67,6 +68,7 @@ def front_matter(report: Report, name: str) -> dict[str, Any]:
     method, params = report.method, report.parameters
     measured: dict[str, Any] = {
         "target": method.target,
+        "target_of": method.target_of,
         "removed_fraction": round(params.removed_fraction, 6),
         "parameters": {"dense": params.dense.total, "pruned": params.pruned.total},
         "method": {

@@ -1,5 +1,6 @@
 """The run's report: a typed :class:`Report`, written as ``report.json`` (every measured number; keys in
-README, 'report.json') and ``report.md`` (the same, for people, with figures).
+docs/outputs.md) and ``report.md`` (the same, for people, with figures). Each evaluation stage
+(``eval/stages/``) owns its section of both.
 
 Every reader (``report.md``, the figures, the benchmark scripts) reads a :class:`Report`, built from
 ``report.json`` by :func:`read_report`, never the raw mapping.
@@ -13,7 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from eval.figures import write_figures
-from eval.zeroshot import percent
+from eval.stages import EVALUATIONS
+from eval.stages.base import mib, ratio_text
+from eval.stages.engine import EngineReport
+from eval.stages.perplexity import PerplexityReport
+from eval.stages.speed import SpeedReport
+from eval.stages.zeroshot import ZeroshotReport
 from prune.paths import atomic_write_text
 from prune.schema import SchemaError, from_mapping, to_mapping
 
@@ -41,7 +47,8 @@ class MethodReport:
     """What was done, by the names of the registries."""
 
     target: float
-    """Fraction of the dense total parameters the recipe asked to remove."""
+    """Fraction of the dense parameters the recipe asked to remove, of all of them or of the decoder blocks'
+    (``target_of``)."""
     scoring: str | None
     """Scorer of the units; None when the allocation scores no units (whole-layer removal)."""
     objective: str | None
@@ -52,6 +59,8 @@ class MethodReport:
     round_to: int
     """Kept FFN channels per layer are a multiple of this."""
     reconstruction: str
+    target_of: str = "all"
+    """``all`` parameters or the ``decoder`` blocks' (``pruning.target_of``)."""
 
 
 @dataclass
@@ -140,156 +149,6 @@ class StatisticsReport:
 
 
 @dataclass
-class PerplexityReport:
-    dataset: str
-    seqlen: int
-    windows: int
-    predicted_tokens: int
-    dense: float
-    pruned: float
-    """The saved model: after recovery when there is one."""
-    before_recovery: float | None
-    dense_reused_from: str | None
-    """Cache file of the dense result, or None when computed in this run."""
-
-
-@dataclass
-class TaskAccuracy:
-    acc: float
-    items: int
-    acc_norm: float | None = None
-    """Length-normalised accuracy, where the task defines it."""
-    acc_stderr: float | None = None
-    """Standard error of ``acc`` over the items (lm-eval's)."""
-    acc_norm_stderr: float | None = None
-
-
-@dataclass
-class ZeroshotScores:
-    tasks: dict[str, TaskAccuracy]
-    mean: float | None
-    """Mean ``acc`` over the evaluated tasks of the seven-task set; None if none of them was evaluated."""
-    mean_stderr: float | None = None
-    """Its standard error: sqrt(sum of the tasks' squared standard errors) / tasks."""
-
-
-@dataclass
-class AccuracyChange:
-    """Pruned minus dense ``acc`` over the same items, fractions of 1 (``eval.zeroshot.paired_change``)."""
-
-    difference: float
-    stderr: float | None
-    """Of the paired difference: sd(pruned_i - dense_i) / sqrt(items); for the mean over tasks, sqrt(sum of
-    the tasks' squared standard errors) / tasks. None with a single item."""
-    interval95: float | None
-    """Half-width of the 95% interval, 1.96 standard errors: a difference within it is no measurable change."""
-    chance: float
-    """Expected ``acc`` of a uniform guess among each item's choices."""
-
-    @property
-    def measurable(self) -> bool:
-        """True when the 95% interval excludes no change."""
-        return self.interval95 is not None and abs(self.difference) > self.interval95
-
-
-@dataclass
-class ZeroshotReport:
-    source: str
-    """``local`` or ``harness``."""
-    data_dir: str | None
-    limit: int | None
-    seed: int
-    mean_metric: str
-    mean_tasks: list[str]
-    dense: ZeroshotScores
-    pruned: ZeroshotScores
-    dense_reused_from: str | None
-    changes: dict[str, AccuracyChange] = field(default_factory=dict)
-    """By task, paired over the items both models scored."""
-    mean_change: AccuracyChange | None = None
-    """Of the mean over ``mean_tasks``."""
-    margin_kept: float | None = None
-    """(pruned mean - chance) / (dense mean - chance): the share of the dense model's margin above a uniform
-    guess that the pruned model keeps."""
-    margin_kept_interval95: float | None = None
-    """Half-width of its 95% interval: the mean change's, over the dense margin (the dense mean taken as exact)."""
-
-
-@dataclass
-class SpeedResult:
-    """Timings of one model, from ``eval.speed.measure_speed``."""
-
-    prefill_ms_median: float
-    prefill_ms_min: float
-    prefill_ms_max: float
-    decode_tokens_per_s_median: float
-    """New tokens per second summed over the batch, decode steps only (prefill excluded)."""
-    decode_tokens_per_s_min: float
-    decode_tokens_per_s_max: float
-    weight_bytes: int
-    linear_macs_per_token: int
-    """Multiply-adds of every linear layer (decoder linears and lm_head) for one token: its weight count."""
-    peak_memory_bytes: int
-    """Weight bytes plus the largest working memory (activations, KV cache) of one prefill + decode run."""
-    compile_seconds: float | None = None
-    """Seconds of the first generation with a compiled decode step (compiling it, capturing its CUDA graphs),
-    before and apart from the warm-up and the timed repeats; None when the step runs eagerly."""
-
-
-@dataclass
-class SpeedReport:
-    device: str
-    dtype: str
-    prompt_tokens: int
-    batch_size: int
-    new_tokens: int
-    warmup: int
-    repeats: int
-    decode_loop: str
-    """``dynamic`` or ``static`` (``eval.speed.DECODE_LOOPS``)."""
-    dense: SpeedResult
-    pruned: SpeedResult
-
-
-@dataclass
-class EngineSpeed:
-    """Tokens per second of one GGUF file in llama.cpp (median, min, max of the timed repeats), from
-    ``eval.engine.engine_speed``."""
-
-    prompt_tokens_per_s_median: float
-    prompt_tokens_per_s_min: float
-    prompt_tokens_per_s_max: float
-    """Prompt processing: prompt tokens / seconds of one batched evaluation of the prompt."""
-    decode_tokens_per_s_median: float
-    decode_tokens_per_s_min: float
-    decode_tokens_per_s_max: float
-    """Generation: new tokens / seconds of the greedy decode steps after the prompt."""
-    file_bytes: int
-
-
-@dataclass
-class EngineReport:
-    """The pruned model's GGUF file in llama.cpp, beside the dense model's file of the same tensor type."""
-
-    engine: str
-    """``llama.cpp (llama-cpp-python X)``."""
-    tensor_type: str
-    threads: int
-    prompt_tokens: int
-    new_tokens: int
-    warmup: int
-    repeats: int
-    dense: EngineSpeed
-    pruned: EngineSpeed
-    dense_file: str
-    """The dense model's GGUF file (exported once into the cache)."""
-    linear_macs_ratio: float
-    """Dense / pruned linear multiply-adds per token: the speedup the removed units allow."""
-    perplexity: float | None
-    """The pruned file's perplexity in the engine on the run's perplexity windows (None when not measured)."""
-
-
-@dataclass
 class CurvePoint:
     step: int
     tokens: int
@@ -344,15 +203,35 @@ class Report:
     layers: list[LayerReport]
     allocation: AllocationReport
     statistics: StatisticsReport | None
-    perplexity: PerplexityReport | None
-    zeroshot: ZeroshotReport | None
-    speed: SpeedReport | None
-    engine: EngineReport | None
+    evaluations: dict[str, Any]
+    """Each evaluation stage's section (``eval.stages.EVALUATIONS``) by the stage's name, in the order they ran; a
+    stage that did not run has none. In report.json each is a top-level key (null when it did not run)."""
     recovery: RecoveryReport | None
     exports: list[ExportReport]
     stage_seconds: dict[str, float]
     notes: list[str]
     version: int = REPORT_VERSION
+
+    @property
+    def perplexity(self) -> PerplexityReport | None:
+        return self.evaluations.get("perplexity")
+
+    @property
+    def zeroshot(self) -> ZeroshotReport | None:
+        return self.evaluations.get("zeroshot")
+
+    @property
+    def speed(self) -> SpeedReport | None:
+        return self.evaluations.get("speed")
+
+    @property
+    def engine(self) -> EngineReport | None:
+        return self.evaluations.get("engine")
+
+    @property
+    def warnings(self) -> list[str]:
+        """The notes that warn (a pruned model that looks broken): shown first in report.md and by the command."""
+        return [note for note in self.notes if note.startswith("Warning:")]
 
     def export(self, format: str) -> ExportReport | None:
         """The export of ``format``, or None when the run did not write it."""
@@ -368,93 +247,24 @@ def read_report(path: Path) -> Report:
         raise ValueError(f"{path}: not a readable report.json ({error.__class__.__name__})") from None
     if not isinstance(data, dict) or data.get("version") != REPORT_VERSION:
         raise ValueError(f"{path}: not a report.json of this version of the toolkit (version {REPORT_VERSION})")
+    sections = {name: data.pop(name, None) for name in EVALUATIONS}
     try:
-        return from_mapping(Report, data, "report")
+        report = from_mapping(Report, {**data, "evaluations": {}}, "report")
+        for name, section in sections.items():
+            if section is not None:
+                report.evaluations[name] = from_mapping(EVALUATIONS[name].section, section, f"report.{name}")
     except SchemaError as error:
         raise ValueError(f"{path}: {error}") from None
+    return report
 
 
-def _ratio(pruned: float | None, dense: float | None) -> str:
-    return f"{pruned / dense:.3f}x" if pruned is not None and dense else "n/a"
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB"
-
-
-def _limit(zeroshot: ZeroshotReport) -> str:
-    return f", first {zeroshot.limit} items each" if zeroshot.limit else ""
-
-
-def change_text(change: AccuracyChange) -> str:
-    """A paired change in words, in accuracy points: "-4.90 points (95% interval ± 1.38)", or "no measurable
-    change (-0.43 ± 1.62 points, 95%)" when the interval holds no change."""
-    points = f"{100 * change.difference:+.2f}"
-    if change.interval95 is None:
-        return f"{points} points (one item: no interval)"
-    if not change.measurable:
-        return f"no measurable change ({points} ± {100 * change.interval95:.2f} points, 95%)"
-    return f"{points} points (95% interval ± {100 * change.interval95:.2f})"
-
-
-def margin_text(zeroshot: ZeroshotReport) -> str | None:
-    """The share of dense's margin above chance the pruned model keeps: "28.0% ± 19.1% (95%) of dense's
-    margin above chance (35.71)"; None when the report has no such share."""
-    if zeroshot.margin_kept is None or zeroshot.mean_change is None:
-        return None
-    spread = "" if zeroshot.margin_kept_interval95 is None else f" ± {zeroshot.margin_kept_interval95:.1%} (95%)"
-    return (
-        f"{zeroshot.margin_kept:.1%}{spread} of dense's margin above chance ({100 * zeroshot.mean_change.chance:.2f})"
-    )
-
-
-def _zeroshot_section(zeroshot: ZeroshotReport) -> list[str]:
-    source = (
-        f"the toolkit's local task definitions over `{zeroshot.data_dir}/zeroshot`"
-        if zeroshot.source == "local"
-        else "lm-eval's registered tasks (Hugging Face Hub data)"
-    )
-    lines = [
-        "## Zero-shot accuracy (%)",
-        "",
-        f"lm-eval-harness, {source}{_limit(zeroshot)}, seed {zeroshot.seed}. The mean is over "
-        f"{', '.join(zeroshot.mean_tasks)} and uses `{zeroshot.mean_metric}`.",
-        "",
-        "| task | items | chance | dense acc | pruned acc | pruned - dense acc | dense acc_norm | pruned acc_norm |",
-        "|---|---:|---:|---:|---:|---|---:|---:|",
-    ]
-
-    def change_cells(change: AccuracyChange | None) -> list[str]:
-        return ["-", "-"] if change is None else [percent(change.chance, None, 1), change_text(change)]
-
-    for task, dense in zeroshot.dense.tasks.items():
-        pruned = zeroshot.pruned.tasks[task]
-        chance, change = change_cells(zeroshot.changes.get(task))
-        cells = [chance, percent(dense.acc, dense.acc_stderr, 1), percent(pruned.acc, pruned.acc_stderr, 1), change]
-        if dense.acc_norm is not None and pruned.acc_norm is not None:
-            cells += [
-                percent(dense.acc_norm, dense.acc_norm_stderr, 1),
-                percent(pruned.acc_norm, pruned.acc_norm_stderr, 1),
-            ]
-        else:
-            cells += ["-", "-"]
-        lines.append(f"| {task} | {dense.items} | {' | '.join(cells)} |")
-    if zeroshot.dense.mean is not None and zeroshot.pruned.mean is not None:
-        dense_mean = percent(zeroshot.dense.mean, zeroshot.dense.mean_stderr, 1)
-        pruned_mean = percent(zeroshot.pruned.mean, zeroshot.pruned.mean_stderr, 1)
-        chance, change = change_cells(zeroshot.mean_change)
-        lines.append(f"| mean {zeroshot.mean_metric} | | {chance} | {dense_mean} | {pruned_mean} | {change} | | |")
-    lines += [
-        "",
-        "± one standard error over the items; the mean's is sqrt(Σ se²) / tasks. `pruned - dense` pairs the two "
-        "models item by item (lm-eval's per-item results): its 95% interval is 1.96 standard errors of the mean "
-        "per-item difference, and a change within it is no measurable change. `chance` is the accuracy of a "
-        "uniform guess among each item's choices.",
-    ]
-    margin = margin_text(zeroshot)
-    if margin:
-        lines += ["", f"The pruned model keeps {margin}."]
-    return [*lines, ""]
+def report_mapping(report: Report) -> dict:
+    """The report as report.json holds it: every evaluation stage's section at the top level under its name."""
+    mapping = to_mapping(report)
+    sections = mapping.pop("evaluations")
+    if set(EVALUATIONS) & set(mapping):
+        raise ValueError(f"evaluation stages named like report keys: {sorted(set(EVALUATIONS) & set(mapping))}")
+    return mapping | {name: sections.get(name) for name in EVALUATIONS}
 
 
 def _recovery_section(recovery: RecoveryReport, ppl: PerplexityReport | None) -> list[str]:
@@ -479,37 +289,6 @@ def _recovery_section(recovery: RecoveryReport, ppl: PerplexityReport | None) ->
     return [*lines, f"![held-out perplexity during recovery](recovery.png) (held-out: {recovery.heldout})", ""]
 
 
-def _engine_section(engine: EngineReport, ppl: PerplexityReport | None) -> list[str]:
-    d, p = engine.dense, engine.pruned
-    limit = f"(limit {engine.linear_macs_ratio:.2f}x)"
-    lines = [
-        "## In llama.cpp",
-        "",
-        f"{engine.engine}, {engine.tensor_type} files, {engine.threads} threads; dense and pruned interleaved, "
-        f"{engine.warmup} warm-up and {engine.repeats} timed repeats (median; min-max in brackets). Prompt "
-        f"processing: {engine.prompt_tokens} tokens in one batch; generation: {engine.new_tokens} greedy tokens "
-        "after it.",
-        "",
-        "| | dense | pruned | pruned / dense |",
-        "|---|---:|---:|---:|",
-        f"| file size | {_mib(d.file_bytes)} | {_mib(p.file_bytes)} | {_ratio(p.file_bytes, d.file_bytes)} |",
-        f"| prompt processing, tokens/s | {d.prompt_tokens_per_s_median:,.1f} "
-        f"({d.prompt_tokens_per_s_min:,.1f}-{d.prompt_tokens_per_s_max:,.1f}) | {p.prompt_tokens_per_s_median:,.1f} "
-        f"({p.prompt_tokens_per_s_min:,.1f}-{p.prompt_tokens_per_s_max:,.1f}) | "
-        f"{_ratio(p.prompt_tokens_per_s_median, d.prompt_tokens_per_s_median)} {limit} |",
-        f"| generation, tokens/s | {d.decode_tokens_per_s_median:,.1f} "
-        f"({d.decode_tokens_per_s_min:,.1f}-{d.decode_tokens_per_s_max:,.1f}) | {p.decode_tokens_per_s_median:,.1f} "
-        f"({p.decode_tokens_per_s_min:,.1f}-{p.decode_tokens_per_s_max:,.1f}) | "
-        f"{_ratio(p.decode_tokens_per_s_median, d.decode_tokens_per_s_median)} {limit} |",
-    ]
-    if engine.perplexity is not None and ppl:
-        lines.append(
-            f"| {ppl.dataset} perplexity of the pruned file ({ppl.seqlen} x {ppl.windows}) | | "
-            f"{engine.perplexity:.2f} | {_ratio(engine.perplexity, ppl.pruned)} of PyTorch's {ppl.pruned:.2f} |"
-        )
-    return [*lines, ""]
-
-
 def method_description(method: MethodReport) -> str:
     """What was done, in words: ``activation-obs scores, activation-density allocation, ...``."""
     if method.scoring is None:
@@ -522,58 +301,30 @@ def method_description(method: MethodReport) -> str:
 
 def _method_line(report: Report) -> str:
     how = method_description(report.method)
-    method = report.method
+    method, counts = report.method, report.parameters
+    removed_blocks = 1 - counts.pruned.decoder_blocks / counts.dense.decoder_blocks
     return (
-        f"Target: remove {method.target:.1%} of total parameters ({how}). "
-        f"Removed: **{report.parameters.removed_fraction:.2%}** of total parameters."
+        f"Target: remove {method.target:.1%} of {'total' if method.target_of == 'all' else 'decoder-block'} "
+        f"parameters ({how}). Removed: **{report.parameters.removed_fraction:.2%}** of total parameters, "
+        f"{removed_blocks:.2%} of the decoder blocks' parameters."
     )
 
 
 def _headline_rows(report: Report, pruned_label: str) -> list[str]:
-    params, ppl, speed, zeroshot = report.parameters, report.perplexity, report.speed, report.zeroshot
+    params = report.parameters
     dense_total, pruned_total = params.dense.total, params.pruned.total
     dense_blocks, pruned_blocks = params.dense.decoder_blocks, params.pruned.decoder_blocks
     lines = [
         f"| metric | dense | {pruned_label} | {pruned_label} / dense |",
         "|---|---:|---:|---:|",
-        f"| total parameters | {dense_total:,} | {pruned_total:,} | {_ratio(pruned_total, dense_total)} |",
-        f"| decoder-block parameters | {dense_blocks:,} | {pruned_blocks:,} | {_ratio(pruned_blocks, dense_blocks)} |",
+        f"| total parameters | {dense_total:,} | {pruned_total:,} | {ratio_text(pruned_total, dense_total)} |",
+        f"| decoder-block parameters | {dense_blocks:,} | {pruned_blocks:,} | "
+        f"{ratio_text(pruned_blocks, dense_blocks)} |",
     ]
-    if ppl:
-        lines.append(
-            f"| {ppl.dataset} perplexity ({ppl.seqlen}-token windows x {ppl.windows}) | "
-            f"{ppl.dense:.2f} | {ppl.pruned:.2f} | {_ratio(ppl.pruned, ppl.dense)} |"
-        )
-        if ppl.before_recovery is not None:
-            lines.append(
-                f"| {ppl.dataset} perplexity before recovery | {ppl.dense:.2f} | {ppl.before_recovery:.2f} | "
-                f"{_ratio(ppl.before_recovery, ppl.dense)} |"
-            )
-    if zeroshot and zeroshot.dense.mean is not None and zeroshot.pruned.mean is not None:
-        label = f"zero-shot mean {zeroshot.mean_metric} ({len(zeroshot.mean_tasks)} tasks{_limit(zeroshot)})"
-        dense_mean = percent(zeroshot.dense.mean, zeroshot.dense.mean_stderr)
-        pruned_mean = percent(zeroshot.pruned.mean, zeroshot.pruned.mean_stderr)
-        change = "n/a" if zeroshot.mean_change is None else change_text(zeroshot.mean_change)
-        lines.append(f"| {label} | {dense_mean} | {pruned_mean} | {change} |")
-        margin = margin_text(zeroshot)
-        if margin:
-            lines.append(f"| zero-shot: margin above chance kept | | | {margin} |")
-    if speed:
-        d, p = speed.dense, speed.pruned
-        limit = d.linear_macs_per_token / p.linear_macs_per_token
-        lines += [
-            f"| prefill latency, median ms ({speed.batch_size} x {speed.prompt_tokens} tokens) | "
-            f"{d.prefill_ms_median:.1f} | {p.prefill_ms_median:.1f} | "
-            f"{_ratio(p.prefill_ms_median, d.prefill_ms_median)} |",
-            f"| decode tokens/s, median ({speed.new_tokens} new tokens) | {d.decode_tokens_per_s_median:.1f} | "
-            f"{p.decode_tokens_per_s_median:.1f} | "
-            f"{_ratio(p.decode_tokens_per_s_median, d.decode_tokens_per_s_median)} |",
-            f"| linear multiply-adds per token (lm_head included) | {d.linear_macs_per_token:,} | "
-            f"{p.linear_macs_per_token:,} | {_ratio(p.linear_macs_per_token, d.linear_macs_per_token)} "
-            f"(speedup limit {limit:.2f}x) |",
-            f"| peak memory (weights + working) | {_mib(d.peak_memory_bytes)} | {_mib(p.peak_memory_bytes)} | "
-            f"{_ratio(p.peak_memory_bytes, d.peak_memory_bytes)} |",
-        ]
+    for name, section in report.evaluations.items():
+        headline = EVALUATIONS[name].headline
+        if headline is not None:
+            lines += headline(section, report)
     return lines
 
 
@@ -654,12 +405,12 @@ def _provenance_section(report: Report) -> list[str]:
         )
         if stats.pass_added_bytes is not None and stats.peak_over_weights is not None:
             line += (
-                f" Peak memory of the pass: weights + {_mib(stats.pass_added_bytes)} = "
+                f" Peak memory of the pass: weights + {mib(stats.pass_added_bytes)} = "
                 f"{stats.peak_over_weights:.2f}x the weight bytes."
             )
         lines.append(line)
-    for name, section in (("perplexity", report.perplexity), ("zeroshot", report.zeroshot)):
-        if section and section.dense_reused_from:
+    for name, section in report.evaluations.items():
+        if getattr(section, "dense_reused_from", None):
             lines.append(
                 f"- Dense {name} reused from `{section.dense_reused_from}` "
                 "(same model file, dtype, device and settings)."
@@ -669,25 +420,19 @@ def _provenance_section(report: Report) -> list[str]:
 
 
 def render_markdown(report: Report) -> str:
-    """The human-readable report: headline dense vs pruned, per-layer widths, stage times, provenance."""
+    """The human-readable report: headline dense vs pruned, each evaluation's section, recovery, per-layer widths,
+    provenance, stage times."""
     pruned_label = "pruned + recovered" if report.recovery else "pruned"
     lines = [f"# Pruning report: {report.model.source}", "", _method_line(report), ""]
+    lines += [f"**{note}**\n" for note in report.warnings]
     lines += _headline_rows(report, pruned_label)
-    lines += [""]
-    if report.speed:
-        speed = report.speed
-        lines += [
-            f"Speed: {speed.device}, {speed.dtype}, {speed.decode_loop} decode loop, dense and pruned interleaved, "
-            f"{speed.warmup} warm-up and {speed.repeats} timed repeats (median; spread in report.json).",
-            "",
-        ]
-    lines += ["![headline metrics, dense and pruned](headline.png)", ""]
-    if report.engine:
-        lines += _engine_section(report.engine, report.perplexity)
+    lines += ["", "![headline metrics, dense and pruned](headline.png)", ""]
+    for name, section in report.evaluations.items():
+        markdown = EVALUATIONS[name].markdown
+        if markdown is not None:
+            lines += markdown(section, report)
     if report.recovery:
         lines += _recovery_section(report.recovery, report.perplexity)
-    if report.zeroshot:
-        lines += _zeroshot_section(report.zeroshot)
     lines += _layers_section(report)
     lines += ["", *_provenance_section(report)]
     lines += ["", "## Stage wall times", "", "| stage | seconds |", "|---|---:|"]
@@ -697,6 +442,6 @@ def render_markdown(report: Report) -> str:
 
 def write_report(report: Report, directory: Path) -> None:
     """``report.json``, the figures (PNG) and ``report.md``, which embeds them, into ``directory``."""
-    atomic_write_text(directory / "report.json", json.dumps(to_mapping(report), indent=2) + "\n")
+    atomic_write_text(directory / "report.json", json.dumps(report_mapping(report), indent=2) + "\n")
     write_figures(report, directory)
     atomic_write_text(directory / "report.md", render_markdown(report))

@@ -21,17 +21,40 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, StaticCache
 
-from eval.report import LayerReport, Report, SpeedResult, read_report
 from prune.blocks import BlockShape, LayerWidths, block_shape
 from prune.memory import current_bytes, peak_bytes, reset_peak
+
+if TYPE_CHECKING:
+    from eval.report import LayerReport, Report
+
+
+@dataclass
+class SpeedResult:
+    """Timings of one model, from ``eval.speed.measure_speed``."""
+
+    prefill_ms_median: float
+    prefill_ms_min: float
+    prefill_ms_max: float
+    decode_tokens_per_s_median: float
+    """New tokens per second summed over the batch, decode steps only (prefill excluded)."""
+    decode_tokens_per_s_min: float
+    decode_tokens_per_s_max: float
+    weight_bytes: int
+    linear_macs_per_token: int
+    """Multiply-adds of every linear layer (decoder linears and lm_head) for one token: its weight count."""
+    peak_memory_bytes: int
+    """Weight bytes plus the largest working memory (activations, KV cache) of one prefill + decode run."""
+    compile_seconds: float | None = None
+    """Seconds of the first generation with a compiled decode step (compiling it, capturing its CUDA graphs),
+    before and apart from the warm-up and the timed repeats; None when the step runs eagerly."""
 
 
 def synchronized_clock(device: torch.device) -> float:
@@ -475,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SpeedArgumentError(f"--allocation: no report.json at {report_path}")
         if args.json and not args.json.parent.is_dir():
             raise SpeedArgumentError(f"--json: the directory {args.json.parent} does not exist")
+        from eval.report import read_report  # here: the report reads this module's results
+
         try:
             report = read_report(report_path)
         except ValueError as error:

@@ -38,6 +38,11 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from prune.recipe import Recipe, RecipeError, load_recipe  # noqa: F401
 
 
+def __dir__() -> list[str]:
+    """The public names beside the module's own, so that ``dir(prune)`` and completion show them."""
+    return sorted({*globals(), *PUBLIC})
+
+
 def __getattr__(name: str) -> Any:
     if name not in PUBLIC:
         raise AttributeError(f"module 'prune' has no attribute {name!r}")

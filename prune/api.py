@@ -83,8 +83,8 @@ def prune_loaded_model(
     the model's device and not cached (a model in memory has no file to key a cache by).
     """
     recipe = for_device(resolve_recipe(recipe, overrides), next(model.parameters()).device)
-    total = count_parameters(model)["total"]
-    params_to_remove = parameters_to_remove(recipe, block_shape(model.config), total)
+    dense = count_parameters(model)
+    params_to_remove = parameters_to_remove(recipe, block_shape(model.config), dense)
     statistics = None
     needs = statistics_needs(recipe)
     if (needs or reads_samples(recipe)) and calibration is None:
@@ -98,4 +98,4 @@ def prune_loaded_model(
         statistics = collect_statistics(model, calibration, recipe.scoring.objective, needs)
     pruned, allocation = prune_as_recipe_says(recipe, model, params_to_remove, statistics, {}, samples=calibration)
     layers = layer_table(block_shape(model.config), allocation)
-    return PrunedModel(pruned, layers, 1 - count_parameters(pruned)["total"] / total)
+    return PrunedModel(pruned, layers, 1 - count_parameters(pruned)["total"] / dense["total"])

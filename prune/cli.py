@@ -11,6 +11,7 @@ or an interruption unwinds them: nothing half-written stays behind.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -20,7 +21,14 @@ from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_st
 from types import FrameType
 from typing import NoReturn
 
-from prune.processes import launched_index
+from prune.processes import (
+    ProcessFailure,
+    launched_count,
+    launched_index,
+    record_failure,
+    recorded_failures,
+    silent_processes,
+)
 
 EXIT_DONE, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
@@ -30,6 +38,27 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_BAD_INPUT, f"error: {message}\n")
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser, recipe_help: str) -> None:
+    """The recipe argument, and ``--schema`` which prints the recipe files' JSON Schema instead of running one."""
+    parser.add_argument("recipe", nargs="?", help=recipe_help)
+    parser.add_argument(
+        "--schema",
+        action="store_true",
+        help="print the JSON Schema of recipe files (for an editor's YAML support), then stop",
+    )
+
+
+def printed_schema(parser: argparse.ArgumentParser, args: argparse.Namespace, schema: Callable[[], dict]) -> bool:
+    """After :func:`add_recipe_arguments`: print ``schema()`` when ``--schema`` was given (True), else require the
+    recipe (a one-line error without it) and return False."""
+    if args.schema:
+        print(json.dumps(schema(), indent=2))
+        return True
+    if args.recipe is None:
+        parser.error("the following arguments are required: recipe (or --schema)")
+    return False
 
 
 def positive_int(text: str) -> int:
@@ -72,8 +101,10 @@ def run_command(body: Callable[[], str], user_errors: tuple[type[Exception], ...
     previous = signal.signal(signal.SIGTERM, _terminated)
     index = launched_index()
     try:
-        with _discarded_output() if index else nullcontext():
+        with _discarded_output() if index else nullcontext(), _recorded_failure(index):
             message = body()
+    except ProcessFailure as error:
+        return _fail(EXIT_FAILED, f"error: {error}", index == 0)
     except user_errors as error:
         return _fail(EXIT_BAD_INPUT, f"error: {error}", index == 0)
     except StageFailure as error:
@@ -85,12 +116,27 @@ def run_command(body: Callable[[], str], user_errors: tuple[type[Exception], ...
     except KeyboardInterrupt:
         return _fail(EXIT_INTERRUPTED, "interrupted: nothing was written", index == 0)
     except Terminated:
-        return _fail(EXIT_TERMINATED, "terminated: nothing was written", index == 0)
+        return _terminated_line(index)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if index == 0:
         print(message, file=sys.stderr)
     return EXIT_DONE
+
+
+@contextmanager
+def _recorded_failure(index: int) -> Iterator[None]:
+    """In a process other than the first of a launch: an exception's one-line reason is left for the first
+    process (``prune.processes.record_failure``), which names it when its wait for this one fails."""
+    try:
+        yield
+    except ProcessFailure:
+        raise
+    except BaseException as error:
+        if index:
+            reason = {KeyboardInterrupt: "interrupted", Terminated: "terminated"}.get(type(error))
+            record_failure(index, reason or f"{type(error).__name__}: {error}")
+        raise
 
 
 @contextmanager
@@ -106,6 +152,23 @@ def timed(stage_seconds: dict[str, float], name: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     stage_seconds[name] = time.perf_counter() - start
+
+
+def _terminated_line(index: int) -> int:
+    """SIGTERM's line and exit code. A launcher of several processes stops them all when one of them ends: the
+    first process then names the one that failed (from what it recorded), or says that one may have left."""
+    count = launched_count()
+    if index or count == 1:
+        return _fail(EXIT_TERMINATED, "terminated: nothing was written", index == 0)
+    failed = recorded_failures(index)
+    if failed:
+        return _fail(EXIT_FAILED, f"error: {failed}; nothing was written", True)
+    return _fail(
+        EXIT_TERMINATED,
+        "terminated: nothing was written; a launcher stops every process when one of them ends, so unless the run "
+        f"was stopped, {silent_processes(index, count)}",
+        True,
+    )
 
 
 def _fail(code: int, line: str, printed: bool) -> int:

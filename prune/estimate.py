@@ -101,7 +101,8 @@ def estimate_memory(
     b = planned_dtype(recipe).itemsize
     hidden, vocab = shape.hidden_size, vocab_size
     weights = total_parameters * b
-    kept_fraction = 1 - recipe.pruning.target
+    decoder_share = sum(shape.linear_weight_count(w) for w in shape.layers) / total_parameters  # about
+    kept_fraction = 1 - recipe.pruning.target * (1 if recipe.pruning.target_of == "all" else decoder_share)
     pruned_weights = round(weights * kept_fraction)
     widest = max(max(w.ffn_channels, w.query_heads * shape.head_dim) for w in shape.layers)
     block = max(shape.linear_weight_count(w) for w in shape.layers)

@@ -336,7 +336,7 @@ def _engine_quantize(source: Path, target: Path, file_type: LlamaFileType, threa
         import llama_cpp
     except ImportError:
         raise GgufExportError(
-            "k-quant types need llama.cpp's quantizer: pip install 'prune[engine]' (see README, 'Deploy')"
+            "k-quant types need llama.cpp's quantizer: pip install 'prune[engine]' (see docs/deploy.md)"
         ) from None
     parameters = llama_cpp.llama_model_quantize_default_params()
     parameters.ftype = int(file_type)

@@ -20,7 +20,7 @@ def cache_dir(configured: str | None = None) -> Path:
 
 
 def data_dir() -> Path | None:
-    """The data directory $PRUNE_DATA_DIR (files laid out as README 'Where models and data come from' says)."""
+    """The data directory $PRUNE_DATA_DIR (files laid out as docs/data.md says)."""
     value = os.environ.get("PRUNE_DATA_DIR")
     return Path(value).expanduser() if value else None
 

@@ -8,6 +8,7 @@ and refuses an impossible one; :func:`dry_run_text` prints what it resolved (``-
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, replace
@@ -188,12 +189,25 @@ def protected_layers(recipe: Recipe, shape: BlockShape) -> frozenset[int]:
     return frozenset(i for i in range(shape.num_layers) if not first <= i < end)
 
 
-def parameters_to_remove(recipe: Recipe, shape: BlockShape, total: int) -> int:
-    """``pruning.target`` x the dense model's ``total`` parameters, rounded; ImpossibleTargetError when the
-    allocation cannot remove that many (and the biases a reconstruction adds) within the per-layer minimums,
-    RecipeError when ``allocation.layer_range`` does not fit the model."""
-    params_to_remove = round(recipe.pruning.target * total)
+def parameters_to_remove(recipe: Recipe, shape: BlockShape, dense: dict[str, int]) -> int:
+    """``pruning.target`` x the dense model's parameters (``dense``: ``prune.blocks.count_parameters``; ``total`` or
+    ``decoder_blocks`` as ``pruning.target_of`` says), rounded. ImpossibleTargetError when that is more of the
+    decoder blocks than ``pruning.max_decoder_sparsity`` or than the allocation can remove (with the biases a
+    reconstruction adds) within the per-layer minimums; RecipeError when ``allocation.layer_range`` does not fit
+    the model."""
     p = recipe.pruning
+    total = dense["total"]
+    params_to_remove = round(p.target * (total if p.target_of == "all" else dense["decoder_blocks"]))
+    decoder_share = params_to_remove / dense["decoder_blocks"]
+    if decoder_share > p.max_decoder_sparsity:
+        raise ImpossibleTargetError(
+            f"pruning.target: {p.target} of {'all' if p.target_of == 'all' else 'the decoder blocks'} parameters "
+            f"removes {params_to_remove:,} parameters, "
+            f"{decoder_share:.1%} of the decoder blocks' {dense['decoder_blocks']:,} (embeddings and head are "
+            f"{1 - dense['decoder_blocks'] / total:.1%} of this model), above pruning.max_decoder_sparsity "
+            f"{p.max_decoder_sparsity}; set pruning.target_of: decoder (a share of the decoder blocks), lower "
+            "pruning.target, or raise pruning.max_decoder_sparsity"
+        )
     layer_range = recipe.allocation.layer_range
     if layer_range is not None and layer_range[1] > shape.num_layers:
         raise RecipeError(
@@ -207,6 +221,45 @@ def parameters_to_remove(recipe: Recipe, shape: BlockShape, total: int) -> int:
             f"per group and {p.min_ffn_channels} FFN channels"
         )
     return params_to_remove
+
+
+def second_moment_inverters(recipe: Recipe) -> list[str]:
+    """What in the recipe inverts an input's second moment (x xᵀ over the calibration tokens): its scores, its
+    refit; in words, for messages."""
+    strategy = ALLOCATIONS[recipe.allocation.strategy]
+    scorer = SCORERS[recipe.scoring.method]
+    reconstruction = RECONSTRUCTIONS[recipe.pruning.reconstruct]
+    inverters = []
+    if strategy.uses_scores and Statistic.SECOND_MOMENTS in scorer.needs:
+        inverters.append(f"the {recipe.scoring.method} scores")
+    if reconstruction.sequential or Statistic.SECOND_MOMENTS in reconstruction.needs:
+        inverters.append(f"the {recipe.pruning.reconstruct} refit")
+    return inverters
+
+
+def inverted_input_width(recipe: Recipe, shape: BlockShape) -> int | None:
+    """The widest input whose second moment a score or a refit of the recipe inverts: o_proj's (query heads x
+    head_dim) or down_proj's (FFN channels); None when none is inverted."""
+    if not second_moment_inverters(recipe):
+        return None
+    return max(max(w.query_heads * shape.head_dim, w.ffn_channels) for w in shape.layers)
+
+
+def check_calibration_size(recipe: Recipe, shape: BlockShape) -> None:
+    """RecipeError when the calibration holds fewer tokens than ``calibration.min_tokens_per_input`` x the widest
+    input a score or a refit inverts (:func:`inverted_input_width`)."""
+    width, c = inverted_input_width(recipe, shape), recipe.calibration
+    tokens = c.samples * c.seqlen
+    if width is None or tokens >= c.min_tokens_per_input * width:
+        return
+    needed = math.ceil(c.min_tokens_per_input * width)
+    raise RecipeError(
+        f"calibration: {c.samples} x {c.seqlen} = {tokens:,} tokens for inputs {width:,} wide, whose second moment "
+        f"{' and '.join(second_moment_inverters(recipe))} invert ({tokens / width:.2f} tokens per input, below "
+        f"calibration.min_tokens_per_input {c.min_tokens_per_input}): raise calibration.samples or "
+        f"calibration.seqlen to at least {needed:,} tokens, or set pruning.reconstruct: none and a scoring.method "
+        "without second moments"
+    )
 
 
 def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
@@ -241,13 +294,14 @@ def prepare(recipe: Recipe, overwrite: bool = False) -> Prepared:
         raise RecipeError(f"model.source: {error}") from None
     family = family_of(config)
     check_experts(recipe, shape)
+    check_calibration_size(recipe, shape)
     if "gguf" in recipe.export.formats and not family.gguf:
         raise RecipeError(f"export.formats: {gguf_coverage(family)}")
     dense_model = model_of(config, model_source)
     if model_source.kind == "directory":
         check_weights_fit(Path(model_source.location), dense_model)
     dense_parameters = count_parameters(dense_model)
-    params_to_remove = parameters_to_remove(recipe, shape, dense_parameters["total"])
+    params_to_remove = parameters_to_remove(recipe, shape, dense_parameters)
     zs = recipe.evaluation.zeroshot
     if zs.enabled and resolve_source(zs.tasks, zs.source) == "local":
         local_task_configs(zs.tasks)  # raises DataSourceError naming a missing directory or file
@@ -403,11 +457,16 @@ def dry_run_text(prepared: Prepared) -> str:
         "units": unit_description(prepared.recipe, prepared.shape),
         "dense_total_parameters": dense["total"],
         "dense_decoder_block_parameters": dense["decoder_blocks"],
+        "target_of": prepared.recipe.pruning.target_of,
         "parameters_to_remove": prepared.params_to_remove,
         "parameters_kept": kept,
         "kept_fraction": round(kept / dense["total"], 6),
+        "removed_share_of_all_parameters": round(prepared.params_to_remove / dense["total"], 6),
+        "removed_share_of_decoder_block_parameters": round(prepared.params_to_remove / dense["decoder_blocks"], 6),
         "implied_decoder_linear_sparsity": round(prepared.params_to_remove / decoder_linears, 6),
         "statistics": sorted(need.value for need in prepared.needs),
+        "calibration_tokens": prepared.recipe.calibration.samples * prepared.recipe.calibration.seqlen,
+        "widest_inverted_input": inverted_input_width(prepared.recipe, prepared.shape),
     }
     memory = {stage.stage: stage.describe() for stage in prepared.memory}
     return (

@@ -26,7 +26,6 @@ import json
 import shutil
 import sys
 import traceback
-import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,7 +34,8 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from eval.report import AllocationReport, LayerReport, MethodReport, RecoveryReport, Report, StatisticsReport
+from eval.report import AllocationReport, LayerReport, MethodReport, RecoveryReport, StatisticsReport
+from eval.stages.base import EvaluationStage
 from prune.checkpoint import save_checkpoint
 from prune.cli import StageFailure, timed
 from prune.models import resolve_device, resolve_dtype
@@ -146,18 +146,18 @@ def kept_on_failure(stage: str, directory: Path) -> Iterator[None]:
 
 def kept_evaluation(
     directory: Path,
-    name: str,
-    section: str,
+    stage: EvaluationStage,
     settings: Any,
     notes: list[str],
     stage_seconds: dict[str, float],
     run: Callable[[], Any],
 ) -> Any:
-    """The report section ``section`` of the evaluation stage ``name``: kept from an earlier attempt when it ran
-    with the same ``settings`` (its notes and seconds restored), else ``run()``, timed into ``stage_seconds`` and
-    kept. ``run`` may append to ``notes``."""
+    """The report section of the evaluation ``stage``: kept from an earlier attempt when it ran with the same
+    ``settings`` (its notes and seconds restored), else ``run()``, timed into ``stage_seconds`` and kept. ``run``
+    may append to ``notes``."""
+    name, section = stage.label, stage.name
     path = directory / "evaluations" / f"{section}.json"
-    hint = typing.get_type_hints(Report)[section]
+    hint = stage.section | None
     if path.is_file():
         try:
             stored = read_checked_json(path, RESUME_VERSION)

@@ -39,11 +39,13 @@ from eval.report import (
     WidthsReport,
     write_report,
 )
+from eval.stages import EVALUATIONS, dense_first
+from eval.stages.base import DenseInputs, EvaluationInputs
 from prune.allocation import ALLOCATIONS, Allocation, allocate, ffn_multiple, over_rounds
 from prune.blocks import BlockShape, block_shape, count_parameters
 from prune.calibration import DataSourceError, calibration_samples, evaluation_tokens
-from prune.cli import ArgumentParser, run_command, timed
-from prune.evaluation import EVALUATIONS, DenseInputs, EvaluationInputs, dense_first
+from prune.cli import ArgumentParser, add_recipe_arguments, printed_schema, run_command, timed
+from prune.evaluation import run_context
 from prune.export import EXPORTERS, ExportInputs
 from prune.memory import current_bytes, make_resident, peak_bytes, reset_peak
 from prune.models import ModelSource, ModelSourceError, base_model_facts, check_finite, load_model, resolve_device
@@ -64,16 +66,18 @@ from prune.prepare import (
     check_processes,
     dry_run_text,
     for_device,
+    inverted_input_width,
     needs_dense_after_pruning,
     prepare,
     protected_layers,
     reads_samples,
+    second_moment_inverters,
     statistics_needs,
     statistics_path,
 )
 from prune.processes import ALONE, Processes, launched_count, launched_processes
 from prune.pruner import LayerPlan, LayerRefit, compose_plans, prune_model
-from prune.recipe import Recipe, load_recipe, recipe_to_dict
+from prune.recipe import Recipe, load_recipe, recipe_schema, recipe_to_dict
 from prune.reconstruct import RECONSTRUCTIONS, reconstructed_layer
 from prune.recovery import recover, training_windows
 from prune.resume import (
@@ -482,6 +486,7 @@ def method_report(prepared: Prepared, statistics: ActivationStatistics | None) -
     gradients = statistics is not None and bool(statistics.provides & BACKWARD)
     return MethodReport(
         target=recipe.pruning.target,
+        target_of=recipe.pruning.target_of,
         scoring=recipe.scoring.method if uses_scores else None,
         objective=recipe.scoring.objective if gradients else None,
         aggregate=recipe.scoring.aggregate if uses_scores else None,
@@ -503,7 +508,8 @@ def execute(prepared: Prepared, processes: Processes = ALONE) -> Report | None:
         if processes.main:
             prepared.check_output()  # as prepared, now that no other run can write it
             remove_stale_scratch(prepared.cache / "scratch")
-        return _execute(prepared, processes)
+        with processes.watched():
+            return _execute(prepared, processes)
 
 
 def _execute(prepared: Prepared, processes: Processes) -> Report | None:
@@ -540,7 +546,7 @@ def _execute(prepared: Prepared, processes: Processes) -> Report | None:
         else:
             print(f"[pruned model] kept from an earlier attempt ({resume}): not pruned again", file=sys.stderr)
             if in_place:  # the dense model's parts of the evaluation, then only the pruned model in memory
-                dense_parts = dense_first(DenseInputs(prepared, model, tokenizer, text), stage_seconds)
+                dense_parts = dense_first(DenseInputs(run_context(prepared, tokenizer, text), model), stage_seconds)
                 del model
             with timed(stage_seconds, "load pruned model"):
                 pruned, _ = load_model(
@@ -585,6 +591,13 @@ def prune_to_resume_point(
     recipe = prepared.recipe
     stage_seconds: dict[str, float] = {}
     notes: list[str] = []
+    width = inverted_input_width(recipe, prepared.shape)
+    if width is not None:
+        tokens = recipe.calibration.samples * recipe.calibration.seqlen
+        notes.append(
+            f"Calibration: {tokens:,} tokens, {tokens / width:.1f} per dimension of the widest input ({width:,}) whose "
+            f"second moment {' and '.join(second_moment_inverters(recipe))} invert."
+        )
     statistics, statistics_info = None, None
     if prepared.needs:
         with timed(stage_seconds, "activation statistics"):
@@ -596,12 +609,14 @@ def prune_to_resume_point(
             notes.append(
                 "Calibration text and perplexity text are both WikiText-2 (test split): the perplexity is optimistic."
             )
-    if not processes.main and recipe.recovery.method == "none" and recipe.pruning.rounds == 1:
-        return None  # its share is done: a later round's statistics or recovery would need it again
+    if recipe.recovery.method == "none" and recipe.pruning.rounds == 1:  # no later stage is shared
+        if not processes.main:
+            return None  # its share is done
+        processes = ALONE  # the main process goes on by itself: the others have left
     in_place = not needs_dense_after_pruning(recipe)
     dense_parts = {}
     if in_place:  # nothing after pruning needs the whole dense model: its parts of the evaluation first
-        dense_parts = dense_first(DenseInputs(prepared, model, tokenizer, text), stage_seconds)
+        dense_parts = dense_first(DenseInputs(run_context(prepared, tokenizer, text), model), stage_seconds)
     samples = recipe_calibration(prepared, tokenizer) if reads_samples(recipe) else None
     pruned, allocation = prune_as_recipe_says(
         recipe,
@@ -665,17 +680,16 @@ def evaluated_report(
         with kept_on_failure(f"export ({name})", resume), timed(seconds, f"export ({name})"):
             exporting = ExportInputs(pruned, tokenizer, prepared.model_source, partial, recipe.export, resume / "model")
             exports.append(EXPORTERS[name](exporting))
-    inputs = EvaluationInputs(
-        prepared, dense, pruned, tokenizer, text, state.before_recovery, partial, exports, notes, dense_parts
-    )
+    context = run_context(prepared, tokenizer, text)
+    inputs = EvaluationInputs(context, dense, pruned, state.before_recovery, partial, exports, notes, dense_parts)
     evaluation, export = recipe_to_dict(recipe)["evaluation"], recipe_to_dict(recipe)["export"]
     sections = {}
-    for stage in EVALUATIONS:
+    for stage in EVALUATIONS.values():
         if stage.enabled(recipe):
-            settings = {"evaluation": evaluation[stage.section], "export": export}
-            sections[stage.section] = kept_evaluation(
-                resume, stage.name, stage.section, settings, notes, seconds, partial_call(stage.run, inputs)
-            )
+            settings = {"evaluation": evaluation[stage.name], "export": export}
+            section = kept_evaluation(resume, stage, settings, notes, seconds, partial_call(stage.run, inputs))
+            if section is not None:
+                sections[stage.name] = section
     with kept_on_failure("report", resume):
         for name in OUTPUT_FILES:
             if (resume / name).is_file():
@@ -695,10 +709,7 @@ def evaluated_report(
             layers=state.layers,
             allocation=state.allocation,
             statistics=state.statistics,
-            perplexity=sections.get("perplexity"),
-            zeroshot=sections.get("zeroshot"),
-            speed=sections.get("speed"),
-            engine=sections.get("engine"),
+            evaluations=sections,
             recovery=state.recovery,
             exports=exports,
             stage_seconds=seconds,
@@ -712,7 +723,7 @@ def evaluated_report(
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m prune.run", description="Prune a model as a recipe says.")
-    parser.add_argument("recipe", help="YAML recipe (see README, 'Recipe reference')")
+    add_recipe_arguments(parser, "YAML recipe (see docs/recipes.md)")
     parser.add_argument(
         "--set",
         action="append",
@@ -730,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
         help="run even when a stage's estimated peak memory exceeds what the device has available",
     )
     args = parser.parse_args(argv)
+    if printed_schema(parser, args, recipe_schema):
+        return 0
 
     def run() -> str:
         prepared = prepare(load_recipe(args.recipe, args.set), overwrite=args.overwrite)
@@ -739,8 +752,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.ignore_memory_estimate:
             check_memory_plan(prepared)
         check_processes(prepared.recipe, launched_count())
-        execute(prepared, launched_processes(cpu=resolve_device(prepared.recipe.model.device).type == "cpu"))
-        return f"done: {prepared.output}/report.md"
+        report = execute(prepared, launched_processes(cpu=resolve_device(prepared.recipe.model.device).type == "cpu"))
+        warnings = "".join(f"\n{warning}" for warning in (report.warnings if report else []))
+        return f"done: {prepared.output}/report.md{warnings}"
 
     return run_command(run, USER_ERRORS)
 

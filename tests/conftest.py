@@ -27,6 +27,7 @@ from eval.report import (
     Report,
     WidthsReport,
 )
+from eval.stages import EVALUATIONS
 from prune.pruner import LayerPlan
 from prune.recipe import Recipe, recipe_to_dict
 from prune.statistics import Statistic
@@ -157,7 +158,9 @@ def layer_row(index: int, dense: tuple[int, int, int], pruned: tuple[int, int, i
 
 
 def make_report(**sections) -> Report:
-    """A report of a made-up run (3 layers, 100 -> 70 parameters); ``sections`` replace its fields."""
+    """A report of a made-up run (3 layers, 100 -> 70 parameters); ``sections`` replace its fields, or are its
+    evaluations when named like an evaluation stage (``perplexity=PerplexityReport(...)``)."""
+    evaluations = {name: sections.pop(name) for name in EVALUATIONS if name in sections}
     fields = {
         "recipe": recipe_to_dict(Recipe()),
         "model": ModelReport("tiny", "directory", "/models/tiny", "llama", "tiny", "apache-2.0", None),
@@ -168,10 +171,7 @@ def make_report(**sections) -> Report:
         "layers": [layer_row(i, (6, 2, 64), (4, 2, 32)) for i in range(3)],
         "allocation": AllocationReport("activation-density", None),
         "statistics": None,
-        "perplexity": None,
-        "zeroshot": None,
-        "speed": None,
-        "engine": None,
+        "evaluations": {name: section for name, section in evaluations.items() if section is not None},
         "recovery": None,
         "exports": [ExportReport("hf", "model", 1000, remote_code=True)],
         "stage_seconds": {},

@@ -14,7 +14,8 @@ from conftest import REPO, make_report, random_tokens, tiny_files, tiny_model, t
 
 import prune
 from eval.model_card import model_card
-from eval.report import PerplexityReport, TaskAccuracy, ZeroshotReport, ZeroshotScores
+from eval.stages.perplexity import PerplexityReport
+from eval.stages.zeroshot import TaskAccuracy, ZeroshotReport, ZeroshotScores
 
 
 def _front_matter(text: str) -> dict:
@@ -46,6 +47,14 @@ def test_run_recipe_is_the_command_line_run_and_writes_a_model_card(tmp_path, ti
     assert "trust_remote_code=True" in card and "| 0 | 6 → " in card
     with pytest.raises(prune.RecipeError, match="^output: .* already exists"):
         prune.run_recipe(recipe)  # the same validation as the command line
+
+
+def test_dir_of_the_package_lists_the_public_api_and_every_name_resolves():
+    listed = dir(prune)
+    assert {"run_recipe", "prune_loaded_model", "load_recipe", "read_report", "similarity"} <= set(listed)
+    assert set(prune.__all__) <= set(listed)
+    for name in prune.__all__:  # each listed name is importable from the package
+        assert getattr(prune, name).__name__ == name
 
 
 def test_model_index_holds_only_full_task_sets_with_items_and_standard_errors():

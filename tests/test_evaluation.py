@@ -1,10 +1,13 @@
 """Perplexity and the speed machinery on tiny models."""
 
+import contextlib
+import io
 import json
 import math
 
 import pytest
 import torch
+import yaml
 from conftest import (  # noqa: F401 (fixture)
     BASIC_STATISTICS,
     MIXED_PLANS,
@@ -285,7 +288,9 @@ def test_shape_only_command_times_dense_and_transferred_widths(tmp_path, capsys)
 
 
 def test_report_writes_linked_figures_and_the_zero_shot_table(tmp_path):
-    from eval.report import PerplexityReport, TaskAccuracy, ZeroshotReport, ZeroshotScores, read_report, write_report
+    from eval.report import read_report, write_report
+    from eval.stages.perplexity import PerplexityReport
+    from eval.stages.zeroshot import TaskAccuracy, ZeroshotReport, ZeroshotScores
 
     layers = [
         layer_row(
@@ -344,7 +349,7 @@ def _zeroshot_result(per_item: dict[str, tuple[list[int], int]]) -> dict:
 
 def test_the_zero_shot_change_is_paired_by_item_with_its_95_percent_interval(tmp_path):
     from eval.report import read_report, render_markdown, write_report
-    from prune.evaluation import zeroshot_report
+    from eval.stages.zeroshot import zeroshot_report
 
     dense = _zeroshot_result({"piqa": ([1, 1, 1, 1, 1, 0, 0, 0, 0, 0], 2), "arc_easy": ([1, 1, 1, 1, 1, 1, 0, 0], 4)})
     pruned = _zeroshot_result({"piqa": ([1, 1, 1, 0, 0, 0, 0, 0, 0, 1], 2), "arc_easy": ([0] * 8, 4)})
@@ -383,3 +388,23 @@ def test_paired_changes_refuse_results_of_different_items():
     pruned["per_item"]["piqa"]["doc_id"] = [0, 1, 3]
     with pytest.raises(ValueError, match="piqa: the dense and the pruned model were scored on different items"):
         accuracy_changes(dense, pruned)
+
+
+def test_a_pruned_model_far_worse_than_dense_gets_a_warning_first_in_the_report(tmp_path, tiny_files, monkeypatch):  # noqa: F811
+    import eval.stages.perplexity as perplexity_stage
+    import prune.run as run_module
+
+    monkeypatch.setattr(perplexity_stage, "BROKEN_RATIO", 0.5)  # any pruned model is "far worse" than that
+    data = tiny_recipe(tiny_files, tmp_path / "out", tmp_path / "cache")
+    data["evaluation"]["speed"]["enabled"] = False
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with contextlib.redirect_stderr(io.StringIO()) as stderr:
+        assert run_module.main([str(path)]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    ratio = report["perplexity"]["pruned"] / report["perplexity"]["dense"]
+    (warning,) = [note for note in report["notes"] if note.startswith("Warning:")]
+    assert warning.startswith(f"Warning: the pruned model's perplexity is {ratio:.1f}x the dense model's (above 0.5x)")
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert text.index(f"**{warning}**") < text.index("| metric |")  # before the headline table
+    assert stderr.getvalue().strip().splitlines()[-1] == warning  # and said by the command, after "done:"

@@ -48,7 +48,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(recipe: Path, output: Path, processes: int) -> subprocess.CompletedProcess:
+def _run(
+    recipe: Path, output: Path, processes: int, environment: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     command = ["-m", "prune.run", str(recipe), "--set", f"output={output}", "--set", f"cache_dir={output}-cache"]
     if processes > 1:
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
@@ -56,7 +58,7 @@ def _run(recipe: Path, output: Path, processes: int) -> subprocess.CompletedProc
         command = [*launch, "--main_process_port", str(_free_port()), *command]
     else:
         command = [sys.executable, *command]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(environment or {})}
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment, timeout=600)
 
 
@@ -89,22 +91,75 @@ def test_two_processes_give_the_single_process_run(tmp_path, tiny_files):
     assert not (tmp_path / "two.partial").exists()
 
 
-def test_two_processes_prune_in_rounds_as_one(tmp_path, tiny_files):
-    """Without recovery, every process stays for the second round's statistics, which they share."""
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"pruning.reconstruct": "lstsq"},  # the schema's default: the others leave after the statistics
+        {"pruning.reconstruct": "lstsq-sequential"},
+        {"allocation.strategy": "shortgpt", "pruning.reconstruct": "none"},  # whole layers, from layer cosines
+        {"allocation.strategy": "searched", "allocation.search_generations": 2, "allocation.search_samples": 2},
+        {"scoring.method": "magnitude", "allocation.strategy": "uniform", "pruning.reconstruct": "none"},  # no pass
+        {"pruning.rounds": 2},  # every process stays for the second round's statistics, which they share
+    ],
+    ids=["lstsq", "lstsq-sequential", "shortgpt", "searched", "no-statistics", "rounds"],
+)
+def test_two_processes_run_every_recipe_without_recovery_as_one(tmp_path, tiny_files, settings):
+    """Without recovery or rounds the other processes leave after their share of the statistics (or at once when
+    there is none) and the first goes on alone; with rounds they stay. Either way the result is one process's."""
     data = yaml.safe_load(_recipe(tmp_path, tiny_files).read_text())
     data["recovery"] = {"method": "none"}
-    data["pruning"]["rounds"] = 2
-    recipe = tmp_path / "rounds.yaml"
+    for key, value in settings.items():
+        section, name = key.split(".")
+        data.setdefault(section, {})[name] = value
+    recipe = tmp_path / "matrix.yaml"
     recipe.write_text(yaml.safe_dump(data))
     one, two = _run(recipe, tmp_path / "one", 1), _run(recipe, tmp_path / "two", 2)
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two")]
-    assert reports[0]["allocation"]["rounds"] == reports[1]["allocation"]["rounds"] == 2
+    rounds = settings.get("pruning.rounds", 1)
+    assert reports[0]["allocation"]["rounds"] == reports[1]["allocation"]["rounds"] == rounds
     assert [row["pruned"] for row in reports[0]["layers"]] == [row["pruned"] for row in reports[1]["layers"]]
     weights = [load_file(tmp_path / name / "model" / "model.safetensors") for name in ("one", "two")]
+    assert weights[0].keys() == weights[1].keys()
     for key, value in weights[0].items():
         torch.testing.assert_close(weights[1][key], value, rtol=1e-3, atol=1e-4, msg=key)
+
+
+INJECTED = """
+import os
+if os.environ.get("RANK") == "1":
+    import prune.statistics as statistics
+
+    def collect_statistics(*args, **kwargs):
+        if os.environ["PRUNE_TEST_FAILURE"] == "exit":
+            os._exit(9)  # killed, as by the out-of-memory killer: no word left
+        raise RuntimeError("the device fell over")
+
+    statistics.collect_statistics = collect_statistics
+"""
+
+
+@pytest.mark.parametrize(
+    "failure, line",
+    [
+        ("raise", "error: process 1 failed: RuntimeError: the device fell over; nothing was written"),
+        ("exit", "process 1 left without a word (killed, or out of memory?)"),
+    ],
+)
+def test_a_worker_that_fails_or_leaves_stops_the_run_with_one_line_naming_it(tmp_path, tiny_files, failure, line):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(INJECTED)  # process 1 fails in its share of the statistics pass
+    recipe = _recipe(tmp_path, tiny_files)
+    environment = {"PYTHONPATH": f"{site}{os.pathsep}{REPO}", "PRUNE_TEST_FAILURE": failure}
+    result = _run(recipe, tmp_path / "out", 2, environment)
+    assert result.returncode != 0
+    # the first process says it once, whether its wait failed first or the launcher stopped it first
+    said = [text for text in result.stderr.splitlines() if text.startswith(("error:", "terminated:"))]
+    assert len(said) == 1 and line in said[0], result.stderr[-3000:]
+    assert "closed by peer" not in result.stderr and "Gloo" not in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
 def test_bad_input_under_two_processes_is_one_line(tmp_path, tiny_files):

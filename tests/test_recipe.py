@@ -1,5 +1,6 @@
 """Recipe validation: one clear error naming the key or path, exit code 2, nothing written."""
 
+import json
 import os
 import subprocess
 import sys
@@ -7,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, tiny_model
+from conftest import REPO, tiny_files, tiny_model, tiny_recipe  # noqa: F401 (fixture)
 
-from prune.recipe import RecipeError, load_recipe
+from prune.recipe import Recipe, RecipeError, load_recipe, recipe_to_dict
 
 
 def _write(tmp_path, data) -> Path:
@@ -123,7 +124,8 @@ def test_cli_dry_run_prints_the_budget(tmp_path):
     assert printed["budget"]["dense_total_parameters"] == total
     assert printed["budget"]["parameters_to_remove"] == round(0.25 * total)
     assert not (tmp_path / "out").exists()
-    result = _cli(str(_write(tmp_path, recipe)), "--dry-run", "--set", "pruning.target=0.9")
+    ceiling = ["--set", "pruning.max_decoder_sparsity=1"]  # past the decoder-share ceiling: the per-layer minimums
+    result = _cli(str(_write(tmp_path, recipe)), "--dry-run", "--set", "pruning.target=0.9", *ceiling)
     assert result.returncode == 2 and result.stderr.startswith("error: pruning.target: 0.9 asks to remove")
 
 
@@ -179,3 +181,97 @@ def test_a_null_round_to_is_128_on_cuda_and_8_on_the_cpu_and_an_explicit_one_sta
         removable_units(shape, for_device(recipe, torch.device(d)).pruning, frozenset()) for d in ("cuda", "cpu")
     )
     assert coarse < fine  # 64 minimum channels kept: 128 when rounded to 128, 64 when rounded to 8
+
+
+FIELD_FAULTS = [
+    {"pruning": {"taget": 0.3}},
+    {"modle": {}},
+    {"pruning": {"target": 1.0}},
+    {"pruning": {"target": "lots"}},
+    {"calibration": {"samples": 0}},
+    {"calibration": {"samples": 2.5}},
+    {"scoring": {"method": "magic"}},
+    {"evaluation": {"speed": {"enabled": "yes"}}},
+    {"evaluation": {"zeroshot": {"limit": 0}}},
+    {"export": {"formats": ["onnx"]}},
+    {"export": {"formats": ["hf", "hf"]}},
+    {"allocation": {"layer_range": [4]}},
+    {"model": {"device": "gpu"}},
+]
+
+
+def test_the_schema_accepts_every_recipe_and_refuses_what_a_field_rule_refuses(tmp_path):
+    from jsonschema import Draft202012Validator
+
+    def validator(module: str) -> Draft202012Validator:
+        printed = subprocess.run([sys.executable, "-m", module, "--schema"], capture_output=True, text=True, cwd=REPO)
+        assert printed.returncode == 0, printed.stderr
+        schema = json.loads(printed.stdout)
+        Draft202012Validator.check_schema(schema)
+        return Draft202012Validator(schema)
+
+    run, analysis = validator("prune.run"), validator("prune.analysis")
+    paths = sorted((REPO / "recipes").glob("*.yaml"))
+    assert len(paths) >= 7
+    for path in paths:
+        checker = analysis if path.name.startswith("analysis_") else run
+        assert not list(checker.iter_errors(yaml.safe_load(path.read_text()))), path.name
+    assert not list(run.iter_errors(recipe_to_dict(Recipe())))
+    for data in FIELD_FAULTS:
+        assert list(run.iter_errors(data)), data  # the editor marks it
+        with pytest.raises(RecipeError):  # and the run refuses it
+            load_recipe(_write(tmp_path, data))
+    assert run.schema["properties"]["pruning"]["properties"]["target"]["description"].startswith("Fraction")
+
+
+def test_a_target_of_the_decoder_blocks_and_the_ceiling_on_their_share(tmp_path, tiny_files):  # noqa: F811
+    from prune.allocation import ImpossibleTargetError
+    from prune.prepare import dry_run_text, prepare
+    from prune.run import execute
+
+    path = _write(tmp_path, tiny_recipe(tiny_files, tmp_path / "out", tmp_path / "cache"))
+    all_share = prepare(load_recipe(path, ["pruning.target=0.3"]))
+    dense = all_share.dense_parameters
+    assert all_share.params_to_remove == round(0.3 * dense["total"])
+    decoder_share = all_share.params_to_remove / dense["decoder_blocks"]
+    assert 0.3 < decoder_share < 0.5  # the embeddings are part of "all"
+    with pytest.raises(ImpossibleTargetError) as refused:
+        prepare(load_recipe(path, ["pruning.target=0.3", "pruning.max_decoder_sparsity=0.3"]))
+    line = str(refused.value)
+    assert f"{all_share.params_to_remove:,} parameters, {decoder_share:.1%} of the decoder blocks'" in line
+    assert "pruning.target_of: decoder" in line and "pruning.max_decoder_sparsity 0.3" in line
+    prepared = prepare(load_recipe(path, ["pruning.target=0.3", "pruning.target_of=decoder"]))
+    assert prepared.params_to_remove == round(0.3 * dense["decoder_blocks"])
+    budget = yaml.safe_load(dry_run_text(prepared))["budget"]
+    assert budget["removed_share_of_decoder_block_parameters"] == pytest.approx(0.3, abs=1e-5)
+    assert budget["removed_share_of_all_parameters"] == pytest.approx(prepared.params_to_remove / dense["total"])
+    report = execute(prepared)
+    counts = report.parameters
+    assert 1 - counts.pruned.decoder_blocks / counts.dense.decoder_blocks == pytest.approx(0.3, abs=0.02)
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "Target: remove 30.0% of decoder-block parameters" in text and "of the decoder blocks' parameters" in text
+
+
+def test_fewer_calibration_tokens_than_an_inverted_input_is_refused_in_one_line(tmp_path, tiny_files):  # noqa: F811
+    from prune.prepare import dry_run_text, prepare
+
+    path = _write(tmp_path, tiny_recipe(tiny_files, tmp_path / "out", tmp_path / "cache"))
+    small = [
+        "calibration.samples=2",
+        "calibration.seqlen=32",
+        "allocation.search_samples=2",
+    ]  # 64 tokens; o_proj's input is 6 x 16 = 96 wide
+    with pytest.raises(RecipeError) as refused:
+        prepare(load_recipe(path, [*small, "pruning.reconstruct=lstsq-sequential"]))
+    line = str(refused.value)
+    assert line.startswith("calibration: 2 x 32 = 64 tokens for inputs 96 wide") and "\n" not in line
+    assert "the activation-obs scores and the lstsq-sequential refit invert (0.67 tokens per input" in line
+    assert "at least 96 tokens" in line and "pruning.reconstruct: none" in line
+    assert "calibration.min_tokens_per_input 1.0" in line
+    free = prepare(load_recipe(path, [*small, "pruning.reconstruct=none", "scoring.method=activation"]))
+    budget = yaml.safe_load(dry_run_text(free))["budget"]
+    assert budget["calibration_tokens"] == 64 and budget["widest_inverted_input"] is None
+    enough = prepare(
+        load_recipe(path, ["calibration.samples=3", "calibration.seqlen=32", "allocation.search_samples=2"])
+    )
+    assert yaml.safe_load(dry_run_text(enough))["budget"]["widest_inverted_input"] == 96

@@ -103,3 +103,36 @@ def test_a_cache_missing_a_statistic_is_completed_not_recomputed(tmp_path, tiny_
     again = execute(prepare(load_recipe(_recipe(tmp_path, tiny_files), []), overwrite=True))
     assert again.statistics and again.statistics.reused
     assert again.layers == second.layers and again.perplexity.pruned == second.perplexity.pruned
+
+
+def test_a_registered_evaluation_runs_end_to_end_with_its_settings_section_and_markdown(
+    tmp_path,
+    tiny_files,  # noqa: F811
+    monkeypatch,
+):
+    import toy_evaluation
+    from transformers import AutoModelForCausalLM
+
+    from eval.report import read_report
+    from eval.stages import EVALUATIONS
+    from prune.recipe import recipe_schema
+
+    monkeypatch.setitem(EVALUATIONS, "weight_norm", toy_evaluation.STAGE)
+    path = _recipe(tmp_path, tiny_files)
+    with pytest.raises(RecipeError, match=r"^evaluation.weight_norm.power: must be > 0, got 0$"):
+        load_recipe(path, ["evaluation.weight_norm.power=0"])
+    assert "weight_norm" in recipe_schema()["properties"]["evaluation"]["properties"]
+    report = execute(prepare(load_recipe(path, ["evaluation.weight_norm.power=1", "evaluation.speed.enabled=false"])))
+    dense = AutoModelForCausalLM.from_pretrained(tiny_files["model"])
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model", trust_remote_code=True)
+    expected = {
+        "power": 1,
+        "dense": toy_evaluation.weight_norm(dense, 1),
+        "pruned": toy_evaluation.weight_norm(pruned, 1),
+    }
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["weight_norm"] == pytest.approx(expected) and expected["pruned"] < expected["dense"]
+    assert read_report(tmp_path / "out").evaluations["weight_norm"] == report.evaluations["weight_norm"]
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "| weight 1-norm |" in markdown and "## Weight norm" in markdown
+    assert "weight norm (dense)" in report.stage_seconds  # computed before pruning in place

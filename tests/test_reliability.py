@@ -397,7 +397,8 @@ def test_a_failed_last_stage_keeps_the_pruned_model_and_the_rerun_finishes_from_
     failing,
     speed,
 ):
-    import prune.evaluation as evaluation_module
+    import eval.stages.perplexity as perplexity_stage
+    import eval.stages.speed as speed_stage
 
     data = tiny_recipe(tiny_files, tmp_path / "reference", tmp_path / "reference_cache")
     data["evaluation"]["speed"]["enabled"] = speed  # without the speed stage the run prunes in place
@@ -411,7 +412,7 @@ def test_a_failed_last_stage_keeps_the_pruned_model_and_the_rerun_finishes_from_
         raise RuntimeError("the device fell over")
 
     with monkeypatch.context() as patch:
-        patch.setattr(evaluation_module if failing == "speed" else run_module, {"speed": "measure_speed"}.get(
+        patch.setattr(speed_stage if failing == "speed" else run_module, {"speed": "measure_speed"}.get(
             failing, "write_report"), failure)  # fmt: skip
         with _captured_stderr() as stderr:
             code = run_module.main([str(recipe), *sets])
@@ -424,7 +425,7 @@ def test_a_failed_last_stage_keeps_the_pruned_model_and_the_rerun_finishes_from_
 
     rerun_calls = []
     for module, name in [(run_module, "obtain_statistics"), (run_module, "prune_as_recipe_says"),
-                         (evaluation_module, "perplexity")]:  # fmt: skip
+                         (perplexity_stage, "perplexity")]:  # fmt: skip
         monkeypatch.setattr(module, name, lambda *args, name=name, **kwargs: rerun_calls.append(name))
     with _captured_stderr() as stderr:
         code = run_module.main([str(recipe), *sets])

@@ -21,6 +21,7 @@ pytestmark = [
 QUICK = [
     "calibration.samples=6",
     "calibration.seqlen=64",
+    "calibration.min_tokens_per_input=0",  # 384 tokens for 1,536-wide inputs: a smoke test, not a quality run
     "evaluation.perplexity.windows=2",
     "evaluation.speed.repeats=1",
     "evaluation.speed.new_tokens=8",

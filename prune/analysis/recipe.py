@@ -13,7 +13,20 @@ from typing import Literal
 from eval.zeroshot import LOCAL_TASKS
 from prune.calibration import LOCAL_FILES
 from prune.recipe import ModelSection, RecipeError
-from prune.schema import SchemaError, from_mapping, raise_first_failure, read_yaml_mapping
+from prune.schema import (
+    LAYER_SPAN,
+    NOT_EMPTY,
+    SchemaError,
+    above,
+    at_least,
+    field_checks,
+    from_mapping,
+    json_schema,
+    names_among,
+    raise_first_failure,
+    read_yaml_mapping,
+    ruled,
+)
 
 ANALYSIS_DOMAINS = [*LOCAL_TASKS, *LOCAL_FILES]
 """Domains of the activation-pattern analysis: task prompts of the local zero-shot tasks, and text windows."""
@@ -24,7 +37,10 @@ class DomainsSection:
     """Findings 1 and 2: activation density per layer and cross-domain pattern similarity."""
 
     enabled: bool = False
-    names: list[str] = field(
+    names: list[str] = ruled(
+        names_among(
+            lambda: ANALYSIS_DOMAINS, 2, lambda: f"must be two or more distinct names among {ANALYSIS_DOMAINS}"
+        ),
         default_factory=lambda: [
             "boolq",
             "arc_easy",
@@ -34,18 +50,18 @@ class DomainsSection:
             "winogrande",
             "c4",
             "wikitext2",
-        ]
+        ],
     )
-    samples: int = 64
+    samples: int = ruled(at_least(2), 64)
     """Inputs per domain; the same-domain pairs match the first half with the second half."""
-    max_tokens: int = 128
+    max_tokens: int = ruled(above(1), 128)
     """Task prompts keep their last max_tokens tokens; c4 / wikitext2 give windows of this length."""
     seed: int = 0
-    gamma: float = 2.0e-6
+    gamma: float = ruled(above(0), 2.0e-6)
     """Absolute activation threshold (the paper's released code: 2e-6 for 32-layer models)."""
-    gamma_relative: float = 1.0
+    gamma_relative: float = ruled(above(0), 1.0)
     """Scale-free threshold: this multiple of the domain's mean A over all decoder linear weights."""
-    sketch_size: int = 8192
+    sketch_size: int = ruled(at_least(16), 8192)
     """Buckets of the count sketch kept per input and layer (4 bytes each)."""
     boxplot_pairs: list[list[str]] = field(
         default_factory=lambda: [
@@ -65,17 +81,17 @@ class SimilaritySection:
     enabled: bool = False
     dataset: str = "stsb-test"
     """``stsb-test``, ``stsb-dev`` (under $PRUNE_DATA_DIR/stsb), or a file in STS-B or SICK format."""
-    pairs: int = 256
+    pairs: int = ruled(at_least(3), 256)
     seed: int = 0
 
 
 @dataclass
 class AnalysisRecipe:
-    output: str = "runs/analysis"
+    output: str = ruled(NOT_EMPTY, "runs/analysis")
     cache_dir: str | None = None
     model: ModelSection = field(default_factory=ModelSection)
     objective: Literal["max_logit", "nll"] = "max_logit"
-    deep_layers: list[int] | None = None
+    deep_layers: list[int] | None = ruled(LAYER_SPAN, None)
     """[first, end]: the deep layers (0-based, end excluded); null = the paper's layers 20-30 of 32, scaled."""
     domains: DomainsSection = field(default_factory=DomainsSection)
     similarity: SimilaritySection = field(default_factory=SimilaritySection)
@@ -92,31 +108,19 @@ def load_analysis_recipe(path: str | Path | None, overrides: list[str] | tuple[s
 
 
 def _check_ranges(recipe: AnalysisRecipe) -> None:
+    """The fields' own rules (on the fields above), then the rules that read several fields."""
     d = recipe.domains
     checks = [
-        (
-            "domains.names",
-            all(n in ANALYSIS_DOMAINS for n in d.names) and len(set(d.names)) == len(d.names) and len(d.names) >= 2,
-            f"must be two or more distinct names among {ANALYSIS_DOMAINS}",
-        ),
-        ("domains.samples", d.samples >= 2, "must be >= 2"),
-        ("domains.max_tokens", d.max_tokens > 1, "must be > 1"),
-        ("domains.gamma", d.gamma > 0, "must be > 0"),
-        ("domains.gamma_relative", d.gamma_relative > 0, "must be > 0"),
-        ("domains.sketch_size", d.sketch_size >= 16, "must be >= 16"),
         (
             "domains.boxplot_pairs",
             all(len(pair) == 2 and set(pair) <= set(d.names) for pair in d.boxplot_pairs),
             "must be pairs [a, b] of names listed in domains.names",
         ),
-        ("similarity.pairs", recipe.similarity.pairs >= 3, "must be >= 3"),
-        (
-            "deep_layers",
-            recipe.deep_layers is None
-            or (len(recipe.deep_layers) == 2 and 0 <= recipe.deep_layers[0] < recipe.deep_layers[1]),
-            "must be null or [first, end] with 0 <= first < end",
-        ),
         ("domains.enabled", d.enabled or recipe.similarity.enabled, "nothing to do: enable domains and/or similarity"),
-        ("output", bool(recipe.output.strip()), "must not be empty"),
     ]
-    raise_first_failure(recipe, checks)
+    raise_first_failure(recipe, field_checks(recipe) + checks)
+
+
+def analysis_recipe_schema() -> dict:
+    """The JSON Schema of an analysis recipe file (``python -m prune.analysis --schema``)."""
+    return json_schema(AnalysisRecipe)

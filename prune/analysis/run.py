@@ -27,10 +27,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prune.analysis.data import domain_samples, read_sentence_pairs, resolve_pair_dataset, sample_pairs, task_prompts
 from prune.analysis.patterns import CountSketch, domain_patterns, similarities, sketch_cosines
-from prune.analysis.recipe import AnalysisRecipe, load_analysis_recipe
+from prune.analysis.recipe import AnalysisRecipe, analysis_recipe_schema, load_analysis_recipe
 from prune.analysis.report import write_analysis
 from prune.calibration import LOCAL_FILES, DataSourceError, resolve_text_source
-from prune.cli import ArgumentParser, run_command
+from prune.cli import ArgumentParser, add_recipe_arguments, printed_schema, run_command
 from prune.models import ModelSource, ModelSourceError, load_model, resolve_model_source
 from prune.outputs import OutputRefused, check_output, is_analysis_output, output_lock, staged_directory
 from prune.paths import cache_dir
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m prune.analysis",
         description="Activation-pattern analysis: density per layer, cross-domain and sentence-pair similarity.",
     )
-    parser.add_argument("recipe", help="YAML analysis recipe (see README, 'Activation-pattern analysis')")
+    add_recipe_arguments(parser, "YAML analysis recipe (see docs/analysis.md)")
     parser.add_argument(
         "--set",
         action="append",
@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
+    if printed_schema(parser, args, analysis_recipe_schema):
+        return 0
     return run_command(
         lambda: f"done: {execute(load_analysis_recipe(args.recipe, args.set), args.overwrite)}/analysis.md",
         USER_ERRORS,
