@@ -16,6 +16,9 @@ from transformers import PreTrainedModel
 
 from prune.placement import input_device
 
+LOSS_CHUNK_TOKENS = 256
+"""Positions whose float32 log-probabilities exist at a time (256 x vocabulary x 4 bytes: 148 MiB at 151,936)."""
+
 
 def window_count(n_tokens: int, seqlen: int, windows: int | None) -> int:
     """Number of windows evaluated: all complete ones, capped at ``windows``."""
@@ -43,8 +46,11 @@ def perplexity(
     total_nll, predicted = 0.0, 0
     for k in tqdm(range(count), desc=f"perplexity {label}".strip(), unit="window", disable=not progress):
         ids = tokens[k * seqlen : (k + 1) * seqlen].to(device).unsqueeze(0)
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-        total_nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1]  # [seqlen - 1, vocab], the model's dtype
+        targets = ids[0, 1:]
+        for start in range(0, seqlen - 1, LOSS_CHUNK_TOKENS):
+            chunk = slice(start, start + LOSS_CHUNK_TOKENS)
+            total_nll += float(F.cross_entropy(logits[chunk].float(), targets[chunk], reduction="sum"))
         predicted += seqlen - 1
     mean_nll = total_nll / predicted
     return {

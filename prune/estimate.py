@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from eval.perplexity import LOSS_CHUNK_TOKENS
 from prune.allocation import ALLOCATIONS
 from prune.blocks import BlockShape
 from prune.recipe import Recipe
@@ -177,9 +178,9 @@ def estimate_memory(
         }
         advice = "lower recovery.batch_size or recovery.seqlen, or use recovery.method: lora"
         stages.append(StageMemory("recovery", weights + pruned_weights + sum(terms.values()), _largest(terms), advice))
-    logits = 12 * recipe.evaluation.perplexity.seqlen * vocab
+    logits = recipe.evaluation.perplexity.seqlen * vocab * b + 12 * LOSS_CHUNK_TOKENS * vocab
     advice = "lower evaluation.perplexity.seqlen"
-    stages.append(StageMemory("perplexity", resident + logits, "float32 logits of a window", advice))
+    stages.append(StageMemory("perplexity", resident + logits, "the logits of a window", advice))
     if recipe.evaluation.zeroshot.enabled:
         batch = 12 * recipe.evaluation.zeroshot.batch_size * ZEROSHOT_REQUEST_TOKENS * vocab
         advice = "lower evaluation.zeroshot.batch_size"

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from prune.blocks import LINEAR_NAMES, BlockShape, decoder_layers, layer_linears, split_fused_projections
@@ -268,7 +269,7 @@ def score_units(
     split_fused_projections(model)  # Phi-3's fused projections as their linears: the same outputs
     inputs = ScoringInputs(model, shape, statistics, aggregate, damping)
     scores = []
-    for index, layer in enumerate(decoder_layers(model)):
+    for index, layer in enumerate(tqdm(decoder_layers(model), desc=f"scoring ({method})", unit="layer")):
         with resident(layer.modules()):  # its offloaded weights loaded once (device_map)
             scores.append(scorer.score_layer(inputs, index))
     return scores

@@ -20,12 +20,15 @@ from conftest import (  # noqa: F401 (fixture)
     tiny_recipe,
 )
 
+from eval import perplexity as perplexity_module
 from eval import speed as speed_module
 from eval.perplexity import perplexity, window_count
 from eval.speed import decode_step, greedy_decode, measure_speed, static_cache
 
 
-def test_perplexity_equals_token_by_token_computation():
+@pytest.mark.parametrize("chunk", [256, 7])  # one chunk per window; chunks of 7, 7, 7, 7 and 1 positions
+def test_perplexity_equals_token_by_token_computation(chunk, monkeypatch):
+    monkeypatch.setattr(perplexity_module, "LOSS_CHUNK_TOKENS", chunk)
     model = tiny_model()
     tokens = random_tokens(1, 100)[0]
     result = perplexity(model, tokens, seqlen=30, windows=None, progress=False)

@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import ALL_STATISTICS, BASIC_STATISTICS, random_tokens, tiny_model
 
+from prune import reconstruct
 from prune.blocks import block_shape, decoder_layers
-from prune.reconstruct import second_moment
+from prune.reconstruct import removal_errors, second_moment
 from prune.scoring import score_units
 from prune.statistics import collect_statistics
 
@@ -196,3 +197,17 @@ def test_flap_scores_match_a_loop_over_columns():
         torch.testing.assert_close(
             flap[i].ffn_channels, torch.tensor(channels, dtype=torch.float64), rtol=1e-4, atol=1e-9
         )
+
+
+def test_removal_errors_in_chunks_of_unordered_columns_equal_an_explicit_refit(monkeypatch):
+    monkeypatch.setattr(reconstruct, "GROUP_COLUMNS", 4)  # several chunks, each solved from its first column on
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(64, 8, generator=generator, dtype=torch.float64) + 0.3
+    augmented = torch.cat([inputs, torch.ones(64, 1, dtype=torch.float64)], 1)
+    weight = torch.randn(5, 8, generator=generator)
+    damping = 0.01
+    for groups in ([[5, 2], [0, 7], [3, 4], [6, 1]], [[c] for c in (7, 0, 3, 5, 1, 6, 2, 4)]):
+        second = augmented.T @ augmented / 64
+        errors = removal_errors(weight, second.clone(), torch.tensor(groups), damping)
+        expected = [_refit_error(weight, second, group, damping) for group in groups]
+        torch.testing.assert_close(errors, torch.tensor(expected, dtype=torch.float64), rtol=1e-9, atol=1e-12)
