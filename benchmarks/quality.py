@@ -33,6 +33,7 @@ from prune.recipe import load_recipe
 from prune.run import obtain_statistics, prune_as_recipe_says, recipe_calibration
 
 GRADIENT_METHODS = ("activation", "activation-obs", "taylor")
+LLM_PRUNER_ROW = "taylor (LLM-Pruner)"
 CONFIGURATIONS = {
     # baselines (docs/METHOD.md §3)
     "magnitude": {"scoring.method": "magnitude", "allocation.strategy": "uniform", "pruning.reconstruct": "none"},
@@ -44,11 +45,10 @@ CONFIGURATIONS = {
         "pruning.reconstruct": "bias",
         "pruning.round_to": 1,
     },
-    "taylor (LLM-Pruner)": {
+    LLM_PRUNER_ROW: {  # and allocation.layer_range from llm_pruner_layers
         "scoring.method": "taylor",
         "scoring.objective": "nll",
         "allocation.strategy": "uniform",
-        "allocation.layer_range": [4, 28],
         "pruning.reconstruct": "none",
     },
     "shortgpt": {"allocation.strategy": "shortgpt", "pruning.reconstruct": "none"},
@@ -68,6 +68,12 @@ CONFIGURATIONS = {
     "default, sequential lstsq": {"pruning.reconstruct": "lstsq-sequential"},
     "default, searched allocation": {"allocation.strategy": "searched"},
 }
+
+
+def llm_pruner_layers(num_layers: int) -> list[int]:
+    """LLM-Pruner's ``allocation.layer_range``: the first 4 and the last 2 layers stay whole (its Llama-7B
+    setting prunes layers 4-29 of 32)."""
+    return [4, num_layers - 2]
 
 
 def main() -> None:
@@ -109,6 +115,8 @@ def main() -> None:
     for target in args.targets:
         for name in names:
             overrides = {**CONFIGURATIONS[name], "pruning.target": target}
+            if name == LLM_PRUNER_ROW:
+                overrides["allocation.layer_range"] = llm_pruner_layers(model.config.num_hidden_layers)
             recipe = load_recipe(
                 args.recipe, [*args.overrides, *(f"{k}={json.dumps(v)}" for k, v in overrides.items())]
             )

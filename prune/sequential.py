@@ -143,11 +143,16 @@ def sequential_refit(
         states.append(state)
         arguments.append(kwargs)
     expected = [0]
-    bar = tqdm(total=len(arguments[0]), desc="sequential reconstruction", unit="layer", disable=not progress)
+    bars: list[tqdm] = []  # started with the first layer: inside the pruning stage, after its announcement line
 
     def refit(index: int, layer: nn.Module, plan: LayerPlan) -> dict[str, torch.Tensor]:
         if index != expected[0]:
             raise ValueError(f"sequential reconstruction reached layer {index} after layer {expected[0] - 1}")
+        if index == 0:
+            bars.append(
+                tqdm(total=len(arguments[0]), desc="sequential reconstruction", unit="layer", disable=not progress)
+            )
+        bar = bars[-1]
         expected[0] += 1
         linears = dense_linears(layer)
         o_proj, down_proj = linears["o_proj"], linears["down_proj"]

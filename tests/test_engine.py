@@ -5,7 +5,16 @@ import pytest
 import torch
 from conftest import MIXED_PLANS, byte_level_tokenizer, tiny_model, word_text
 
-from eval.engine import engine_available, engine_logits, engine_perplexity, engine_speed, greedy_tokens, open_gguf
+from eval.engine import (
+    ENGINE_UBATCH,
+    engine_available,
+    engine_logits,
+    engine_perplexity,
+    engine_speed,
+    greedy_tokens,
+    open_gguf,
+    window_nll,
+)
 from eval.perplexity import perplexity
 from prune.gguf_export import write_gguf
 from prune.pruner import prune_model
@@ -81,6 +90,28 @@ def test_perplexity_in_the_engine_equals_the_models(tmp_path):
         measured = engine_perplexity(llm, text, 32, 4, progress=False)
     assert measured["windows"] == 4 and measured["predicted_tokens"] == expected["predicted_tokens"]
     assert abs(measured["perplexity"] / expected["perplexity"] - 1) < 1e-4
+
+
+def test_a_window_longer_than_the_engines_batch_gives_the_models_perplexity(tmp_path):
+    """One window of more positions than llama.cpp's physical batch and than window_nll's row chunks."""
+    tokenizer = byte_level_tokenizer()
+    model = tiny_model("llama", layers=2, vocab=len(tokenizer))
+    write_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    seqlen = ENGINE_UBATCH + 100
+    text = torch.tensor(tokenizer(word_text(400, seed=5)).input_ids)
+    expected = perplexity(model, text, seqlen, 1, progress=False)
+    with open_gguf(tmp_path / "m.gguf", seqlen, 1, all_logits=True, exact_cache=True) as llm:
+        measured = engine_perplexity(llm, text, seqlen, 1, progress=False)
+    assert measured["predicted_tokens"] == expected["predicted_tokens"] == seqlen - 1
+    assert abs(measured["perplexity"] / expected["perplexity"] - 1) < 1e-4
+
+
+def test_window_nll_in_chunks_equals_the_whole_log_softmax():
+    logits = np.random.default_rng(0).normal(0, 3, (10, 7)).astype(np.float32)
+    window = [3, 1, 4, 1, 5, 6, 2, 6, 5, 3]
+    whole = -torch.log_softmax(torch.from_numpy(logits[:9]).double(), -1)[torch.arange(9), torch.tensor(window[1:])]
+    assert window_nll(logits, window, rows=4) == pytest.approx(float(whole.sum()), rel=1e-12)
+    assert window_nll(logits, window, rows=4) == pytest.approx(window_nll(logits, window, rows=256), rel=1e-12)
 
 
 def test_speed_reports_every_file(tmp_path):

@@ -124,3 +124,12 @@ def test_layers_must_come_in_order():
     refit = sequential_refit(model, list(random_tokens(2, 8)), 16, 0.0, progress=False)
     with pytest.raises(ValueError, match="layer 1 after layer -1"):
         refit(1, decoder_layers(model)[1], PLAN)
+
+
+def test_the_progress_bar_starts_with_the_first_layer(capsys):
+    """Nothing is printed when the refit is built (before the pruning stage announces itself on a line of its own)."""
+    model = tiny_model()
+    refit = sequential_refit(model, list(random_tokens(2, 8)), 16, 0.0, progress=True)
+    assert capsys.readouterr().err == ""
+    refit(0, decoder_layers(model)[0], PLAN)
+    assert "sequential reconstruction" in capsys.readouterr().err

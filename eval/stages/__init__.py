@@ -7,11 +7,11 @@ A new evaluation is one module (its settings, its report section, how it measure
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from eval.stages import engine, perplexity, speed, zeroshot
 from eval.stages.base import DenseInputs, EvaluationStage
+from prune.cli import timed
 from prune.schema import SchemaError, check_known_keys, from_mapping, json_schema
 
 EVALUATIONS: dict[str, EvaluationStage] = {
@@ -54,12 +54,11 @@ class EvaluationSettings(dict[str, Any]):
 
 
 def dense_first(inputs: DenseInputs, stage_seconds: dict[str, float]) -> dict[str, Any]:
-    """The dense part of every enabled stage, computed now (before pruning in place), by stage name; adds the time
-    of each to ``stage_seconds`` under ``<label> (dense)``."""
+    """The dense part of every enabled stage, computed now (before pruning in place), by stage name; each announced
+    on stderr and its time added to ``stage_seconds`` under ``<label> (dense)``."""
     parts = {}
     for stage in EVALUATIONS.values():
         if stage.dense is not None and stage.enabled(inputs.context.recipe):
-            start = time.perf_counter()
-            parts[stage.name] = stage.dense(inputs)
-            stage_seconds[f"{stage.label} (dense)"] = time.perf_counter() - start
+            with timed(stage_seconds, f"{stage.label} (dense)"):
+                parts[stage.name] = stage.dense(inputs)
     return parts
