@@ -57,7 +57,7 @@ from prune.paths import atomic_path
 from prune.placement import resident
 
 ARCHITECTURE = "deci"
-GGUF_EXPORT_VERSION = 1
+GGUF_EXPORT_VERSION = 2
 """Bumped when the export writes different bytes for the same model (it keys cached dense exports)."""
 
 
@@ -360,7 +360,8 @@ def write_gguf(
     ``tokenizer_source``: a GGUF file whose tokenizer keys are copied (the model's own source file);
     otherwise the keys are built from ``tokenizer``. ``name`` goes into ``general.name``.
     ``ffn_multiple``: FFN widths padded with zero channels to a multiple of it (:func:`block_tensors`);
-    default: the block size of a type this module quantizes (32 for q8_0), else none. The file is written
+    default: the block size of the final type (32 for q8_0, 256 for the k-quants, whose rows llama.cpp's quantizer
+    otherwise writes in another type, f16 among them), else none. The file is written
     atomically: a failed export leaves nothing at ``path``.
     """
     if tensor_type not in TENSOR_TYPES:
@@ -369,7 +370,10 @@ def write_gguf(
     _check_layers(model)
     if ffn_multiple is None:
         blocked = kind.matrix_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16)
-        ffn_multiple = gguf.GGML_QUANT_SIZES[kind.matrix_type][0] if blocked else 1
+        if kind.engine_quantized:
+            ffn_multiple = gguf.GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K][0]  # every k-quant's super-block: 256
+        else:
+            ffn_multiple = gguf.GGML_QUANT_SIZES[kind.matrix_type][0] if blocked else 1
     notes: list[str] = []
     added = sum(padded_ffn_widths(model, ffn_multiple)) - sum(w.ffn_channels for w in block_shape(model.config).layers)
     if added:

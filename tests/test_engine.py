@@ -114,6 +114,18 @@ def test_window_nll_in_chunks_equals_the_whole_log_softmax():
     assert window_nll(logits, window, rows=4) == pytest.approx(window_nll(logits, window, rows=256), rel=1e-12)
 
 
+def test_k_quant_files_pad_the_ffn_so_that_every_ffn_down_is_k_quantized(tmp_path):
+    """llama.cpp's quantizer writes a row of a width that is no multiple of 256 in another type (f16 for 300)."""
+    import gguf
+
+    tokenizer = byte_level_tokenizer()
+    model = tiny_model("llama", layers=2, hidden=256, heads=4, kv_heads=2, ffn=300, vocab=len(tokenizer))
+    written = write_gguf(model, tokenizer, tmp_path / "m.gguf", "q4_k_m")
+    down = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors if "ffn_down" in t.name}
+    assert len(down) == 2 and set(down.values()) <= {"Q4_K", "Q6_K"}, down
+    assert any("to multiples of 256" in note for note in written.notes)
+
+
 def test_speed_reports_every_file(tmp_path):
     pruned, tokenizer = _pruned("llama")
     write_gguf(pruned, tokenizer, tmp_path / "a.gguf", "f16")
