@@ -41,7 +41,7 @@ def main() -> None:
     if source.kind != "jsonl":
         raise SystemExit("error: held-in text needs a calibration source of documents (a .jsonl corpus)")
     recipe = prepared.recipe
-    _, loaded = load_model(prepared.model_source, "float32", "cpu", prepared.cache)
+    _, loaded = load_model(prepared.model_source, recipe.model.dtype, "cpu", prepared.cache)  # for its tokenizer
     tokenizer = RecordingTokenizer(loaded)
     c = recipe.calibration
     calibration_samples(tokenizer, source, c.samples, c.seqlen, c.seed)

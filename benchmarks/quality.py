@@ -1,19 +1,21 @@
 """Quality at equal size: every scorer / allocation / reconstruction in one harness on one model.
 
     python benchmarks/quality.py [--recipe recipes/smollm2_30pct.yaml] [--targets 0.2 0.3 0.5]
-                                 [--only NAME ...] [--zeroshot] [--jsonl runs/quality.jsonl]
+                                 [--only NAME ...] [--variant "NAME: key=value ..."] [--zeroshot]
+                                 [--jsonl runs/quality.jsonl]
     python benchmarks/quality.py --table runs/quality.jsonl [more.jsonl ...]
 
 Each row is the base recipe with the overrides in ``CONFIGURATIONS`` and ``pruning.target`` set; the
 model, the calibration data (the base recipe's), the statistics cache and the perplexity protocol are
 shared, and the dense perplexity is measured once (``--set pruning.rounds=3``: every row pruned in three
-rounds). ``--zeroshot`` adds the mean ``acc`` of the seven
-tasks (the base recipe's zero-shot settings: source, limit, batch size, seed). Appends one JSON line per row
-to ``--jsonl`` as
-soon as the row is done, and prints the markdown table (for BENCHMARKS.md) at the end; ``--table``
-prints that table from JSON-lines files without running anything. Under the table: the memory of the
-first statistics pass of the process (a later pass reuses memory freed before it, so the RSS peak of a
-later pass on CPU says nothing about what that pass needs).
+rounds). Each ``--variant`` is a row of its own, the base recipe with its overrides (with ``--variant`` and no
+``--only``, only the variants run): settings are compared so on held-in text (``--set
+evaluation.perplexity.dataset=runs/heldin.txt``, from ``benchmarks/heldin_text.py``). ``--zeroshot`` adds the
+mean ``acc`` of the seven tasks (the base recipe's zero-shot settings: source, limit, batch size, seed).
+Appends one JSON line per row to ``--jsonl`` as soon as the row is done, and prints the markdown table (for
+BENCHMARKS.md) at the end; ``--table`` prints that table from JSON-lines files without running anything.
+Under the table: the memory of the first statistics pass of the process (a later pass reuses memory freed
+before it, so the RSS peak of a later pass on CPU says nothing about what that pass needs).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+import yaml
 
 from eval.perplexity import perplexity
 from eval.zeroshot import MEAN_TASKS, resolve_source, zeroshot_accuracy
@@ -70,6 +74,13 @@ CONFIGURATIONS = {
 }
 
 
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``"NAME: key=value key=value"`` -> (NAME, {key: value}), each value read as YAML."""
+    name, _, settings = text.partition(":")
+    pairs = [item.partition("=") for item in settings.split()]
+    return name.strip(), {key: yaml.safe_load(value) for key, _, value in pairs}
+
+
 def llm_pruner_layers(num_layers: int) -> list[int]:
     """LLM-Pruner's ``allocation.layer_range``: the first 4 and the last 2 layers stay whole (its Llama-7B
     setting prunes layers 4-29 of 32)."""
@@ -83,7 +94,14 @@ def main() -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override the base recipe"
     )
     parser.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.3, 0.5])
-    parser.add_argument("--only", nargs="+", choices=list(CONFIGURATIONS), help="run only these rows")
+    parser.add_argument("--only", nargs="+", help=f"run only these rows: {', '.join(CONFIGURATIONS)}")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar='"NAME: key=value ..."',
+        help="a row: the base recipe, these keys",
+    )
     parser.add_argument(
         "--zeroshot", action="store_true", help="also the seven-task zero-shot mean (minutes a row on a CPU)"
     )
@@ -93,7 +111,12 @@ def main() -> None:
     if args.table:
         print_table([json.loads(line) for path in args.table for line in path.read_text().splitlines() if line.strip()])
         return
-    names = args.only or list(CONFIGURATIONS)
+    variants = dict(parse_variant(text) for text in args.variant)
+    configurations = CONFIGURATIONS | variants
+    names = args.only or list(variants or CONFIGURATIONS)
+    unknown = [name for name in names if name not in configurations]
+    if unknown:
+        parser.error(f"--only: no row named {', '.join(unknown)}")
     base = load_recipe(args.recipe, args.overrides)
     base_prepared = prepare(base, overwrite=True)
     model, tokenizer = load_model(base_prepared.model_source, base.model.dtype, base.model.device, base_prepared.cache)
@@ -114,7 +137,7 @@ def main() -> None:
     rows = []
     for target in args.targets:
         for name in names:
-            overrides = {**CONFIGURATIONS[name], "pruning.target": target}
+            overrides = {**configurations[name], "pruning.target": target}
             if name == LLM_PRUNER_ROW:
                 overrides["allocation.layer_range"] = llm_pruner_layers(model.config.num_hidden_layers)
             recipe = load_recipe(
@@ -133,6 +156,7 @@ def main() -> None:
             kept = count_parameters(pruned)["total"]
             row = {
                 "name": name if recipe.pruning.rounds == 1 else f"{name}, {recipe.pruning.rounds} rounds",
+                "overrides": configurations[name],
                 "rounds": recipe.pruning.rounds,
                 "target": target,
                 "method": recipe.scoring.method,

@@ -133,13 +133,16 @@ def plot(samples: list[Sample], stages: list[tuple[float, str]], end: float, pat
         colors=["#d9480f", "#9aa5b1"],
     )
     top = max((s.anon_bytes + s.file_bytes) / 2**30 for s in samples) if samples else 1.0
+    key = []
     for i, ((begin, name), (finish, _)) in enumerate(zip(stages, [*stages[1:], (end, "")], strict=True)):
         ax.axvspan(begin / 60, finish / 60, color="#000000", alpha=0.04 * (i % 2))
-        ax.text(begin / 60, top * (1.02 + 0.06 * (i % 3)), name, fontsize=7, rotation=0)
+        ax.text(begin / 60, top * (1.03 + 0.07 * (i % 2)), str(i + 1), fontsize=7)  # short stages: two rows
+        key.append(f"{i + 1} {name}")
     ax.set_xlabel("minutes")
     ax.set_ylabel("resident GiB (process tree)")
-    ax.set_ylim(0, top * 1.25)
-    ax.legend(loc="lower right")
+    ax.set_ylim(0, top * 1.2)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    ax.text(1.01, 0.0, "\n".join(key), transform=ax.transAxes, fontsize=7, va="bottom")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

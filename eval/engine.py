@@ -110,7 +110,11 @@ def greedy_tokens(llm: Any, ids: list[int], new_tokens: int) -> list[int]:
     return generated
 
 
-def window_nll(logits: np.ndarray, window: list[int], rows: int = 256) -> float:
+WINDOW_NLL_ROWS = 256
+"""Positions whose log-softmax :func:`window_nll` computes at once (in float64)."""
+
+
+def window_nll(logits: np.ndarray, window: list[int], rows: int = WINDOW_NLL_ROWS) -> float:
     """Summed negative log-likelihood (nats) of ``window[1:]`` under ``logits`` [>= len(window) - 1, vocab] (row i:
     the logits after ``window[: i + 1]``), in float64 over ``rows`` positions at a time: a 2048-token window of a
     152k vocabulary is 1.2 GB of float32 logits, and a float64 copy of all of them would be 2.5 GB more."""
@@ -122,11 +126,29 @@ def window_nll(logits: np.ndarray, window: list[int], rows: int = 256) -> float:
     return total
 
 
+def engine_window_nll(llm: Any, window: list[int]) -> float:
+    """Summed negative log-likelihood (nats) of ``window[1:]`` from the engine's logits, the window decoded
+    ``ENGINE_UBATCH`` positions per call and each call's logits read in place in llama.cpp's output buffer: that
+    buffer then holds so many rows, not the window's (a 2048-token window of a 152k vocabulary: 0.3 GB, not 1.2),
+    and no copy of them is made (``Llama.eval`` with ``logits_all`` copies every row into ``Llama.scores``)."""
+    llm.reset()
+    llm._ctx.kv_cache_seq_rm(-1, 0, -1)  # the sequence starts afresh
+    step, vocab, total = min(ENGINE_UBATCH, llm.n_batch), llm.n_vocab(), 0.0
+    for start in range(0, len(window) - 1, step):  # the last token is only a target
+        chunk = window[start : start + step]
+        llm._batch.set_batch(batch=chunk, n_past=start, logits_all=True)
+        llm._ctx.decode(llm._batch)
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk), vocab))
+        total += window_nll(logits, window[start : start + len(chunk) + 1])
+    return total
+
+
 def engine_perplexity(
     llm: Any, tokens: torch.Tensor, seqlen: int, windows: int | None, progress: bool = True
 ) -> dict[str, float]:
     """Perplexity of the engine's logits on ``tokens`` [n_tokens]: the first ``windows`` non-overlapping windows
-    of ``seqlen`` tokens (all when None), exp(total NLL / predicted tokens); needs ``all_logits``.
+    of ``seqlen`` tokens (all when None), exp(total NLL / predicted tokens); ``llm`` opened with a context of at
+    least ``seqlen`` (``all_logits`` not needed).
 
     Returns ``{"perplexity", "windows", "predicted_tokens", "mean_nll"}`` (NLL in nats per token).
     """
@@ -134,10 +156,7 @@ def engine_perplexity(
     count = available if windows is None else min(windows, available)
     total, predicted = 0.0, 0
     for k in tqdm(range(count), desc="engine perplexity", unit="window", disable=not progress):
-        window = tokens[k * seqlen : (k + 1) * seqlen].tolist()
-        llm.reset()
-        llm.eval(window)
-        total += window_nll(llm.scores, window)  # the engine's own logits buffer, read in place
+        total += engine_window_nll(llm, tokens[k * seqlen : (k + 1) * seqlen].tolist())
         predicted += seqlen - 1
     mean_nll = total / predicted
     return {"perplexity": math.exp(mean_nll), "windows": count, "predicted_tokens": predicted, "mean_nll": mean_nll}

@@ -10,7 +10,7 @@ P the weights of the largest decoder block, V the vocabulary, N x T the calibrat
   log10 histogram's copies of the largest linear (12 H F); with second moments, their float32 sum and one
   sample's product (8 F^2); one sample's recomputed layer activations (T (4 F + 6 H) b, twice with
   gradients) and the objective's logits (nll: 12 T V; max_logit: 4 V);
-- scoring and pruning with the second moments: one float64 (F + 1)^2 matrix and its LU factors (scoring),
+- scoring and pruning with the second moments: one float64 (F + 1)^2 matrix and its Cholesky factor (scoring),
   or the float32 matrix read from disk, the float64 one and its gather at the kept columns (the lstsq
   refit): 18 (F + 1)^2 covers both;
 - allocation, ``searched``: the dense model's float32 log-probabilities on the search samples (4 n T V, n =
@@ -22,7 +22,11 @@ P the weights of the largest decoder block, V the vocabulary, N x T the calibrat
 - evaluation: the models it needs, and float32 logits of a perplexity window (12 seqlen V) or of a
   zero-shot batch (12 batch 512 V; lm-eval's requests are assumed to be at most 512 tokens);
 - recovery: the teacher, the student, the student's gradients and AdamW's two moments (float32 for the
-  trained parameters; LoRA adapters only with ``lora``) and the float32 logits of teacher and student.
+  trained parameters; LoRA adapters only with ``lora``) and the float32 logits of teacher and student;
+- llama.cpp (host memory, the PyTorch weights freed before it): the dense and the pruned GGUF file (the speed
+  measurement holds both), llama.cpp's output and compute buffers of ``ENGINE_UBATCH`` rows of float32 logits
+  (8 ENGINE_UBATCH V) with the float64 rows the loss is computed in (16 256 V), and a float16 KV cache of a
+  perplexity window.
 
 The estimates are compared with measured peaks in BENCHMARKS.md (scale rehearsal).
 """
@@ -34,9 +38,11 @@ from dataclasses import dataclass
 
 import torch
 
+from eval.engine import ENGINE_UBATCH, WINDOW_NLL_ROWS
 from eval.perplexity import LOSS_CHUNK_TOKENS
 from prune.allocation import ALLOCATIONS
 from prune.blocks import BlockShape
+from prune.gguf_export import TENSOR_TYPES
 from prune.recipe import Recipe
 from prune.reconstruct import RECONSTRUCTIONS
 from prune.statistics import BACKWARD, Statistic
@@ -59,6 +65,8 @@ class StageMemory:
     dominant: str | None
     """The largest part beyond the weights (None: the weights alone)."""
     advice: str
+    host: bool = False
+    """In host memory whatever the recipe's device (llama.cpp runs on the CPU)."""
 
     def describe(self) -> str:
         size = f"{self.peak_bytes / 2**30:.2f} GiB"
@@ -193,6 +201,14 @@ def estimate_memory(
         peak = weights + pruned_weights + 2 * kv_cache + prompt_logits
         advice = "disable evaluation.speed (python -m eval.speed measures the pruned shape on random weights)"
         stages.append(StageMemory("speed", peak, "the pruned model beside the dense one", advice))
+    if recipe.evaluation.engine.enabled and "gguf" in recipe.export.formats:
+        file_bytes = total_parameters * TENSOR_TYPES[recipe.export.gguf_type].bytes_per_weight
+        window = recipe.evaluation.perplexity.seqlen
+        kv_cache = 2 * sum(w.kv_heads for w in shape.layers) * shape.head_dim * window * 2
+        logits = 8 * ENGINE_UBATCH * vocab + 16 * WINDOW_NLL_ROWS * vocab
+        peak = round(file_bytes * (1 + kept_fraction)) + logits + kv_cache
+        advice = "a smaller export.gguf_type, or disable evaluation.engine"
+        stages.append(StageMemory("engine (llama.cpp)", peak, "the dense and the pruned GGUF file", advice, host=True))
     return stages
 
 

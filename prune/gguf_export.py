@@ -72,17 +72,20 @@ class TensorType:
     matrix_type: GGMLQuantizationType
     """The type written by this module (k-quants: f16, then llama.cpp's quantizer)."""
     file_type: LlamaFileType
+    bytes_per_weight: float
+    """Bytes per weight of the final file, about (its block's bytes / weights; q4_k_m: measured, its Q4_K blocks
+    mixed with llama.cpp's Q6_K for some tensors)."""
     engine_quantized: bool = False
     """True when llama.cpp's quantizer (``llama-cpp-python``) produces the final type."""
 
 
 TENSOR_TYPES = {
-    "f32": TensorType(GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
-    "f16": TensorType(GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
-    "bf16": TensorType(GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
-    "q8_0": TensorType(GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
-    "q6_k": TensorType(GGMLQuantizationType.F16, LlamaFileType.MOSTLY_Q6_K, engine_quantized=True),
-    "q4_k_m": TensorType(GGMLQuantizationType.F16, LlamaFileType.MOSTLY_Q4_K_M, engine_quantized=True),
+    "f32": TensorType(GGMLQuantizationType.F32, LlamaFileType.ALL_F32, 4),
+    "f16": TensorType(GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16, 2),
+    "bf16": TensorType(GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16, 2),
+    "q8_0": TensorType(GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0, 34 / 32),
+    "q6_k": TensorType(GGMLQuantizationType.F16, LlamaFileType.MOSTLY_Q6_K, 210 / 256, engine_quantized=True),
+    "q4_k_m": TensorType(GGMLQuantizationType.F16, LlamaFileType.MOSTLY_Q4_K_M, 0.625, engine_quantized=True),
 }
 """Tensor types by name (``export.gguf_type``, ``--type``)."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import mmap
 from pathlib import Path
 
 import torch
@@ -61,3 +62,59 @@ def make_resident(model: torch.nn.Module) -> None:
     for p in model.parameters():
         if p.device.type == "cpu":
             p.view(-1)[:: max(1, 1024 // p.element_size())].sum()  # one element per 1 KiB reaches every 4 KiB page
+
+
+def release_weights(model: torch.nn.Module) -> None:
+    """Free the memory of every parameter and buffer of ``model``: each becomes a tensor of its shape on the meta
+    device (a tied parameter stays one parameter), so that what reads only shapes (parameter counts, multiply-adds
+    per token) still works, and anything that computes with it fails. Freed heap memory goes back to the OS."""
+    released: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, parameter in list(module.named_parameters(recurse=False)):
+            if id(parameter) not in released:
+                released[id(parameter)] = torch.nn.Parameter(parameter.to("meta"), parameter.requires_grad)
+            setattr(module, name, released[id(parameter)])
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            setattr(module, name, buffer.to("meta"))
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+MADV_DONTNEED = 4
+"""Linux madvise advice: the pages are not needed; a private file mapping's pages are read from the file again."""
+
+
+def _private_file_mappings() -> list[tuple[int, int]]:
+    """(start, end) addresses of this process's private mappings of files (Linux /proc/self/maps; else none)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    mappings = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[1].endswith("p") and fields[5].startswith("/"):
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            mappings.append((start, end))
+    return mappings
+
+
+def drop_mapped_pages(tensors: list[torch.Tensor]) -> None:
+    """Hand back to the kernel the pages of those ``tensors`` that lie in a memory-mapped file (the checkpoint
+    ``from_pretrained`` maps when the file's dtype is the one loaded), for tensors never read again: a dense layer's
+    weights once its pruned copy is built. The whole pages inside each tensor leave the resident set (madvise
+    MADV_DONTNEED); without this they stay resident as long as any tensor of the file lives (the embeddings, which
+    the pruned model shares). Memory torch allocated is freed with its tensor and left alone here; Linux only."""
+    mappings = _private_file_mappings()
+    page = mmap.PAGESIZE
+    for tensor in tensors:
+        if tensor.device.type != "cpu" or tensor.numel() == 0:
+            continue
+        first, last = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
+        if not any(start <= first and last <= end for start, end in mappings):
+            continue
+        start, end = -(-first // page) * page, last // page * page
+        if end > start:
+            with contextlib.suppress(OSError, AttributeError):  # not glibc
+                ctypes.CDLL("libc.so.6").madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)

@@ -1,6 +1,6 @@
 """Model loading: hub ids, local checkpoint directories, GGUF files and the ``smollm2-135m`` alias.
 
-GGUF weights are dequantized to float by transformers' GGUF support and the result is cached as a
+GGUF weights are dequantized by transformers' GGUF support and the result is cached, in the dtype the recipe loads, as a
 plain safetensors checkpoint (``<cache>/converted/...``), so only the first load pays the
 dequantization and the model saves like any other.
 """
@@ -280,11 +280,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _converted_gguf_dir(source: ModelSource, cache: Path) -> Path:
-    """Directory of the float checkpoint converted from a GGUF file (created on first use)."""
+def _converted_gguf_dir(source: ModelSource, cache: Path, dtype: torch.dtype) -> Path:
+    """Directory of the checkpoint converted from a GGUF file in ``dtype`` (created on first use). In the dtype the
+    recipe loads it in, it is what a Hub checkpoint is: a bfloat16 model's file has half the bytes of a float32 one,
+    and the load maps it instead of converting each weight (the same values: the GGUF loader rounds its float32
+    dequantization to ``dtype`` as loading a float32 file in ``dtype`` would)."""
     path = Path(source.location)
     digest = hashlib.sha256(source.fingerprint().encode()).hexdigest()[:12]
-    target = cache / "converted" / f"{path.stem}-{digest}"
+    target = cache / "converted" / f"{path.stem}-{digest}-{str(dtype).removeprefix('torch.')}"
     if target.is_dir():
         try:
             check_manifest(target)
@@ -297,7 +300,7 @@ def _converted_gguf_dir(source: ModelSource, cache: Path) -> Path:
             return target
         print(f"dequantizing {path.name} (first use; cached in {target}) ...", file=sys.stderr)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         except Exception as error:  # a tensor the GGUF loader cannot read or dequantize
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
@@ -352,7 +355,8 @@ def load_model(
     ``<cache>/offload/``."""
     _quiet_hub_errors()
     torch_device = resolve_device("auto" if device_map is not None else device)
-    location = str(_converted_gguf_dir(source, cache)) if source.kind == "gguf" else source.location
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    location = str(_converted_gguf_dir(source, cache, torch_dtype)) if source.kind == "gguf" else source.location
     placement: dict = {}
     if device_map is not None:
         digest = hashlib.sha256(source.fingerprint().encode()).hexdigest()[:12]
@@ -367,7 +371,7 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(
             location,
-            dtype=resolve_dtype(dtype, torch_device),
+            dtype=torch_dtype,
             trust_remote_code=source.kind == "directory",
             **placement,
         )

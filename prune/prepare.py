@@ -424,7 +424,9 @@ def check_memory_plan(prepared: Prepared) -> None:
     if prepared.recipe.model.device_map is not None:
         return
     device = resolve_device(prepared.recipe.model.device)
-    check_memory(prepared.memory, available_bytes(device), str(device))
+    host = torch.device("cpu")
+    check_memory([s for s in prepared.memory if not s.host], available_bytes(device), str(device))
+    check_memory([s for s in prepared.memory if s.host], available_bytes(host), str(host))
 
 
 def unit_description(recipe: Recipe, shape: BlockShape) -> str:

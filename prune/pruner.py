@@ -36,6 +36,7 @@ from prune.blocks import (
 )
 from prune.families import family_of
 from prune.hf_code import modeling_pruned
+from prune.memory import drop_mapped_pages
 from prune.placement import is_offloaded, outside_layers, resident
 
 PER_LAYER_KEYS = (
@@ -291,8 +292,11 @@ def model_class_for(config: PretrainedConfig) -> type[PreTrainedModel]:
 
 
 def _release(layer: nn.Module) -> None:
-    """Free a dense layer's linear weights and biases (the layer is unusable after)."""
-    for linear in layer_linears(layer).values():
+    """Free a dense layer's linear weights and biases (the layer is unusable after), the pages of weights that lie in
+    a memory-mapped checkpoint included (no pruned tensor views them: :func:`_sliced_linear_tensors` copies)."""
+    linears = layer_linears(layer).values()
+    drop_mapped_pages([linear.weight.detach() for linear in linears])
+    for linear in linears:
         linear.weight = nn.Parameter(linear.weight.new_empty(0), requires_grad=False)
         if linear.bias is not None:
             linear.bias = nn.Parameter(linear.bias.new_empty(0), requires_grad=False)

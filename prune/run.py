@@ -40,14 +40,14 @@ from eval.report import (
     write_report,
 )
 from eval.stages import EVALUATIONS, dense_first
-from eval.stages.base import DenseInputs, EvaluationInputs
+from eval.stages.base import DenseInputs, EvaluationInputs, EvaluationStage
 from prune.allocation import ALLOCATIONS, Allocation, allocate, ffn_multiple, over_rounds
 from prune.blocks import BlockShape, block_shape, count_parameters
 from prune.calibration import DataSourceError, calibration_samples, evaluation_tokens
 from prune.cli import ArgumentParser, add_recipe_arguments, printed_schema, run_command, timed
 from prune.evaluation import run_context
 from prune.export import EXPORTERS, ExportInputs
-from prune.memory import current_bytes, make_resident, peak_bytes, reset_peak
+from prune.memory import current_bytes, make_resident, peak_bytes, release_weights, reset_peak
 from prune.models import ModelSource, ModelSourceError, base_model_facts, check_finite, load_model, resolve_device
 from prune.outputs import cache_lock, output_lock, remove_stale_scratch, scratch_directory, staged_directory
 from prune.paths import (
@@ -547,7 +547,7 @@ def _execute(prepared: Prepared, processes: Processes) -> Report | None:
             print(f"[pruned model] kept from an earlier attempt ({resume}): not pruned again", file=sys.stderr)
             if in_place:  # the dense model's parts of the evaluation, then only the pruned model in memory
                 dense_parts = dense_first(DenseInputs(run_context(prepared, tokenizer, text), model), stage_seconds)
-                del model
+                release_weights(model)
             with timed(stage_seconds, "load pruned model"):
                 pruned, _ = load_model(
                     ModelSource("directory", str(resume / "model")),
@@ -558,9 +558,11 @@ def _execute(prepared: Prepared, processes: Processes) -> Report | None:
                     recipe.model.max_memory,
                 )
         assert partial is not None
+        dense = None if in_place else model
+        del model  # pruned in place, it held the tensors the pruned model shares (embeddings, norms) until now
         report = evaluated_report(
             prepared,
-            None if in_place else model,
+            dense,
             pruned,
             tokenizer,
             text,
@@ -684,12 +686,15 @@ def evaluated_report(
     inputs = EvaluationInputs(context, dense, pruned, state.before_recovery, partial, exports, notes, dense_parts)
     evaluation, export = recipe_to_dict(recipe)["evaluation"], recipe_to_dict(recipe)["export"]
     sections = {}
-    for stage in EVALUATIONS.values():
-        if stage.enabled(recipe):
-            settings = {"evaluation": evaluation[stage.name], "export": export}
-            section = kept_evaluation(resume, stage, settings, notes, seconds, partial_call(stage.run, inputs))
-            if section is not None:
-                sections[stage.name] = section
+    stages = [stage for stage in EVALUATIONS.values() if stage.enabled(recipe)]
+    weights_read_until = max((i + 1 for i, stage in enumerate(stages) if stage.reads_weights), default=0)
+    for index, stage in enumerate(stages):
+        if index == weights_read_until:  # the stages left run on files and read only the models' shapes
+            release_models(inputs, stages[index:])
+        settings = {"evaluation": evaluation[stage.name], "export": export}
+        section = kept_evaluation(resume, stage, settings, notes, seconds, partial_call(stage.run, inputs))
+        if section is not None:
+            sections[stage.name] = section
     with kept_on_failure("report", resume):
         for name in OUTPUT_FILES:
             if (resume / name).is_file():
@@ -719,6 +724,17 @@ def evaluated_report(
         if report.export("hf"):
             atomic_write_text(partial / "model" / "README.md", model_card(report, prepared.output.name))
     return report
+
+
+def release_models(inputs: EvaluationInputs, stages: list[EvaluationStage]) -> None:
+    """Compute the dense parts that ``stages`` still lack, then free the weights of both models: a 1.5B model's
+    3.3 GB are no longer resident while llama.cpp holds its own copies of the dense and the pruned model."""
+    for stage in stages:
+        if stage.dense is not None and stage.name not in inputs.dense_parts:
+            inputs.dense_parts[stage.name] = inputs.dense_part(stage)
+    for model in (inputs.dense, inputs.pruned):
+        if model is not None:
+            release_weights(model)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,21 +86,22 @@ def test_perplexity_in_the_engine_equals_the_models(tmp_path):
     write_gguf(pruned, tokenizer, tmp_path / "m.gguf", "f32")
     text = torch.tensor(tokenizer(word_text(400, seed=5)).input_ids)
     expected = perplexity(pruned, text, 32, 4, progress=False)
-    with open_gguf(tmp_path / "m.gguf", 32, 1, all_logits=True, exact_cache=True) as llm:
+    with open_gguf(tmp_path / "m.gguf", 32, 1, all_logits=False, exact_cache=True) as llm:
         measured = engine_perplexity(llm, text, 32, 4, progress=False)
     assert measured["windows"] == 4 and measured["predicted_tokens"] == expected["predicted_tokens"]
     assert abs(measured["perplexity"] / expected["perplexity"] - 1) < 1e-4
 
 
-def test_a_window_longer_than_the_engines_batch_gives_the_models_perplexity(tmp_path):
-    """One window of more positions than llama.cpp's physical batch and than window_nll's row chunks."""
+@pytest.mark.parametrize("seqlen", [ENGINE_UBATCH + 100, 2 * ENGINE_UBATCH + 1])
+def test_a_window_longer_than_the_engines_batch_gives_the_models_perplexity(tmp_path, seqlen):
+    """One window decoded in several calls of ENGINE_UBATCH positions (the last one partial, or the window's last
+    token alone left over: it is only a target), each longer than window_nll's row chunks."""
     tokenizer = byte_level_tokenizer()
     model = tiny_model("llama", layers=2, vocab=len(tokenizer))
     write_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
-    seqlen = ENGINE_UBATCH + 100
-    text = torch.tensor(tokenizer(word_text(400, seed=5)).input_ids)
+    text = torch.tensor(tokenizer(word_text(800, seed=5)).input_ids)
     expected = perplexity(model, text, seqlen, 1, progress=False)
-    with open_gguf(tmp_path / "m.gguf", seqlen, 1, all_logits=True, exact_cache=True) as llm:
+    with open_gguf(tmp_path / "m.gguf", seqlen, 1, all_logits=False, exact_cache=True) as llm:
         measured = engine_perplexity(llm, text, seqlen, 1, progress=False)
     assert measured["predicted_tokens"] == expected["predicted_tokens"] == seqlen - 1
     assert abs(measured["perplexity"] / expected["perplexity"] - 1) < 1e-4

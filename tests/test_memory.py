@@ -4,6 +4,7 @@ memory plan estimates every stage's peak from the shape and the recipe and stops
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +38,35 @@ def test_reset_peak_returns_freed_heap_memory_before_the_baseline():
     live = current_bytes(CPU) - start
     assert live < 0.25 * held, f"baseline still holds {live / 2**20:.0f} MiB of {held / 2**20:.0f} MiB"
     del kept  # alive until the baseline is read
+
+
+def _rss_file_bytes() -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssFile:"))
+    return int(line.split()[1]) * 1024
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or platform.system() != "Linux", reason="glibc madvise and /proc")
+def test_the_pages_of_a_memory_mapped_tensor_leave_the_resident_set_and_no_other_memory_is_touched(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from prune.memory import drop_mapped_pages
+
+    weights = torch.randn(64, 2**18)  # 64 MiB
+    save_file({"w": weights}, tmp_path / "w.safetensors")
+    mapped = torch.from_file(
+        str(tmp_path / "w.safetensors"),
+        shared=False,
+        size=(tmp_path / "w.safetensors").stat().st_size,
+        dtype=torch.uint8,
+    )
+    assert int(mapped.sum()) > 0  # every page read: in the resident set
+    owned, from_numpy = weights.clone(), torch.from_numpy(weights.numpy().copy())
+    before = _rss_file_bytes()
+    drop_mapped_pages([mapped, owned, from_numpy])
+    assert before - _rss_file_bytes() > 60 * 2**20  # the file's pages left
+    assert torch.equal(owned, weights) and torch.equal(from_numpy, weights)  # memory not of a file: untouched
+    assert torch.equal(mapped[-weights.numel() * 4 :].view(torch.float32).view(64, -1), weights)  # read again
+    assert torch.equal(load_file(tmp_path / "w.safetensors")["w"], weights)  # the file unchanged
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,6 +119,35 @@ def test_the_plan_follows_the_shape_and_the_recipe():
     lora = _plan(recipe_from_mapping(recipe_to_dict(recipe), ("recovery.method=lora",)), in_place=False)
     distill = _plan(recipe_from_mapping(recipe_to_dict(recipe), ("recovery.method=distill",)), in_place=False)
     assert lora["recovery"].peak_bytes < distill["recovery"].peak_bytes
+
+
+def test_the_llama_cpp_stage_is_planned_in_host_memory(monkeypatch):
+    """Both GGUF files (the speed measurement holds them), ENGINE_UBATCH rows of logits twice in float32 and 256 in
+    float64 twice, a float16 KV cache of a window; no PyTorch weights (freed before it); checked against host memory
+    even when the run's device is a GPU."""
+    from types import SimpleNamespace
+
+    import prune.prepare
+    from prune.estimate import MemoryPlanError
+
+    gguf = ["export.formats=[hf, gguf]", "evaluation.engine.enabled=true"]
+    recipe = load_recipe(REPO / "recipes" / "llama_30pct.yaml", [*gguf, "export.gguf_type=q8_0"])
+    plan = _plan(recipe)
+    engine = plan["engine (llama.cpp)"]
+    window = recipe.evaluation.perplexity.seqlen
+    kv_cache = 2 * 32 * 32 * 128 * window * 2  # keys and values: 32 layers x 32 KV heads x 128 x window x 2 bytes
+    logits = 8 * 512 * 32000 + 16 * 256 * 32000
+    assert engine.host and not plan["perplexity"].host and list(plan)[-1] == "engine (llama.cpp)"
+    assert engine.peak_bytes == round(6_738_415_616 * 34 / 32 * 1.7) + logits + kv_cache
+    smaller = _plan(load_recipe(REPO / "recipes" / "llama_30pct.yaml", [*gguf, "export.gguf_type=q4_k_m"]))
+    assert smaller["engine (llama.cpp)"].peak_bytes < engine.peak_bytes
+    monkeypatch.setattr(prune.prepare, "resolve_device", lambda name: torch.device("cuda", 0))
+    free = {"cuda": 100 * 2**30, "cpu": 2**30}
+    monkeypatch.setattr(prune.prepare, "available_bytes", lambda device: free[device.type])
+    with pytest.raises(MemoryPlanError, match=r"^the engine \(llama.cpp\) stage needs .*; cpu has 1.00 GiB available"):
+        prune.prepare.check_memory_plan(SimpleNamespace(recipe=recipe, memory=list(plan.values())))
+    free["cpu"] = 100 * 2**30
+    prune.prepare.check_memory_plan(SimpleNamespace(recipe=recipe, memory=list(plan.values())))
 
 
 def test_a_run_its_device_cannot_hold_stops_before_loading_the_weights(tmp_path, tiny_files):  # noqa: F811

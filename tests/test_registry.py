@@ -1,6 +1,7 @@
 """Methods declare what they need: a new scorer is one function and one registry entry, end to end."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +137,57 @@ def test_a_registered_evaluation_runs_end_to_end_with_its_settings_section_and_m
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "| weight 1-norm |" in markdown and "## Weight norm" in markdown
     assert "weight norm (dense)" in report.stage_seconds  # computed before pruning in place
+
+
+@pytest.mark.parametrize(("probe_last", "speed"), [(True, True), (True, False), (False, True)])
+def test_the_weights_are_freed_before_the_stages_that_read_only_shapes(
+    tmp_path,
+    tiny_files,  # noqa: F811
+    monkeypatch,
+    probe_last,
+    speed,
+):
+    """A stage that reads only the models' shapes (``reads_weights=False``) runs after both models' weights are
+    freed when no later stage computes with them, the dense model's checkpoint (memory-mapped by the load) no longer
+    mapped; the dense part it still lacks is computed before that. With the speed stage the dense model is kept
+    beside the pruned one, without it the run prunes in place."""
+    import dataclasses
+
+    import toy_evaluation
+    from transformers import AutoModelForCausalLM
+
+    from eval.stages import EVALUATIONS
+    from prune.blocks import count_parameters
+
+    seen = []
+    checkpoint = str((tiny_files["model"] / "model.safetensors").resolve())
+
+    def probe(inputs):
+        mapped = checkpoint in Path("/proc/self/maps").read_text()
+        seen.append(({p.device.type for p in inputs.pruned.parameters()}, mapped))
+        dense = inputs.dense_part(probe_stage)
+        return toy_evaluation.WeightNormReport(1, dense, float(count_parameters(inputs.pruned)["total"]))
+
+    probe_stage = dataclasses.replace(
+        toy_evaluation.STAGE,
+        name="probe",
+        label="probe",
+        run=probe,
+        enabled=lambda recipe: True,
+        dense=lambda d: toy_evaluation.weight_norm(d.dense, 1),  # float() of a freed weight fails
+        headline=None,
+        markdown=None,
+        reads_weights=False,
+    )
+    for stage in [toy_evaluation.STAGE, probe_stage] if probe_last else [probe_stage, toy_evaluation.STAGE]:
+        monkeypatch.setitem(EVALUATIONS, stage.name, stage)
+    report = execute(prepare(load_recipe(_recipe(tmp_path, tiny_files), [f"evaluation.speed.enabled={speed}"])))
+    assert ("speed" in report.evaluations) == speed
+    assert seen == [({"meta"}, False) if probe_last else ({"cpu"}, True)]
+    dense = AutoModelForCausalLM.from_pretrained(tiny_files["model"])
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model", trust_remote_code=True)
+    section = report.evaluations["probe"]
+    assert section.dense == pytest.approx(toy_evaluation.weight_norm(dense, 1))
+    assert section.pruned == count_parameters(pruned)["total"] == report.parameters.pruned.total
+    norm = report.evaluations["weight_norm"]
+    assert norm.pruned == pytest.approx(toy_evaluation.weight_norm(pruned, norm.power))

@@ -140,3 +140,23 @@ def test_default_recipe_end_to_end(tmp_path, cache):
     assert second.zeroshot.dense == report.zeroshot.dense
     assert second.statistics.cache_path == report.statistics.cache_path
     assert 0.795 <= second.parameters.pruned.total / dense.total <= 0.80
+
+
+def test_a_gguf_source_is_converted_in_the_dtype_it_is_loaded_in(cache):
+    """One conversion per dtype; the bfloat16 one holds the float32 one's weights rounded, in half the bytes."""
+    import torch
+
+    from prune.models import load_model, resolve_model_source
+
+    source = resolve_model_source("smollm2-135m", cache)
+    full, _ = load_model(source, "float32", "cpu", cache)
+    half, _ = load_model(source, "bfloat16", "cpu", cache)
+    full_weights, half_weights = full.state_dict(), half.state_dict()
+    assert full_weights.keys() == half_weights.keys()
+    assert all(half_weights[k].dtype == torch.bfloat16 for k in half_weights)
+    assert all(torch.equal(half_weights[k], full_weights[k].to(torch.bfloat16)) for k in full_weights)
+    sizes = {
+        d.name.rsplit("-", 1)[1]: (d / "model.safetensors").stat().st_size for d in (cache / "converted").iterdir()
+    }
+    assert set(sizes) == {"float32", "bfloat16"}
+    assert 0.49 < sizes["bfloat16"] / sizes["float32"] < 0.51

@@ -99,6 +99,9 @@ class EvaluationStage:
     """``headline(section, report)``: its rows of report.md's headline table (metric | dense | pruned | ratio)."""
     markdown: Callable[[Any, Any], list[str]] | None = None
     """``markdown(section, report)``: its section of report.md."""
+    reads_weights: bool = True
+    """Whether its run computes with the PyTorch models; False: it reads only their shapes (parameter counts,
+    multiply-adds), so a run frees the models' weights before it when no later stage computes with them."""
 
 
 def ratio_text(pruned: float | None, dense: float | None) -> str:

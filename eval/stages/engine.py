@@ -78,7 +78,7 @@ def evaluate_engine(inputs: EvaluationInputs) -> EngineReport | None:
     speed = engine_speed(paths, settings.prompt_tokens, settings.new_tokens, settings.warmup, settings.repeats, threads)
     measured = None
     if settings.perplexity:
-        with open_gguf(paths["pruned"], ppl.seqlen, threads, all_logits=True, exact_cache=False) as llm:
+        with open_gguf(paths["pruned"], ppl.seqlen, threads, all_logits=False, exact_cache=False) as llm:
             measured = engine_perplexity(llm, inputs.context.text, ppl.seqlen, ppl.windows)["perplexity"]
     return EngineReport(
         engine=f"llama.cpp (llama-cpp-python {version('llama-cpp-python')})",
@@ -136,4 +136,5 @@ STAGE = EvaluationStage(
     enabled=lambda recipe: recipe.evaluation.engine.enabled and "gguf" in recipe.export.formats,
     dense=dense_engine,
     markdown=markdown_section,
+    reads_weights=False,  # it runs the GGUF files; of the PyTorch model it reads the shapes
 )
