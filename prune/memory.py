@@ -22,9 +22,7 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         return
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: the baseline may include freed heap memory
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return_freed_memory()  # not glibc: the baseline may include freed heap memory
     with contextlib.suppress(OSError):  # not Linux, or not allowed: the peak then covers the process lifetime
         Path("/proc/self/clear_refs").write_text("5")
 
@@ -76,6 +74,12 @@ def release_weights(model: torch.nn.Module) -> None:
             setattr(module, name, released[id(parameter)])
         for name, buffer in list(module.named_buffers(recurse=False)):
             setattr(module, name, buffer.to("meta"))
+    return_freed_memory()
+
+
+def return_freed_memory() -> None:
+    """Collect garbage and hand the C heap's freed memory back to the OS (glibc ``malloc_trim``; elsewhere the
+    heap keeps it)."""
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
