@@ -11,13 +11,17 @@ import math
 
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from prune.placement import input_device
+from prune.statistics import output_logits
 
 LOSS_CHUNK_TOKENS = 256
-"""Positions whose float32 log-probabilities exist at a time (256 x vocabulary x 4 bytes: 148 MiB at 151,936)."""
+"""Positions whose logits exist at a time: the output head runs on this many final hidden states at once, so a
+window's [seqlen, vocabulary] logits never exist (at 2,048 x 151,936 they are 594 MiB in bfloat16; 256 positions'
+float32 log-probabilities are 148 MiB)."""
 
 
 def window_count(n_tokens: int, seqlen: int, windows: int | None) -> int:
@@ -43,14 +47,16 @@ def perplexity(
     if count == 0:
         raise ValueError(f"the evaluation text has {len(tokens)} tokens, fewer than one window of {seqlen}")
     device = input_device(model)
+    causal = model.get_base_model() if isinstance(model, PeftModel) else model  # LoRA: adapters live in its modules
     total_nll, predicted = 0.0, 0
     for k in tqdm(range(count), desc=f"perplexity {label}".strip(), unit="window", disable=not progress):
         ids = tokens[k * seqlen : (k + 1) * seqlen].to(device).unsqueeze(0)
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1]  # [seqlen - 1, vocab], the model's dtype
+        normed = causal.model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]  # [seqlen - 1, hidden]
         targets = ids[0, 1:]
         for start in range(0, seqlen - 1, LOSS_CHUNK_TOKENS):
             chunk = slice(start, start + LOSS_CHUNK_TOKENS)
-            total_nll += float(F.cross_entropy(logits[chunk].float(), targets[chunk], reduction="sum"))
+            logits = output_logits(causal, normed[chunk]).float()  # [chunk, vocab]
+            total_nll += float(F.cross_entropy(logits, targets[chunk], reduction="sum"))
         predicted += seqlen - 1
     mean_nll = total_nll / predicted
     return {

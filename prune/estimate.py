@@ -10,17 +10,20 @@ P the weights of the largest decoder block, V the vocabulary, N x T the calibrat
   log10 histogram's copies of the largest linear (12 H F); with second moments, their float32 sum and one
   sample's product (8 F^2); one sample's recomputed layer activations (T (4 F + 6 H) b, twice with
   gradients) and the objective's logits (nll: 12 T V; max_logit: 4 V);
-- scoring and pruning with the second moments: one float64 (F + 1)^2 matrix and its Cholesky factor (scoring),
-  or the float32 matrix read from disk, the float64 one and its gather at the kept columns (the lstsq
-  refit): 18 (F + 1)^2 covers both;
+- scoring and pruning with the second moments, measured by ``benchmarks/largest_steps.py``: on a GPU one
+  float64 (F + 1)^2 matrix beside its Cholesky factor (scoring), or the float32 matrix read from disk, the float64
+  one and its gather at the kept columns (the lstsq refit): 18 (F + 1)^2 covers both; on a CPU the factor and the
+  inverse are written over the matrix and the refit builds only the kept block, 14 (F + 1)^2 for the scoring
+  and 8 (F + 1)^2 for a refit;
 - allocation, ``searched``: the dense model's float32 log-probabilities on the search samples (4 n T V, n =
   ``allocation.search_samples``) and one candidate's (12 T V), one (F + 1)^2 refit solve, and the cached
   refit o_proj / down_proj weights of the best candidate and of one generation's offspring;
 - pruning: one pruned decoder block being built (P b); the whole pruned model besides the dense one
   when a later stage needs the dense model (recovery, speed); a sequential reconstruction's hidden states
-  (N T H b), one linear's input moments (4 F^2), their refit (18 (F + 1)^2) and one layer's activations;
-- evaluation: the models it needs, and float32 logits of a perplexity window (12 seqlen V) or of a
-  zero-shot batch (12 batch 512 V; lm-eval's requests are assumed to be at most 512 tokens);
+  (N T H b), one linear's input moments (4 F^2), their refit (as above) and one layer's activations;
+- evaluation: the models it needs, and a perplexity window's layer activations (seqlen (4 F + 6 H) b) with the
+  float32 log-probabilities of 256 of its positions (12 256 V: the output head runs on 256 positions at a time), or
+  the float32 logits of a zero-shot batch (12 batch 512 V; lm-eval's requests are assumed to be at most 512 tokens);
 - recovery: the teacher, the student, the student's gradients and AdamW's two moments (float32 for the
   trained parameters; LoRA adapters only with ``lora``) and the float32 logits of teacher and student;
 - llama.cpp (host memory, the PyTorch weights freed before it): the dense and the pruned GGUF file (the speed
@@ -82,9 +85,13 @@ def planned_dtype(recipe: Recipe) -> torch.dtype:
     use CUDA (``model.device`` cuda..., or auto with CUDA present), else float32."""
     if recipe.model.dtype != "auto":
         return getattr(torch, recipe.model.dtype)
+    return torch.bfloat16 if planned_on_cuda(recipe) else torch.float32
+
+
+def planned_on_cuda(recipe: Recipe) -> bool:
+    """Whether the run is to use CUDA: ``model.device`` cuda..., or auto with CUDA present."""
     device = recipe.model.device
-    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    return torch.bfloat16 if on_cuda else torch.float32
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
 SEQUENTIAL_STATES = "the pruned model's hidden states of calibration.samples x calibration.seqlen tokens"
@@ -135,7 +142,9 @@ def estimate_memory(
         advice = "lower calibration.samples or calibration.seqlen" if "calibration" in dominant else SMALLER_DTYPE
         stages.append(StageMemory("activation statistics", weights + sum(terms.values()), dominant, advice))
 
-    solve = 18 * (widest + 1) ** 2
+    on_cuda = planned_on_cuda(recipe)
+    solve = (18 if on_cuda else 14) * (widest + 1) ** 2  # the scoring's; a refit's below
+    refit_solve = (18 if on_cuda else 8) * (widest + 1) ** 2
     if Statistic.SECOND_MOMENTS in needs:
         stages.append(StageMemory("scoring", weights + solve, "one float64 second-moment matrix", SMALLER_DTYPE))
     if ALLOCATIONS[recipe.allocation.strategy].evaluates:
@@ -151,15 +160,15 @@ def estimate_memory(
             * b,
         }
         advice = "lower allocation.search_samples or calibration.seqlen"
-        stages.append(StageMemory("allocation", weights + solve + sum(terms.values()), _largest(terms), advice))
+        stages.append(StageMemory("allocation", weights + refit_solve + sum(terms.values()), _largest(terms), advice))
     pruning_terms = {"one pruned decoder block": block * b}
     reconstruction = RECONSTRUCTIONS[recipe.pruning.reconstruct]
     if Statistic.SECOND_MOMENTS in needs & reconstruction.needs:  # the refit reads them
-        pruning_terms["one float64 second-moment matrix"] = solve
+        pruning_terms["one float64 second-moment matrix"] = refit_solve
     if reconstruction.sequential:
         pruning_terms[SEQUENTIAL_STATES] = samples * seqlen * hidden * b
         pruning_terms["one linear's input moments, its refit and one layer's activations"] = (
-            4 * widest * widest + solve + seqlen * (4 * widest + 6 * hidden) * b
+            4 * widest * widest + refit_solve + seqlen * (4 * widest + 6 * hidden) * b
         )
     if not in_place:
         pruning_terms["the pruned model beside the dense one"] = pruned_weights
@@ -186,9 +195,13 @@ def estimate_memory(
         }
         advice = "lower recovery.batch_size or recovery.seqlen, or use recovery.method: lora"
         stages.append(StageMemory("recovery", weights + pruned_weights + sum(terms.values()), _largest(terms), advice))
-    logits = recipe.evaluation.perplexity.seqlen * vocab * b + 12 * LOSS_CHUNK_TOKENS * vocab
+    window = recipe.evaluation.perplexity.seqlen
+    terms = {
+        "one layer's activations of a window": window * (4 * widest + 6 * hidden) * b,
+        f"the float32 log-probabilities of {LOSS_CHUNK_TOKENS} positions": 12 * LOSS_CHUNK_TOKENS * vocab,
+    }
     advice = "lower evaluation.perplexity.seqlen"
-    stages.append(StageMemory("perplexity", resident + logits, "the logits of a window", advice))
+    stages.append(StageMemory("perplexity", resident + sum(terms.values()), _largest(terms), advice))
     if recipe.evaluation.zeroshot.enabled:
         batch = 12 * recipe.evaluation.zeroshot.batch_size * ZEROSHOT_REQUEST_TOKENS * vocab
         advice = "lower evaluation.zeroshot.batch_size"
@@ -203,7 +216,6 @@ def estimate_memory(
         stages.append(StageMemory("speed", peak, "the pruned model beside the dense one", advice))
     if recipe.evaluation.engine.enabled and "gguf" in recipe.export.formats:
         file_bytes = total_parameters * TENSOR_TYPES[recipe.export.gguf_type].bytes_per_weight
-        window = recipe.evaluation.perplexity.seqlen
         kv_cache = 2 * sum(w.kv_heads for w in shape.layers) * shape.head_dim * window * 2
         logits = 8 * ENGINE_UBATCH * vocab + 16 * WINDOW_NLL_ROWS * vocab
         peak = round(file_bytes * (1 + kept_fraction)) + logits + kv_cache

@@ -22,6 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
+import numpy
+import scipy.linalg
+import scipy.linalg.lapack
 import torch
 from torch import nn
 
@@ -62,6 +65,10 @@ def damp(second: torch.Tensor, features: torch.Tensor, damping: float) -> torch.
     return second
 
 
+ROW_BLOCK = 256
+"""Rows of Σ x xᵀ converted to float64 at a time by :func:`least_squares_refit`."""
+
+
 def least_squares_refit(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -74,22 +81,95 @@ def least_squares_refit(
     """Weights [out, |K|] and bias [out] (float64, on ``weight``'s device) of the refit in the module docstring.
 
     ``xxt`` [F, F] = Σ x xᵀ and ``x_sum`` [F] = Σ x over ``tokens`` calibration tokens of the dense input.
+    S[:, K̃] and S[K̃, K̃] are built from ``xxt`` ``ROW_BLOCK`` rows at a time and the damped S[K̃, K̃] is
+    factorised in place (:func:`cholesky_in_place`), so the float64 matrices that exist at once are S[K̃, K̃]
+    and [W, b] S[:, K̃] [out, |K|+1]: no [F+1, F+1] one.
     """
-    features, device = weight.shape[1], weight.device
-    second = second_moment(xxt, x_sum, tokens, device)
-    columns = torch.cat([kept.to(device), torch.tensor([features], device=device)])
+    weight, features, device = weight.detach(), weight.shape[1], weight.device
     old_bias = (
         bias.to(device, torch.float64)
         if bias is not None
         else torch.zeros(weight.shape[0], dtype=torch.float64, device=device)
     )
-    full = torch.cat([weight.double(), old_bias[:, None]], 1)
-    target = full @ second[:, columns]  # [out, |K|+1]; the [F+1, |K|+1] gather is freed before the gram's
-    del full
-    gram = damp(second[columns[:, None], columns[None, :]], torch.arange(len(kept), device=device), damping)
-    del second
-    solution = torch.linalg.solve(gram, target.T).T
+    sums = x_sum.to(device, torch.float64)
+    bias_row = torch.cat([sums[kept.to(device)], sums.new_tensor([tokens])])  # S[F, K̃] · tokens: [Σ x[K], tokens]
+    kept_rows = kept.to(xxt.device)
+    target = old_bias[:, None] * bias_row  # [W, b] S[:, K̃] · tokens [out, |K|+1], the bias row's part first
+    for first in range(0, features, ROW_BLOCK):
+        end = min(first + ROW_BLOCK, features)
+        rows = xxt[first:end, kept_rows].to(device, torch.float64)  # S[first:end, K] · tokens
+        block = weight[:, first:end].double()
+        target[:, :-1].addmm_(block, rows)  # in place: no [out, |K|] product beside it
+        target[:, -1].addmv_(block, sums[first:end])
+    target.div_(tokens)
+    features_kept = torch.arange(len(kept), device=device)  # the damped diagonal: not the bias
+    try:
+        lower = cholesky_in_place(damp(_kept_gram(xxt, kept_rows, bias_row, tokens), features_kept, damping))
+        solution = cholesky_solve(target.T, lower).T
+    except torch.linalg.LinAlgError:  # not positive definite: no damping, and fewer independent inputs than columns
+        gram = damp(_kept_gram(xxt, kept_rows, bias_row, tokens), features_kept, damping)
+        solution = torch.linalg.solve(gram, target.T).T
     return solution[:, :-1], solution[:, -1]
+
+
+def _kept_gram(xxt: torch.Tensor, kept: torch.Tensor, bias_row: torch.Tensor, tokens: int) -> torch.Tensor:
+    """S[K̃, K̃] [|K|+1, |K|+1] (float64, on ``bias_row``'s device) from Σ x xᵀ [F, F] at the kept columns ``kept``
+    (on ``xxt``'s device), ``ROW_BLOCK`` rows converted at a time, and the bias row [Σ x[K], tokens]."""
+    gram = torch.empty(len(kept) + 1, len(kept) + 1, dtype=torch.float64, device=bias_row.device)
+    for first in range(0, len(kept), ROW_BLOCK):
+        block = kept[first : first + ROW_BLOCK]
+        gram[first : first + len(block), :-1].copy_(xxt[block[:, None], kept[None, :]])  # converted while copied
+    gram[-1, :] = gram[:, -1] = bias_row
+    return gram.div_(tokens)
+
+
+def cholesky_solve(right: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """X [n, k] with L Lᵀ X = ``right`` [n, k] for the lower Cholesky factor ``lower`` [n, n] of
+    :func:`cholesky_in_place` (float64). On the CPU through SciPy, which solves with L where it lies (torch copies
+    it first); elsewhere ``torch.cholesky_solve``."""
+    if lower.device.type != "cpu":
+        return torch.cholesky_solve(right, lower)
+    return torch.from_numpy(scipy.linalg.cho_solve((lower.numpy(), True), right.numpy(), check_finite=False))
+
+
+def cholesky_in_place(matrix: torch.Tensor) -> torch.Tensor:
+    """The lower Cholesky factor L [n, n] of a symmetric positive definite float64 ``matrix`` [n, n].
+
+    On the CPU it is computed over ``matrix`` itself (LAPACK's potrf through SciPy, on the same memory read
+    column-major, which for a symmetric matrix is the same matrix; the upper triangle is zeroed): no second n x n
+    matrix (642 MiB at an FFN width of 8,960); on other devices ``torch.linalg.cholesky`` returns a new
+    one. The returned tensor is column-major, as LAPACK and ``torch.linalg`` want it; ``matrix`` must not be used
+    after this call. ``torch.linalg.LinAlgError`` when ``matrix`` is not positive definite.
+    """
+    if matrix.device.type != "cpu":
+        return torch.linalg.cholesky(matrix)
+    column_major = matrix.numpy().T  # F-contiguous: potrf writes into it instead of into a copy
+    try:
+        factor = scipy.linalg.cholesky(column_major, lower=True, overwrite_a=True, check_finite=False)
+    except numpy.linalg.LinAlgError as error:  # the same error type as torch.linalg.cholesky's
+        raise torch.linalg.LinAlgError(str(error)) from None
+    return torch.from_numpy(factor)
+
+
+def lower_inverse_in_place(lower: torch.Tensor) -> torch.Tensor:
+    """L⁻¹ [n, n] (lower triangular, float64) of the factor ``lower`` of :func:`cholesky_in_place`.
+
+    On the CPU it is computed over ``lower`` itself (LAPACK's trtri through SciPy); on other devices it is solved
+    into an identity matrix (:func:`lower_inverse_by_solve`), a second n x n matrix. ``lower`` must not be used
+    after this call.
+    """
+    if lower.device.type != "cpu":
+        return lower_inverse_by_solve(lower)
+    inverse, info = scipy.linalg.lapack.dtrtri(lower.numpy(), lower=1, overwrite_c=1)
+    if info != 0:
+        raise torch.linalg.LinAlgError(f"the triangular factor is singular (LAPACK trtri info {info})")
+    return torch.from_numpy(inverse)
+
+
+def lower_inverse_by_solve(lower: torch.Tensor) -> torch.Tensor:
+    """L⁻¹ of a lower triangular [n, n] matrix by a triangular solve written into an identity matrix (in place)."""
+    identity = torch.eye(len(lower), dtype=lower.dtype, device=lower.device)
+    return torch.linalg.solve_triangular(lower, identity, upper=False, out=identity)
 
 
 def removal_errors(weight: torch.Tensor, second: torch.Tensor, groups: torch.Tensor, damping: float) -> torch.Tensor:
@@ -104,18 +184,20 @@ def removal_errors(weight: torch.Tensor, second: torch.Tensor, groups: torch.Ten
         E_R = trace(W_R (S⁻¹[R, R])⁻¹ W_Rᵀ)
 
     S (positive definite: the second moment of [x; 1] with the features damped) = L Lᵀ, so S⁻¹[C, C] =
-    (L⁻¹ e_C)ᵀ (L⁻¹ e_C) for GROUP_COLUMNS columns C at a time. L⁻¹ is lower triangular, so L⁻¹ e_C is zero above
-    row m = min(C) and its other rows solve the trailing block L[m:, m:]: about F³/3 multiply-adds for all
-    chunks, on top of the factorisation's F³/3 (an LU solve of every column costs 2F³ more), and the whole
-    inverse never exists.
+    (L⁻¹ e_C)ᵀ (L⁻¹ e_C) for GROUP_COLUMNS columns C at a time. L⁻¹ (lower triangular, so L⁻¹ e_C is zero above
+    row min(C)) is computed over L (:func:`lower_inverse_in_place`): F³/3 multiply-adds on top of the
+    factorisation's F³/3 (an LU solve of every column costs 2F³ more), and on the CPU one [F+1, F+1] matrix from
+    the second moment to L⁻¹.
     """
     features, device = weight.shape[1], second.device
     damped = damp(second, torch.arange(features, device=device), damping)
     del second
-    lower = torch.linalg.cholesky(damped)
+    lower = cholesky_in_place(damped)
     del damped
+    inverse = lower_inverse_in_place(lower)
+    del lower
     groups = groups.to(device)
-    w_groups = weight.detach().to(device, torch.float64)[:, groups].permute(1, 2, 0)  # [n_groups, size, out]
+    w_groups = weight.detach()[:, groups.to(weight.device)].to(device, torch.float64).permute(1, 2, 0)  # [n, size, out]
     n_groups, size = groups.shape
     per_chunk = max(1, GROUP_COLUMNS // size)
     blocks = torch.empty(n_groups, size, size, dtype=torch.float64, device=device)  # S⁻¹[R, R] per group
@@ -123,9 +205,7 @@ def removal_errors(weight: torch.Tensor, second: torch.Tensor, groups: torch.Ten
         chunk = groups[first : first + per_chunk]  # [count, size]
         count, columns = len(chunk), chunk.flatten()
         top = int(columns.min())
-        unit = torch.zeros(features + 1 - top, len(columns), dtype=torch.float64, device=device)
-        unit[columns - top, torch.arange(len(columns), device=device)] = 1
-        half = torch.linalg.solve_triangular(lower[top:, top:], unit, upper=False)  # rows top.. of L⁻¹ e_C
+        half = inverse[top:, columns]  # rows top.. of L⁻¹ e_C (the rows above are zero)
         solved = half.T @ half  # S⁻¹[columns, columns]
         blocks[first : first + count] = solved.view(count, size, count, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
     return (w_groups * torch.linalg.solve(blocks, w_groups)).sum(dim=(1, 2)).cpu()

@@ -27,9 +27,10 @@ from eval.speed import decode_step, greedy_decode, measure_speed, static_cache
 
 
 @pytest.mark.parametrize("chunk", [256, 7])  # one chunk per window; chunks of 7, 7, 7, 7 and 1 positions
-def test_perplexity_equals_token_by_token_computation(chunk, monkeypatch):
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: its logits are soft-capped
+def test_perplexity_equals_token_by_token_computation(chunk, family, monkeypatch):
     monkeypatch.setattr(perplexity_module, "LOSS_CHUNK_TOKENS", chunk)
-    model = tiny_model()
+    model = tiny_model(family)
     tokens = random_tokens(1, 100)[0]
     result = perplexity(model, tokens, seqlen=30, windows=None, progress=False)
     assert result["windows"] == 3 and result["predicted_tokens"] == 87
@@ -42,6 +43,26 @@ def test_perplexity_equals_token_by_token_computation(chunk, monkeypatch):
     assert math.isclose(result["perplexity"], math.exp(nll / 87), rel_tol=1e-5)
     assert perplexity(model, tokens, seqlen=30, windows=2, progress=False)["windows"] == 2
     assert window_count(100, 30, 10) == 3 and window_count(100, 30, 1) == 1
+
+
+def test_perplexity_of_a_lora_model_counts_its_adapters():
+    """Recovery's held-out perplexity runs on the LoRA-wrapped student: the adapters (non-zero here) are counted."""
+    from peft import LoraConfig, get_peft_model
+
+    tokens = random_tokens(1, 60)[0]
+    lora = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["down_proj"], init_lora_weights=False))
+    plain = perplexity(tiny_model(), tokens, seqlen=30, windows=None, progress=False)["perplexity"]
+    with torch.no_grad():
+        nll = sum(
+            float(
+                torch.nn.functional.cross_entropy(
+                    lora(window[None]).logits[0, :-1].double(), window[1:], reduction="sum"
+                )
+            )
+            for window in tokens.view(2, 30)
+        )
+    measured = perplexity(lora, tokens, seqlen=30, windows=None, progress=False)["perplexity"]
+    assert math.isclose(measured, math.exp(nll / 58), rel_tol=1e-5) and not math.isclose(measured, plain, rel_tol=1e-3)
 
 
 def test_decode_loop_is_greedy_generation_with_cache():

@@ -100,6 +100,9 @@ def test_the_plan_follows_the_shape_and_the_recipe():
     doubled = _plan(recipe_from_mapping(recipe_to_dict(recipe), ("calibration.samples=256",)))
     added = doubled["activation statistics"].peak_bytes - plan["activation statistics"].peak_bytes
     assert added == 2 * 128 * 256 * 4096 * 2  # two layer boundaries of 128 more samples x 256 tokens x 4096 x 2 bytes
+    window = recipe.evaluation.perplexity.seqlen  # the pruned model, a layer's activations, 256 positions' logits
+    activations, log_probabilities = window * (4 * 11008 + 6 * 4096) * 2, 12 * 256 * 32000
+    assert plan["perplexity"].peak_bytes == round(6_738_415_616 * 2 * 0.7) + activations + log_probabilities
     kept = _plan(recipe, in_place=False)["pruning"].peak_bytes - plan["pruning"].peak_bytes
     assert kept == round(6_738_415_616 * 2 * 0.7)  # the pruned model beside the dense one
     assert "second-moment" in plan["scoring"].dominant
@@ -112,6 +115,12 @@ def test_the_plan_follows_the_shape_and_the_recipe():
     states = 128 * 256 * 4096 * 2  # the hidden states: 128 samples x 256 tokens x 4096 x 2 bytes
     refit = 4 * 11008**2 + 18 * 11009**2 + 256 * (4 * 11008 + 6 * 4096) * 2  # down_proj's moments, refit; activations
     assert sequential.peak_bytes - no_second["pruning"].peak_bytes == states + refit
+    on_cpu = _plan(
+        recipe_from_mapping(recipe_to_dict(recipe), ("pruning.reconstruct=lstsq-sequential", "model.device=cpu")),
+    )  # the factor and the inverse written over the matrix, the refit's kept block only (benchmarks/largest_steps.py)
+    assert on_cpu["scoring"].peak_bytes - on_cpu["load model"].peak_bytes == 14 * 11009**2
+    cpu_refit = 4 * 11008**2 + 8 * 11009**2 + 256 * (4 * 11008 + 6 * 4096) * 2
+    assert on_cpu["pruning"].peak_bytes - no_second["pruning"].peak_bytes == states + cpu_refit
     scored = _plan(recipe_from_mapping(recipe_to_dict(recipe), ("pruning.reconstruct=lstsq-sequential",)))
     assert scored["pruning"].peak_bytes == sequential.peak_bytes  # its refit reads no stored second moments
     # the statistics pass of the 7B recipe scales with one layer: within 1.3x its weights

@@ -78,7 +78,11 @@ def test_two_processes_give_the_single_process_run(tmp_path, tiny_files):
     statistics = [load_file(tmp_path / name / "activation_stats.safetensors") for name in ("one", "two")]
     assert statistics[0].keys() == statistics[1].keys()
     for key, value in statistics[0].items():
-        torch.testing.assert_close(statistics[1][key], value, rtol=1e-4, atol=1e-6, msg=key)
+        if key.endswith("log10_hist"):  # counts: a score on a bin edge falls either side in another summing order
+            moved = float((statistics[1][key] - value).abs().sum()) / 2
+            assert statistics[1][key].sum() == value.sum() and moved <= 1e-4 * float(value.sum()), (key, moved)
+        else:
+            torch.testing.assert_close(statistics[1][key], value, rtol=1e-4, atol=1e-6, msg=key)
 
     weights = [load_file(tmp_path / name / "model" / "model.safetensors") for name in ("one", "two")]
     assert weights[0].keys() == weights[1].keys()

@@ -1,11 +1,21 @@
 """Reconstruction of o_proj / down_proj outputs: exact cases and a measured improvement."""
 
+import pytest
 import torch
 from conftest import ALL_STATISTICS, random_tokens, tiny_model
 
+import prune.reconstruct
 from prune.blocks import block_shape, decoder_layers
 from prune.pruner import LayerPlan, prune_model
-from prune.reconstruct import compensated_bias, least_squares_refit, reconstructed_layer
+from prune.reconstruct import (
+    cholesky_in_place,
+    compensated_bias,
+    least_squares_refit,
+    lower_inverse_by_solve,
+    lower_inverse_in_place,
+    reconstructed_layer,
+    second_moment,
+)
 from prune.statistics import collect_statistics
 
 
@@ -35,6 +45,58 @@ def test_refit_is_exact_when_removed_inputs_depend_linearly_on_kept_ones():
     error = ((x[:, :8].double() @ weight.T + bias - x.double() @ w.double().T) ** 2).sum()
     plain = ((x[:, :8].double() @ w[:, :8].double().T - x.double() @ w.double().T) ** 2).sum()
     assert error < 1e-10 < plain
+
+
+def test_refit_in_row_blocks_equals_the_formula_on_the_whole_second_moment(monkeypatch):
+    """Blocks of 5 rows of a float32 Σ x xᵀ (as the statistics store it), unordered kept columns, a bias, damping:
+    the module docstring's formula with the whole [F+1, F+1] S and an LU solve."""
+    monkeypatch.setattr(prune.reconstruct, "ROW_BLOCK", 5)
+    g = torch.Generator().manual_seed(2)
+    x, w, b = torch.randn(400, 17, generator=g) + 0.3, torch.randn(6, 17, generator=g), torch.randn(6, generator=g)
+    xxt, x_sum, tokens = (x.T @ x).float(), x.sum(0), x.shape[0]
+    kept, damping = torch.tensor([16, 3, 0, 9, 11, 4, 7, 12, 1, 14, 5, 8]), 0.01
+    weight, bias = least_squares_refit(w, b, kept, xxt, x_sum, tokens, damping)
+    second = second_moment(xxt, x_sum, tokens)
+    columns = torch.cat([kept, torch.tensor([17])])
+    gram = second[columns][:, columns]
+    gram[range(12), range(12)] += damping * float(gram.diagonal()[:12].mean())
+    expected = torch.linalg.solve(gram, (torch.cat([w.double(), b.double()[:, None]], 1) @ second[:, columns]).T).T
+    torch.testing.assert_close(weight, expected[:, :-1], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(bias, expected[:, -1], atol=1e-10, rtol=1e-10)
+
+
+def test_refit_with_fewer_tokens_than_kept_inputs_and_no_damping_fits_the_tokens():
+    """S[K̃, K̃] is singular (not positive definite): the refit still interpolates the calibration tokens."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(6, 12, generator=g, dtype=torch.float64), torch.randn(4, 12, generator=g)
+    weight, bias = least_squares_refit(w, None, torch.arange(9), *_moments(x), damping=0.0)
+    torch.testing.assert_close(x[:, :9] @ weight.T + bias, x @ w.double().T, atol=1e-6, rtol=0)
+
+
+def test_the_cholesky_factor_is_written_over_the_matrix():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 40, generator=g, dtype=torch.float64)
+    matrix = x.T @ x / 300
+    expected = torch.linalg.cholesky(matrix)
+    address = matrix.data_ptr()
+    lower = cholesky_in_place(matrix)
+    assert lower.data_ptr() == address  # no second matrix
+    torch.testing.assert_close(lower, expected, atol=1e-12, rtol=0)
+    with pytest.raises(torch.linalg.LinAlgError):
+        cholesky_in_place(-torch.eye(3, dtype=torch.float64))
+
+
+def test_the_inverse_of_the_factor_is_written_over_it_and_the_gpu_path_gives_the_same():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(200, 30, generator=g, dtype=torch.float64)
+    lower = torch.linalg.cholesky(x.T @ x / 200)
+    expected = torch.linalg.inv(lower)
+    torch.testing.assert_close(lower_inverse_by_solve(lower), expected, atol=1e-10, rtol=0)  # what a GPU runs
+    factor = cholesky_in_place(x.T @ x / 200)
+    address = factor.data_ptr()
+    inverse = lower_inverse_in_place(factor)
+    assert inverse.data_ptr() == address
+    torch.testing.assert_close(inverse, expected, atol=1e-10, rtol=0)
 
 
 def test_bias_compensation_is_exact_for_constant_inputs():
