@@ -143,10 +143,12 @@ def estimate_memory(
         stages.append(StageMemory("activation statistics", weights + sum(terms.values()), dominant, advice))
 
     on_cuda = planned_on_cuda(recipe)
-    solve = (18 if on_cuda else 14) * (widest + 1) ** 2  # the scoring's; a refit's below
+    scoring_solve = (18 if on_cuda else 14) * (widest + 1) ** 2
     refit_solve = (18 if on_cuda else 8) * (widest + 1) ** 2
     if Statistic.SECOND_MOMENTS in needs:
-        stages.append(StageMemory("scoring", weights + solve, "one float64 second-moment matrix", SMALLER_DTYPE))
+        stages.append(
+            StageMemory("scoring", weights + scoring_solve, "one float64 second-moment matrix", SMALLER_DTYPE)
+        )
     if ALLOCATIONS[recipe.allocation.strategy].evaluates:
         settings = recipe.allocation
         terms = {

@@ -33,7 +33,7 @@ from prune.statistics import ActivationStatistics, Statistic
 
 RECONSTRUCTED_LINEARS = {"self_attn.o_proj": "o_in", "mlp.down_proj": "down_in"}
 GROUP_COLUMNS = 512
-"""Columns of S⁻¹ solved at a time by :func:`removal_errors`."""
+"""Columns of L⁻¹ read at a time by :func:`removal_errors`."""
 
 
 def compensated_bias(

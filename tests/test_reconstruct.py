@@ -65,6 +65,19 @@ def test_refit_in_row_blocks_equals_the_formula_on_the_whole_second_moment(monke
     torch.testing.assert_close(bias, expected[:, -1], atol=1e-10, rtol=1e-10)
 
 
+def test_the_refit_a_gpu_runs_equals_the_cpu_one(monkeypatch):
+    """On a GPU the factor and the solve are torch's (a new matrix each): the same refit."""
+    g = torch.Generator().manual_seed(6)
+    x, w = torch.randn(300, 20, generator=g) + 0.2, torch.randn(5, 20, generator=g)
+    kept, arguments = torch.tensor([1, 4, 5, 9, 12, 13, 17, 19]), ((x.T @ x).float(), x.sum(0), 300, 0.01)
+    on_cpu = least_squares_refit(w, None, kept, *arguments)
+    monkeypatch.setattr(prune.reconstruct, "cholesky_in_place", torch.linalg.cholesky)
+    monkeypatch.setattr(prune.reconstruct, "cholesky_solve", torch.cholesky_solve)
+    on_gpu = least_squares_refit(w, None, kept, *arguments)
+    for cpu, gpu in zip(on_cpu, on_gpu, strict=True):
+        torch.testing.assert_close(gpu, cpu, atol=1e-10, rtol=1e-10)
+
+
 def test_refit_with_fewer_tokens_than_kept_inputs_and_no_damping_fits_the_tokens():
     """S[K̃, K̃] is singular (not positive definite): the refit still interpolates the calibration tokens."""
     g = torch.Generator().manual_seed(3)
