@@ -94,6 +94,23 @@ def planned_on_cuda(recipe: Recipe) -> bool:
     return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
+def cpu_has_bfloat16_instructions() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX, as oneDNN detects them)."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def slow_dtype_note(recipe: Recipe) -> str | None:
+    """One line when the run is to compute in bfloat16 on a CPU without bfloat16 instructions, where each bfloat16
+    matrix product is converted in software: a [256, 1536] x [1536, 8960] product took 0.69 s in bfloat16 and
+    0.13 s in float32 on a 2-core AVX2 CPU, and 4.3 ms against 27 ms on one with AMX; else None."""
+    if planned_on_cuda(recipe) or planned_dtype(recipe) != torch.bfloat16 or cpu_has_bfloat16_instructions():
+        return None
+    return (
+        "note: model.dtype bfloat16 on a CPU without bfloat16 instructions (AVX512-BF16 or AMX): matrix products "
+        "run about 5x slower than in float32 here; model.dtype: float32 is faster where twice the weights' memory fits"
+    )
+
+
 SEQUENTIAL_STATES = "the pruned model's hidden states of calibration.samples x calibration.seqlen tokens"
 SMALLER_DTYPE = "load the model in a smaller model.dtype or use a device with more memory"
 

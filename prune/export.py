@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from eval.report import ExportReport, read_report
 from prune.checkpoint import save_checkpoint
@@ -129,6 +129,14 @@ def _source_of(target: Path | str) -> tuple[ModelSource, Path | None, str]:
     return source, gguf_tokenizer_source(source), Path(source.location).stem
 
 
+def stored_dtype(config: PretrainedConfig) -> str:
+    """The dtype to load a model in for an export: its checkpoint's own (a Hub model's or a directory's
+    ``dtype``: the file's values exactly, in half a float32 copy's memory for bfloat16 and float16), else float32
+    (a GGUF file's dequantized weights)."""
+    dtype = str(config.dtype).removeprefix("torch.")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+
+
 def is_gguf_file(path: Path) -> bool:
     """Whether ``path`` is a file that starts as a GGUF file does (one an export may replace)."""
     try:
@@ -155,14 +163,15 @@ def export_command(target: str, tensor_type: str, output: Path | None, overwrite
         inputs.append(("the GGUF file the tokenizer comes from", tokenizer_source))
     check_output(output, inputs, overwrite, is_gguf_file, "--output", "a GGUF file")
     try:
-        family = family_of(load_config(source))
+        config = load_config(source)
+        family = family_of(config)
     except UnsupportedFamilyError as error:
         raise ExportError(f"{target}: {error}") from None
     if not family.gguf:
         raise ExportError(f"{target}: {gguf_coverage(family)}")
     with output_lock(output, "--output"):
         check_output(output, inputs, overwrite, is_gguf_file, "--output", "a GGUF file")  # no export since the first
-        model, tokenizer = load_model(source, "float32", "cpu", cache_dir(None))
+        model, tokenizer = load_model(source, stored_dtype(config), "cpu", cache_dir(None))
         written = write_gguf(model, tokenizer, output, tensor_type, tokenizer_source, name)
     for note in written.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -41,6 +41,7 @@ import json
 import math
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,8 +132,9 @@ def _pad(tensor: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     return torch.cat([tensor.detach(), zeros], dim=dim)
 
 
-def block_tensors(model: PreTrainedModel, ffn_multiple: int = 1) -> dict[str, torch.Tensor]:
-    """Every tensor of the file by its GGUF name, in Hugging Face orientation ([out, in]; GGUF reverses it).
+def block_tensors(model: PreTrainedModel, ffn_multiple: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the file with its GGUF name, in Hugging Face orientation ([out, in]; GGUF reverses it), in
+    file order. Lazily: a reordered or padded copy exists only while the caller holds it.
 
     ``ffn_multiple``: every layer's FFN is widened to a multiple of it with zero channels (zero rows of
     ``gate_proj`` / ``up_proj`` and their biases, zero columns of ``down_proj``), which change no output:
@@ -141,14 +143,14 @@ def block_tensors(model: PreTrainedModel, ffn_multiple: int = 1) -> dict[str, to
     shape = block_shape(model.config)
     ffn_widths = padded_ffn_widths(model, ffn_multiple)
     embeddings = model.get_input_embeddings().weight
-    tensors = {"token_embd.weight": embeddings}
+    yield "token_embd.weight", embeddings
     output = model.get_output_embeddings()
     if output is not None and output.weight.data_ptr() != embeddings.data_ptr():
-        tensors["output.weight"] = output.weight
-    tensors["output_norm.weight"] = model.get_submodule("model.norm").weight
+        yield "output.weight", output.weight
+    yield "output_norm.weight", model.get_submodule("model.norm").weight
     factors = rope_frequency_factors(model.config, shape.head_dim)
     if factors is not None:
-        tensors["rope_freqs.weight"] = factors
+        yield "rope_freqs.weight", factors
     names = {
         "q_proj": "attn_q",
         "k_proj": "attn_k",
@@ -161,8 +163,10 @@ def block_tensors(model: PreTrainedModel, ffn_multiple: int = 1) -> dict[str, to
     for i, layer in enumerate(decoder_layers(model)):
         widths = shape.layers[i]
         heads = {"q_proj": widths.query_heads, "k_proj": widths.kv_heads}
-        tensors[f"blk.{i}.attn_norm.weight"] = layer.get_submodule("input_layernorm").weight
-        tensors[f"blk.{i}.ffn_norm.weight"] = layer.get_submodule("post_attention_layernorm").weight
+        for norm, gguf_name in (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm")):
+            weight = layer.get_submodule(norm).weight
+            assert isinstance(weight, torch.Tensor)
+            yield f"blk.{i}.{gguf_name}.weight", weight
         for hf_name, linear in dense_linears(layer).items():
             for kind in ("weight", "bias"):
                 value = getattr(linear, kind)
@@ -174,8 +178,7 @@ def block_tensors(model: PreTrainedModel, ffn_multiple: int = 1) -> dict[str, to
                     value = _pad(value, ffn_widths[i], 0)
                 elif hf_name == "down_proj" and kind == "weight":
                     value = _pad(value, ffn_widths[i], 1)
-                tensors[f"blk.{i}.{names[hf_name]}.{kind}"] = value
-    return tensors
+                yield f"blk.{i}.{names[hf_name]}.{kind}", value
 
 
 def gguf_coverage(family: Family) -> str:
@@ -388,7 +391,10 @@ def write_gguf(
     with atomic_path(path) as temporary:
         written = temporary.with_name(temporary.name + ".f16") if kind.engine_quantized else temporary
         try:
-            writer = gguf.GGUFWriter(written, arch=ARCHITECTURE)
+            # each tensor's bytes go to an unnamed file beside the output as soon as they are made, not into a list
+            # of every tensor in memory: the export adds one tensor's copies to the model's memory, not the file's
+            writer = gguf.GGUFWriter(written, arch=ARCHITECTURE, use_temp_file=True)
+            writer.temp_file = tempfile.TemporaryFile(dir=written.parent)  # noqa: SIM115 (the writer closes it)
             writer.add_name(name or type(model).__name__)
             add_hyperparameters(writer, model, kind, ffn_multiple)
             if tokenizer_source is not None:
@@ -398,7 +404,7 @@ def write_gguf(
                 notes.append(add_hf_tokenizer(writer, tokenizer, int(model.config.vocab_size)))
             fallback = []
             with resident(model.modules(), torch.device("cpu")):  # offloaded weights (device_map) read into memory
-                for tensor_name, tensor in block_tensors(model, ffn_multiple).items():
+                for tensor_name, tensor in block_tensors(model, ffn_multiple):
                     if tensor.dim() == 1:
                         writer.add_tensor(tensor_name, tensor.detach().to(torch.float32).cpu().numpy())
                         continue

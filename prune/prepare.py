@@ -21,7 +21,14 @@ from eval.zeroshot import local_task_configs, resolve_source
 from prune.allocation import ALLOCATIONS, ImpossibleTargetError
 from prune.blocks import BlockShape, block_shape, count_parameters
 from prune.calibration import DataSourceError, TextSource, resolve_text_source
-from prune.estimate import MemoryPlanError, StageMemory, available_bytes, check_memory, estimate_memory
+from prune.estimate import (
+    MemoryPlanError,
+    StageMemory,
+    available_bytes,
+    check_memory,
+    estimate_memory,
+    slow_dtype_note,
+)
 from prune.families import FAMILIES, family_of
 from prune.gguf_export import TENSOR_TYPES, gguf_coverage
 from prune.models import (
@@ -471,8 +478,10 @@ def dry_run_text(prepared: Prepared) -> str:
         "widest_inverted_input": inverted_input_width(prepared.recipe, prepared.shape),
     }
     memory = {stage.stage: stage.describe() for stage in prepared.memory}
+    note = slow_dtype_note(prepared.recipe)
     return (
         yaml.safe_dump({"recipe": recipe_to_dict(prepared.recipe)}, sort_keys=False)
         + yaml.safe_dump({"budget": budget}, sort_keys=False)
         + yaml.safe_dump({"estimated_peak_memory": memory}, sort_keys=False)
+        + (yaml.safe_dump({"notes": [note]}, sort_keys=False, width=1000) if note else "")
     )

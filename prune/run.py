@@ -45,6 +45,7 @@ from prune.allocation import ALLOCATIONS, Allocation, allocate, ffn_multiple, ov
 from prune.blocks import BlockShape, block_shape, count_parameters
 from prune.calibration import DataSourceError, calibration_samples, evaluation_tokens
 from prune.cli import ArgumentParser, add_recipe_arguments, printed_schema, run_command, timed
+from prune.estimate import slow_dtype_note
 from prune.evaluation import run_context
 from prune.export import EXPORTERS, ExportInputs
 from prune.memory import current_bytes, make_resident, peak_bytes, release_weights, reset_peak
@@ -508,6 +509,8 @@ def execute(prepared: Prepared, processes: Processes = ALONE) -> Report | None:
         if processes.main:
             prepared.check_output()  # as prepared, now that no other run can write it
             remove_stale_scratch(prepared.cache / "scratch")
+            if note := slow_dtype_note(prepared.recipe):
+                print(note, file=sys.stderr)
         with processes.watched():
             return _execute(prepared, processes)
 

@@ -130,6 +130,36 @@ def test_q8_0_pads_ffn_widths_quantizes_what_splits_into_blocks_and_names_the_re
     assert written.tensor_types["Q8_0"] == 21 and written.tensor_types["F16"] == 1
 
 
+def test_the_export_holds_one_tensors_bytes_at_a_time_not_the_files(tmp_path, monkeypatch):
+    """numpy's allocations are traced: the f16 copies of 16 layers' matrices (the whole file's bytes) were held until
+    the file was written; now each goes to a temporary file beside the output as soon as it is made. The peak is
+    read once the file is written, before it is read back for its type counts."""
+    import tracemalloc
+
+    import prune.gguf_export
+
+    peaks = []
+
+    def counted(path):
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        return gguf_tensor_type_counts(path)
+
+    gguf_tensor_type_counts = prune.gguf_export.tensor_type_counts
+    monkeypatch.setattr(prune.gguf_export, "tensor_type_counts", counted)
+    tokenizer = byte_level_tokenizer()
+    model = tiny_model("llama", layers=16, vocab=len(tokenizer), ffn=256)
+    tracemalloc.start()
+    try:
+        write_gguf(model, tokenizer, tmp_path / "m.gguf", "f16")
+    finally:
+        tracemalloc.stop()
+    (peak,) = peaks
+    largest = 96 * 256 * 2  # one FFN matrix in float16
+    file_bytes = (tmp_path / "m.gguf").stat().st_size
+    assert file_bytes > 30 * largest and peak < 6 * largest, (peak, file_bytes)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # the temporary file is gone
+
+
 def test_tokenizer_keys_copy_from_a_source_file_and_bad_types_are_refused(tmp_path):
     pruned, tokenizer = _pruned()
     write_gguf(pruned, tokenizer, tmp_path / "source.gguf", "f16")
@@ -145,3 +175,20 @@ def test_tokenizer_keys_copy_from_a_source_file_and_bad_types_are_refused(tmp_pa
         "copy.gguf",
         "source.gguf",
     ]
+
+
+def test_a_bfloat16_checkpoint_exports_in_its_own_dtype_to_the_same_bytes(tmp_path):
+    """``python -m prune.export`` loads a checkpoint in its stored dtype (half a float32 copy's memory): the file is
+    the one its float32 copy gives, byte for byte; a GGUF source (no stored dtype) loads in float32."""
+    from transformers import AutoConfig
+
+    from prune.export import stored_dtype
+
+    tokenizer = byte_level_tokenizer()
+    model = tiny_model("qwen2", layers=2, vocab=len(tokenizer), ffn=64).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "checkpoint")
+    assert stored_dtype(AutoConfig.from_pretrained(tmp_path / "checkpoint")) == "bfloat16"
+    write_gguf(model, tokenizer, tmp_path / "bf16.gguf", "q8_0")
+    write_gguf(model.float(), tokenizer, tmp_path / "f32.gguf", "q8_0")
+    assert (tmp_path / "bf16.gguf").read_bytes() == (tmp_path / "f32.gguf").read_bytes()
+    assert stored_dtype(AutoConfig.for_model("llama")) == "float32"

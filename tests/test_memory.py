@@ -184,3 +184,29 @@ def test_a_run_its_device_cannot_hold_stops_before_loading_the_weights(tmp_path,
         "perplexity",
         "speed",
     ]
+
+
+def test_bfloat16_on_a_cpu_without_its_instructions_is_noted(monkeypatch):
+    import prune.estimate
+    from prune.estimate import slow_dtype_note
+
+    recipe = load_recipe(REPO / "recipes" / "qwen2.5_coder_1.5b_20pct.yaml", ["model.device=cpu"])  # bfloat16
+    monkeypatch.setattr(prune.estimate, "cpu_has_bfloat16_instructions", lambda: False)
+    note = slow_dtype_note(recipe)
+    assert note is not None and note.startswith("note: model.dtype bfloat16 on a CPU without bfloat16 instructions")
+    assert slow_dtype_note(recipe_from_mapping(recipe_to_dict(recipe), ("model.dtype=float32",))) is None
+    monkeypatch.setattr(prune.estimate, "cpu_has_bfloat16_instructions", lambda: True)
+    assert slow_dtype_note(recipe) is None
+
+
+def test_the_dry_run_lists_the_slow_dtype_note(tmp_path, tiny_files, monkeypatch):  # noqa: F811
+    import prune.estimate
+    from prune.prepare import dry_run_text, prepare
+
+    recipe = tiny_recipe(tiny_files, tmp_path / "out", tmp_path / "cache")
+    prepared = prepare(recipe_from_mapping(recipe, ("model.dtype=bfloat16",)))
+    monkeypatch.setattr(prune.estimate, "cpu_has_bfloat16_instructions", lambda: False)
+    notes = yaml.safe_load(dry_run_text(prepared))["notes"]
+    assert len(notes) == 1 and notes[0].startswith("note: model.dtype bfloat16 on a CPU without bfloat16")
+    monkeypatch.setattr(prune.estimate, "cpu_has_bfloat16_instructions", lambda: True)
+    assert "notes" not in yaml.safe_load(dry_run_text(prepared))
