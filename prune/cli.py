@@ -21,6 +21,7 @@ from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_st
 from types import FrameType
 from typing import NoReturn
 
+from prune.memory import give_large_frees_back
 from prune.processes import (
     ProcessFailure,
     launched_count,
@@ -98,6 +99,7 @@ def run_command(body: Callable[[], str], user_errors: tuple[type[Exception], ...
     (progress bars, stage names) is discarded, and so are the lines every process would print alike (bad input,
     interruptions, the closing message): the first process prints them once. A failure of its own (an OSError)
     is printed with the process's index, and an unexpected exception's traceback is not hidden."""
+    give_large_frees_back()
     previous = signal.signal(signal.SIGTERM, _terminated)
     index = launched_index()
     try:

@@ -37,6 +37,7 @@ The estimates are compared with measured peaks in BENCHMARKS.md (scale rehearsal
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -99,15 +100,45 @@ def cpu_has_bfloat16_instructions() -> bool:
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def bfloat16_product_slowdown() -> float:
+    """How many times longer a [128, 1024] x [1024, 1024] matrix product takes in bfloat16 than in float32 on this
+    CPU (the best of 3 timings of each; about 1.5 s in all on a CPU that converts bfloat16 in software)."""
+    times = {}
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(128, 1024, generator=generator).to(dtype)
+        b = torch.randn(1024, 1024, generator=generator).to(dtype)
+        a @ b  # the first product pays for kernel selection
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        times[dtype] = best
+    return times[torch.bfloat16] / max(times[torch.float32], 1e-9)
+
+
 def slow_dtype_note(recipe: Recipe) -> str | None:
-    """One line when the run is to compute in bfloat16 on a CPU without bfloat16 instructions, where each bfloat16
-    matrix product is converted in software: a [256, 1536] x [1536, 8960] product took 0.69 s in bfloat16 and
-    0.13 s in float32 on a 2-core AVX2 CPU, and 4.3 ms against 27 ms on one with AMX; else None."""
-    if planned_on_cuda(recipe) or planned_dtype(recipe) != torch.bfloat16 or cpu_has_bfloat16_instructions():
+    """One line when the run is to compute in bfloat16 (``model.dtype``, or ``evaluation.zeroshot.dtype`` of an
+    enabled zero-shot evaluation) on a CPU without bfloat16 instructions, where each bfloat16 matrix product is
+    converted in software, with the slowdown measured now (``bfloat16_product_slowdown``): a [256, 1536] x
+    [1536, 8960] product took 0.69 s in bfloat16 and 0.13 s in float32 on one 2-core AVX2 CPU, 10.7 s against 78 ms
+    on another, and 4.3 ms against 27 ms on one with AMX; else None."""
+    zeroshot = recipe.evaluation.zeroshot
+    keys = [
+        key
+        for key, bfloat16 in (
+            ("model.dtype", planned_dtype(recipe) == torch.bfloat16),
+            ("evaluation.zeroshot.dtype", zeroshot.enabled and zeroshot.dtype == "bfloat16"),
+        )
+        if bfloat16
+    ]
+    if planned_on_cuda(recipe) or not keys or cpu_has_bfloat16_instructions():
         return None
     return (
-        "note: model.dtype bfloat16 on a CPU without bfloat16 instructions (AVX512-BF16 or AMX): matrix products "
-        "run about 5x slower than in float32 here; model.dtype: float32 is faster where twice the weights' memory fits"
+        f"note: {' and '.join(keys)} bfloat16 on a CPU without bfloat16 instructions (AVX512-BF16 or AMX): a matrix "
+        f"product took {bfloat16_product_slowdown():.0f}x as long as in float32 here; float32 is faster where twice "
+        "the weights' memory fits"
     )
 
 

@@ -85,6 +85,31 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+M_TRIM_THRESHOLD = -1
+"""glibc mallopt parameter: free memory at the heap's top beyond this many bytes goes back to the OS."""
+M_MMAP_THRESHOLD = -3
+"""glibc mallopt parameter: allocations of at least this many bytes get a mapping of their own."""
+HEAP_MMAP_THRESHOLD = 4 * 2**20
+HEAP_TRIM_THRESHOLD = 64 * 2**20
+
+
+def give_large_frees_back() -> None:
+    """Make every heap allocation of ``HEAP_MMAP_THRESHOLD`` bytes or more (a tensor of a million float32 values)
+    a mapping of its own, handed back to the OS when freed (glibc ``mallopt``; elsewhere nothing changes).
+
+    glibc's own threshold starts at 128 KiB but rises to the size of any mapped block freed, up to 32 MiB, after
+    which freed tensors below that size stay in the heap, which returns only its top: a Qwen2.5-1.5B run in
+    float32 ended its statistics pass with 1.2 GiB more of them than it began with, and kept them through scoring
+    and pruning. A fixed threshold stops that rise; it also fixes the top's trim threshold at its 128 KiB start
+    unless set too, and the heap's top then shrinks and grows again at every step (the statistics pass of four
+    1.5B layers took 18% longer), hence ``HEAP_TRIM_THRESHOLD``: what glibc's own rule, twice the mmap threshold,
+    gives at its 32 MiB."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD)
+
+
 MADV_DONTNEED = 4
 """Linux madvise advice: the pages are not needed; a private file mapping's pages are read from the file again."""
 

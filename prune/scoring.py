@@ -45,7 +45,14 @@ from transformers import PreTrainedModel
 from prune.blocks import LINEAR_NAMES, BlockShape, decoder_layers, layer_linears, split_fused_projections
 from prune.placement import resident
 from prune.reconstruct import removal_errors, second_moment
-from prune.statistics import INPUT_SITE_OF_LINEAR, ActivationStatistics, Statistic, row_col_reductions
+from prune.statistics import (
+    INPUT_SITE_OF_LINEAR,
+    INPUT_SITES,
+    ActivationStatistics,
+    Statistic,
+    StatisticsError,
+    row_col_reductions,
+)
 
 
 @dataclass
@@ -133,12 +140,19 @@ def reconstruction_error_scores(
         x_sum = statistics.get(layer, f"{site}.x_sum")
         # on the weights' device (a model on a GPU solves there, not on the host's cores); passed without
         # a name, so that removal_errors holds the only reference and frees it once factorised
-        return removal_errors(
-            linear.weight,
-            second_moment(statistics.get(layer, f"{site}.xxt"), x_sum, statistics.tokens, linear.weight.device),
-            groups,
-            damping,
-        )
+        try:
+            return removal_errors(
+                linear.weight,
+                second_moment(statistics.get(layer, f"{site}.xxt"), x_sum, statistics.tokens, linear.weight.device),
+                groups,
+                damping,
+            )
+        except torch.linalg.LinAlgError:  # fewer calibration tokens than features, and too little damping
+            raise StatisticsError(
+                f"scoring: the second moment of layer {layer}'s {INPUT_SITES[site]} input ({len(x_sum):,} features, "
+                f"from {statistics.tokens:,} calibration tokens) is not positive definite with pruning.damping "
+                f"{damping:g}: raise pruning.damping or calibration.samples"
+            ) from None
 
     linears = layer_linears(layer_module)
     o_proj, down_proj = linears["o_proj"], linears["down_proj"]

@@ -186,15 +186,75 @@ def test_a_run_its_device_cannot_hold_stops_before_loading_the_weights(tmp_path,
     ]
 
 
+HEAP_HOLES = """
+import sys
+from pathlib import Path
+
+import torch
+
+from prune.memory import give_large_frees_back
+
+def anonymous_bytes():
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(status["RssAnon"].split()[0]) * 1024
+
+if sys.argv[1] == "given back":
+    give_large_frees_back()
+block = torch.ones(30 * 2**18)  # 30 MiB, mapped; freed, it raises glibc's threshold to its size
+del block
+start = anonymous_bytes()
+tensors = [torch.ones(2**21) for _ in range(100)]  # 8 MiB each
+kept = tensors[::2]  # every other one stays alive: the freed ones are holes, not the heap's top
+del tensors
+print((anonymous_bytes() - start) / (50 * 2**23))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or platform.system() != "Linux", reason="glibc mallopt and /proc")
+def test_freed_large_tensors_go_back_to_the_os():
+    def held_over_live(mode: str) -> float:
+        command = [sys.executable, "-c", HEAP_HOLES, mode]
+        return float(subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO).stdout)
+
+    assert held_over_live("glibc's default") > 1.7  # the 50 freed 8 MiB tensors stay resident beside the 50 live
+    assert held_over_live("given back") < 1.2
+
+
+def test_the_finite_check_reads_a_parameter_in_chunks_and_finds_the_last_element(monkeypatch):
+    from conftest import tiny_model
+
+    import prune.models
+    from prune.models import ModelSourceError, check_finite
+
+    model = tiny_model("llama", layers=2, ffn=64)
+    checked_sizes = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(prune.models, "FINITE_CHECK_ELEMENTS", 100)
+    monkeypatch.setattr(torch, "isfinite", lambda x: checked_sizes.append(x.numel()) or isfinite(x))
+    check_finite(model)
+    assert max(checked_sizes) == 100
+    per_module = [p for m in model.modules() for p in m.parameters(recurse=False)]  # a tied weight twice
+    assert sum(checked_sizes) == sum(p.numel() for p in per_module)  # every element of every parameter
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[-1, -1] = float("inf")  # the last chunk of that parameter
+    with pytest.raises(ModelSourceError, match="model.layers.1.mlp.down_proj.weight hold NaN or infinite"):
+        check_finite(model)
+
+
 def test_bfloat16_on_a_cpu_without_its_instructions_is_noted(monkeypatch):
     import prune.estimate
     from prune.estimate import slow_dtype_note
 
     recipe = load_recipe(REPO / "recipes" / "qwen2.5_coder_1.5b_20pct.yaml", ["model.device=cpu"])  # bfloat16
     monkeypatch.setattr(prune.estimate, "cpu_has_bfloat16_instructions", lambda: False)
+    monkeypatch.setattr(prune.estimate, "bfloat16_product_slowdown", lambda: 68.4)
     note = slow_dtype_note(recipe)
     assert note is not None and note.startswith("note: model.dtype bfloat16 on a CPU without bfloat16 instructions")
-    assert slow_dtype_note(recipe_from_mapping(recipe_to_dict(recipe), ("model.dtype=float32",))) is None
+    assert "a matrix product took 68x as long as in float32 here" in note
+    float32 = recipe_from_mapping(recipe_to_dict(recipe), ("model.dtype=float32",))
+    assert slow_dtype_note(float32) is None  # the recipe's zero-shot (bfloat16) is disabled
+    zeroshot = recipe_from_mapping(recipe_to_dict(float32), ("evaluation.zeroshot.enabled=true",))
+    assert str(slow_dtype_note(zeroshot)).startswith("note: evaluation.zeroshot.dtype bfloat16 on a CPU without")
     monkeypatch.setattr(prune.estimate, "cpu_has_bfloat16_instructions", lambda: True)
     assert slow_dtype_note(recipe) is None
 
@@ -206,6 +266,7 @@ def test_the_dry_run_lists_the_slow_dtype_note(tmp_path, tiny_files, monkeypatch
     recipe = tiny_recipe(tiny_files, tmp_path / "out", tmp_path / "cache")
     prepared = prepare(recipe_from_mapping(recipe, ("model.dtype=bfloat16",)))
     monkeypatch.setattr(prune.estimate, "cpu_has_bfloat16_instructions", lambda: False)
+    monkeypatch.setattr(prune.estimate, "bfloat16_product_slowdown", lambda: 5.2)
     notes = yaml.safe_load(dry_run_text(prepared))["notes"]
     assert len(notes) == 1 and notes[0].startswith("note: model.dtype bfloat16 on a CPU without bfloat16")
     monkeypatch.setattr(prune.estimate, "cpu_has_bfloat16_instructions", lambda: True)

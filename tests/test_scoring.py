@@ -10,7 +10,7 @@ from prune import reconstruct
 from prune.blocks import block_shape, decoder_layers
 from prune.reconstruct import removal_errors, second_moment
 from prune.scoring import score_units
-from prune.statistics import collect_statistics
+from prune.statistics import StatisticsError, collect_statistics
 
 
 def _unit_weights(layer, d, g):
@@ -156,6 +156,20 @@ def test_obs_scores_equal_the_error_of_an_explicit_refit():
             obs[i].ffn_channels, torch.tensor(expected_channels, dtype=torch.float64), rtol=1e-6, atol=1e-12
         )
         assert float(obs[i].ffn_channels.min()) > 0
+
+
+def test_a_second_moment_that_is_not_positive_definite_stops_scoring_in_one_line():
+    model = tiny_model()
+    shape = block_shape(model.config)
+    stats = collect_statistics(model, random_tokens(3, 16), "max_logit", ALL_STATISTICS, progress=False)
+    stats.tensors["layers.1.down_in.xxt"][5, 5] = -1.0  # as float32 rounding can leave a rank-deficient sum
+    with pytest.raises(StatisticsError) as error:
+        score_units(model, shape, "obs", "sum", stats, 1e-4)
+    features = model.config.intermediate_size
+    assert str(error.value) == (
+        f"scoring: the second moment of layer 1's down_proj input ({features} features, from 48 calibration "
+        "tokens) is not positive definite with pruning.damping 0.0001: raise pruning.damping or calibration.samples"
+    )
 
 
 def test_activation_obs_is_the_product_of_relative_scores():
