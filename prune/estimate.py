@@ -102,7 +102,7 @@ def cpu_has_bfloat16_instructions() -> bool:
 
 def bfloat16_product_slowdown() -> float:
     """How many times longer a [128, 1024] x [1024, 1024] matrix product takes in bfloat16 than in float32 on this
-    CPU (the best of 3 timings of each; about 1.5 s in all on a CPU that converts bfloat16 in software)."""
+    CPU (the best of 3 timings of each; 1.8 s in all on a 2-core CPU that converts bfloat16 in software)."""
     times = {}
     generator = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
