@@ -31,7 +31,8 @@ row splits into whole blocks; another matrix whose rows do not (``attn_output`` 
 no multiple of 32) is written in float16, and the result lists it. llama.cpp's quantizer makes the same
 kind of per-tensor fallback for k-quants (blocks of 256), and the result lists the types it chose.
 Tokenizer metadata is copied from the source GGUF file when the model came from one, otherwise built
-from the Hugging Face tokenizer (byte-level BPE tokenizers), as llama.cpp's converter does.
+from the Hugging Face tokenizer (byte-level BPE tokenizers), as llama.cpp's converter does, with the
+pre-tokenizer named by what it does (:func:`pre_tokenizer_name`).
 """
 
 from __future__ import annotations
@@ -261,10 +262,21 @@ def copy_tokenizer(writer: gguf.GGUFWriter, source: Path) -> None:
             writer.add_key_value(name, value.contents(), value.types[0], sub_type)
 
 
+# llama.cpp's pre-tokenizer names by the regular expression of a tokenizer.json ``Split`` step (followed by
+# ByteLevel without its own regex): each is the "original regex from tokenizer.json" that llama.cpp's
+# src/llama-vocab.cpp gives for the pre-tokenizer type it loads under that name (llama-cpp-python 0.3.36)
+SPLIT_REGEX_PRE_TOKENIZERS = {
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""": "llama-bpe",  # noqa: E501 (Llama 3)
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""": "qwen2",  # noqa: E501 (Qwen2, Qwen2.5, Qwen3)
+}
+
+
 def pre_tokenizer_name(tokenizer_json: dict) -> str | None:
     """llama.cpp's name of a byte-level BPE tokenizer's pre-tokenizer, or None when not recognised.
 
-    Plain byte-level splitting is ``gpt-2``; single digits split first, then byte-level, is ``smollm``.
+    Plain byte-level splitting is ``gpt-2``; single digits split first, then byte-level, is ``smollm``; a
+    ``Split`` by one of the regular expressions of ``SPLIT_REGEX_PRE_TOKENIZERS``, then byte-level without its
+    own regex, is the name that table gives (``llama-bpe``, ``qwen2``).
     """
     pre = tokenizer_json.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
@@ -273,6 +285,11 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str | None:
         return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
         return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        split = steps[0]
+        regex = (split.get("pattern") or {}).get("Regex", "")
+        if split.get("behavior") == "Isolated" and not split.get("invert"):
+            return SPLIT_REGEX_PRE_TOKENIZERS.get(regex)
     return None
 
 

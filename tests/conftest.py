@@ -211,13 +211,27 @@ def word_text(words: int, seed: int) -> str:
     return " ".join(rng.choice(WORDS) + ("." if rng.random() < 0.1 else "") for _ in range(words))
 
 
-def byte_level_tokenizer(vocab: int = 300):
-    """A GPT-2 style byte-level BPE tokenizer trained in code on :func:`word_text` (``vocab`` ids, EOS last special)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def byte_level_tokenizer(
+    vocab: int = 300, split_regex: str | None = None, ignore_merges: bool = False, extra_text: str = ""
+):
+    """A GPT-2 style byte-level BPE tokenizer trained in code on :func:`word_text` and ``extra_text`` (``vocab``
+    ids, EOS last special).
+
+    With ``split_regex``, the text is split by that regular expression before byte-level BPE (the pre-tokenizer of
+    Llama 3 and Qwen2 tokenizers); ``ignore_merges`` takes a whole word in the vocabulary as one token (Llama 3)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    if split_regex is None:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split_regex), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab,
@@ -225,7 +239,7 @@ def byte_level_tokenizer(vocab: int = 300):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator([word_text(3000, seed=0)], trainer)
+    tokenizer.train_from_iterator([word_text(3000, seed=0), extra_text], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 

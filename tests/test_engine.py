@@ -16,7 +16,7 @@ from eval.engine import (
     window_nll,
 )
 from eval.perplexity import perplexity
-from prune.gguf_export import write_gguf
+from prune.gguf_export import SPLIT_REGEX_PRE_TOKENIZERS, write_gguf
 from prune.pruner import prune_model
 
 pytestmark = [
@@ -68,6 +68,36 @@ def test_f32_file_gives_the_models_logits_and_greedy_tokens(tmp_path, family):
         ]
     assert np.abs(logits - expected).max() < 1e-4 * np.abs(expected).max()
     assert engine_tokens == model_tokens
+
+
+# the text llama.cpp's converter tokenizes to tell pre-tokenizers apart (convert_hf_to_gguf.py), and some words
+PRE_TOKENIZER_CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 "
+    "3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you "
+    "sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL "
+)
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2"])
+def test_the_files_tokenizer_splits_text_as_the_hugging_face_tokenizer_does(tmp_path, pre):
+    from llama_cpp import Llama
+
+    regex = {name: pattern for pattern, name in SPLIT_REGEX_PRE_TOKENIZERS.items()}.get(pre)
+    # trained on the check text too, so that its merges join what one pre-tokenizer keeps together and another splits
+    tokenizer = byte_level_tokenizer(
+        600, split_regex=regex, ignore_merges=pre == "llama-bpe", extra_text=PRE_TOKENIZER_CHECK_TEXT * 20
+    )
+    model = tiny_model("llama", layers=1, vocab=len(tokenizer), ffn=32)
+    written = write_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    assert f"pre-tokenizer {pre})" in written.notes[0]
+    text = PRE_TOKENIZER_CHECK_TEXT + word_text(200, seed=4)
+    llm = Llama(str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    try:
+        engine_ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+    finally:
+        llm.close()
+    assert engine_ids == tokenizer(text, add_special_tokens=False).input_ids
 
 
 def test_zero_channels_that_pad_the_ffn_change_no_logit(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import MIXED_PLANS, byte_level_tokenizer, tiny_model
 
-from prune.gguf_export import GgufExportError, to_rotate_halves, to_rotate_pairs, write_gguf
+from prune.gguf_export import SPLIT_REGEX_PRE_TOKENIZERS, GgufExportError, to_rotate_halves, to_rotate_pairs, write_gguf
 from prune.pruner import prune_model
 
 
@@ -158,6 +158,18 @@ def test_the_export_holds_one_tensors_bytes_at_a_time_not_the_files(tmp_path, mo
     file_bytes = (tmp_path / "m.gguf").stat().st_size
     assert file_bytes > 30 * largest and peak < 6 * largest, (peak, file_bytes)
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # the temporary file is gone
+
+
+@pytest.mark.parametrize(
+    ("split_regex", "pre"),
+    [(pattern, name) for pattern, name in SPLIT_REGEX_PRE_TOKENIZERS.items()] + [(r"\p{L}+|\s+", "default")],
+)
+def test_a_split_pre_tokenizer_is_named_by_its_regex_or_written_as_the_default(tmp_path, split_regex, pre):
+    tokenizer = byte_level_tokenizer(split_regex=split_regex)
+    model = tiny_model("llama", layers=1, vocab=len(tokenizer), ffn=32)
+    written = write_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    assert _fields(gguf.GGUFReader(tmp_path / "m.gguf"))["tokenizer.ggml.pre"] == pre
+    assert ("not one the export recognises" in written.notes[0]) == (pre == "default")
 
 
 def test_tokenizer_keys_copy_from_a_source_file_and_bad_types_are_refused(tmp_path):
