@@ -31,8 +31,8 @@ row splits into whole blocks; another matrix whose rows do not (``attn_output`` 
 no multiple of 32) is written in float16, and the result lists it. llama.cpp's quantizer makes the same
 kind of per-tensor fallback for k-quants (blocks of 256), and the result lists the types it chose.
 Tokenizer metadata is copied from the source GGUF file when the model came from one, otherwise built
-from the Hugging Face tokenizer (byte-level BPE tokenizers), as llama.cpp's converter does, with the
-pre-tokenizer named by what it does (:func:`pre_tokenizer_name`).
+from the Hugging Face tokenizer as llama.cpp's converter does (:func:`add_hf_tokenizer`: byte-level BPE,
+or SentencePiece-style BPE with byte fallback).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -294,27 +295,51 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str | None:
 
 
 def add_hf_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> str:
-    """The ``tokenizer.*`` keys of a Hugging Face byte-level BPE tokenizer (``gpt2`` model in llama.cpp).
+    """The ``tokenizer.*`` keys of a Hugging Face BPE tokenizer, as llama.cpp's converter writes them: byte-level
+    BPE (GPT-2 style: llama.cpp's ``gpt2`` model, :func:`add_byte_level_bpe`) or SentencePiece-style BPE with byte
+    fallback (Llama 2, Mistral: its ``llama`` model, :func:`add_sentencepiece_bpe`).
 
-    Token types as llama.cpp's converter sets them: special added tokens CONTROL, other added tokens
-    USER_DEFINED, ids the tokenizer lacks (the model's vocabulary may be larger) UNUSED, the rest NORMAL.
-    Merges, special token ids and the chat template come from ``gguf.SpecialVocab``. Returns a note on
-    the pre-tokenizer.
+    Special token ids and the chat template come from ``gguf.SpecialVocab``. Returns a note on the tokenizer.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise GgufExportError("the tokenizer is not a fast (tokenizers) tokenizer; the GGUF export needs one")
     description = json.loads(backend.to_str())
-    if description["model"]["type"] != "BPE" or (description.get("decoder") or {}).get("type") != "ByteLevel":
+    model = description["model"]
+    byte_level = (description.get("decoder") or {}).get("type") == "ByteLevel"
+    if model["type"] == "BPE" and byte_level:
+        note = add_byte_level_bpe(writer, tokenizer, description, vocab_size)
+    elif model["type"] == "BPE" and model.get("byte_fallback"):
+        note = add_sentencepiece_bpe(writer, tokenizer, description, vocab_size)
+    else:
         raise GgufExportError(
-            f"the tokenizer is {description['model']['type']} without byte-level decoding; the GGUF export "
-            "writes byte-level BPE tokenizers (GPT-2 style) only"
+            f"the tokenizer is {model['type']} without byte-level decoding or byte fallback; the GGUF export writes "
+            "byte-level BPE (GPT-2 style) and SentencePiece-style BPE with byte fallback (Llama 2, Mistral) tokenizers"
         )
+    with tempfile.TemporaryDirectory() as directory:
+        tokenizer.save_pretrained(directory)
+        special = gguf.SpecialVocab(directory, load_merges=byte_level, n_vocab=vocab_size)
+    bos = tokenizer.bos_token_id
+    special.add_special_token["bos"] = bos is not None and tokenizer("a").input_ids[:1] == [bos]  # as it tokenizes
+    special.add_to_gguf(writer, quiet=True)
+    return note
+
+
+def _tokens_by_id(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> list[str | None]:
+    """Each id's token text, None for ids the tokenizer lacks (the model's vocabulary may be larger)."""
+    by_id = {i: token for token, i in tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True).items()}
+    return [by_id.get(i) for i in range(vocab_size)]
+
+
+def add_byte_level_bpe(
+    writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, description: dict, vocab_size: int
+) -> str:
+    """llama.cpp's ``gpt2`` tokenizer model. Token types as llama.cpp's converter sets them: special added tokens
+    CONTROL, other added tokens USER_DEFINED, ids the tokenizer lacks UNUSED, the rest NORMAL; the merges
+    (through ``gguf.SpecialVocab``) and the pre-tokenizer's name (:func:`pre_tokenizer_name`)."""
     added = {token.content: token for token in tokenizer.added_tokens_decoder.values()}
-    by_id = {i: token for token, i in backend.get_vocab(with_added_tokens=True).items()}
     tokens, types = [], []
-    for i in range(vocab_size):
-        token = by_id.get(i)
+    for i, token in enumerate(_tokens_by_id(tokenizer, vocab_size)):
         if token is None:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
@@ -329,14 +354,61 @@ def add_hf_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase
     writer.add_tokenizer_pre(pre or "default")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    with tempfile.TemporaryDirectory() as directory:
-        tokenizer.save_pretrained(directory)
-        gguf.SpecialVocab(directory, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
-    bos = tokenizer.bos_token_id
-    writer.add_add_bos_token(bos is not None and tokenizer("a").input_ids[:1] == [bos])
     if pre is None:
         return "tokenizer: its pre-tokenizer is not one the export recognises; llama.cpp's default is written"
     return f"tokenizer: from the Hugging Face tokenizer (byte-level BPE, pre-tokenizer {pre})"
+
+
+def prepends_space(description: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer puts ``▁`` before the text (a ``Prepend`` normalizer, or a
+    ``Metaspace`` pre-tokenizer whose prepend scheme is not ``never``): llama.cpp's ``add_space_prefix``."""
+    normalizer = description.get("normalizer") or {}
+    normalizers = normalizer.get("normalizers", [normalizer]) if normalizer.get("type") == "Sequence" else [normalizer]
+    pre = description.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    return any(step.get("type") == "Prepend" for step in normalizers) or any(
+        step.get("type") == "Metaspace" and step.get("prepend_scheme", "always") != "never" for step in steps
+    )
+
+
+def add_sentencepiece_bpe(
+    writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, description: dict, vocab_size: int
+) -> str:
+    """llama.cpp's ``llama`` (SentencePiece) tokenizer model from a BPE ``tokenizer.json`` with byte fallback.
+
+    llama.cpp joins the adjacent pair whose join is the token of highest score, where the Hugging Face tokenizer
+    applies the merge of lowest rank; a token's score is therefore minus the rank of the first merge that makes it
+    (0 for tokens no merge makes). Token types as SentencePiece's: ``<0xXX>`` BYTE, the unknown token UNKNOWN,
+    special added tokens CONTROL, other added tokens USER_DEFINED, ids the tokenizer lacks UNUSED, the rest NORMAL;
+    ``add_space_prefix`` from :func:`prepends_space`."""
+    model = description["model"]
+    first_merge: dict[str, int] = {}
+    for rank, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        first_merge.setdefault(left + right, rank)
+    added = {token.content: token for token in tokenizer.added_tokens_decoder.values()}
+    tokens, scores, types = [], [], []
+    for i, token in enumerate(_tokens_by_id(tokenizer, vocab_size)):
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif token == (model.get("unk_token") or tokenizer.unk_token):
+            tokens.append(token)
+            types.append(gguf.TokenType.UNKNOWN)
+        elif token in added:
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL if added[token].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.BYTE if re.fullmatch(r"<0x[0-9A-F]{2}>", token) else gguf.TokenType.NORMAL)
+        scores.append(-float(first_merge.get(tokens[-1], 0)))
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(prepends_space(description))
+    return "tokenizer: from the Hugging Face tokenizer (SentencePiece-style BPE with byte fallback)"
 
 
 def _matrix_data(tensor: torch.Tensor, tensor_type: TensorType) -> tuple[np.ndarray, GGMLQuantizationType]:

@@ -243,6 +243,31 @@ def byte_level_tokenizer(
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
+def sentencepiece_style_tokenizer(vocab: int = 400):
+    """A Llama 2 tokenizer (transformers' ``LlamaTokenizer``: SentencePiece-style BPE with byte fallback, ``▁`` for
+    spaces and before the text, ``<s>`` first) of pieces trained in code on :func:`word_text`, with a vocabulary and
+    merges as transformers converts a SentencePiece model: ``<unk>``, ``<s>``, ``</s>``, the 256 ``<0xXX>`` byte
+    tokens, the pieces; every split of a piece into two pieces a merge, ranked by the piece's id."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.Metaspace()
+    trained.train_from_iterator(
+        [word_text(3000, seed=0)], trainers.BpeTrainer(vocab_size=vocab - 259, show_progress=False)
+    )
+    pieces = sorted(trained.get_vocab(), key=trained.get_vocab().get)
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    ids = {piece: i for i, piece in enumerate(specials + pieces)}
+    merges = [
+        (piece[:cut], piece[cut:])
+        for piece in pieces
+        for cut in range(1, len(piece))
+        if piece[:cut] in ids and piece[cut:] in ids
+    ]
+    return LlamaTokenizer(vocab=ids, merges=merges, add_bos_token=True)  # as Llama 2's tokenizer_config.json says
+
+
 @pytest.fixture(scope="session")
 def tiny_files(tmp_path_factory) -> dict[str, Path]:
     """A tiny random-weight LLaMA checkpoint with a real tokenizer (``model``), and calibration and evaluation

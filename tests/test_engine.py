@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import MIXED_PLANS, byte_level_tokenizer, tiny_model, word_text
+from conftest import MIXED_PLANS, byte_level_tokenizer, sentencepiece_style_tokenizer, tiny_model, word_text
 
 from eval.engine import (
     ENGINE_UBATCH,
@@ -98,6 +98,25 @@ def test_the_files_tokenizer_splits_text_as_the_hugging_face_tokenizer_does(tmp_
     finally:
         llm.close()
     assert engine_ids == tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_a_sentencepiece_style_tokenizers_file_gives_its_ids(tmp_path):
+    from llama_cpp import Llama
+
+    tokenizer = sentencepiece_style_tokenizer()
+    model = tiny_model("llama", layers=1, vocab=len(tokenizer), ffn=32)
+    write_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    # not a text that starts with a space: transformers' Metaspace then adds no ▁ where SentencePiece and llama.cpp do
+    texts = [PRE_TOKENIZER_CHECK_TEXT + word_text(200, seed=4), word_text(30, seed=5), "two  spaces\nand a line"]
+    llm = Llama(str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    try:
+        engine_ids = [
+            llm.tokenize(text.encode(), add_bos=llm.metadata["tokenizer.ggml.add_bos_token"] == "true", special=False)
+            for text in texts
+        ]
+    finally:
+        llm.close()
+    assert engine_ids == [tokenizer(text).input_ids for text in texts]  # <s> first, as the file says
 
 
 def test_zero_channels_that_pad_the_ffn_change_no_logit(tmp_path):

@@ -1,10 +1,12 @@
 """GGUF export without the engine: the file read back with gguf.GGUFReader equals the checkpoint's tensors."""
 
+import json
+
 import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import MIXED_PLANS, byte_level_tokenizer, tiny_model
+from conftest import MIXED_PLANS, byte_level_tokenizer, sentencepiece_style_tokenizer, tiny_model
 
 from prune.gguf_export import SPLIT_REGEX_PRE_TOKENIZERS, GgufExportError, to_rotate_halves, to_rotate_pairs, write_gguf
 from prune.pruner import prune_model
@@ -170,6 +172,27 @@ def test_a_split_pre_tokenizer_is_named_by_its_regex_or_written_as_the_default(t
     written = write_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
     assert _fields(gguf.GGUFReader(tmp_path / "m.gguf"))["tokenizer.ggml.pre"] == pre
     assert ("not one the export recognises" in written.notes[0]) == (pre == "default")
+
+
+def test_a_sentencepiece_style_tokenizer_is_written_as_llama_cpps_llama_model(tmp_path):
+    tokenizer = sentencepiece_style_tokenizer()
+    model = tiny_model("llama", layers=1, vocab=len(tokenizer) + 4, ffn=32)  # 4 ids the tokenizer lacks
+    written = write_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    fields = _fields(gguf.GGUFReader(tmp_path / "m.gguf"))
+    assert fields["tokenizer.ggml.model"] == "llama" and "SentencePiece-style" in written.notes[0]
+    assert fields["tokenizer.ggml.add_space_prefix"] is True and fields["tokenizer.ggml.add_bos_token"] is True
+    types, tokens = fields["tokenizer.ggml.token_type"], fields["tokenizer.ggml.tokens"]
+    T = gguf.TokenType
+    assert types[:3] == [T.UNKNOWN, T.CONTROL, T.CONTROL] and tokens[3] == "<0x00>"
+    assert types.count(T.BYTE) == 256 and types[-4:] == [T.UNUSED] * 4
+    # a piece's score is minus the rank of the first merge that makes it: later pieces score lower
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    first_rank = {}
+    for rank, (left, right) in enumerate(merges):
+        first_rank.setdefault(left + right, rank)
+    scores = dict(zip(tokens, fields["tokenizer.ggml.scores"], strict=True))
+    assert all(scores[piece] == -rank for piece, rank in first_rank.items())
+    assert len(first_rank) > 50 and scores["<0x41>"] == 0
 
 
 def test_tokenizer_keys_copy_from_a_source_file_and_bad_types_are_refused(tmp_path):
