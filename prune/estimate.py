@@ -47,6 +47,7 @@ from eval.perplexity import LOSS_CHUNK_TOKENS
 from prune.allocation import ALLOCATIONS
 from prune.blocks import BlockShape
 from prune.gguf_export import TENSOR_TYPES
+from prune.models import cpu_has_bfloat16_instructions
 from prune.recipe import Recipe
 from prune.reconstruct import RECONSTRUCTIONS
 from prune.statistics import BACKWARD, Statistic
@@ -93,11 +94,6 @@ def planned_on_cuda(recipe: Recipe) -> bool:
     """Whether the run is to use CUDA: ``model.device`` cuda..., or auto with CUDA present."""
     device = recipe.model.device
     return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-
-
-def cpu_has_bfloat16_instructions() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX, as oneDNN detects them)."""
-    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def bfloat16_product_slowdown() -> float:

@@ -265,6 +265,11 @@ def check_finite(model: PreTrainedModel) -> None:
                     raise ModelSourceError(f"model.source: the weights {where} hold NaN or infinite values")
 
 
+def cpu_has_bfloat16_instructions() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX, as oneDNN detects them)."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -5,7 +5,7 @@ import string
 
 import pytest
 import torch
-from conftest import shared_dir
+from conftest import shared_dir, tiny_model
 
 from eval.tasks.local_tasks import choices, joined
 from eval.zeroshot import LOCAL_TASKS, MEAN_TASKS, local_task_config, resolve_source
@@ -109,3 +109,19 @@ def test_harness_log_likelihoods_equal_an_independent_computation(tmp_path):
         assert result["tasks"][task]["acc_stderr"] == pytest.approx((p * (1 - p) / (n - 1)) ** 0.5, rel=1e-9)
         errors.append(result["tasks"][task]["acc_stderr"])
     assert result["mean_stderr"] == pytest.approx((errors[0] ** 2 + errors[1] ** 2) ** 0.5 / 2, rel=1e-12)
+
+
+def test_bfloat16_if_fast_scores_in_bfloat16_only_where_the_hardware_multiplies_it(monkeypatch):
+    import eval.stages.zeroshot
+    import prune.models
+    from eval.stages.zeroshot import scoring_dtype
+
+    model = tiny_model("llama", layers=1)  # float32, on the CPU
+    monkeypatch.setattr(prune.models, "cpu_has_bfloat16_instructions", lambda: False)
+    assert scoring_dtype("bfloat16-if-fast", model) == torch.float32
+    assert scoring_dtype("auto", model) == torch.float32 and scoring_dtype("bfloat16", model) == torch.bfloat16
+    monkeypatch.setattr(prune.models, "cpu_has_bfloat16_instructions", lambda: True)
+    assert scoring_dtype("bfloat16-if-fast", model) == torch.bfloat16
+    monkeypatch.setattr(prune.models, "cpu_has_bfloat16_instructions", lambda: False)
+    monkeypatch.setattr(eval.stages.zeroshot, "input_device", lambda m: torch.device("cuda"))
+    assert scoring_dtype("bfloat16-if-fast", model) == torch.bfloat16
