@@ -83,11 +83,14 @@ class StageMemory:
 
 
 def planned_dtype(recipe: Recipe) -> torch.dtype:
-    """The dtype the run will load the model in: ``model.dtype``, or for ``auto`` bfloat16 when the run is to
-    use CUDA (``model.device`` cuda..., or auto with CUDA present), else float32."""
-    if recipe.model.dtype != "auto":
-        return getattr(torch, recipe.model.dtype)
-    return torch.bfloat16 if planned_on_cuda(recipe) else torch.float32
+    """The dtype the run will load the model in: ``model.dtype``; for ``auto`` bfloat16 when the run is to use
+    CUDA (``model.device`` cuda..., or auto with CUDA present), else float32; for ``bfloat16-if-fast`` bfloat16
+    also on a CPU with bfloat16 instructions."""
+    if recipe.model.dtype == "auto":
+        return torch.bfloat16 if planned_on_cuda(recipe) else torch.float32
+    if recipe.model.dtype == "bfloat16-if-fast":
+        return torch.bfloat16 if planned_on_cuda(recipe) or cpu_has_bfloat16_instructions() else torch.float32
+    return getattr(torch, recipe.model.dtype)
 
 
 def planned_on_cuda(recipe: Recipe) -> bool:

@@ -270,9 +270,18 @@ def cpu_has_bfloat16_instructions() -> bool:
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def bfloat16_is_fast(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware: CUDA, or a CPU with bfloat16 instructions."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_bfloat16_instructions())
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``model.dtype`` on ``device``: ``auto`` is bfloat16 on CUDA and float32 elsewhere; ``bfloat16-if-fast``
+    bfloat16 where :func:`bfloat16_is_fast`, else float32."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "bfloat16-if-fast":
+        return torch.bfloat16 if bfloat16_is_fast(device) else torch.float32
     return getattr(torch, dtype)
 
 

@@ -54,8 +54,9 @@ EXPORT_FORMATS = names_among(
 class ModelSection:
     source: str = "smollm2-135m"
     """Hub id, local checkpoint directory, ``.gguf`` file, or the alias ``smollm2-135m``."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """``auto``: bfloat16 on CUDA, float32 on CPU."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "bfloat16-if-fast"] = "auto"
+    """``auto``: bfloat16 on CUDA, float32 on CPU; ``bfloat16-if-fast``: bfloat16 on CUDA and on CPUs with bfloat16
+    instructions (AVX512-BF16 or AMX), float32 on other CPUs (which convert each bfloat16 product in software)."""
     device: str = ruled(matching(r"auto|cpu|cuda(:\d+)?", "must be auto, cpu, cuda or cuda:N"), "auto")
     """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
     device_map: str | dict[str, int | str] | None = None

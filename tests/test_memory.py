@@ -243,20 +243,24 @@ def test_the_finite_check_reads_a_parameter_in_chunks_and_finds_the_last_element
 
 def test_bfloat16_on_a_cpu_without_its_instructions_is_noted(monkeypatch):
     import prune.estimate
-    from prune.estimate import slow_dtype_note
+    from prune.estimate import planned_dtype, slow_dtype_note
 
-    recipe = load_recipe(REPO / "recipes" / "qwen2.5_coder_1.5b_20pct.yaml", ["model.device=cpu"])  # bfloat16
+    recipe = load_recipe(
+        REPO / "recipes" / "qwen2.5_coder_1.5b_20pct.yaml", ["model.device=cpu", "model.dtype=bfloat16"]
+    )
     monkeypatch.setattr(prune.estimate, "cpu_has_bfloat16_instructions", lambda: False)
     monkeypatch.setattr(prune.estimate, "bfloat16_product_slowdown", lambda: 68.4)
     note = slow_dtype_note(recipe)
     assert note is not None and note.startswith("note: model.dtype bfloat16 on a CPU without bfloat16 instructions")
     assert "a matrix product took 68x as long as in float32 here" in note
-    float32 = recipe_from_mapping(recipe_to_dict(recipe), ("model.dtype=float32",))
-    assert slow_dtype_note(float32) is None  # the recipe's zero-shot (bfloat16) is disabled
+    float32 = recipe_from_mapping(recipe_to_dict(recipe), ("model.dtype=float32", "evaluation.zeroshot.dtype=bfloat16"))
+    assert slow_dtype_note(float32) is None  # its zero-shot is disabled
+    as_fast = recipe_from_mapping(recipe_to_dict(recipe), ("model.dtype=bfloat16-if-fast",))
+    assert slow_dtype_note(as_fast) is None and planned_dtype(as_fast) == torch.float32  # the recipe as shipped
     zeroshot = recipe_from_mapping(recipe_to_dict(float32), ("evaluation.zeroshot.enabled=true",))
     assert str(slow_dtype_note(zeroshot)).startswith("note: evaluation.zeroshot.dtype bfloat16 on a CPU without")
     monkeypatch.setattr(prune.estimate, "cpu_has_bfloat16_instructions", lambda: True)
-    assert slow_dtype_note(recipe) is None
+    assert slow_dtype_note(recipe) is None and planned_dtype(as_fast) == torch.bfloat16
 
 
 def test_the_dry_run_lists_the_slow_dtype_note(tmp_path, tiny_files, monkeypatch):  # noqa: F811

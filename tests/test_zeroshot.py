@@ -111,17 +111,21 @@ def test_harness_log_likelihoods_equal_an_independent_computation(tmp_path):
     assert result["mean_stderr"] == pytest.approx((errors[0] ** 2 + errors[1] ** 2) ** 0.5 / 2, rel=1e-12)
 
 
-def test_bfloat16_if_fast_scores_in_bfloat16_only_where_the_hardware_multiplies_it(monkeypatch):
+def test_bfloat16_if_fast_is_bfloat16_only_where_the_hardware_multiplies_it(monkeypatch):
     import eval.stages.zeroshot
     import prune.models
     from eval.stages.zeroshot import scoring_dtype
 
     model = tiny_model("llama", layers=1)  # float32, on the CPU
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(prune.models, "cpu_has_bfloat16_instructions", lambda: False)
     assert scoring_dtype("bfloat16-if-fast", model) == torch.float32
+    assert prune.models.resolve_dtype("bfloat16-if-fast", cpu) == torch.float32  # model.dtype's value alike
+    assert prune.models.resolve_dtype("bfloat16-if-fast", cuda) == torch.bfloat16
     assert scoring_dtype("auto", model) == torch.float32 and scoring_dtype("bfloat16", model) == torch.bfloat16
     monkeypatch.setattr(prune.models, "cpu_has_bfloat16_instructions", lambda: True)
     assert scoring_dtype("bfloat16-if-fast", model) == torch.bfloat16
+    assert prune.models.resolve_dtype("bfloat16-if-fast", cpu) == torch.bfloat16
     monkeypatch.setattr(prune.models, "cpu_has_bfloat16_instructions", lambda: False)
     monkeypatch.setattr(eval.stages.zeroshot, "input_device", lambda m: torch.device("cuda"))
     assert scoring_dtype("bfloat16-if-fast", model) == torch.bfloat16

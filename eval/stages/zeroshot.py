@@ -117,8 +117,7 @@ def scoring_dtype(setting: str, model: Any) -> torch.dtype:
     if setting == "auto":
         return next(model.parameters()).dtype
     if setting == "bfloat16-if-fast":
-        fast = input_device(model).type == "cuda" or prune.models.cpu_has_bfloat16_instructions()
-        return torch.bfloat16 if fast else torch.float32
+        return torch.bfloat16 if prune.models.bfloat16_is_fast(input_device(model)) else torch.float32
     return getattr(torch, setting)
 
 
