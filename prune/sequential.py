@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 from prune.blocks import dense_linears
 from prune.pruner import LayerPlan, LayerRefit, head_rows
 from prune.reconstruct import LinearInputs, lstsq_refit
-from prune.statistics import call_layer, layer_arguments
+from prune.statistics import add_gram, call_layer, filled_gram, layer_arguments
 
 RefitLinear = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """(kept input columns [|K|], weight [out, |K|], bias [out]) of one refit linear."""
@@ -100,10 +100,10 @@ def pruned_inputs(
     tokens = 0
     for state, kwargs in zip(states, arguments, strict=True):
         x = linear_input(layer, linear, state, kwargs, refits).float()
-        xxt += x.T @ x
+        add_gram(xxt, x)
         x_sum += x.double().sum(0)
         tokens += len(x)
-    return LinearInputs(x_sum, xxt, tokens)
+    return LinearInputs(x_sum, filled_gram(xxt), tokens)
 
 
 def fit_linear(

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import scipy.linalg.blas
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -273,6 +274,34 @@ def objective_value(model: PreTrainedModel, input_ids: torch.Tensor, objective: 
     whole forward pass: the reference the layer-by-layer pass is checked against."""
     normed = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
     return objective_from_normed(model, normed, input_ids, objective)
+
+
+def add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
+    """Add xᵀ x to ``total`` [F, F] (float32, contiguous) for the inputs x [T, F] (float32), in place.
+
+    On the CPU only the lower triangle (the diagonal included) is added, by BLAS's symmetric rank-k update (SciPy's
+    ``ssyrk``: half the multiply-adds of a product; at [256, 8,960] 0.13 s against 0.30 for ``addmm_`` and 0.65 for
+    a product and a sum on a 2-core AVX2 CPU); :func:`filled_gram` copies it to the upper triangle once every input
+    has been added. Elsewhere the whole matrix, by ``addmm_``."""
+    if total.device.type == "cpu":
+        # ssyrk on the column-major view of ``total`` (its transpose) fills that view's upper triangle: our lower one
+        scipy.linalg.blas.ssyrk(
+            1.0, x.detach().contiguous().numpy().T, beta=1.0, c=total.numpy().T, trans=0, lower=0, overwrite_c=1
+        )
+    else:
+        total.addmm_(x.T, x)
+
+
+def filled_gram(total: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """``total``, a sum of :func:`add_gram`, made whole in place: its upper triangle set from its lower one, ``block``
+    rows at a time (no [F, F] temporary). A matrix already whole (symmetric) is left as it is."""
+    features = len(total)
+    for start in range(0, features, block):
+        end = min(start + block, features)
+        total[start:end, end:] = total[end:, start:end].T
+        diagonal = total[start:end, start:end]
+        diagonal.copy_(torch.tril(diagonal) + torch.tril(diagonal, -1).T)
+    return total
 
 
 def row_col_reductions(score: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -596,8 +625,10 @@ def collect_statistics(
             add(f"{prefix}.x_sum", x64.sum(0))
             add(f"{prefix}.x_sumsq", (x64 * x64).sum(0))
             if with_covariance:
-                x32 = x.float()
-                add(f"{prefix}.xxt", x32.T @ x32)
+                key = f"{prefix}.xxt"
+                if key not in accumulated:
+                    accumulated[key] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                add_gram(accumulated[key], x.float())
 
         return hook
 
@@ -626,6 +657,9 @@ def collect_statistics(
     def inputs_done(i: int) -> None:
         layer_tensors = {k: processes.sum(accumulated[k]).float().cpu() for k in sorted(accumulated)}
         accumulated.clear()
+        for key in layer_tensors:
+            if key.endswith(".xxt"):
+                filled_gram(layer_tensors[key])
         if store is not None and covariances:
             moments = {k: layer_tensors.pop(k) for k in list(layer_tensors) if k.endswith(".xxt")}
             if processes.main:

@@ -7,7 +7,16 @@ from conftest import ALL_STATISTICS, BASIC_STATISTICS, random_tokens, tiny_model
 from prune.allocation import activated_count
 from prune.blocks import LINEAR_NAMES, decoder_layers, layer_linears, split_fused_projections
 from prune.paths import DamagedCacheError
-from prune.statistics import HIST_MIN, HIST_WIDTH, ActivationStatistics, Statistic, collect_statistics, objective_value
+from prune.statistics import (
+    HIST_MIN,
+    HIST_WIDTH,
+    ActivationStatistics,
+    Statistic,
+    add_gram,
+    collect_statistics,
+    filled_gram,
+    objective_value,
+)
 
 
 def _brute_force_mean_activation(model, samples, objective):
@@ -160,3 +169,18 @@ def test_second_moments_in_layer_files_and_hidden_states_in_scratch_files_change
     layer_file.unlink()
     with pytest.raises(DamagedCacheError, match="second-moments-1.safetensors is missing"):
         ActivationStatistics.load(tmp_path / "s")
+
+
+def test_gram_sums_add_the_lower_triangle_on_the_cpu_and_fill_to_x_transpose_x():
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(37, 301, generator=generator) for _ in range(3)]
+    total = torch.zeros(301, 301)
+    for x in inputs:
+        add_gram(total, x)
+    assert torch.triu(total, 1).count_nonzero() == 0  # the symmetric rank-k update: lower triangle only
+    expected = sum(x.T @ x for x in inputs)
+    filled = filled_gram(total, block=64)  # 301 features: a last block of 45
+    assert filled is total and torch.equal(filled, filled.T)
+    torch.testing.assert_close(filled, expected, rtol=1e-5, atol=1e-4)
+    whole = (expected + expected.T) / 2  # what addmm_ adds on CUDA: the whole (symmetric) matrix
+    assert torch.equal(filled_gram(whole.clone(), block=64), whole)
