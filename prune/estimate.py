@@ -42,12 +42,12 @@ from dataclasses import dataclass
 
 import torch
 
+import prune.models
 from eval.engine import ENGINE_UBATCH, WINDOW_NLL_ROWS
 from eval.perplexity import LOSS_CHUNK_TOKENS
 from prune.allocation import ALLOCATIONS
 from prune.blocks import BlockShape
 from prune.gguf_export import TENSOR_TYPES
-from prune.models import cpu_has_bfloat16_instructions
 from prune.recipe import Recipe
 from prune.reconstruct import RECONSTRUCTIONS
 from prune.statistics import BACKWARD, Statistic
@@ -86,11 +86,7 @@ def planned_dtype(recipe: Recipe) -> torch.dtype:
     """The dtype the run will load the model in: ``model.dtype``; for ``auto`` bfloat16 when the run is to use
     CUDA (``model.device`` cuda..., or auto with CUDA present), else float32; for ``bfloat16-if-fast`` bfloat16
     also on a CPU with bfloat16 instructions."""
-    if recipe.model.dtype == "auto":
-        return torch.bfloat16 if planned_on_cuda(recipe) else torch.float32
-    if recipe.model.dtype == "bfloat16-if-fast":
-        return torch.bfloat16 if planned_on_cuda(recipe) or cpu_has_bfloat16_instructions() else torch.float32
-    return getattr(torch, recipe.model.dtype)
+    return prune.models.resolve_dtype(recipe.model.dtype, torch.device("cuda" if planned_on_cuda(recipe) else "cpu"))
 
 
 def planned_on_cuda(recipe: Recipe) -> bool:
@@ -132,7 +128,7 @@ def slow_dtype_note(recipe: Recipe) -> str | None:
         )
         if bfloat16
     ]
-    if planned_on_cuda(recipe) or not keys or cpu_has_bfloat16_instructions():
+    if planned_on_cuda(recipe) or not keys or prune.models.cpu_has_bfloat16_instructions():
         return None
     return (
         f"note: {' and '.join(keys)} bfloat16 on a CPU without bfloat16 instructions (AVX512-BF16 or AMX): a matrix "

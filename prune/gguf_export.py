@@ -325,30 +325,40 @@ def add_hf_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase
     return note
 
 
-def _tokens_by_id(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> list[str | None]:
-    """Each id's token text, None for ids the tokenizer lacks (the model's vocabulary may be larger)."""
+def tokens_and_types(
+    tokenizer: PreTrainedTokenizerBase, description: dict, vocab_size: int, sentencepiece: bool
+) -> tuple[list[str], list[gguf.TokenType]]:
+    """Each id's token text and llama.cpp token type, as its converter sets them: ids the tokenizer lacks (the
+    model's vocabulary may be larger) ``[PADi]`` UNUSED, special added tokens CONTROL, other added tokens
+    USER_DEFINED, the rest NORMAL; with ``sentencepiece``, also the unknown token UNKNOWN and ``<0xXX>`` BYTE."""
     by_id = {i: token for token, i in tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True).items()}
-    return [by_id.get(i) for i in range(vocab_size)]
+    added = {token.content: token for token in tokenizer.added_tokens_decoder.values()}
+    unknown = description["model"].get("unk_token") or tokenizer.unk_token
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = by_id.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(token)
+        if sentencepiece and token == unknown:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif token in added:
+            types.append(gguf.TokenType.CONTROL if added[token].special else gguf.TokenType.USER_DEFINED)
+        elif sentencepiece and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            types.append(gguf.TokenType.BYTE)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
 
 
 def add_byte_level_bpe(
     writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, description: dict, vocab_size: int
 ) -> str:
-    """llama.cpp's ``gpt2`` tokenizer model. Token types as llama.cpp's converter sets them: special added tokens
-    CONTROL, other added tokens USER_DEFINED, ids the tokenizer lacks UNUSED, the rest NORMAL; the merges
-    (through ``gguf.SpecialVocab``) and the pre-tokenizer's name (:func:`pre_tokenizer_name`)."""
-    added = {token.content: token for token in tokenizer.added_tokens_decoder.values()}
-    tokens, types = [], []
-    for i, token in enumerate(_tokens_by_id(tokenizer, vocab_size)):
-        if token is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif token in added:
-            tokens.append(token)
-            types.append(gguf.TokenType.CONTROL if added[token].special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(token)
-            types.append(gguf.TokenType.NORMAL)
+    """llama.cpp's ``gpt2`` tokenizer model: tokens and types (:func:`tokens_and_types`), the merges (through
+    ``gguf.SpecialVocab``) and the pre-tokenizer's name (:func:`pre_tokenizer_name`)."""
+    tokens, types = tokens_and_types(tokenizer, description, vocab_size, sentencepiece=False)
     pre = pre_tokenizer_name(description)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre or "default")
@@ -378,30 +388,15 @@ def add_sentencepiece_bpe(
 
     llama.cpp joins the adjacent pair whose join is the token of highest score, where the Hugging Face tokenizer
     applies the merge of lowest rank; a token's score is therefore minus the rank of the first merge that makes it
-    (0 for tokens no merge makes). Token types as SentencePiece's: ``<0xXX>`` BYTE, the unknown token UNKNOWN,
-    special added tokens CONTROL, other added tokens USER_DEFINED, ids the tokenizer lacks UNUSED, the rest NORMAL;
-    ``add_space_prefix`` from :func:`prepends_space`."""
+    (0 for tokens no merge makes). Tokens and types from :func:`tokens_and_types`, ``add_space_prefix`` from
+    :func:`prepends_space`."""
     model = description["model"]
     first_merge: dict[str, int] = {}
     for rank, merge in enumerate(model.get("merges", [])):
         left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
         first_merge.setdefault(left + right, rank)
-    added = {token.content: token for token in tokenizer.added_tokens_decoder.values()}
-    tokens, scores, types = [], [], []
-    for i, token in enumerate(_tokens_by_id(tokenizer, vocab_size)):
-        if token is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif token == (model.get("unk_token") or tokenizer.unk_token):
-            tokens.append(token)
-            types.append(gguf.TokenType.UNKNOWN)
-        elif token in added:
-            tokens.append(token)
-            types.append(gguf.TokenType.CONTROL if added[token].special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(token)
-            types.append(gguf.TokenType.BYTE if re.fullmatch(r"<0x[0-9A-F]{2}>", token) else gguf.TokenType.NORMAL)
-        scores.append(-float(first_merge.get(tokens[-1], 0)))
+    tokens, types = tokens_and_types(tokenizer, description, vocab_size, sentencepiece=True)
+    scores = [-float(first_merge.get(token, 0)) for token in tokens]
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)

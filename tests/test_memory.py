@@ -248,7 +248,7 @@ def test_bfloat16_on_a_cpu_without_its_instructions_is_noted(monkeypatch):
     recipe = load_recipe(
         REPO / "recipes" / "qwen2.5_coder_1.5b_20pct.yaml", ["model.device=cpu", "model.dtype=bfloat16"]
     )
-    monkeypatch.setattr(prune.estimate, "cpu_has_bfloat16_instructions", lambda: False)
+    monkeypatch.setattr(prune.models, "cpu_has_bfloat16_instructions", lambda: False)
     monkeypatch.setattr(prune.estimate, "bfloat16_product_slowdown", lambda: 68.4)
     note = slow_dtype_note(recipe)
     assert note is not None and note.startswith("note: model.dtype bfloat16 on a CPU without bfloat16 instructions")
@@ -259,7 +259,7 @@ def test_bfloat16_on_a_cpu_without_its_instructions_is_noted(monkeypatch):
     assert slow_dtype_note(as_fast) is None and planned_dtype(as_fast) == torch.float32  # the recipe as shipped
     zeroshot = recipe_from_mapping(recipe_to_dict(float32), ("evaluation.zeroshot.enabled=true",))
     assert str(slow_dtype_note(zeroshot)).startswith("note: evaluation.zeroshot.dtype bfloat16 on a CPU without")
-    monkeypatch.setattr(prune.estimate, "cpu_has_bfloat16_instructions", lambda: True)
+    monkeypatch.setattr(prune.models, "cpu_has_bfloat16_instructions", lambda: True)
     assert slow_dtype_note(recipe) is None and planned_dtype(as_fast) == torch.bfloat16
 
 
@@ -269,9 +269,9 @@ def test_the_dry_run_lists_the_slow_dtype_note(tmp_path, tiny_files, monkeypatch
 
     recipe = tiny_recipe(tiny_files, tmp_path / "out", tmp_path / "cache")
     prepared = prepare(recipe_from_mapping(recipe, ("model.dtype=bfloat16",)))
-    monkeypatch.setattr(prune.estimate, "cpu_has_bfloat16_instructions", lambda: False)
+    monkeypatch.setattr(prune.models, "cpu_has_bfloat16_instructions", lambda: False)
     monkeypatch.setattr(prune.estimate, "bfloat16_product_slowdown", lambda: 5.2)
     notes = yaml.safe_load(dry_run_text(prepared))["notes"]
     assert len(notes) == 1 and notes[0].startswith("note: model.dtype bfloat16 on a CPU without bfloat16")
-    monkeypatch.setattr(prune.estimate, "cpu_has_bfloat16_instructions", lambda: True)
+    monkeypatch.setattr(prune.models, "cpu_has_bfloat16_instructions", lambda: True)
     assert "notes" not in yaml.safe_load(dry_run_text(prepared))

@@ -13,6 +13,7 @@ from prune.statistics import (
     ActivationStatistics,
     Statistic,
     add_gram,
+    add_whole_gram,
     collect_statistics,
     filled_gram,
     objective_value,
@@ -184,3 +185,7 @@ def test_gram_sums_add_the_lower_triangle_on_the_cpu_and_fill_to_x_transpose_x()
     torch.testing.assert_close(filled, expected, rtol=1e-5, atol=1e-4)
     whole = (expected + expected.T) / 2  # what addmm_ adds on CUDA: the whole (symmetric) matrix
     assert torch.equal(filled_gram(whole.clone(), block=64), whole)
+    on_cuda = torch.zeros(301, 301)  # CUDA's adder, run here
+    for x in inputs:
+        add_whole_gram(on_cuda, x)
+    torch.testing.assert_close(filled_gram(on_cuda, block=64), expected, rtol=1e-5, atol=1e-4)

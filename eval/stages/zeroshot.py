@@ -116,9 +116,7 @@ def scoring_dtype(setting: str, model: Any) -> torch.dtype:
     """The dtype ``evaluation.zeroshot.dtype`` (``setting``) scores ``model`` in (see ``ZeroshotSettings.dtype``)."""
     if setting == "auto":
         return next(model.parameters()).dtype
-    if setting == "bfloat16-if-fast":
-        return torch.bfloat16 if prune.models.bfloat16_is_fast(input_device(model)) else torch.float32
-    return getattr(torch, setting)
+    return prune.models.resolve_dtype(setting, input_device(model))
 
 
 def _zeroshot(model: Any, tokenizer: Any, settings: ZeroshotSettings) -> dict:
