@@ -263,12 +263,18 @@ def copy_tokenizer(writer: gguf.GGUFWriter, source: Path) -> None:
             writer.add_key_value(name, value.contents(), value.types[0], sub_type)
 
 
+LLAMA3_SPLIT_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
+QWEN2_SPLIT_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
+
 # llama.cpp's pre-tokenizer names by the regular expression of a tokenizer.json ``Split`` step (followed by
-# ByteLevel without its own regex): each is the "original regex from tokenizer.json" that llama.cpp's
-# src/llama-vocab.cpp gives for the pre-tokenizer type it loads under that name (llama-cpp-python 0.3.36)
+# ByteLevel without its own regex) and the BPE model's ``ignore_merges`` (a whole word in the vocabulary is one
+# token, before any merge): each regex is the "original regex from tokenizer.json" that llama.cpp's
+# src/llama-vocab.cpp gives for the pre-tokenizer type it loads under that name, and only ``llama-bpe`` is loaded
+# with ignore_merges (llama-cpp-python 0.3.36)
 SPLIT_REGEX_PRE_TOKENIZERS = {
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""": "llama-bpe",  # noqa: E501 (Llama 3)
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""": "qwen2",  # noqa: E501 (Qwen2, Qwen2.5, Qwen3)
+    (LLAMA3_SPLIT_REGEX, True): "llama-bpe",  # Llama 3
+    (LLAMA3_SPLIT_REGEX, False): "smaug-bpe",  # the same split, every word through the merges
+    (QWEN2_SPLIT_REGEX, False): "qwen2",  # Qwen2, Qwen2.5, Qwen3
 }
 
 
@@ -277,20 +283,23 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str | None:
 
     Plain byte-level splitting is ``gpt-2``; single digits split first, then byte-level, is ``smollm``; a
     ``Split`` by one of the regular expressions of ``SPLIT_REGEX_PRE_TOKENIZERS``, then byte-level without its
-    own regex, is the name that table gives (``llama-bpe``, ``qwen2``).
+    own regex, is the name that table gives for the BPE model's ``ignore_merges`` (``llama-bpe``, ``smaug-bpe``,
+    ``qwen2``). llama.cpp loads ``gpt-2`` and ``smollm`` without ignore_merges, so a tokenizer with it is not
+    recognised as either.
     """
+    ignore_merges = bool(tokenizer_json.get("model", {}).get("ignore_merges", False))
     pre = tokenizer_json.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [step.get("type") for step in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not ignore_merges:
         return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and not ignore_merges:
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
         split = steps[0]
         regex = (split.get("pattern") or {}).get("Regex", "")
         if split.get("behavior") == "Isolated" and not split.get("invert"):
-            return SPLIT_REGEX_PRE_TOKENIZERS.get(regex)
+            return SPLIT_REGEX_PRE_TOKENIZERS.get((regex, ignore_merges))
     return None
 
 

@@ -219,10 +219,42 @@ def byte_level_tokenizer(
 
     With ``split_regex``, the text is split by that regular expression before byte-level BPE (the pre-tokenizer of
     Llama 3 and Qwen2 tokenizers); ``ignore_merges`` takes a whole word in the vocabulary as one token (Llama 3)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    tokenizer = _byte_level(models.BPE(ignore_merges=ignore_merges), split_regex)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([word_text(3000, seed=0), extra_text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def word_beyond_its_merges_tokenizer(split_regex: str, ignore_merges: bool):
+    """A byte-level BPE tokenizer (the 256 byte symbols, then ``bc``, ``ab``, ``abc``, then EOS) whose merges join
+    ``b c`` before ``a b``, so that they split the word ``abc`` into ``a``, ``bc`` although ``abc`` is in the
+    vocabulary: with ``ignore_merges`` the word is one token, without it two."""
+    from tokenizers import models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for token in ("bc", "ab", "abc"):
+        vocab[token] = len(vocab)
+    merges = [("b", "c"), ("a", "b"), ("ab", "c")]
+    tokenizer = _byte_level(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges), split_regex)
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def _byte_level(model, split_regex: str | None):
+    """A ``tokenizers.Tokenizer`` of ``model`` with byte-level pre-tokenizer and decoder, after a split by
+    ``split_regex`` when given."""
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+
+    tokenizer = Tokenizer(model)
     if split_regex is None:
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
@@ -233,14 +265,7 @@ def byte_level_tokenizer(
             ]
         )
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator([word_text(3000, seed=0), extra_text], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    return tokenizer
 
 
 def sentencepiece_style_tokenizer(vocab: int = 400):

@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 import torch
-from conftest import MIXED_PLANS, byte_level_tokenizer, sentencepiece_style_tokenizer, tiny_model, word_text
+from conftest import (
+    MIXED_PLANS,
+    byte_level_tokenizer,
+    sentencepiece_style_tokenizer,
+    tiny_model,
+    word_beyond_its_merges_tokenizer,
+    word_text,
+)
 
 from eval.engine import (
     ENGINE_UBATCH,
@@ -16,7 +23,7 @@ from eval.engine import (
     window_nll,
 )
 from eval.perplexity import perplexity
-from prune.gguf_export import SPLIT_REGEX_PRE_TOKENIZERS, write_gguf
+from prune.gguf_export import LLAMA3_SPLIT_REGEX, SPLIT_REGEX_PRE_TOKENIZERS, write_gguf
 from prune.pruner import prune_model
 
 pytestmark = [
@@ -79,14 +86,14 @@ PRE_TOKENIZER_CHECK_TEXT = (
 )
 
 
-@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2"])
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "smaug-bpe", "qwen2"])
 def test_the_files_tokenizer_splits_text_as_the_hugging_face_tokenizer_does(tmp_path, pre):
     from llama_cpp import Llama
 
-    regex = {name: pattern for pattern, name in SPLIT_REGEX_PRE_TOKENIZERS.items()}.get(pre)
+    regex, ignore_merges = {name: key for key, name in SPLIT_REGEX_PRE_TOKENIZERS.items()}.get(pre, (None, False))
     # trained on the check text too, so that its merges join what one pre-tokenizer keeps together and another splits
     tokenizer = byte_level_tokenizer(
-        600, split_regex=regex, ignore_merges=pre == "llama-bpe", extra_text=PRE_TOKENIZER_CHECK_TEXT * 20
+        600, split_regex=regex, ignore_merges=ignore_merges, extra_text=PRE_TOKENIZER_CHECK_TEXT * 20
     )
     model = tiny_model("llama", layers=1, vocab=len(tokenizer), ffn=32)
     written = write_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
@@ -98,6 +105,26 @@ def test_the_files_tokenizer_splits_text_as_the_hugging_face_tokenizer_does(tmp_
     finally:
         llm.close()
     assert engine_ids == tokenizer(text, add_special_tokens=False).input_ids
+
+
+@pytest.mark.parametrize("ignore_merges", [True, False])
+def test_a_word_in_the_vocabulary_that_its_merges_do_not_make_is_split_as_the_tokenizer_splits_it(
+    tmp_path, ignore_merges
+):
+    from llama_cpp import Llama
+
+    tokenizer = word_beyond_its_merges_tokenizer(LLAMA3_SPLIT_REGEX, ignore_merges)
+    model = tiny_model("llama", layers=1, vocab=len(tokenizer), ffn=32)
+    write_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    text = "abc cab abc"
+    llm = Llama(str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    try:
+        engine_ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+    finally:
+        llm.close()
+    expected = tokenizer(text, add_special_tokens=False).input_ids
+    assert len(expected) == (7 if ignore_merges else 8)  # the first "abc" one token or "a", "bc"
+    assert engine_ids == expected
 
 
 def test_a_sentencepiece_style_tokenizers_file_gives_its_ids(tmp_path):

@@ -8,7 +8,14 @@ import pytest
 import torch
 from conftest import MIXED_PLANS, byte_level_tokenizer, sentencepiece_style_tokenizer, tiny_model
 
-from prune.gguf_export import SPLIT_REGEX_PRE_TOKENIZERS, GgufExportError, to_rotate_halves, to_rotate_pairs, write_gguf
+from prune.gguf_export import (
+    QWEN2_SPLIT_REGEX,
+    SPLIT_REGEX_PRE_TOKENIZERS,
+    GgufExportError,
+    to_rotate_halves,
+    to_rotate_pairs,
+    write_gguf,
+)
 from prune.pruner import prune_model
 
 
@@ -163,11 +170,14 @@ def test_the_export_holds_one_tensors_bytes_at_a_time_not_the_files(tmp_path, mo
 
 
 @pytest.mark.parametrize(
-    ("split_regex", "pre"),
-    [(pattern, name) for pattern, name in SPLIT_REGEX_PRE_TOKENIZERS.items()] + [(r"\p{L}+|\s+", "default")],
+    ("split_regex", "ignore_merges", "pre"),
+    [(regex, ignore_merges, name) for (regex, ignore_merges), name in SPLIT_REGEX_PRE_TOKENIZERS.items()]
+    + [(r"\p{L}+|\s+", False, "default"), (QWEN2_SPLIT_REGEX, True, "default"), (None, True, "default")],
 )
-def test_a_split_pre_tokenizer_is_named_by_its_regex_or_written_as_the_default(tmp_path, split_regex, pre):
-    tokenizer = byte_level_tokenizer(split_regex=split_regex)
+def test_a_split_pre_tokenizer_is_named_by_its_regex_or_written_as_the_default(
+    tmp_path, split_regex, ignore_merges, pre
+):
+    tokenizer = byte_level_tokenizer(split_regex=split_regex, ignore_merges=ignore_merges)
     model = tiny_model("llama", layers=1, vocab=len(tokenizer), ffn=32)
     written = write_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
     assert _fields(gguf.GGUFReader(tmp_path / "m.gguf"))["tokenizer.ggml.pre"] == pre
