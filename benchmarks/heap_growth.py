@@ -1,11 +1,14 @@
-"""Anonymous memory and time of the statistics pass and scoring of a model cut to its first layers, with the heap
-settings every command makes (:func:`prune.memory.give_large_frees_back`) or with glibc's own.
+"""Anonymous memory and time of the statistics pass, scoring and the sequential refit of a model cut to its first
+layers, with the heap settings every command makes (:func:`prune.memory.give_large_frees_back`) or with glibc's own.
 
-    python benchmarks/heap_growth.py MODEL_DIR [--layers 4] [--samples 8] [--glibc-default] [--json out.json]
+    python benchmarks/heap_growth.py MODEL_DIR [--layers 4] [--samples 8] [--glibc-default] [--refit-only]
+        [--json out.json]
 
 MODEL_DIR: a checkpoint directory (loaded in float32, only its first ``--layers`` layers); ``--samples`` x 256
 random token ids; the statistics the default recipe's scorer needs (``activation-obs``, objective ``max_logit``),
-then its scoring at damping 0.01. A thread reads the process's anonymous resident memory (``RssAnon``: what the
+then its scoring at damping 0.01, then pruning with the sequential refit (``lstsq-sequential``, damping 0.01) to
+every query and KV head and the first ``FFN_KEPT`` of each layer's FFN channels (``--refit-only``: that alone).
+A thread reads the process's anonymous resident memory (``RssAnon``: what the
 heap and anonymous mappings hold; the weights loaded from safetensors are file-backed and not in it) every 10 ms.
 Per phase: wall seconds, anonymous memory at its end and its peak during it (GiB). Freed tensors that the heap
 keeps show as anonymous memory at the statistics' end that scoring starts from.
@@ -26,8 +29,13 @@ from transformers.utils import logging
 
 from prune.blocks import block_shape
 from prune.memory import give_large_frees_back, make_resident
+from prune.pruner import LayerPlan, prune_model
 from prune.scoring import SCORERS, score_units
+from prune.sequential import sequential_refit
 from prune.statistics import collect_statistics
+
+FFN_KEPT = 0.7
+"""Share of each layer's FFN channels the refit phase keeps (the 1.5B's default recipe keeps ~73% of its decoder)."""
 
 
 def anonymous_bytes() -> int:
@@ -60,6 +68,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--glibc-default", action="store_true", help="leave glibc's heap thresholds as they are")
+    parser.add_argument("--refit-only", action="store_true", help="only the sequential refit phase")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if not args.glibc_default:
@@ -88,14 +97,23 @@ def main() -> None:
     phase("load")
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (args.samples, 256), generator=generator)
-    needs = SCORERS["activation-obs"].needs
-    with tempfile.TemporaryDirectory() as store, tempfile.TemporaryDirectory() as scratch:
-        statistics = collect_statistics(
-            model, ids, "max_logit", needs, progress=False, store=Path(store), scratch=Path(scratch)
-        )
-        phase("statistics")
-        score_units(model, block_shape(model.config), "activation-obs", "sum", statistics, 0.01)
-        phase("scoring")
+    needs, shape = SCORERS["activation-obs"].needs, block_shape(model.config)
+    if not args.refit_only:
+        with tempfile.TemporaryDirectory() as store, tempfile.TemporaryDirectory() as scratch:
+            statistics = collect_statistics(
+                model, ids, "max_logit", needs, progress=False, store=Path(store), scratch=Path(scratch)
+            )
+            phase("statistics")
+            score_units(model, shape, "activation-obs", "sum", statistics, 0.01)
+            phase("scoring")
+    plans = [
+        LayerPlan(tuple(range(w.query_heads)), tuple(range(w.kv_heads)), tuple(range(round(FFN_KEPT * w.ffn_channels))))
+        for w in shape.layers
+    ]
+    with tempfile.TemporaryDirectory() as scratch:  # as a run keeps what the refit carries within a layer
+        refit = sequential_refit(model, list(ids), shape.head_dim, 0.01, progress=False, scratch=Path(scratch))
+        prune_model(model, plans, output_bias=True, refit=refit, in_place=True)
+    phase("sequential refit")
     heap = "glibc's own thresholds" if args.glibc_default else "give_large_frees_back"
     print(f"\n{args.layers} layers of {args.model.name}, {args.samples} x 256 tokens, float32; heap: {heap}\n")
     print("| phase | seconds | anonymous at its end, GiB | anonymous peak, GiB |\n|---|---:|---:|---:|")

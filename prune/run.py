@@ -233,18 +233,20 @@ def recipe_refit(
     shape: BlockShape,
     statistics: ActivationStatistics | None,
     samples: torch.Tensor | None,
+    scratch: Path | None = None,
 ) -> LayerRefit | None:
     """The layer refit for :func:`prune.pruner.prune_model` that ``pruning.reconstruct`` names (None: no refit).
 
-    A sequential reconstruction runs ``samples`` (calibration token ids [N, T]) through the model as it is pruned;
-    the others read ``statistics``.
+    A sequential reconstruction runs ``samples`` (calibration token ids [N, T]) through the model as it is pruned,
+    keeping what it carries within a layer in files in ``scratch`` (None: in memory); the others read
+    ``statistics``.
     """
     method = recipe.pruning.reconstruct
     reconstruction = RECONSTRUCTIONS[method]
     if reconstruction.sequential:
         if samples is None:
             raise ValueError(f"pruning.reconstruct {method} needs the calibration samples")
-        return sequential_refit(model, list(samples), shape.head_dim, recipe.pruning.damping)
+        return sequential_refit(model, list(samples), shape.head_dim, recipe.pruning.damping, scratch=scratch)
     if reconstruction.refit is None:
         return None
     assert statistics is not None  # the reconstruction's needs were collected
@@ -274,8 +276,8 @@ def prune_as_recipe_says(
     reconstruction, a searched allocation or a later round's statistics run. Adds each stage's wall time to
     ``stage_seconds`` (a later round's as "<stage> (round r)"). With several ``processes`` every one prunes as
     the main one allocates (a search on a GPU need not end alike everywhere). ``scratch``: a directory for a later
-    round's second moments and layer boundaries (None: in memory). Returns the pruned model and the allocation
-    over ``model``'s layers and units.
+    round's second moments and layer boundaries and a sequential reconstruction's files (None: in memory). Returns
+    the pruned model and the allocation over ``model``'s layers and units.
     """
     recipe = for_device(recipe, next(model.parameters()).device)
     rounds, shape = recipe.pruning.rounds, block_shape(model.config)
@@ -304,8 +306,9 @@ def prune_as_recipe_says(
                 processes.wait()
             goal = round(params_to_remove * round_ / rounds) - (total - count_parameters(pruned)["total"])
             in_place_now = in_place or round_ > 1  # a round's input model is needed after it only in round 1
+            refit_scratch = None if directory is None else directory / f"refit-{processes.index}"
             pruned, allocation = _prune_once(
-                recipe, pruned, goal, statistics, stage_seconds, suffix, in_place_now, samples, processes
+                recipe, pruned, goal, statistics, stage_seconds, suffix, in_place_now, samples, processes, refit_scratch
             )
             processes.wait()  # before the main process removes the directory
         plans = allocation.plans if plans is None else compose_plans(shape, plans, allocation.plans)
@@ -326,9 +329,11 @@ def _prune_once(
     in_place: bool,
     samples: torch.Tensor | None,
     processes: Processes,
+    scratch: Path | None,
 ) -> tuple[PreTrainedModel, Allocation]:
     """One round of :func:`prune_as_recipe_says`. The biases a reconstruction adds count towards the removal
-    only where the model does not have them yet (a later round's model does)."""
+    only where the model does not have them yet (a later round's model does). ``scratch``: a directory, not yet
+    made, for a sequential reconstruction's files (None: in memory)."""
     shape = block_shape(model.config)
     has_biases = bool(getattr(model.config, "output_projection_bias", False))
     nothing = params_to_remove <= 0  # nothing to remove: no unit goes, no bias comes, no layer is refit
@@ -353,7 +358,7 @@ def _prune_once(
         )
         allocation = processes.from_main(allocation)
     method = recipe.pruning.reconstruct
-    refit = None if nothing else recipe_refit(recipe, model, shape, statistics, samples)
+    refit = None if nothing else recipe_refit(recipe, model, shape, statistics, samples, scratch)
     stage = "pruning" if refit is None else f"pruning + reconstruction ({method})"
     with timed(stage_seconds, f"{stage}{suffix}"):
         pruned = prune_model(model, allocation.plans, output_bias=refit is not None, refit=refit, in_place=in_place)

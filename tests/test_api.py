@@ -63,7 +63,7 @@ def test_model_index_holds_only_full_task_sets_with_items_and_standard_errors():
     pruned = ZeroshotScores(pruned_tasks, 0.581)
     section = ZeroshotReport("local", "/data", None, 0, "acc", ["boolq", "piqa"], dense, pruned, None)
     report = make_report(
-        perplexity=PerplexityReport("wikitext2", 2048, 16, 32752, 20.7, 45.4, None, None), zeroshot=section
+        perplexity=PerplexityReport("wikitext2", 2048, 16, 32752, 20.7, 45.4, None, None, []), zeroshot=section
     )
     matter = _front_matter(model_card(report, "tiny-pruned"))
     assert matter["license"] == "apache-2.0"

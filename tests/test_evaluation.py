@@ -334,7 +334,7 @@ def test_report_writes_linked_figures_and_the_zero_shot_table(tmp_path):
     pruned = ZeroshotScores({"piqa": TaskAccuracy(0.61, 100, 0.60), "boolq": TaskAccuracy(0.55, 100)}, 0.58)
     report = make_report(
         layers=layers,
-        perplexity=PerplexityReport("wikitext2", 2048, 16, 32752, 20.7, 45.4, None, "/cache/p.json"),
+        perplexity=PerplexityReport("wikitext2", 2048, 16, 32752, 20.7, 45.4, None, "/cache/p.json", []),
         zeroshot=ZeroshotReport("local", "/data", 100, 0, "acc", ["boolq", "piqa"], dense, pruned, None),
         stage_seconds={"zero-shot": 1.0},
     )

@@ -7,6 +7,7 @@ from conftest import tiny_files, tiny_recipe  # noqa: F401 (fixture)
 from transformers import GPT2Config
 
 from eval.engine import engine_available
+from eval.perplexity import leading_perplexity
 from prune.export import main
 from prune.prepare import prepare
 from prune.recipe import load_recipe
@@ -19,6 +20,7 @@ def tiny_run(tmp_path_factory, tiny_files):  # noqa: F811
     root = tmp_path_factory.mktemp("export")
     data = tiny_recipe(tiny_files, root / "run", root / "cache")
     data["export"] = {"formats": ["hf", "gguf"], "gguf_type": "f32"}
+    data["evaluation"]["perplexity"]["windows"] = 3  # the engine's check runs the first 2 of them
     (root / "recipe.yaml").write_text(yaml.safe_dump(data))
     report = execute(prepare(load_recipe(root / "recipe.yaml")))
     return root / "run", report
@@ -39,7 +41,11 @@ def test_a_run_writes_every_format_its_recipe_names(tiny_run):
         return
     engine = report.engine
     assert engine and engine.tensor_type == "f32" and engine.dense.file_bytes > engine.pruned.file_bytes
-    assert engine.perplexity == pytest.approx(report.perplexity.pruned, rel=0.01)  # f16 KV cache in the engine
+    windows = engine.perplexity_windows
+    assert windows == 2 < report.perplexity.windows
+    pytorch = leading_perplexity(report.perplexity.pruned_window_nll, report.perplexity.seqlen, windows)
+    assert engine.perplexity == pytest.approx(pytorch, rel=0.01)  # f16 KV cache in the engine
+    assert f"the first 2 of the {report.perplexity.seqlen}-token windows" in (run / "report.md").read_text()
     assert engine.linear_macs_ratio == pytest.approx(
         report.speed.dense.linear_macs_per_token / report.speed.pruned.linear_macs_per_token
     )

@@ -59,7 +59,7 @@ def _dense_inputs_on_pruned_states(model, pruned, layer, module_name, linear_nam
     pruned_module = decoder_layers(pruned)[layer].get_submodule(module_name)
     handle = pruned_module.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
     with torch.no_grad():
-        pruned(samples)
+        pruned(samples, use_cache=False)  # a KV cache in the captured arguments would grow at every call
     handle.remove()
     dense_module = decoder_layers(model)[layer].get_submodule(module_name)
     linear = dense_module.get_submodule(linear_name)
@@ -71,16 +71,20 @@ def _dense_inputs_on_pruned_states(model, pruned, layer, module_name, linear_nam
     return torch.cat(captured).double()
 
 
-def test_each_refit_is_the_least_squares_fit_to_the_dense_linear_on_the_pruned_models_inputs():
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_each_refit_is_the_least_squares_fit_to_the_dense_linear_on_the_pruned_models_inputs(family):
     """Without damping, the residual W x̂ + b - (W' x̂_K + b') is orthogonal to every kept input and to 1 (the normal
-    equations), for every refit linear of every layer; x̂: the dense linear's input on the pruned model's states."""
-    model = tiny_model("qwen2")
+    equations), for every refit linear of every layer; x̂: the dense linear's input on the pruned model's states.
+    Past layer 0 this holds only if the refit carried the pruned layers' outputs, which it assembles from the
+    attention output and down_proj's kept inputs it kept, exactly as the pruned model computes them."""
+    model = tiny_model(family)
+    head_dim = block_shape(model.config).head_dim
     samples = random_tokens(8, 24)
     plans = [PLAN, LayerPlan((1, 2, 4, 5), (0, 1), tuple(range(30))), PLAN]
     pruned = _sequential(model, plans, samples)
     for layer, plan in enumerate(plans):
         kept = {
-            "o_proj": torch.cat([torch.arange(h * 16, h * 16 + 16) for h in plan.kept_query_heads]),
+            "o_proj": torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in plan.kept_query_heads]),
             "down_proj": torch.tensor(plan.kept_ffn_channels),
         }
         for module, linear in (("self_attn", "o_proj"), ("mlp", "down_proj")):
@@ -93,6 +97,22 @@ def test_each_refit_is_the_least_squares_fit_to_the_dense_linear_on_the_pruned_m
             augmented = torch.cat([x_hat, torch.ones(len(x_hat), 1, dtype=torch.float64)], 1)
             normal = residual.T @ augmented / len(x_hat)
             assert float(normal.abs().max()) < 1e-4 * float(residual.abs().mean())
+
+
+def test_the_refit_with_a_scratch_directory_gives_the_same_model_and_leaves_no_file(tmp_path):
+    """What a layer's refit carries (attention outputs, kept down_proj inputs) in files, as a run keeps them: the
+    same weights as in memory, and the files removed as read."""
+    model = tiny_model("qwen2")
+    samples = random_tokens(8, 24)
+    plans = [PLAN, LayerPlan((1, 2, 4, 5), (0, 1), tuple(range(30))), PLAN]
+    in_memory = _sequential(model, plans, samples)
+    head_dim = block_shape(model.config).head_dim
+    refit = sequential_refit(model, list(samples), head_dim, 0.0, progress=False, scratch=tmp_path / "refit")
+    with_files = prune_model(model, plans, output_bias=True, refit=refit)
+    expected = in_memory.state_dict()
+    for name, tensor in with_files.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    assert list((tmp_path / "refit").iterdir()) == []
 
 
 def test_sequential_output_error_is_below_the_one_shot_one():

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from eval.engine import EngineSpeed, engine_available, engine_perplexity, engine_speed, open_gguf
+from eval.perplexity import leading_perplexity, window_count
 from eval.speed import linear_macs_per_token
 from eval.stages.base import DenseInputs, EvaluationInputs, EvaluationStage, mib, ratio_text
 from prune.schema import above, at_least, ruled
@@ -29,8 +30,10 @@ class EngineSettings:
     new_tokens: int = ruled(above(0), 64)
     warmup: int = ruled(at_least(0), 1)
     repeats: int = ruled(above(0), 5)
-    perplexity: bool = True
-    """Also the perplexity of the pruned file on the perplexity windows, from the engine's logits."""
+    perplexity_windows: int = ruled(at_least(0), 2)
+    """The first this many windows of the perplexity evaluation (at most as many as it has) through the pruned file,
+    its perplexity from the engine's logits beside PyTorch's on the same windows: a check of the file, which a few
+    windows make (PyTorch's perplexity on all of them is the measurement); 0 = none."""
 
 
 @dataclass
@@ -52,7 +55,10 @@ class EngineReport:
     linear_macs_ratio: float
     """Dense / pruned linear multiply-adds per token: the speedup the removed units allow."""
     perplexity: float | None
-    """The pruned file's perplexity in the engine on the run's perplexity windows (None when not measured)."""
+    """The pruned file's perplexity in the engine on the first ``perplexity_windows`` perplexity windows (None when
+    not measured)."""
+    perplexity_windows: int
+    """How many windows ``perplexity`` is of (0 when not measured)."""
 
 
 def dense_engine(inputs: DenseInputs) -> dict[str, Any] | None:
@@ -76,10 +82,11 @@ def evaluate_engine(inputs: EvaluationInputs) -> EngineReport | None:
     threads = settings.threads or torch.get_num_threads()
     paths = {"dense": dense["file"], "pruned": inputs.directory / exported.path}
     speed = engine_speed(paths, settings.prompt_tokens, settings.new_tokens, settings.warmup, settings.repeats, threads)
+    windows = min(settings.perplexity_windows, window_count(len(inputs.context.text), ppl.seqlen, ppl.windows))
     measured = None
-    if settings.perplexity:
+    if windows:
         with open_gguf(paths["pruned"], ppl.seqlen, threads, all_logits=False, exact_cache=False) as llm:
-            measured = engine_perplexity(llm, inputs.context.text, ppl.seqlen, ppl.windows)["perplexity"]
+            measured = engine_perplexity(llm, inputs.context.text, ppl.seqlen, windows)["perplexity"]
     return EngineReport(
         engine=f"llama.cpp (llama-cpp-python {version('llama-cpp-python')})",
         tensor_type=exported.tensor_type,
@@ -93,6 +100,7 @@ def evaluate_engine(inputs: EvaluationInputs) -> EngineReport | None:
         dense_file=str(paths["dense"]),
         linear_macs_ratio=dense["macs"] / linear_macs_per_token(inputs.pruned),
         perplexity=measured,
+        perplexity_windows=windows if measured is not None else 0,
     )
 
 
@@ -120,9 +128,11 @@ def markdown_section(engine: EngineReport, report: Report) -> list[str]:
         f"{ratio_text(p.decode_tokens_per_s_median, d.decode_tokens_per_s_median)} {limit} |",
     ]
     if engine.perplexity is not None and ppl:
+        pytorch = leading_perplexity(ppl.pruned_window_nll, ppl.seqlen, engine.perplexity_windows)
         lines.append(
-            f"| {ppl.dataset} perplexity of the pruned file ({ppl.seqlen} x {ppl.windows}) | | "
-            f"{engine.perplexity:.2f} | {ratio_text(engine.perplexity, ppl.pruned)} of PyTorch's {ppl.pruned:.2f} |"
+            f"| {ppl.dataset} perplexity of the pruned file (the first {engine.perplexity_windows} of the "
+            f"{ppl.seqlen}-token windows) | | {engine.perplexity:.2f} | {ratio_text(engine.perplexity, pytorch)} of "
+            f"PyTorch's {pytorch:.2f} on the same windows |"
         )
     return [*lines, ""]
 

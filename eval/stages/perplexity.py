@@ -35,6 +35,8 @@ class PerplexityReport:
     before_recovery: float | None
     dense_reused_from: str | None
     """Cache file of the dense result, or None when computed in this run."""
+    pruned_window_nll: list[float]
+    """The saved model's summed NLL (nats) of each window, in order: what a check on fewer windows compares with."""
 
 
 def dense_perplexity(inputs: DenseInputs) -> tuple[dict, str | None]:
@@ -76,6 +78,7 @@ def evaluate_perplexity(inputs: EvaluationInputs) -> PerplexityReport:
         pruned=pruned["perplexity"],
         before_recovery=inputs.before_recovery,
         dense_reused_from=reused,
+        pruned_window_nll=pruned["window_nll"],
     )
 
 
