@@ -96,7 +96,7 @@ def rehearse(shape_name: str, samples: int, seqlen: int, dtype: torch.dtype, dev
         budget = round(recipe.pruning.target * total) + added_bias_parameters(recipe, shape)
         allocation = allocate(shape, scores, budget, recipe.allocation, recipe.pruning, statistics)
     with measured(rows, "pruning", device, weight_bytes):
-        refit = recipe_refit(recipe, model, shape, statistics, ids)
+        refit = recipe_refit(recipe, model, shape, statistics, ids, scratch / "refit")  # as a run keeps its files
         pruned = prune_model(model, allocation.plans, output_bias=refit is not None, refit=refit, in_place=True)
     del model
     with measured(rows, "checkpoint (hf)", device, weight_bytes):

@@ -349,7 +349,8 @@ def statistics_path(prepared: Prepared, dtype: torch.dtype) -> Path:
 
 def disk_needs(prepared: Prepared) -> dict[str, dict[str, int]]:
     """Bytes the run writes, by where (``cache_dir``, ``output``) and what: the pruned checkpoint at the resume point
-    (in the cache; the output links it), the second moments when the statistics cache lacks them, the GGUF export.
+    (in the cache; the output links it), the second moments when the statistics cache lacks them, a sequential
+    refit's files of one layer (those of every kept FFN channel, at most), the GGUF export.
     Not counted: recovery's resumable state, the dense model's GGUF file of the engine stage, a GGUF conversion."""
     recipe, shape = prepared.recipe, prepared.shape
     dtype = resolve_dtype(recipe.model.dtype, recipe_device(recipe))
@@ -360,6 +361,12 @@ def disk_needs(prepared: Prepared) -> dict[str, dict[str, int]]:
     ):
         features = [(w.query_heads * shape.head_dim, w.ffn_channels) for w in shape.layers]
         cache["the second moments"] = sum(4 * (o * o + f * f) for o, f in features)
+    if RECONSTRUCTIONS[recipe.pruning.reconstruct].sequential:  # one layer's at a time (prune.sequential)
+        widest = max(w.ffn_channels for w in shape.layers)
+        tokens = recipe.calibration.samples * recipe.calibration.seqlen
+        cache["the sequential refit's attention outputs and down_proj inputs"] = (
+            tokens * (shape.hidden_size + widest) * dtype.itemsize
+        )
     output = {}
     if "gguf" in recipe.export.formats:
         per_parameter = {"f32": 4}.get(recipe.export.gguf_type, 2) + TENSOR_TYPES[

@@ -257,6 +257,17 @@ def recipe_refit(
     return refit
 
 
+def stage_settings(stage: EvaluationStage, recipe: Recipe) -> dict[str, dict]:
+    """What an evaluation stage's result depends on in ``recipe``, by which a resumed run keeps an earlier
+    attempt's result: its settings, those of the evaluations it is keyed by, and the export settings."""
+    evaluation = recipe_to_dict(recipe)["evaluation"]
+    return {
+        "evaluation": evaluation[stage.name],
+        **{name: evaluation[name] for name in stage.keyed_by},
+        "export": recipe_to_dict(recipe)["export"],
+    }
+
+
 def prune_as_recipe_says(
     recipe: Recipe,
     model: PreTrainedModel,
@@ -692,15 +703,15 @@ def evaluated_report(
             exports.append(EXPORTERS[name](exporting))
     context = run_context(prepared, tokenizer, text)
     inputs = EvaluationInputs(context, dense, pruned, state.before_recovery, partial, exports, notes, dense_parts)
-    evaluation, export = recipe_to_dict(recipe)["evaluation"], recipe_to_dict(recipe)["export"]
     sections = {}
     stages = [stage for stage in EVALUATIONS.values() if stage.enabled(recipe)]
     weights_read_until = max((i + 1 for i, stage in enumerate(stages) if stage.reads_weights), default=0)
     for index, stage in enumerate(stages):
         if index == weights_read_until:  # the stages left run on files and read only the models' shapes
             release_models(inputs, stages[index:])
-        settings = {"evaluation": evaluation[stage.name], "export": export}
-        section = kept_evaluation(resume, stage, settings, notes, seconds, partial_call(stage.run, inputs))
+        section = kept_evaluation(
+            resume, stage, stage_settings(stage, recipe), notes, seconds, partial_call(stage.run, inputs)
+        )
         if section is not None:
             sections[stage.name] = section
     with kept_on_failure("report", resume):

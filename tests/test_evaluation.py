@@ -432,3 +432,31 @@ def test_a_pruned_model_far_worse_than_dense_gets_a_warning_first_in_the_report(
     text = (tmp_path / "out" / "report.md").read_text()
     assert text.index(f"**{warning}**") < text.index("| metric |")  # before the headline table
     assert stderr.getvalue().strip().splitlines()[-1] == warning  # and said by the command, after "done:"
+
+
+def test_a_report_written_before_the_window_nlls_were_kept_reads_and_renders():
+    """benchmarks/results/smollm2_30pct_report.json (which the GPU check reads; runs of earlier versions alike, which
+    ``python -m prune.export RUN_DIR`` reads) has no window NLLs: it reads, and renders its perplexity."""
+    from conftest import REPO
+
+    from eval.report import read_report, render_markdown
+
+    report = read_report(REPO / "benchmarks" / "results" / "smollm2_30pct_report.json")
+    ppl = report.perplexity
+    assert ppl is not None and ppl.pruned_window_nll == []
+    assert f"| {ppl.dense:.2f} | {ppl.pruned:.2f} |" in render_markdown(report)
+
+
+def test_a_resumed_run_keeps_the_engine_check_only_with_the_same_perplexity_windows():
+    """The engine's check runs the perplexity evaluation's first windows and is compared with them: its kept result
+    of an earlier attempt is keyed by the perplexity settings too; the speed stage's is not."""
+    from conftest import REPO
+
+    from eval.stages import EVALUATIONS
+    from prune.recipe import load_recipe
+    from prune.run import stage_settings
+
+    recipe = load_recipe(REPO / "recipes" / "smollm2_30pct.yaml")
+    fewer = load_recipe(REPO / "recipes" / "smollm2_30pct.yaml", ["evaluation.perplexity.windows=1"])
+    assert stage_settings(EVALUATIONS["engine"], recipe) != stage_settings(EVALUATIONS["engine"], fewer)
+    assert stage_settings(EVALUATIONS["speed"], recipe) == stage_settings(EVALUATIONS["speed"], fewer)

@@ -102,6 +102,9 @@ class EvaluationStage:
     reads_weights: bool = True
     """Whether its run computes with the PyTorch models; False: it reads only their shapes (parameter counts,
     multiply-adds), so a run frees the models' weights before it when no later stage computes with them."""
+    keyed_by: tuple[str, ...] = ()
+    """Other evaluations whose recipe settings its result depends on: a resumed run keeps an earlier attempt's
+    result only when theirs are the same too."""
 
 
 def ratio_text(pruned: float | None, dense: float | None) -> str:

@@ -57,8 +57,9 @@ class EngineReport:
     perplexity: float | None
     """The pruned file's perplexity in the engine on the first ``perplexity_windows`` perplexity windows (None when
     not measured)."""
-    perplexity_windows: int
-    """How many windows ``perplexity`` is of (0 when not measured)."""
+    perplexity_windows: int | None = None
+    """How many windows ``perplexity`` is of (0 when not measured; None in a report.json written before the check
+    ran on fewer windows than the perplexity evaluation: all of its windows)."""
 
 
 def dense_engine(inputs: DenseInputs) -> dict[str, Any] | None:
@@ -128,11 +129,14 @@ def markdown_section(engine: EngineReport, report: Report) -> list[str]:
         f"{ratio_text(p.decode_tokens_per_s_median, d.decode_tokens_per_s_median)} {limit} |",
     ]
     if engine.perplexity is not None and ppl:
-        pytorch = leading_perplexity(ppl.pruned_window_nll, ppl.seqlen, engine.perplexity_windows)
+        windows = ppl.windows if engine.perplexity_windows is None else engine.perplexity_windows
+        pytorch = (
+            leading_perplexity(ppl.pruned_window_nll, ppl.seqlen, windows) if windows < ppl.windows else ppl.pruned
+        )
         lines.append(
-            f"| {ppl.dataset} perplexity of the pruned file (the first {engine.perplexity_windows} of the "
-            f"{ppl.seqlen}-token windows) | | {engine.perplexity:.2f} | {ratio_text(engine.perplexity, pytorch)} of "
-            f"PyTorch's {pytorch:.2f} on the same windows |"
+            f"| {ppl.dataset} perplexity of the pruned file (the first {windows} of the {ppl.seqlen}-token windows) "
+            f"| | {engine.perplexity:.2f} | {ratio_text(engine.perplexity, pytorch)} of PyTorch's {pytorch:.2f} on "
+            "the same windows |"
         )
     return [*lines, ""]
 
@@ -147,4 +151,5 @@ STAGE = EvaluationStage(
     dense=dense_engine,
     markdown=markdown_section,
     reads_weights=False,  # it runs the GGUF files; of the PyTorch model it reads the shapes
+    keyed_by=("perplexity",),  # its check runs the perplexity evaluation's first windows
 )

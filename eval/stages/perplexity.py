@@ -3,7 +3,7 @@ text (``eval/perplexity.py`` measures)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from eval.perplexity import perplexity
@@ -35,8 +35,9 @@ class PerplexityReport:
     before_recovery: float | None
     dense_reused_from: str | None
     """Cache file of the dense result, or None when computed in this run."""
-    pruned_window_nll: list[float]
-    """The saved model's summed NLL (nats) of each window, in order: what a check on fewer windows compares with."""
+    pruned_window_nll: list[float] = field(default_factory=list)
+    """The saved model's summed NLL (nats) of each window, in order: what a check on fewer windows compares with
+    (empty in a report.json written before they were kept)."""
 
 
 def dense_perplexity(inputs: DenseInputs) -> tuple[dict, str | None]:
