@@ -260,11 +260,12 @@ def recipe_refit(
 def stage_settings(stage: EvaluationStage, recipe: Recipe) -> dict[str, dict]:
     """What an evaluation stage's result depends on in ``recipe``, by which a resumed run keeps an earlier
     attempt's result: its settings, those of the evaluations it is keyed by, and the export settings."""
-    evaluation = recipe_to_dict(recipe)["evaluation"]
+    mapping = recipe_to_dict(recipe)
+    evaluation = mapping["evaluation"]
     return {
         "evaluation": evaluation[stage.name],
         **{name: evaluation[name] for name in stage.keyed_by},
-        "export": recipe_to_dict(recipe)["export"],
+        "export": mapping["export"],
     }
 
 
