@@ -323,6 +323,9 @@ def test_damaged_caches_are_detected_reported_and_recomputed(tmp_path, tiny_file
 
 
 def _start(recipe: Path, output: Path, *overrides: str) -> subprocess.Popen:
+    """The run as a terminal's foreground process starts it: with SIGINT's default action. A shell script's
+    background job (``pytest ... &``) has SIGINT ignored, children inherit that, and Python then keeps it ignored:
+    the SIGINT test would see the run finish."""
     sets = [arg for override in overrides for arg in ("--set", override)]
     return subprocess.Popen(
         [sys.executable, "-m", "prune.run", str(recipe), "--set", f"output={output}", *sets],
@@ -330,6 +333,7 @@ def _start(recipe: Path, output: Path, *overrides: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
