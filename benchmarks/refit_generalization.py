@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from heldin_text import RecordingTokenizer  # the script beside this one
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prune.calibration import calibration_samples, read_documents, resolve_text_source
@@ -31,17 +32,6 @@ from prune.reconstruct import least_squares_refit
 from prune.statistics import add_gram, filled_gram
 
 SEQLEN = 256
-
-
-class RecordingTokenizer:
-    """Wraps a tokenizer and records the texts it tokenizes."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.seen = tokenizer, set()
-
-    def __call__(self, text, **kwargs):
-        self.seen.add(text)
-        return self.tokenizer(text, **kwargs)
 
 
 def down_proj_inputs(model, layer: int, windows: torch.Tensor) -> torch.Tensor:
@@ -122,7 +112,7 @@ def main() -> None:
             add_gram(gram, window.contiguous())
             sums += window.double().sum(0)
         counted = samples
-        whole = filled_gram(gram.clone())
+        whole = filled_gram(gram)  # whole; later windows add to its lower triangle again
         fitted = after_first[:samples].flatten(0, 1)
         for damping in args.dampings:
             refit = least_squares_refit(weight, None, kept, whole, sums, samples * SEQLEN, damping)
