@@ -2,7 +2,7 @@
 layer on text it was not fitted on, as the calibration grows.
 
     python benchmarks/refit_generalization.py MODEL_DIR --data C4.jsonl [--layer 3] [--samples 64 128 256]
-        [--heldout 32] [--kept 0.72] [--dampings 0.0001 0.01 0.1] [--json out.json]
+        [--heldout 32] [--kept 0.72] [--dampings 0.0001 0.01 0.1 1 10 100] [--json out.json]
 
 MODEL_DIR: a checkpoint directory (float32, its first ``--layer`` + 1 layers run). The calibration windows are the
 recipe's draw (``prune.calibration.calibration_samples``, 256 tokens, seed 0), so the first 64 of a larger draw
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--heldout", type=int, default=32)
     parser.add_argument("--kept", type=float, default=0.72)
-    parser.add_argument("--dampings", type=float, nargs="+", default=[0.0001, 0.01, 0.1])
+    parser.add_argument("--dampings", type=float, nargs="+", default=[0.0001, 0.01, 0.1, 1, 10, 100])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -10,10 +10,13 @@ calibration inputs ``X`` [F, tokens]:
   squares sense over the calibration tokens. With ``x̃ = [x; 1]`` and ``S = E[x̃ x̃ᵀ]`` (from the
   accumulated ``X Xᵀ``, ``Σ x`` and the token count):
 
-      [W'_K, b'] = [W, b] · S[:, K̃] · (S[K̃, K̃] + λ·mean(diag S[K, K])·I)⁻¹      K̃ = K ∪ {bias}
+      [W'_K, b'] = [W, b] · S_λ[:, K̃] · S_λ[K̃, K̃]⁻¹      K̃ = K ∪ {bias},  S_λ = S + λ·mean(diag S[K, K])·I_K
 
-  the structured, closed-form counterpart of what SparseGPT/OBS do for single weights. ``λ`` is the
-  relative damping (``pruning.damping``).
+  (``I_K``: ones on the kept features' diagonal), the structured, closed-form counterpart of what SparseGPT/OBS
+  do for single weights. ``λ`` is the relative damping (``pruning.damping``): a ridge on the change of the kept
+  weights, ``W'_K = W_K + W_R S[R, K̃] S_λ[K̃, K̃]⁻¹`` restricted to K, so that as ``λ`` grows the refit tends to
+  ``bias``'s (the kept weights as they are and the removed columns' mean output as a bias), never to zero
+  weights; it is the refit whose error the ``obs`` score measures under the same damping.
 """
 
 from __future__ import annotations
@@ -102,25 +105,29 @@ def least_squares_refit(
         target[:, :-1].addmm_(block, rows)  # in place: no [out, |K|] product beside it
         target[:, -1].addmv_(block, sums[first:end])
     target.div_(tokens)
-    features_kept = torch.arange(len(kept), device=device)  # the damped diagonal: not the bias
+    ridge = damping * float(xxt.diagonal()[kept_rows].double().mean()) / tokens  # λ · mean(diag S[K, K])
+    target[:, :-1].add_(weight[:, kept.to(device)].double(), alpha=ridge)  # [W, b] S_λ[:, K̃]: S_λ[R, K] = S[R, K]
     try:
-        lower = cholesky_in_place(damp(_kept_gram(xxt, kept_rows, bias_row, tokens), features_kept, damping))
+        lower = cholesky_in_place(_damped_kept_gram(xxt, kept_rows, bias_row, tokens, ridge))
         solution = cholesky_solve(target.T, lower).T
     except torch.linalg.LinAlgError:  # not positive definite: no damping, and fewer independent inputs than columns
-        gram = damp(_kept_gram(xxt, kept_rows, bias_row, tokens), features_kept, damping)
-        solution = torch.linalg.solve(gram, target.T).T
+        solution = torch.linalg.solve(_damped_kept_gram(xxt, kept_rows, bias_row, tokens, ridge), target.T).T
     return solution[:, :-1], solution[:, -1]
 
 
-def _kept_gram(xxt: torch.Tensor, kept: torch.Tensor, bias_row: torch.Tensor, tokens: int) -> torch.Tensor:
-    """S[K̃, K̃] [|K|+1, |K|+1] (float64, on ``bias_row``'s device) from Σ x xᵀ [F, F] at the kept columns ``kept``
-    (on ``xxt``'s device), ``ROW_BLOCK`` rows converted at a time, and the bias row [Σ x[K], tokens]."""
+def _damped_kept_gram(
+    xxt: torch.Tensor, kept: torch.Tensor, bias_row: torch.Tensor, tokens: int, ridge: float
+) -> torch.Tensor:
+    """S_λ[K̃, K̃] [|K|+1, |K|+1] (float64, on ``bias_row``'s device): S[K̃, K̃] from Σ x xᵀ [F, F] at the kept columns
+    ``kept`` (on ``xxt``'s device), ``ROW_BLOCK`` rows converted at a time, and the bias row [Σ x[K], tokens], with
+    ``ridge`` added to the kept features' diagonal (not the bias's)."""
     gram = torch.empty(len(kept) + 1, len(kept) + 1, dtype=torch.float64, device=bias_row.device)
     for first in range(0, len(kept), ROW_BLOCK):
         block = kept[first : first + ROW_BLOCK]
         gram[first : first + len(block), :-1].copy_(xxt[block[:, None], kept[None, :]])  # converted while copied
     gram[-1, :] = gram[:, -1] = bias_row
-    return gram.div_(tokens)
+    gram.div_(tokens).diagonal()[:-1] += ridge
+    return gram
 
 
 def cholesky_solve(right: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:

@@ -57,12 +57,41 @@ def test_refit_in_row_blocks_equals_the_formula_on_the_whole_second_moment(monke
     kept, damping = torch.tensor([16, 3, 0, 9, 11, 4, 7, 12, 1, 14, 5, 8]), 0.01
     weight, bias = least_squares_refit(w, b, kept, xxt, x_sum, tokens, damping)
     second = second_moment(xxt, x_sum, tokens)
+    second[kept, kept] += damping * float(second[kept, kept].mean())  # S_λ: the kept features' diagonal damped
     columns = torch.cat([kept, torch.tensor([17])])
     gram = second[columns][:, columns]
-    gram[range(12), range(12)] += damping * float(gram.diagonal()[:12].mean())
     expected = torch.linalg.solve(gram, (torch.cat([w.double(), b.double()[:, None]], 1) @ second[:, columns]).T).T
     torch.testing.assert_close(weight, expected[:, :-1], atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(bias, expected[:, -1], atol=1e-10, rtol=1e-10)
+
+
+def test_a_strong_damping_pulls_the_refit_towards_the_kept_weights_and_the_compensated_bias():
+    """The ridge is on the change of the kept weights: as it grows the refit tends to FLAP's bias compensation
+    (W[:, K] as it is, the removed columns' mean output as a bias), not to zero weights."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(60, 16, generator=g) @ torch.randn(16, 16, generator=g) + 0.5  # correlated inputs
+    w, b, kept = torch.randn(4, 16, generator=g), torch.randn(4, generator=g), torch.arange(0, 16, 2)
+    flap = compensated_bias(w, b, kept, x.double().mean(0))
+    distances = []
+    for damping in (0.0, 1.0, 1e8):
+        weight, bias = least_squares_refit(w, b, kept, *_moments(x), damping)
+        distances.append(float((weight - w.double()[:, kept]).norm()))
+    torch.testing.assert_close(weight, w.double()[:, kept], atol=1e-6, rtol=0)
+    torch.testing.assert_close(bias, flap, atol=1e-6, rtol=0)
+    assert distances[0] > distances[1] > distances[2]
+
+
+def test_the_refit_keeps_the_kept_weights_on_input_directions_no_calibration_token_has():
+    """Fewer calibration tokens than kept inputs: on a direction v of the kept inputs orthogonal to every token's,
+    the damped refit's output is the dense kept columns' (W'_K v = W[:, K] v); a ridge towards zero weights gave 0."""
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(10, 16, generator=g, dtype=torch.float64), torch.randn(5, 16, generator=g)
+    kept = torch.arange(12)
+    unseen = torch.linalg.svd(x[:, kept]).Vh[-1]  # [12], orthogonal to the 10 tokens' kept inputs
+    assert float((x[:, kept] @ unseen).abs().max()) < 1e-12
+    weight, _ = least_squares_refit(w, None, kept, *_moments(x), damping=0.5)
+    torch.testing.assert_close(weight @ unseen, w.double()[:, kept] @ unseen, atol=1e-9, rtol=0)
+    assert float((w.double()[:, kept] @ unseen).abs().max()) > 0.1
 
 
 def test_the_refit_a_gpu_runs_equals_the_cpu_one(monkeypatch):
