@@ -16,7 +16,8 @@ calibration inputs ``X`` [F, tokens]:
   do for single weights. ``λ`` is the relative damping (``pruning.damping``): a ridge on the change of the kept
   weights, ``W'_K = W_K + W_R S[R, K̃] S_λ[K̃, K̃]⁻¹`` restricted to K, so that as ``λ`` grows the refit tends to
   ``bias``'s (the kept weights as they are and the removed columns' mean output as a bias), never to zero
-  weights; it is the refit whose error the ``obs`` score measures under the same damping.
+  weights; it is the refit the ``obs`` score assumes (whose ridge is scaled by the mean diagonal over every input,
+  not the kept ones).
 """
 
 from __future__ import annotations
@@ -84,9 +85,9 @@ def least_squares_refit(
     """Weights [out, |K|] and bias [out] (float64, on ``weight``'s device) of the refit in the module docstring.
 
     ``xxt`` [F, F] = Σ x xᵀ and ``x_sum`` [F] = Σ x over ``tokens`` calibration tokens of the dense input.
-    S[:, K̃] and S[K̃, K̃] are built from ``xxt`` ``ROW_BLOCK`` rows at a time and the damped S[K̃, K̃] is
-    factorised in place (:func:`cholesky_in_place`), so the float64 matrices that exist at once are S[K̃, K̃]
-    and [W, b] S[:, K̃] [out, |K|+1]: no [F+1, F+1] one.
+    S_λ[:, K̃] and S_λ[K̃, K̃] are built from ``xxt`` ``ROW_BLOCK`` rows at a time and S_λ[K̃, K̃] is
+    factorised in place (:func:`cholesky_in_place`), so the float64 matrices that exist at once are S_λ[K̃, K̃]
+    and [W, b] S_λ[:, K̃] [out, |K|+1]: no [F+1, F+1] one.
     """
     weight, features, device = weight.detach(), weight.shape[1], weight.device
     old_bias = (

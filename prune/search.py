@@ -161,7 +161,7 @@ class Fitness:
 
     def replacements(self, candidate: Candidate) -> dict[nn.Linear, RefitLinear]:
         """The refit o_proj / down_proj of every layer, as the pruner refits them (a layer that keeps every
-        unit too: the damping makes its refit differ slightly from the dense weights)."""
+        unit too: its refit returns the dense weights)."""
         replaced = {}
         for i, (steps, kept) in enumerate(zip(candidate.attention_steps, candidate.ffn_kept, strict=True)):
             o_proj, down_proj = self.layers[i]["o_proj"], self.layers[i]["down_proj"]
