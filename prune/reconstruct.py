@@ -95,8 +95,8 @@ def least_squares_refit(
         if bias is not None
         else torch.zeros(weight.shape[0], dtype=torch.float64, device=device)
     )
-    sums = x_sum.to(device, torch.float64)
-    bias_row = torch.cat([sums[kept.to(device)], sums.new_tensor([tokens])])  # S[F, K̃] · tokens: [Σ x[K], tokens]
+    sums, kept_here = x_sum.to(device, torch.float64), kept.to(device)
+    bias_row = torch.cat([sums[kept_here], sums.new_tensor([tokens])])  # S[F, K̃] · tokens: [Σ x[K], tokens]
     kept_rows = kept.to(xxt.device)
     target = old_bias[:, None] * bias_row  # [W, b] S[:, K̃] · tokens [out, |K|+1], the bias row's part first
     for first in range(0, features, ROW_BLOCK):
@@ -107,7 +107,7 @@ def least_squares_refit(
         target[:, -1].addmv_(block, sums[first:end])
     target.div_(tokens)
     ridge = damping * float(xxt.diagonal()[kept_rows].double().mean()) / tokens  # λ · mean(diag S[K, K])
-    target[:, :-1].add_(weight[:, kept.to(device)].double(), alpha=ridge)  # [W, b] S_λ[:, K̃]: S_λ[R, K] = S[R, K]
+    target[:, :-1].add_(weight[:, kept_here].double(), alpha=ridge)  # [W, b] S_λ[:, K̃]: S_λ[R, K] = S[R, K]
     try:
         lower = cholesky_in_place(_damped_kept_gram(xxt, kept_rows, bias_row, tokens, ridge))
         solution = cholesky_solve(target.T, lower).T
