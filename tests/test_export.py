@@ -1,9 +1,13 @@
 """Exports: a run writes the formats its recipe names; python -m prune.export writes GGUF for a run or a model."""
 
+import json
+import subprocess
+import sys
+
 import gguf
 import pytest
 import yaml
-from conftest import tiny_files, tiny_recipe  # noqa: F401 (fixture)
+from conftest import REPO, tiny_files, tiny_recipe  # noqa: F401 (fixture)
 from transformers import GPT2Config
 
 from eval.engine import engine_available
@@ -79,3 +83,17 @@ def test_export_command_writes_a_runs_gguf_and_refuses_bad_input(tiny_run, tmp_p
     dense = gguf.GGUFReader(tmp_path / "dense.gguf").fields
     assert dense["general.architecture"].contents() == "deci"
     assert dense["deci.attention.head_count"].contents() == [6, 6, 6]
+
+
+def test_checkpoint_perplexity_scores_the_saved_model_as_the_run_did(tiny_run, tiny_files, tmp_path):  # noqa: F811
+    run, report = tiny_run
+    out = tmp_path / "ppl.json"
+    script = REPO / "benchmarks" / "checkpoint_perplexity.py"
+    argv = [str(run / "model"), str(tiny_files["evaluation"]), "3", "--seqlen", "64", "--json", str(out)]
+    printed = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, cwd=REPO)
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert report.perplexity is not None and result["windows"] == 3
+    assert result["window_nll"] == pytest.approx(report.perplexity.pruned_window_nll, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(report.perplexity.pruned, rel=1e-5)
+    assert json.loads(printed.stdout)["perplexity"] == result["perplexity"]
